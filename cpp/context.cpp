@@ -1,0 +1,352 @@
+// Context: a llama_context over a model; decode batches, expose logits without copying.
+#include "lamina.h"
+
+#include "ggml.h"
+
+#include <nanobind/stl/shared_ptr.h>
+
+#include <algorithm>
+
+namespace lamina {
+
+context_state::~context_state() {
+    ctx.reset();  // free the context before the model it points into
+    model.reset();
+}
+
+namespace {
+
+using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+bool abort_requested(void * data) {
+    return static_cast<context_state *>(data)->abort.load(std::memory_order_relaxed);
+}
+
+std::string decode_message(int rc, const context_state & st) {
+    switch (rc) {
+        case 1: return "no KV cache slot for the batch (the context is full: n_ctx=" +
+                       std::to_string(llama_n_ctx(st.ctx.get())) + ")";
+        case 2: return "decode aborted";
+        case -1: return "invalid input batch";
+        default: {
+            std::string why = last_log_error();
+            return "llama_decode failed with status " + std::to_string(rc) + (why.empty() ? "" : ": " + why);
+        }
+    }
+}
+
+}  // namespace
+
+void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs) {
+    if (st.live_views.load() > 0 && n_outputs > st.max_outputs) {
+        // llama.cpp would grow (reallocate) its output buffer under the live numpy views.
+        throw lamina_error("this decode asks for " + std::to_string(n_outputs) +
+                           " logits rows, more than any decode before, while numpy views of ctx.logits "
+                           "are alive; delete them (or copy with np.array(ctx.logits)) first");
+    }
+    int rc;
+    {
+        nb::gil_scoped_release nogil;
+        rc = llama_decode(st.ctx.get(), batch);
+    }
+    if (rc != 0) {
+        // processed ubatches may stay in the cache: resync our token list with it
+        llama_pos pmax = llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0);
+        st.tokens.resize(std::min(st.tokens.size(), size_t(pmax + 1)));
+        st.last_outputs = 0;
+        bool aborted = rc == 2;
+        st.abort = false;
+        if (aborted && st.interrupted) {
+            st.interrupted = false;
+            check_signals();
+        }
+        throw decode_error(rc, decode_message(rc, st));
+    }
+    st.max_outputs = std::max(st.max_outputs, n_outputs);
+    st.last_outputs = n_outputs;
+}
+
+void decode_tokens(context_state & st, const llama_token * toks, size_t n) {
+    const size_t n_batch = llama_n_batch(st.ctx.get());
+    size_t done = 0;
+    while (done < n) {
+        size_t k = std::min(n_batch, n - done);
+        // positions follow the cache; only the chunk's last token gets logits
+        llama_batch b = llama_batch_get_one(const_cast<llama_token *>(toks + done), int32_t(k));
+        decode_batch(st, b, 1);
+        st.tokens.insert(st.tokens.end(), toks + done, toks + done + k);
+        done += k;
+        if (done < n) {
+            check_signals();  // Ctrl-C between chunks of a long prompt
+        }
+    }
+}
+
+void eval_prompt(context_state & st, const std::vector<llama_token> & prompt) {
+    if (prompt.empty()) {
+        throw std::invalid_argument("the prompt has no tokens");
+    }
+    const size_t n_ctx = llama_n_ctx_seq(st.ctx.get());
+    if (prompt.size() >= n_ctx) {
+        throw std::invalid_argument("the prompt has " + std::to_string(prompt.size()) +
+                                    " tokens, the context holds " + std::to_string(n_ctx) +
+                                    " (n_ctx) and generation needs at least one more: shorten the prompt or "
+                                    "raise n_ctx");
+    }
+    size_t common = 0;
+    while (common < st.tokens.size() && common < prompt.size() && st.tokens[common] == prompt[common]) {
+        ++common;
+    }
+    if (common == prompt.size()) {
+        --common;  // re-evaluate the last token to get its logits
+    }
+    llama_memory_t mem = llama_get_memory(st.ctx.get());
+    if (common < st.tokens.size() || (common == 0 && !st.tokens.empty())) {
+        bool ok = llama_memory_seq_rm(mem, 0, llama_pos(common), -1);
+        // a sliding-window cache may have dropped what the kept prefix still needs
+        int32_t n_swa = llama_model_n_swa(st.model->model.get());
+        llama_pos pmin = llama_memory_seq_pos_min(mem, 0);
+        if (ok && common > 0 && n_swa > 0 && pmin > std::max<llama_pos>(0, llama_pos(common) - n_swa)) {
+            ok = false;
+        }
+        if (!ok) {
+            llama_memory_clear(mem, true);
+            common = 0;
+        }
+        st.tokens.resize(common);
+    }
+    decode_tokens(st, prompt.data() + common, prompt.size() - common);
+}
+
+namespace {
+
+class context_handle {
+public:
+    context_handle(nb::handle model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, uint32_t n_seq_max,
+                   int32_t n_threads, int32_t n_threads_batch, int flash_attn, int type_k, int type_v,
+                   bool offload_kqv, bool op_offload, bool embeddings, bool swa_full, bool kv_unified) {
+        auto ms = model_shared(model);
+        if (n_batch < 1 || n_ubatch < 1) throw std::invalid_argument("n_batch and n_ubatch must be >= 1");
+        if (n_seq_max < 1 || n_seq_max > llama_max_parallel_sequences()) {
+            throw std::invalid_argument("n_seq_max must be in [1, " + std::to_string(llama_max_parallel_sequences()) + "]");
+        }
+        if (n_threads < 1 || n_threads > GGML_MAX_N_THREADS || n_threads_batch < 1 || n_threads_batch > GGML_MAX_N_THREADS) {
+            throw std::invalid_argument("thread counts must be in [1, " + std::to_string(GGML_MAX_N_THREADS) + "]");
+        }
+        if (flash_attn < -1 || flash_attn > 1) throw std::invalid_argument("flash_attn must be -1 (auto), 0 or 1");
+        for (int t : {type_k, type_v}) {
+            if (t < 0 || t >= GGML_TYPE_COUNT || ggml_type_size(ggml_type(t)) == 0) {
+                throw std::invalid_argument("invalid KV cache type id " + std::to_string(t));
+            }
+        }
+        llama_context_params p = llama_context_default_params();
+        p.n_ctx = n_ctx;
+        p.n_batch = n_batch;
+        p.n_ubatch = std::min(n_ubatch, n_batch);
+        p.n_seq_max = n_seq_max;
+        p.n_threads = n_threads;
+        p.n_threads_batch = n_threads_batch;
+        p.flash_attn_type = static_cast<llama_flash_attn_type>(flash_attn);
+        p.type_k = ggml_type(type_k);
+        p.type_v = ggml_type(type_v);
+        p.offload_kqv = offload_kqv;
+        p.op_offload = op_offload;
+        p.embeddings = embeddings;
+        p.swa_full = swa_full;
+        p.kv_unified = kv_unified;
+        p.no_perf = false;
+
+        auto st = std::make_shared<context_state>();
+        st->model = ms;
+        p.abort_callback = abort_requested;
+        p.abort_callback_data = st.get();
+        clear_last_log_error();
+        llama_context * raw;
+        {
+            nb::gil_scoped_release nogil;
+            raw = llama_init_from_model(ms->model.get(), p);
+        }
+        if (raw == nullptr) {
+            std::string why = last_log_error();
+            std::string msg = "failed to create the context (n_ctx=" + std::to_string(n_ctx) + ")";
+            if (!why.empty()) msg += ": " + why;
+            if (why.find("alloc") != std::string::npos || why.find("memory") != std::string::npos) {
+                throw out_of_memory_error(msg);
+            }
+            throw lamina_error(msg);
+        }
+        st->ctx.reset(raw);
+        st->max_outputs = int32_t(llama_n_seq_max(raw));
+        st_ = std::move(st);
+    }
+
+    context_state & st() const {
+        if (!st_) throw closed_error("the context is closed");
+        return *st_;
+    }
+    std::shared_ptr<context_state> shared() const { st(); return st_; }
+    void close() { st_.reset(); }
+    bool closed() const { return !st_; }
+
+    // Append tokens to sequence 0. logits: 0 none, 1 last token, 2 every token.
+    void decode(tokens_in tokens, int logits) {
+        context_state & s = st();
+        const int32_t * t = tokens.data();
+        size_t n = tokens.shape(0);
+        if (n == 0) throw std::invalid_argument("no tokens to decode");
+        if (logits < 0 || logits > 2) throw std::invalid_argument("logits must be 0 (none), 1 (last) or 2 (all)");
+        check_tokens(*s.model, t, n);
+        const size_t n_ctx = llama_n_ctx_seq(s.ctx.get());
+        if (s.tokens.size() + n > n_ctx) {
+            throw std::invalid_argument("decoding " + std::to_string(n) + " tokens after " +
+                                        std::to_string(s.tokens.size()) + " exceeds the context (n_ctx=" +
+                                        std::to_string(n_ctx) + ")");
+        }
+        if (logits == 2) {
+            const size_t n_batch = llama_n_batch(s.ctx.get());
+            if (n > n_batch) {
+                throw std::invalid_argument("logits for every token need all " + std::to_string(n) +
+                                            " tokens in one batch; n_batch is " + std::to_string(n_batch));
+            }
+            llama_batch b = llama_batch_init(int32_t(n), 0, 1);
+            for (size_t i = 0; i < n; ++i) {
+                b.token[i] = t[i];
+                b.pos[i] = llama_pos(s.tokens.size() + i);
+                b.n_seq_id[i] = 1;
+                b.seq_id[i][0] = 0;
+                b.logits[i] = 1;
+            }
+            b.n_tokens = int32_t(n);
+            try {
+                decode_batch(s, b, int32_t(n));
+            } catch (...) {
+                llama_batch_free(b);
+                throw;
+            }
+            llama_batch_free(b);
+            s.tokens.insert(s.tokens.end(), t, t + n);
+            return;
+        }
+        decode_tokens(s, t, n);
+        if (logits == 0) s.last_outputs = 0;
+    }
+
+    // Zero-copy view of the latest decode's logits, shape (outputs, n_vocab). The view keeps the
+    // native context alive; its values change with the next decode.
+    nb::ndarray<nb::numpy, const float, nb::ndim<2>> logits() {
+        context_state & s = st();
+        if (s.last_outputs == 0) {
+            throw lamina_error("no logits: the last decode produced none (decode with logits first)");
+        }
+        float * data = llama_get_logits(s.ctx.get());
+        if (data == nullptr) throw lamina_error("llama.cpp returned no logits");
+        auto * keep = new std::shared_ptr<context_state>(st_);
+        s.live_views.fetch_add(1);
+        nb::capsule owner(keep, [](void * p) noexcept {
+            auto * sp = static_cast<std::shared_ptr<context_state> *>(p);
+            (*sp)->live_views.fetch_sub(1);
+            delete sp;
+        });
+        return nb::ndarray<nb::numpy, const float, nb::ndim<2>>(
+            data, {size_t(s.last_outputs), size_t(s.model->n_vocab)}, owner);
+    }
+
+    void kv_clear() {
+        context_state & s = st();
+        llama_memory_clear(llama_get_memory(s.ctx.get()), true);
+        s.tokens.clear();
+        s.last_outputs = 0;
+    }
+
+    nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() const {
+        const context_state & s = st();
+        auto * heap = new std::vector<int32_t>(s.tokens.begin(), s.tokens.end());
+        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
+        return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
+    }
+
+    nb::dict params() const {
+        llama_context * c = st().ctx.get();
+        nb::dict d;
+        d["n_ctx"] = llama_n_ctx(c);
+        d["n_ctx_seq"] = llama_n_ctx_seq(c);
+        d["n_batch"] = llama_n_batch(c);
+        d["n_ubatch"] = llama_n_ubatch(c);
+        d["n_seq_max"] = llama_n_seq_max(c);
+        d["n_threads"] = llama_n_threads(c);
+        d["n_threads_batch"] = llama_n_threads_batch(c);
+        return d;
+    }
+
+    void set_threads(int32_t n_threads, int32_t n_threads_batch) {
+        if (n_threads < 1 || n_threads > GGML_MAX_N_THREADS || n_threads_batch < 1 || n_threads_batch > GGML_MAX_N_THREADS) {
+            throw std::invalid_argument("thread counts must be in [1, " + std::to_string(GGML_MAX_N_THREADS) + "]");
+        }
+        llama_set_n_threads(st().ctx.get(), n_threads, n_threads_batch);
+    }
+
+    nb::dict perf() const {
+        llama_perf_context_data p = llama_perf_context(st().ctx.get());
+        nb::dict d;
+        d["t_load_ms"] = p.t_load_ms;
+        d["t_p_eval_ms"] = p.t_p_eval_ms;
+        d["t_eval_ms"] = p.t_eval_ms;
+        d["n_p_eval"] = p.n_p_eval;
+        d["n_eval"] = p.n_eval;
+        d["n_reused"] = p.n_reused;
+        return d;
+    }
+
+    void perf_reset() { llama_perf_context_reset(st().ctx.get()); }
+
+    // Safe from any thread: the running decode stops at its next graph node with DecodeError.
+    void abort() { st().abort = true; }
+
+private:
+    std::shared_ptr<context_state> st_;
+};
+
+}  // namespace
+
+std::shared_ptr<context_state> context_shared(nb::handle ctx) {
+    return nb::cast<context_handle &>(ctx).shared();
+}
+
+void init_context(nb::module_ & m) {
+    m.def("ggml_type_from_name", [](const std::string & name) {
+        for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+            if (ggml_type_size(ggml_type(t)) == 0) continue;
+            const char * n = ggml_type_name(ggml_type(t));
+            if (n != nullptr && name == n) return t;
+        }
+        throw std::invalid_argument("unknown ggml type '" + name + "'");
+    }, nb::arg("name"), "ggml type id for a name such as 'f16' or 'q8_0'.");
+
+    nb::class_<context_handle>(m, "Context", "A llama.cpp context (owns llama_context, keeps its model alive).")
+        .def(nb::init<nb::handle, uint32_t, uint32_t, uint32_t, uint32_t, int32_t, int32_t, int, int, int, bool, bool,
+                      bool, bool, bool>(),
+             nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_batch"), nb::arg("n_ubatch"), nb::arg("n_seq_max"),
+             nb::arg("n_threads"), nb::arg("n_threads_batch"), nb::arg("flash_attn"), nb::arg("type_k"),
+             nb::arg("type_v"), nb::arg("offload_kqv"), nb::arg("op_offload"), nb::arg("embeddings"),
+             nb::arg("swa_full"), nb::arg("kv_unified"),
+             "Create the context with the GIL released. Raises OutOfMemoryError or LaminaError with llama.cpp's reason.")
+        .def("close", &context_handle::close, "Release this handle (live logits views keep the memory alive).")
+        .def_prop_ro("closed", &context_handle::closed)
+        .def("decode", &context_handle::decode, nb::arg("tokens"), nb::arg("logits") = 1,
+             R"(Append tokens to sequence 0 and run the model (GIL released, Ctrl-C checked between batches).
+
+Args:
+    tokens: int32 token ids, validated against the vocabulary and the free context.
+    logits: 0 none, 1 the last token's, 2 every token's (needs len(tokens) <= n_batch).)")
+        .def_prop_ro("logits", &context_handle::logits, "View (outputs, n_vocab) of the latest logits, no copy.")
+        .def("kv_clear", &context_handle::kv_clear, "Empty the KV cache.")
+        .def_prop_ro("tokens", &context_handle::tokens, "Tokens of sequence 0 held in the KV cache (a copy).")
+        .def_prop_ro("n_past", [](const context_handle & c) { return c.st().tokens.size(); })
+        .def("params", &context_handle::params, "Effective sizes and thread counts.")
+        .def("set_threads", &context_handle::set_threads, nb::arg("n_threads"), nb::arg("n_threads_batch"))
+        .def("perf", &context_handle::perf, "llama.cpp's timing counters for this context.")
+        .def("perf_reset", &context_handle::perf_reset)
+        .def("abort", &context_handle::abort, "Ask a running decode (in another thread) to stop.");
+}
+
+}  // namespace lamina

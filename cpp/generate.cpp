@@ -1,0 +1,217 @@
+// The generation loop: prompt (with prefix reuse), sample, detokenize incrementally, decode.
+// One native call per yielded text piece; no Python work per token beyond the call itself.
+#include "lamina.h"
+
+#include "sampler.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+namespace lamina {
+
+int32_t argmax(const float * x, int32_t n) {
+    if (n <= 0) return -1;
+    float best = x[0];
+    int32_t i = 0;
+#if defined(__SSE2__)
+    if (n >= 16) {
+        __m128 m0 = _mm_loadu_ps(x), m1 = m0, m2 = m0, m3 = m0;
+        for (; i + 16 <= n; i += 16) {
+            m0 = _mm_max_ps(m0, _mm_loadu_ps(x + i));
+            m1 = _mm_max_ps(m1, _mm_loadu_ps(x + i + 4));
+            m2 = _mm_max_ps(m2, _mm_loadu_ps(x + i + 8));
+            m3 = _mm_max_ps(m3, _mm_loadu_ps(x + i + 12));
+        }
+        float lanes[4];
+        _mm_storeu_ps(lanes, _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3)));
+        for (float v : lanes) best = v > best ? v : best;
+    }
+#endif
+    for (; i < n; ++i) best = x[i] > best ? x[i] : best;
+    for (int32_t j = 0; j < n; ++j) {
+        if (x[j] == best) return j;  // first occurrence, as llama.cpp's greedy sampler
+    }
+    // only NaNs: fall back to the strict scan llama.cpp does
+    int32_t sel = 0;
+    for (int32_t j = 1; j < n; ++j) if (x[j] > x[sel]) sel = j;
+    return sel;
+}
+
+llama_token sample_token(context_state & st, sampler_handle & s, bool use_chain) {
+    if (s.greedy() && !use_chain) {
+        const float * logits = llama_get_logits_ith(st.ctx.get(), -1);
+        return argmax(logits, st.model->n_vocab);
+    }
+    return llama_sampler_sample(s.chain(), st.ctx.get(), -1);
+}
+
+namespace {
+
+// Length of the longest prefix of s that does not end inside a UTF-8 sequence.
+size_t utf8_complete_prefix(const std::string & s) {
+    size_t n = s.size();
+    for (size_t back = 1; back <= 4 && back <= n; ++back) {
+        unsigned char c = static_cast<unsigned char>(s[n - back]);
+        if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
+        size_t need = (c & 0x80) == 0 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+        return back >= need ? n : n - back;
+    }
+    return n;  // no lead byte in the last 4: invalid bytes, let the decoder replace them
+}
+
+nb::str utf8_str(const char * data, size_t n) {
+    PyObject * o = PyUnicode_DecodeUTF8(data, Py_ssize_t(n), "replace");
+    if (o == nullptr) throw nb::python_error();
+    return nb::steal<nb::str>(o);
+}
+
+class generator {
+public:
+    generator(nb::handle ctx, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
+              sampler_handle & sampler, int32_t max_tokens, bool ignore_eos, nb::handle sampler_obj)
+        : st_(context_shared(ctx)), sampler_(sampler), sampler_ref_(nb::borrow(sampler_obj)),
+          max_tokens_(max_tokens), ignore_eos_(ignore_eos) {
+        if (max_tokens < 0) throw std::invalid_argument("max_tokens must be >= 0");
+        prompt_.assign(prompt.data(), prompt.data() + prompt.shape(0));
+        check_tokens(*st_->model, prompt_.data(), prompt_.size());
+        if (prompt_.empty()) throw std::invalid_argument("the prompt has no tokens");
+        const size_t n_ctx = llama_n_ctx_seq(st_->ctx.get());
+        if (prompt_.size() >= n_ctx) {
+            throw std::invalid_argument("the prompt has " + std::to_string(prompt_.size()) +
+                                        " tokens, the context holds " + std::to_string(n_ctx) +
+                                        " (n_ctx) and generation needs at least one more");
+        }
+    }
+
+    nb::str next() {
+        if (done_) throw nb::stop_iteration();
+        context_state & st = *st_;
+        if (!started_) {
+            started_ = true;
+            int64_t t0 = llama_time_us();
+            size_t before = st.tokens.size();
+            eval_prompt(st, prompt_);
+            n_prompt_eval_ = int64_t(st.tokens.size()) - int64_t(std::min(before, st.tokens.size()));
+            n_reused_ = int64_t(prompt_.size()) - n_prompt_eval_;
+            t_prompt_us_ = llama_time_us() - t0;
+            t_gen_start_ = llama_time_us();
+            if (max_tokens_ == 0) {
+                finish("length");
+                throw nb::stop_iteration();
+            }
+        }
+        std::string piece;
+        char buf[256];
+        {
+            nb::gil_scoped_release nogil;
+            while (true) {
+                if (pending_) {
+                    if (st.tokens.size() + 1 > llama_n_ctx_seq(st.ctx.get())) {
+                        finish_reason_ = "length";
+                        done_ = true;
+                        break;
+                    }
+                    llama_token t = last_;
+                    llama_batch b = llama_batch_get_one(&t, 1);
+                    {
+                        nb::gil_scoped_acquire gil;  // decode_batch may raise
+                        decode_batch(st, b, 1);
+                    }
+                    st.tokens.push_back(t);
+                    pending_ = false;
+                }
+                llama_token tok = sample_token(st, sampler_, false);
+                if (!ignore_eos_ && llama_vocab_is_eog(st.model->vocab, tok)) {
+                    finish_reason_ = "stop";
+                    done_ = true;
+                    break;
+                }
+                generated_.push_back(tok);
+                last_ = tok;
+                pending_ = true;
+                int32_t n = llama_token_to_piece(st.model->vocab, tok, buf, sizeof(buf), 0, false);
+                if (n > 0) bytes_.append(buf, size_t(n));
+                if (int32_t(generated_.size()) >= max_tokens_) {
+                    finish_reason_ = "length";
+                    done_ = true;
+                    break;
+                }
+                if (utf8_complete_prefix(bytes_) > 0) break;
+            }
+        }
+        if (done_) {
+            t_gen_us_ = llama_time_us() - t_gen_start_;
+            if (bytes_.empty()) throw nb::stop_iteration();
+            nb::str out = utf8_str(bytes_.data(), bytes_.size());
+            bytes_.clear();
+            return out;
+        }
+        size_t k = utf8_complete_prefix(bytes_);
+        nb::str out = utf8_str(bytes_.data(), k);
+        bytes_.erase(0, k);
+        return out;
+    }
+
+    nb::dict stats() const {
+        nb::dict d;
+        d["finish_reason"] = finish_reason_.empty() ? nb::none() : nb::cast(finish_reason_);
+        d["n_prompt"] = prompt_.size();
+        d["n_prompt_eval"] = n_prompt_eval_;
+        d["n_reused"] = n_reused_;
+        d["n_generated"] = generated_.size();
+        d["t_prompt_us"] = t_prompt_us_;
+        d["t_gen_us"] = done_ ? t_gen_us_ : (started_ ? llama_time_us() - t_gen_start_ : 0);
+        return d;
+    }
+
+    nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() const {
+        auto * heap = new std::vector<int32_t>(generated_.begin(), generated_.end());
+        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
+        return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
+    }
+
+private:
+    void finish(const char * reason) {
+        finish_reason_ = reason;
+        done_ = true;
+        t_gen_us_ = 0;
+    }
+
+    std::shared_ptr<context_state> st_;
+    sampler_handle & sampler_;
+    nb::object sampler_ref_;  // keeps the Python sampler (owner of sampler_) alive
+    std::vector<llama_token> prompt_, generated_;
+    std::string bytes_;       // detokenized bytes not yet returned (an incomplete UTF-8 tail)
+    std::string finish_reason_;
+    int32_t max_tokens_;
+    bool ignore_eos_;
+    bool started_ = false, done_ = false, pending_ = false;
+    llama_token last_ = -1;
+    int64_t n_prompt_eval_ = 0, n_reused_ = 0, t_prompt_us_ = 0, t_gen_start_ = 0, t_gen_us_ = 0;
+};
+
+}  // namespace
+
+void init_generate(nb::module_ & m) {
+    m.def("argmax", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
+        return argmax(x.data(), int32_t(x.shape(0)));
+    }, nb::arg("x"), "First index of the largest value (llama.cpp greedy semantics).");
+
+    nb::class_<generator>(m, "Generator", "Iterator of text pieces from a native decode loop.")
+        .def("__init__", [](generator * self, nb::handle ctx,
+                            nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
+                            nb::handle sampler, int32_t max_tokens, bool ignore_eos) {
+            new (self) generator(ctx, prompt, nb::cast<sampler_handle &>(sampler), max_tokens, ignore_eos, sampler);
+        }, nb::arg("ctx"), nb::arg("prompt"), nb::arg("sampler"), nb::arg("max_tokens"), nb::arg("ignore_eos") = false,
+        R"(Prepare generation on sequence 0 of ctx; nothing runs until the first next().
+
+The first next() evaluates the prompt, reusing the longest prefix already in the KV cache.
+Each next() returns the next piece of UTF-8-complete text (GIL released while decoding).)")
+        .def("__iter__", [](nb::handle self) { return nb::borrow(self); })
+        .def("__next__", &generator::next)
+        .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
+        .def_prop_ro("tokens", &generator::tokens, "Generated token ids so far (a copy).");
+}
+
+}  // namespace lamina

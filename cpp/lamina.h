@@ -1,0 +1,88 @@
+// Shared declarations of lamina's native layer: handles, errors, and one init function per
+// concern (each defined in cpp/<concern>.cpp and called from cpp/module.cpp).
+#pragma once
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "llama-cpp.h"
+#include "llama.h"
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace nb = nanobind;
+
+namespace lamina {
+
+// ---- errors (registered as Python exceptions in errors.cpp) ------------------------------
+struct lamina_error : std::runtime_error { using std::runtime_error::runtime_error; };
+struct load_error : lamina_error { using lamina_error::lamina_error; };
+struct out_of_memory_error : lamina_error { using lamina_error::lamina_error; };
+struct decode_error : lamina_error {
+    int code;
+    decode_error(int code_, const std::string & msg) : lamina_error(msg), code(code_) {}
+};
+struct closed_error : lamina_error { using lamina_error::lamina_error; };
+// std::invalid_argument -> ValueError, std::out_of_range -> IndexError (nanobind built-ins)
+
+// ---- owned native state -------------------------------------------------------------------
+// Handles are shared so that a context keeps its model alive and a numpy view keeps its
+// context alive, whatever order Python closes or collects them in.
+struct model_state {
+    llama_model_ptr model;
+    const llama_vocab * vocab = nullptr;
+    int32_t n_vocab = 0;
+    std::string path;
+};
+
+struct context_state {
+    std::shared_ptr<model_state> model;
+    llama_context_ptr ctx;
+    // tokens held in the KV cache for sequence 0, in position order (prefix reuse, n_past)
+    std::vector<llama_token> tokens;
+    // logits views handed to Python that are still alive (see context.cpp: output realloc)
+    std::atomic<int> live_views{0};
+    int32_t max_outputs = 0;       // the most outputs a decode has asked for so far
+    int32_t last_outputs = 0;      // outputs of the latest decode (rows of ctx.logits)
+    std::atomic<bool> abort{false};
+    bool interrupted = false;      // the abort flag was raised by a signal, not by the caller
+    ~context_state();
+};
+
+// Decode a batch with the GIL released; converts llama.cpp's status codes into exceptions.
+void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs);
+// Evaluate tokens for sequence 0 starting at st.tokens.size(); logits for the last token only.
+void decode_tokens(context_state & st, const llama_token * toks, size_t n);
+// Bring the KV cache of sequence 0 to `prompt`, reusing the longest common prefix; afterwards
+// the logits of the prompt's last token are available at index -1.
+void eval_prompt(context_state & st, const std::vector<llama_token> & prompt);
+void check_tokens(const model_state & m, const llama_token * toks, size_t n);
+// The shared model state behind a lamina._native.Model (raises ClosedError).
+std::shared_ptr<model_state> model_shared(nb::handle model);
+// The shared context state behind a lamina._native.Context (raises ClosedError).
+std::shared_ptr<context_state> context_shared(nb::handle ctx);
+
+std::string last_log_error();
+void clear_last_log_error();
+
+// Python's signal check, done with the GIL held; raises KeyboardInterrupt etc. as nb::python_error.
+void check_signals();
+
+// ---- init functions, one per concern --------------------------------------------------------
+void init_errors(nb::module_ & m);
+void init_logging(nb::module_ & m);
+void init_system(nb::module_ & m);
+void init_devices(nb::module_ & m);
+void init_model(nb::module_ & m);
+void init_context(nb::module_ & m);
+void init_sampler(nb::module_ & m);
+void init_generate(nb::module_ & m);
+
+}  // namespace lamina

@@ -1,0 +1,89 @@
+// llama.cpp / ggml log output -> a Python callable (lamina routes it to logging "lamina").
+//
+// ggml logs in fragments (GGML_LOG_LEVEL_CONT continues a line) and from any thread, often
+// with the GIL released; lines are assembled per thread and the GIL is taken only for lines at
+// or above the threshold that Python set.
+#include "lamina.h"
+
+#include <mutex>
+
+namespace lamina {
+namespace {
+
+std::atomic<int> g_min_level{GGML_LOG_LEVEL_WARN};
+std::atomic<bool> g_enabled{false};
+PyObject * g_sink = nullptr;  // strong reference, owned while g_enabled
+std::mutex g_last_error_mutex;
+std::string g_last_error;
+
+thread_local std::string t_line;
+thread_local int t_level = GGML_LOG_LEVEL_INFO;
+
+void log_callback(ggml_log_level level, const char * text, void *) {
+    int lvl = level == GGML_LOG_LEVEL_CONT ? t_level : static_cast<int>(level);
+    t_level = lvl;
+    t_line += text ? text : "";
+    if (t_line.empty() || t_line.back() != '\n') {
+        return;
+    }
+    std::string line;
+    line.swap(t_line);
+    while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) {
+        line.pop_back();
+    }
+    if (lvl >= GGML_LOG_LEVEL_ERROR) {
+        std::lock_guard<std::mutex> lock(g_last_error_mutex);
+        g_last_error = line;
+    }
+    if (line.empty() || lvl < g_min_level.load() || !g_enabled.load()) {
+        return;
+    }
+    nb::gil_scoped_acquire gil;
+    if (!g_enabled.load() || g_sink == nullptr) {
+        return;
+    }
+    PyObject * res = PyObject_CallFunction(g_sink, "is#", lvl, line.data(), (Py_ssize_t) line.size());
+    if (res == nullptr) {
+        PyErr_Clear();  // a failing log handler must not break a decode
+    } else {
+        Py_DECREF(res);
+    }
+}
+
+}  // namespace
+
+std::string last_log_error() {
+    std::lock_guard<std::mutex> lock(g_last_error_mutex);
+    return g_last_error;
+}
+
+void clear_last_log_error() {
+    std::lock_guard<std::mutex> lock(g_last_error_mutex);
+    g_last_error.clear();
+}
+
+void init_logging(nb::module_ & m) {
+    llama_log_set(log_callback, nullptr);
+
+    m.def("log_set_sink", [](nb::object sink, int min_level) {
+        if (!sink.is_none() && !PyCallable_Check(sink.ptr())) {
+            throw std::invalid_argument("log sink must be callable or None");
+        }
+        g_enabled = false;
+        PyObject * old = g_sink;
+        g_sink = sink.is_none() ? nullptr : sink.inc_ref().ptr();
+        Py_XDECREF(old);
+        g_min_level = min_level;
+        g_enabled = g_sink != nullptr;
+    }, nb::arg("sink").none(), nb::arg("min_level"),
+    R"(Route llama.cpp log lines at or above ``min_level`` (ggml levels: 1 debug, 2 info,
+3 warn, 4 error) to ``sink(level, line)``; ``None`` drops them all.)");
+
+    m.def("log_set_level", [](int min_level) { g_min_level = min_level; }, nb::arg("min_level"),
+          "Change the lowest ggml log level forwarded to the sink.");
+
+    m.def("last_log_error", &last_log_error,
+          "The last error line llama.cpp logged (used to explain failed loads).");
+}
+
+}  // namespace lamina

@@ -1,0 +1,350 @@
+// Model: load a GGUF file, read its metadata, tokenize and detokenize.
+#include "lamina.h"
+
+#include "ggml-backend.h"
+
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+
+namespace lamina {
+namespace {
+
+using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// Owned int32 array handed to numpy without a second copy.
+nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> to_numpy(std::vector<int32_t> && v) {
+    auto * heap = new std::vector<int32_t>(std::move(v));
+    nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
+    return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
+}
+
+// A path llama.cpp can be trusted with: exists, is a regular readable file, starts with "GGUF".
+void check_gguf_file(const std::string & path) {
+    FILE * f = std::fopen(path.c_str(), "rb");
+    if (f == nullptr) {
+        int err = errno;
+        if (err == ENOENT) {
+            PyErr_SetFromErrnoWithFilename(PyExc_FileNotFoundError, path.c_str());
+            throw nb::python_error();
+        }
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, path.c_str());
+        throw nb::python_error();
+    }
+    char magic[4] = {0, 0, 0, 0};
+    size_t got = std::fread(magic, 1, 4, f);
+    bool is_dir = got == 0 && std::ferror(f);
+    std::fclose(f);
+    if (is_dir) {
+        throw load_error("'" + path + "' is not a readable file");
+    }
+    if (got < 4 || std::memcmp(magic, "GGUF", 4) != 0) {
+        throw load_error("'" + path + "' is not a GGUF file (its first bytes are not 'GGUF')");
+    }
+}
+
+struct load_progress {
+    PyObject * callback = nullptr;  // borrowed; may be null
+    bool python_error = false;      // a callback raised or a signal arrived: abort the load
+    nb::object error_type, error_value, error_tb;
+};
+
+bool on_progress(float progress, void * user) {
+    auto * lp = static_cast<load_progress *>(user);
+    nb::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+        lp->python_error = true;
+    } else if (lp->callback != nullptr) {
+        PyObject * r = PyObject_CallFunction(lp->callback, "f", progress);
+        if (r == nullptr) {
+            lp->python_error = true;
+        } else {
+            bool keep_going = r == Py_None || PyObject_IsTrue(r) == 1;
+            Py_DECREF(r);
+            if (!keep_going) {
+                return false;  // the callback asked to cancel: no exception of its own
+            }
+        }
+    }
+    if (lp->python_error) {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        lp->error_type = nb::steal(t);
+        lp->error_value = nb::steal(v);
+        lp->error_tb = nb::steal(tb);
+        return false;
+    }
+    return true;
+}
+
+std::string meta_string(const llama_model * model, const char * key) {
+    int32_t n = llama_model_meta_val_str(model, key, nullptr, 0);
+    if (n < 0) {
+        return {};
+    }
+    std::string s(size_t(n) + 1, '\0');
+    llama_model_meta_val_str(model, key, s.data(), s.size());
+    s.resize(size_t(n));
+    return s;
+}
+
+class model_handle {
+public:
+    model_handle(const std::string & path, int32_t n_gpu_layers, int load_mode,
+                 std::optional<std::vector<int>> devices, int split_mode, int main_gpu,
+                 std::optional<std::vector<float>> tensor_split, bool vocab_only,
+                 nb::object progress) {
+        check_gguf_file(path);
+        if (!progress.is_none() && !PyCallable_Check(progress.ptr())) {
+            throw std::invalid_argument("progress must be callable or None");
+        }
+        if (split_mode < 0 || split_mode > 2) {
+            throw std::invalid_argument("split_mode must be 0 (none), 1 (layer) or 2 (row)");
+        }
+
+        llama_model_params p = llama_model_default_params();
+        p.n_gpu_layers = n_gpu_layers;
+        if (load_mode < LLAMA_LOAD_MODE_AUTO || load_mode > LLAMA_LOAD_MODE_DIRECT_IO) {
+            throw std::invalid_argument("invalid load_mode " + std::to_string(load_mode));
+        }
+        p.load_mode = static_cast<llama_load_mode>(load_mode);
+        p.vocab_only = vocab_only;
+        p.split_mode = static_cast<llama_split_mode>(split_mode);
+        p.main_gpu = main_gpu;
+
+        // devices: None = every device llama.cpp would pick; a list of ggml device indices
+        // (possibly empty: CPU only) otherwise. NULL-terminated.
+        std::vector<ggml_backend_dev_t> devs;
+        if (devices) {
+            size_t n = ggml_backend_dev_count();
+            for (int idx : *devices) {
+                if (idx < 0 || size_t(idx) >= n) {
+                    throw std::out_of_range("device index " + std::to_string(idx) + " out of range [0, " +
+                                            std::to_string(n) + ")");
+                }
+                devs.push_back(ggml_backend_dev_get(size_t(idx)));
+            }
+            devs.push_back(nullptr);
+            p.devices = devs.data();
+        }
+        std::vector<float> split(llama_max_devices(), 0.0f);
+        if (tensor_split) {
+            if (tensor_split->size() > split.size()) {
+                throw std::invalid_argument("tensor_split has more entries than llama.cpp supports devices");
+            }
+            std::copy(tensor_split->begin(), tensor_split->end(), split.begin());
+            p.tensor_split = split.data();
+        }
+
+        load_progress lp;
+        lp.callback = progress.is_none() ? nullptr : progress.ptr();
+        p.progress_callback = on_progress;
+        p.progress_callback_user_data = &lp;
+
+        clear_last_log_error();
+        llama_model * raw = nullptr;
+        {
+            nb::gil_scoped_release nogil;
+            raw = llama_model_load_from_file(path.c_str(), p);
+        }
+        if (lp.python_error) {
+            if (raw) llama_model_free(raw);
+            PyErr_Restore(lp.error_type.release().ptr(), lp.error_value.release().ptr(),
+                          lp.error_tb.release().ptr());
+            throw nb::python_error();
+        }
+        if (raw == nullptr) {
+            std::string why = last_log_error();
+            std::string msg = "failed to load model from '" + path + "'";
+            if (!why.empty()) msg += ": " + why;
+            bool oom = why.find("alloc") != std::string::npos || why.find("memory") != std::string::npos;
+            if (oom) throw out_of_memory_error(msg);
+            throw load_error(msg);
+        }
+        st_ = std::make_shared<model_state>();
+        st_->model.reset(raw);
+        st_->vocab = llama_model_get_vocab(raw);
+        st_->n_vocab = llama_vocab_n_tokens(st_->vocab);
+        st_->path = path;
+    }
+
+    model_state & st() const {
+        if (!st_) throw closed_error("the model is closed");
+        return *st_;
+    }
+    const llama_model * raw() const { return st().model.get(); }
+    std::shared_ptr<model_state> shared() const { st(); return st_; }
+    void close() { st_.reset(); }
+    bool closed() const { return !st_; }
+
+    nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokenize(nb::bytes text, bool add_special, bool parse_special) {
+        model_state & m = st();
+        const char * s = text.c_str();
+        size_t len = text.size();
+        if (len > size_t(INT32_MAX) / 2) {
+            throw std::invalid_argument("text too long to tokenize");
+        }
+        std::vector<int32_t> out(len + 8);
+        int32_t n;
+        {
+            nb::gil_scoped_release nogil;
+            n = llama_tokenize(m.vocab, s, int32_t(len), out.data(), int32_t(out.size()), add_special, parse_special);
+            if (n < 0) {
+                out.resize(size_t(-n));
+                n = llama_tokenize(m.vocab, s, int32_t(len), out.data(), int32_t(out.size()), add_special, parse_special);
+            }
+        }
+        if (n < 0) {
+            throw lamina_error("llama_tokenize failed");
+        }
+        out.resize(size_t(n));
+        return to_numpy(std::move(out));
+    }
+
+    nb::bytes detokenize(tokens_in tokens, bool remove_special, bool unparse_special) {
+        model_state & m = st();
+        const int32_t * t = tokens.data();
+        size_t n = tokens.shape(0);
+        check_tokens(m, t, n);
+        std::string out(n * 8 + 16, '\0');
+        int32_t got;
+        {
+            nb::gil_scoped_release nogil;
+            got = llama_detokenize(m.vocab, t, int32_t(n), out.data(), int32_t(out.size()), remove_special, unparse_special);
+            if (got < 0) {
+                out.resize(size_t(-got));
+                got = llama_detokenize(m.vocab, t, int32_t(n), out.data(), int32_t(out.size()), remove_special, unparse_special);
+            }
+        }
+        if (got < 0) {
+            throw lamina_error("llama_detokenize failed");
+        }
+        return nb::bytes(out.data(), size_t(got));
+    }
+
+    nb::bytes token_to_piece(int32_t token, bool special) {
+        model_state & m = st();
+        check_tokens(m, &token, 1);
+        char buf[256];
+        int32_t n = llama_token_to_piece(m.vocab, token, buf, sizeof(buf), 0, special);
+        if (n < 0) {
+            std::string big(size_t(-n), '\0');
+            n = llama_token_to_piece(m.vocab, token, big.data(), int32_t(big.size()), 0, special);
+            return nb::bytes(big.data(), size_t(std::max(n, 0)));
+        }
+        return nb::bytes(buf, size_t(n));
+    }
+
+    nb::dict metadata() const {
+        const llama_model * mdl = raw();
+        nb::dict d;
+        int32_t count = llama_model_meta_count(mdl);
+        std::string key(512, '\0'), val;
+        for (int32_t i = 0; i < count; ++i) {
+            int32_t kn = llama_model_meta_key_by_index(mdl, i, key.data(), key.size());
+            if (kn < 0) continue;
+            int32_t vn = llama_model_meta_val_str_by_index(mdl, i, nullptr, 0);
+            if (vn < 0) continue;
+            val.assign(size_t(vn) + 1, '\0');
+            llama_model_meta_val_str_by_index(mdl, i, val.data(), val.size());
+            val.resize(size_t(vn));
+            d[nb::str(key.c_str(), size_t(std::min<int32_t>(kn, int32_t(key.size()) - 1)))] =
+                nb::str(val.data(), val.size());
+        }
+        return d;
+    }
+
+    nb::dict info() const {
+        const llama_model * mdl = raw();
+        const model_state & m = st();
+        nb::dict d;
+        char desc[256];
+        llama_model_desc(mdl, desc, sizeof(desc));
+        d["path"] = m.path;
+        d["desc"] = desc;
+        d["arch"] = meta_string(mdl, "general.architecture");
+        d["name"] = meta_string(mdl, "general.name");
+        d["n_params"] = llama_model_n_params(mdl);
+        d["size"] = llama_model_size(mdl);
+        d["n_layer"] = llama_model_n_layer(mdl);
+        d["n_ctx_train"] = llama_model_n_ctx_train(mdl);
+        d["n_embd"] = llama_model_n_embd(mdl);
+        d["n_head"] = llama_model_n_head(mdl);
+        d["n_head_kv"] = llama_model_n_head_kv(mdl);
+        d["n_swa"] = llama_model_n_swa(mdl);
+        d["n_vocab"] = m.n_vocab;
+        d["has_encoder"] = llama_model_has_encoder(mdl);
+        d["has_decoder"] = llama_model_has_decoder(mdl);
+        d["is_recurrent"] = llama_model_is_recurrent(mdl);
+        d["is_hybrid"] = llama_model_is_hybrid(mdl);
+        const char * tmpl = llama_model_chat_template(mdl, nullptr);
+        d["chat_template"] = tmpl ? nb::cast(std::string(tmpl)) : nb::none();
+        d["bos"] = llama_vocab_bos(m.vocab);
+        d["eos"] = llama_vocab_eos(m.vocab);
+        d["eot"] = llama_vocab_eot(m.vocab);
+        d["add_bos"] = llama_vocab_get_add_bos(m.vocab);
+        d["add_eos"] = llama_vocab_get_add_eos(m.vocab);
+        return d;
+    }
+
+    bool is_eog(int32_t token) {
+        model_state & m = st();
+        check_tokens(m, &token, 1);
+        return llama_vocab_is_eog(m.vocab, token);
+    }
+
+private:
+    std::shared_ptr<model_state> st_;
+};
+
+}  // namespace
+
+void check_tokens(const model_state & m, const llama_token * toks, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        if (toks[i] < 0 || toks[i] >= m.n_vocab) {
+            throw std::out_of_range("token id " + std::to_string(toks[i]) + " at position " + std::to_string(i) +
+                                    " is out of range [0, " + std::to_string(m.n_vocab) + ")");
+        }
+    }
+}
+
+std::shared_ptr<model_state> model_shared(nb::handle model) {
+    return nb::cast<model_handle &>(model).shared();
+}
+
+void init_model(nb::module_ & m) {
+    nb::class_<model_handle>(m, "Model", "A loaded llama.cpp model (owns llama_model).")
+        .def(nb::init<const std::string &, int32_t, int, std::optional<std::vector<int>>, int, int,
+                      std::optional<std::vector<float>>, bool, nb::object>(),
+             nb::arg("path"), nb::arg("n_gpu_layers") = 0, nb::arg("load_mode") = -1,
+             nb::arg("devices").none() = nb::none(), nb::arg("split_mode") = 1,
+             nb::arg("main_gpu") = 0, nb::arg("tensor_split").none() = nb::none(), nb::arg("vocab_only") = false,
+             nb::arg("progress").none() = nb::none(),
+             R"(Load a GGUF model with the GIL released.
+
+Args:
+    path: GGUF file. Checked before llama.cpp sees it (exists, readable, GGUF magic).
+    n_gpu_layers: layers to offload (-1: all), as llama.cpp's n_gpu_layers.
+    load_mode: llama_load_mode (-1 auto, 0 none, 1 mmap, 2 mlock, 3 mmap+mlock, 4 direct I/O).
+    devices: ggml device indices to use; [] for CPU only; None for llama.cpp's default.
+    progress: called with a float in [0, 1]; returning False cancels the load.
+Raises:
+    FileNotFoundError, LoadError, OutOfMemoryError, KeyboardInterrupt (Ctrl-C during load).)")
+        .def("close", &model_handle::close, "Release this handle (contexts keep the weights alive).")
+        .def_prop_ro("closed", &model_handle::closed)
+        .def("tokenize", &model_handle::tokenize, nb::arg("text"), nb::arg("add_special") = true,
+             nb::arg("parse_special") = false, "UTF-8 bytes -> int32 token ids (numpy).")
+        .def("detokenize", &model_handle::detokenize, nb::arg("tokens"), nb::arg("remove_special") = false,
+             nb::arg("unparse_special") = false, "Token ids -> UTF-8 bytes (may end mid-character).")
+        .def("token_to_piece", &model_handle::token_to_piece, nb::arg("token"), nb::arg("special") = false,
+             "One token's bytes.")
+        .def("is_eog", &model_handle::is_eog, nb::arg("token"), "Whether the token ends generation.")
+        .def("metadata", &model_handle::metadata, "All GGUF metadata key/values as strings.")
+        .def("info", &model_handle::info, "Architecture, sizes and vocabulary facts.");
+}
+
+}  // namespace lamina

@@ -1,0 +1,23 @@
+"""lamina: llama.cpp for performance-sensitive Python.
+
+    import lamina
+    model = lamina.Model()                       # the default model, or Model("path.gguf")
+    ctx = model.context(n_ctx=2048)
+    for piece in ctx.generate("The capital of France is", max_tokens=32):
+        print(piece, end="")
+"""
+from ._core import logger
+from .context import KV, Completion, Context, Generation, Threads
+from .errors import ClosedError, DecodeError, LaminaError, LoadError, OutOfMemoryError
+from .model import Model, ModelInfo, Offload
+from .models import default_model_path
+from .sampling import Sampler
+from .system import Device, SystemInfo, default_threads, devices, system_info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model", "ModelInfo", "Offload", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
+    "Device", "SystemInfo", "devices", "system_info", "default_threads", "default_model_path",
+    "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "logger", "__version__",
+]

@@ -1,0 +1,33 @@
+"""Loads lamina._native once: backends shipped in the package, log routing to `logging`."""
+from __future__ import annotations
+
+import atexit
+import logging
+from pathlib import Path
+
+from . import _native
+
+logger = logging.getLogger("lamina")
+logger.addHandler(logging.NullHandler())  # quiet unless the application configures logging
+
+# ggml log levels -> logging levels
+_GGML_TO_LOGGING = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+def _sink(level: int, line: str) -> None:
+    logger.log(_GGML_TO_LOGGING.get(level, logging.INFO), "%s", line)
+
+
+def sync_log_level() -> None:
+    """Forward only the llama.cpp lines the 'lamina' logger would keep (cheap: no GIL otherwise)."""
+    eff = logger.getEffectiveLevel()
+    ggml_level = 1 if eff <= logging.DEBUG else 2 if eff <= logging.INFO else 3 if eff <= logging.WARNING else 4
+    _native.log_set_level(ggml_level)
+
+
+PACKAGE_DIR = Path(_native.__file__).resolve().parent
+_native.backends_load(str(PACKAGE_DIR))
+_native.log_set_sink(_sink, 3)
+sync_log_level()
+# No Python callbacks from llama.cpp threads once the interpreter is going away.
+atexit.register(_native.log_set_sink, None, 5)

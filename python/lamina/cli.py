@@ -1,0 +1,107 @@
+"""The `lamina` command: run, info, doctor."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .context import Threads
+from .errors import LaminaError
+from .model import Model
+from .sampling import Sampler
+from .system import system_info
+
+
+def _ngl(value: str) -> int | str:
+    if value in ("all", "auto"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, 'all' or 'auto', got {value!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF file (default: the Gemma 3 270M package)")
+    p.add_argument("--no-gpu", action="store_true", help="keep everything on the CPU")
+    p.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default="auto", help="int, 'all' or 'auto'")
+
+
+def _load(args: argparse.Namespace) -> Model:
+    return Model(args.model, gpu=not args.no_gpu, n_gpu_layers=args.n_gpu_layers)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model = _load(args)
+    ctx = model.context(n_ctx=args.ctx_size, threads=Threads(n=args.threads, batch=args.threads_batch))
+    sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
+    gen = ctx.generate(args.prompt, max_tokens=args.n_predict, sampler=sampler, stop=args.stop or ())
+    if args.echo:
+        sys.stdout.write(args.prompt)
+    for piece in gen:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = gen.stats
+    print(f"[{s['finish_reason']}] prompt: {s['n_prompt']} tokens ({s['n_prompt_eval']} evaluated, "
+          f"{s['prompt_tokens_per_s']:.1f} t/s); generated: {s['n_generated']} tokens, {s['tokens_per_s']:.1f} t/s; "
+          f"threads {ctx.threads[0]}/{ctx.threads[1]}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = _load(args)
+    for k, v in vars(model.info).items():
+        if k == "chat_template" and v:
+            v = f"<{len(v)} chars>"
+        print(f"{k:14} {v}")
+    print(model.offload)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    print(system_info())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lamina", description="llama.cpp with exact offload, threads and KV control")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate text for a prompt")
+    run.add_argument("prompt", nargs="?", default="The three primary colors are")
+    _add_model_args(run)
+    run.add_argument("-n", "--n-predict", type=int, default=128)
+    run.add_argument("-c", "--ctx-size", type=int, default=4096)
+    run.add_argument("-t", "--threads", type=int, default=None)
+    run.add_argument("-tb", "--threads-batch", type=int, default=None)
+    run.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--stop", action="append", help="stop string (repeatable)")
+    run.add_argument("--echo", action="store_true", help="print the prompt first")
+    run.set_defaults(func=cmd_run)
+
+    info = sub.add_parser("info", help="model facts and where its layers went")
+    _add_model_args(info)
+    info.set_defaults(func=cmd_info)
+
+    doctor = sub.add_parser("doctor", help="what this machine has and what lamina uses")
+    doctor.set_defaults(func=cmd_doctor)
+
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (LaminaError, OSError, ValueError) as exc:
+        print(f"lamina: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nlamina: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""lamina.Context: decode, logits, and text generation over a native decode loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core, _native
+from .model import as_tokens
+from .sampling import Sampler
+from .system import default_threads, default_threads_batch
+
+if TYPE_CHECKING:
+    from .model import Model
+
+_LOGITS = {"none": 0, "last": 1, "all": 2}
+_FLASH = {"auto": -1, False: 0, True: 1}
+
+
+@dataclass(frozen=True)
+class Threads:
+    """Thread counts for a context: n for generation, batch for prompt processing."""
+
+    n: int | None = None
+    batch: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n", "batch"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 512):
+                raise ValueError(f"Threads.{name} must be an int in [1, 512], got {v!r}")
+
+    def resolve(self) -> tuple[int, int]:
+        n = self.n if self.n is not None else default_threads()
+        batch = self.batch if self.batch is not None else (self.n if self.n is not None else default_threads_batch())
+        return n, batch
+
+
+@dataclass(frozen=True)
+class KV:
+    """KV cache settings: K/V types by ggml name, offload to the model's devices."""
+
+    type_k: str = "f16"
+    type_v: str = "f16"
+    offload: bool = True
+    unified: bool = False
+    swa_full: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("type_k", "type_v"):
+            value = getattr(self, name)
+            try:
+                _native.ggml_type_from_name(value)
+            except (ValueError, TypeError):
+                raise ValueError(f"KV.{name}={value!r} is not a ggml type name (f16, bf16, q8_0, q4_0, ...)") from None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """Result of Context.complete()."""
+
+    text: str
+    tokens: npt.NDArray[np.int32]
+    finish_reason: str
+    n_prompt: int
+    n_prompt_eval: int
+    prompt_tokens_per_s: float
+    tokens_per_s: float
+
+
+def _stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of text could start one of the stop strings."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:k]):
+                keep = k
+                break
+    return keep
+
+
+class Generation:
+    """Iterator of text pieces from Context.generate(); stats are filled in as it runs."""
+
+    def __init__(self, native: _native.Generator, stops: Sequence[str]) -> None:
+        self._native = native
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self._stopped = False
+        self._pieces = self._run()
+
+    def _run(self) -> Iterator[str]:
+        if not self._stops:
+            yield from self._native
+            return
+        held = ""
+        for piece in self._native:
+            held += piece
+            cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self._stopped = True
+                if cut:
+                    yield held[:cut]
+                return
+            keep = _stop_holdback(held, self._stops)
+            if len(held) > keep:
+                yield held[: len(held) - keep]
+                held = held[len(held) - keep:]
+        if held:
+            yield held
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def finish_reason(self) -> str | None:
+        """'stop' (end-of-generation token or stop string), 'length' (max_tokens or context full), or None while running."""
+        return "stop" if self._stopped else self._native.stats()["finish_reason"]
+
+    @property
+    def tokens(self) -> npt.NDArray[np.int32]:
+        return self._native.tokens
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = self._native.stats()
+        s["finish_reason"] = self.finish_reason
+        s["prompt_tokens_per_s"] = s["n_prompt_eval"] / (s["t_prompt_us"] / 1e6) if s["t_prompt_us"] else 0.0
+        s["tokens_per_s"] = s["n_generated"] / (s["t_gen_us"] / 1e6) if s["t_gen_us"] else 0.0
+        return s
+
+
+class Context:
+    """A llama.cpp context: KV cache, batch decoding and generation. Use Model.context()."""
+
+    def __init__(
+        self,
+        model: "Model",
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+        n_seq_max: int = 1,
+        threads: int | Threads | None = None,
+        kv: KV | None = None,
+        flash_attn: bool | Literal["auto"] = "auto",
+        embeddings: bool = False,
+    ) -> None:
+        self._native: _native.Context | None = None
+        for name, value, lo in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1),
+                                ("n_seq_max", n_seq_max, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        if flash_attn not in _FLASH:
+            raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
+        if threads is None or isinstance(threads, Threads):
+            self.threads = (threads or Threads()).resolve()
+        elif isinstance(threads, int) and not isinstance(threads, bool):
+            self.threads = Threads(n=threads).resolve()
+        else:
+            raise TypeError(f"threads must be an int or lamina.Threads, got {threads!r}")
+        kv = kv or KV()
+        self.model = model
+        on_gpu = model.offload.gpu
+        _core.sync_log_level()
+        self._native = _native.Context(
+            model.native, n_ctx, n_batch, n_ubatch, n_seq_max, self.threads[0], self.threads[1],
+            _FLASH[flash_attn], _native.ggml_type_from_name(kv.type_k), _native.ggml_type_from_name(kv.type_v),
+            offload_kqv=kv.offload and on_gpu, op_offload=on_gpu, embeddings=embeddings,
+            swa_full=kv.swa_full, kv_unified=kv.unified)
+        self.params = self._native.params()
+        self.n_ctx = int(self.params["n_ctx"])
+
+    # -- lifetime ------------------------------------------------------------------------
+    @property
+    def native(self) -> _native.Context:
+        if self._native is None:
+            raise RuntimeError("context failed to initialise")
+        return self._native
+
+    def close(self) -> None:
+        if self._native is not None:
+            self._native.close()
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- low level -----------------------------------------------------------------------
+    def decode(self, tokens: Any, *, logits: Literal["last", "all", "none"] = "last") -> None:
+        """Append tokens to the sequence in the KV cache and evaluate them (GIL released)."""
+        if logits not in _LOGITS:
+            raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        self.native.decode(as_tokens(tokens, self.model.info.n_vocab), _LOGITS[logits])
+
+    @property
+    def logits(self) -> npt.NDArray[np.float32]:
+        """Read-only view (outputs, n_vocab) of the latest decode's logits: no copy; its values
+        change with the next decode (np.array(ctx.logits) to keep them)."""
+        return self.native.logits
+
+    @property
+    def n_past(self) -> int:
+        """Tokens held in the KV cache."""
+        return int(self.native.n_past)
+
+    @property
+    def tokens(self) -> npt.NDArray[np.int32]:
+        return self.native.tokens
+
+    def kv_clear(self) -> None:
+        self.native.kv_clear()
+
+    def set_threads(self, n: int, batch: int | None = None) -> None:
+        """Change thread counts on the live context."""
+        t = Threads(n=n, batch=batch).resolve()
+        self.native.set_threads(*t)
+        self.threads = t
+        self.params = self.native.params()
+
+    # -- generation ----------------------------------------------------------------------
+    def _prompt_tokens(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int32]:
+        if isinstance(prompt, (str, bytes)):
+            return self.model.tokenize(prompt, add_special=True, special=True)
+        return as_tokens(prompt, self.model.info.n_vocab)
+
+    def generate(
+        self,
+        prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]],
+        *,
+        max_tokens: int = 256,
+        sampler: Sampler | None = None,
+        stop: str | Sequence[str] = (),
+        ignore_eos: bool = False,
+    ) -> Generation:
+        """Stream text pieces for ``prompt`` (text, or token ids).
+
+        Greedy when no sampler is given. The KV cache keeps the longest common prefix with the
+        previous generation. Pieces are always whole UTF-8 characters; ``stop`` strings end the
+        stream and are not included.
+        """
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in stops):
+            raise TypeError("stop must be a string or a sequence of strings")
+        tokens = self._prompt_tokens(prompt)
+        sampler = sampler or Sampler()
+        return Generation(_native.Generator(self.native, tokens, sampler.native(self.model.info.n_vocab), max_tokens, ignore_eos), stops)
+
+    def complete(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], **kwargs: Any) -> Completion:
+        """Generate to the end and return text, tokens, finish reason and speeds."""
+        gen = self.generate(prompt, **kwargs)
+        text = "".join(gen)
+        s = gen.stats
+        return Completion(text=text, tokens=gen.tokens, finish_reason=s["finish_reason"], n_prompt=s["n_prompt"],
+                          n_prompt_eval=s["n_prompt_eval"], prompt_tokens_per_s=s["prompt_tokens_per_s"],
+                          tokens_per_s=s["tokens_per_s"])
+
+    def __repr__(self) -> str:
+        return f"<lamina.Context n_ctx={self.n_ctx} threads={self.threads} n_past={self.n_past}>"

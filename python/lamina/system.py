@@ -1,0 +1,226 @@
+"""What this machine has and what lamina uses of it: CPUs, memory, backends, devices."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _native
+from ._core import PACKAGE_DIR
+
+# x86 /proc/cpuinfo flags -> ggml's names for the same features
+_X86_FLAGS = {
+    "sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2",
+    "avx_vnni": "AVX_VNNI", "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI",
+    "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16", "amx_tile": "AMX_TILE",
+    "amx_int8": "AMX_INT8", "amx_bf16": "AMX_BF16",
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device of a loaded ggml backend."""
+
+    index: int
+    name: str
+    description: str
+    backend: str
+    kind: str  # cpu, gpu, igpu, accel, remote
+    memory_free: int
+    memory_total: int
+
+
+def devices() -> list[Device]:
+    """Every device llama.cpp's loaded backends expose, in ggml's order (CPU included)."""
+    out = []
+    for d in _native.devices():
+        kind = "remote" if d["backend"].upper() == "RPC" else d["type"]
+        out.append(Device(d["index"], d["name"], d["description"], d["backend"], kind,
+                          d["memory_free"], d["memory_total"]))
+    return out
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def _parse_cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-")
+            cpus.update(range(int(lo), int(hi) + 1))
+        else:
+            cpus.add(int(part))
+    return cpus
+
+
+def allowed_cpus() -> list[int]:
+    """Logical CPUs this process may run on (its affinity mask)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def cgroup_cpu_limit() -> float | None:
+    """CPUs granted by the cgroup v2 / v1 quota, or None when unlimited."""
+    text = _read("/sys/fs/cgroup/cpu.max")
+    if text:
+        quota, _, period = text.strip().partition(" ")
+        if quota != "max" and period:
+            return int(quota) / int(period)
+        return None
+    q, p = _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    if q and p and int(q) > 0:
+        return int(q) / int(p)
+    return None
+
+
+def performance_cpus(cpus: list[int]) -> list[int]:
+    """On hybrid Intel CPUs the performance cores among ``cpus``; otherwise ``cpus``."""
+    text = _read("/sys/devices/cpu_core/cpus")
+    if not text:
+        return cpus
+    perf = _parse_cpu_list(text)
+    chosen = [c for c in cpus if c in perf]
+    return chosen or cpus
+
+
+def physical_cores(cpus: list[int]) -> int:
+    """Distinct physical cores among logical ``cpus`` (SMT siblings count once)."""
+    cores = set()
+    for c in cpus:
+        base = f"/sys/devices/system/cpu/cpu{c}/topology"
+        core, pkg = _read(f"{base}/core_id"), _read(f"{base}/physical_package_id")
+        cores.add((pkg.strip() if pkg else "0", core.strip() if core else str(c)))
+    return max(1, len(cores))
+
+
+def default_threads() -> int:
+    """Generation threads: physical (performance) cores this process may use, within its cgroup quota."""
+    n = physical_cores(performance_cpus(allowed_cpus()))
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, math.ceil(limit)))
+    return n
+
+
+def default_threads_batch() -> int:
+    """Prompt-processing threads: every logical CPU this process may use, within its cgroup quota."""
+    n = len(allowed_cpus())
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, math.ceil(limit)))
+    return n
+
+
+def _cpu_flags() -> set[str]:
+    text = _read("/proc/cpuinfo") or ""
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpu_model() -> str:
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _memory() -> tuple[int, int]:
+    info = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            info[key] = int(parts[0]) * 1024
+    return info.get("MemTotal", 0), info.get("MemAvailable", 0)
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    """lamina.system_info(): what is present, what was compiled, what is in use."""
+
+    lamina_version: str
+    llama_cpp: dict[str, Any]
+    backends: list[dict[str, Any]]
+    devices: list[Device]
+    cpu_model: str
+    cpu_features_present: list[str]
+    cpu_features_compiled: dict[str, str]
+    cpu_variant: str
+    logical_cpus: int
+    allowed_cpus: list[int]
+    physical_cores: int
+    cgroup_cpu_limit: float | None
+    default_threads: int
+    default_threads_batch: int
+    memory_total: int
+    memory_available: int
+    supports: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        gib = 1024 ** 3
+        lines = [
+            f"lamina {self.lamina_version}  llama.cpp {self.llama_cpp['version']} ({self.llama_cpp['commit']}, "
+            f"{self.llama_cpp['source']}{', portable' if self.llama_cpp['portable'] else ''})",
+            f"cpu: {self.cpu_model or 'unknown'}; {self.logical_cpus} logical, {len(self.allowed_cpus)} allowed, "
+            f"{self.physical_cores} physical cores"
+            + (f", cgroup limit {self.cgroup_cpu_limit:g}" if self.cgroup_cpu_limit else ""),
+            f"threads: {self.default_threads} for generation (physical cores available), "
+            f"{self.default_threads_batch} for batches (logical CPUs available)",
+            f"cpu features present: {' '.join(self.cpu_features_present) or '-'}",
+            f"cpu backend in use: {self.cpu_variant}; compiled for: "
+            + (" ".join(k for k, v in self.cpu_features_compiled.items() if v == "1") or "-"),
+            f"memory: {self.memory_total / gib:.1f} GiB total, {self.memory_available / gib:.1f} GiB available",
+            "backends: " + ", ".join(f"{b['name']} ({b['n_devices']} device{'s' if b['n_devices'] != 1 else ''})"
+                                     for b in self.backends),
+        ]
+        for d in self.devices:
+            lines.append(f"  device {d.index}: {d.name} [{d.backend}, {d.kind}] {d.description}, "
+                         f"{d.memory_free / gib:.1f}/{d.memory_total / gib:.1f} GiB free")
+        return "\n".join(lines)
+
+
+def system_info() -> SystemInfo:
+    """CPU features present / compiled / in use, cores, memory, backends and devices."""
+    from . import __version__
+
+    backends = _native.backends()
+    cpu = next((b for b in backends if b["name"].upper() == "CPU"), {"features": {}})
+    compiled = {k: v for k, v in cpu["features"].items()}
+    present = sorted({name for flag, name in _X86_FLAGS.items() if flag in _cpu_flags()})
+    variant = "portable (best variant loaded at run time)" if _native.PORTABLE else "native build"
+    cpus = allowed_cpus()
+    total, avail = _memory()
+    return SystemInfo(
+        lamina_version=__version__,
+        llama_cpp={"version": _native.LLAMA_CPP_VERSION, "commit": _native.LLAMA_CPP_COMMIT,
+                   "source": _native.LLAMA_CPP_SOURCE, "portable": _native.PORTABLE,
+                   "backend_dl": _native.BACKEND_DL, "package_dir": str(PACKAGE_DIR),
+                   "system_info": _native.system_info_string()},
+        backends=backends,
+        devices=devices(),
+        cpu_model=_cpu_model(),
+        cpu_features_present=present,
+        cpu_features_compiled=compiled,
+        cpu_variant=variant,
+        logical_cpus=os.cpu_count() or 1,
+        allowed_cpus=cpus,
+        physical_cores=physical_cores(cpus),
+        cgroup_cpu_limit=cgroup_cpu_limit(),
+        default_threads=default_threads(),
+        default_threads_batch=default_threads_batch(),
+        memory_total=total,
+        memory_available=avail,
+        supports=_native.supports(),
+    )

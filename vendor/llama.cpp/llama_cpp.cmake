@@ -1,0 +1,109 @@
+# Brings the pinned llama.cpp into the build (add_subdirectory) with lamina's settings.
+#
+# Source: LAMINA_LLAMA_CPP_DIR (CMake define or environment variable) names a llama.cpp tree
+# to build instead of the pin; otherwise fetch.py fetches the pinned package with pip,
+# checks its sha256 and unpacks it into the user cache.
+
+set(LAMINA_LLAMA_CPP_DIR "$ENV{LAMINA_LLAMA_CPP_DIR}" CACHE PATH
+    "llama.cpp source tree to build instead of the pinned one (default: fetch the pin)")
+
+file(READ "${CMAKE_CURRENT_LIST_DIR}/pin.json" _lamina_pin)
+string(JSON LAMINA_LLAMA_CPP_COMMIT GET "${_lamina_pin}" llama_cpp_commit)
+string(JSON LAMINA_LLAMA_CPP_VERSION GET "${_lamina_pin}" llama_cpp_version)
+
+if(LAMINA_LLAMA_CPP_DIR)
+  get_filename_component(LAMINA_LLAMA_CPP_DIR "${LAMINA_LLAMA_CPP_DIR}" ABSOLUTE)
+  if(NOT EXISTS "${LAMINA_LLAMA_CPP_DIR}/include/llama.h")
+    message(FATAL_ERROR "LAMINA_LLAMA_CPP_DIR=${LAMINA_LLAMA_CPP_DIR} is not a llama.cpp source tree "
+                        "(no include/llama.h). Unset it to build the pinned llama.cpp.")
+  endif()
+  set(LAMINA_LLAMA_CPP_SOURCE "user tree")
+  message(STATUS "lamina: building llama.cpp from ${LAMINA_LLAMA_CPP_DIR} (user tree, not the pin)")
+else()
+  # pip's isolated build puts its overlay on PYTHONPATH; fetch.py drops it to reach the user's pip.
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" "${CMAKE_CURRENT_LIST_DIR}/fetch.py"
+    OUTPUT_VARIABLE _lamina_src OUTPUT_STRIP_TRAILING_WHITESPACE
+    RESULT_VARIABLE _lamina_rc)
+  if(NOT _lamina_rc EQUAL 0)
+    message(FATAL_ERROR "lamina: could not fetch the pinned llama.cpp (see the message above). "
+                        "Alternatives: -DLAMINA_LLAMA_CPP_DIR=/path/to/llama.cpp, or "
+                        "LAMINA_LLAMA_CPP_ARCHIVE=/path/to/the/pinned/file.")
+  endif()
+  set(LAMINA_LLAMA_CPP_DIR "${_lamina_src}")
+  set(LAMINA_LLAMA_CPP_SOURCE "pin")
+  message(STATUS "lamina: llama.cpp ${LAMINA_LLAMA_CPP_VERSION} (${LAMINA_LLAMA_CPP_COMMIT}) at ${LAMINA_LLAMA_CPP_DIR}")
+endif()
+
+# --- llama.cpp options (a user's -D wins over every default set here) ---------------------
+macro(lamina_default var value)
+  if(NOT DEFINED ${var})
+    set(${var} ${value})
+  endif()
+endmacro()
+
+set(BUILD_SHARED_LIBS ON)          # one copy of ggml shared by _native and the tools
+lamina_default(LLAMA_BUILD_COMMON ON)   # common/fit.h, and the tools below
+lamina_default(LLAMA_BUILD_TOOLS ${LAMINA_BUILD_TOOLS})
+lamina_default(LLAMA_BUILD_TESTS OFF)
+lamina_default(LLAMA_BUILD_EXAMPLES OFF)
+lamina_default(LLAMA_BUILD_SERVER OFF)
+lamina_default(LLAMA_BUILD_APP OFF)
+lamina_default(LLAMA_BUILD_UI OFF)
+lamina_default(LLAMA_USE_PREBUILT_UI OFF)
+lamina_default(LLAMA_OPENSSL OFF)
+lamina_default(LLAMA_SUBPROCESS OFF)
+lamina_default(LLAMA_BUILD_IS_DEV OFF)
+lamina_default(LLAMA_BUILD_NUMBER 0)
+lamina_default(LLAMA_BUILD_COMMIT ${LAMINA_LLAMA_CPP_COMMIT})
+
+if(LAMINA_PORTABLE)
+  # Wheels: every CPU variant as a loadable backend, the best one picked at run time.
+  set(GGML_NATIVE OFF)
+  set(GGML_BACKEND_DL ON)
+  set(GGML_CPU_ALL_VARIANTS ON)
+else()
+  lamina_default(GGML_NATIVE ON)
+endif()
+
+if(GGML_CUDA)
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(NOT CMAKE_CUDA_COMPILER)
+    message(FATAL_ERROR "GGML_CUDA=ON but no CUDA compiler (nvcc) was found: install the CUDA "
+                        "toolkit and put nvcc on PATH (or set CUDACXX), or build without GGML_CUDA.")
+  endif()
+endif()
+if(GGML_VULKAN)
+  find_package(Vulkan QUIET COMPONENTS glslc)
+  if(NOT Vulkan_FOUND OR NOT Vulkan_GLSLC_EXECUTABLE)
+    message(FATAL_ERROR "GGML_VULKAN=ON but the Vulkan SDK (headers, loader, glslc) was not found: "
+                        "install libvulkan-dev and glslc (Debian/Ubuntu) or the LunarG SDK, "
+                        "or pass -DVulkan_INCLUDE_DIR=..., or build without GGML_VULKAN.")
+  endif()
+endif()
+if(GGML_METAL AND NOT APPLE)
+  message(FATAL_ERROR "GGML_METAL=ON needs macOS: build without GGML_METAL on this system.")
+endif()
+
+add_subdirectory("${LAMINA_LLAMA_CPP_DIR}" llama.cpp EXCLUDE_FROM_ALL)
+
+# Everything lamina ships from llama.cpp; one file per library (no versioned symlinks in wheels).
+set(LAMINA_LLAMA_LIBS llama ggml ggml-base ${GGML_AVAILABLE_BACKENDS})
+set(LAMINA_LLAMA_TOOLS)
+if(LAMINA_BUILD_TOOLS)
+  list(APPEND LAMINA_LLAMA_LIBS llama-common llama-bench-impl)
+  list(APPEND LAMINA_LLAMA_TOOLS llama-bench)
+  if(GGML_RPC)
+    list(APPEND LAMINA_LLAMA_TOOLS ggml-rpc-server)
+  endif()
+endif()
+foreach(t IN LISTS LAMINA_LLAMA_LIBS)
+  set_property(TARGET ${t} PROPERTY VERSION)       # unset: libX.so only, DT_NEEDED libX.so
+  set_property(TARGET ${t} PROPERTY SOVERSION)
+  set_property(TARGET ${t} PROPERTY PUBLIC_HEADER)  # headers stay out of the wheel
+  set_target_properties(${t} PROPERTIES INSTALL_RPATH "$ORIGIN")
+endforeach()
+foreach(t IN LISTS LAMINA_LLAMA_TOOLS)
+  set_target_properties(${t} PROPERTIES INSTALL_RPATH "$ORIGIN/..")
+endforeach()
