@@ -18,8 +18,33 @@ namespace {
 
 using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
+// Called by ggml between graph nodes on the decoding thread (which released the GIL). Besides
+// the caller's abort flag, it runs Python's signal handlers at most every 50 ms, so Ctrl-C stops
+// a long CPU decode within one node instead of after the whole batch.
 bool abort_requested(void * data) {
-    return static_cast<context_state *>(data)->abort.load(std::memory_order_relaxed);
+    auto * st = static_cast<context_state *>(data);
+    if (st->abort.load(std::memory_order_relaxed)) {
+        return true;
+    }
+    int64_t now = ggml_time_us();
+    if (now - st->last_signal_check_us < 50000) {
+        return false;
+    }
+    st->last_signal_check_us = now;
+    if (!Py_IsInitialized()) {
+        return false;
+    }
+    PyGILState_STATE g = PyGILState_Ensure();
+    bool raised = PyErr_CheckSignals() != 0;
+    if (raised) {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        st->signal_type = nb::steal(t);
+        st->signal_value = nb::steal(v);
+        st->signal_tb = nb::steal(tb);
+    }
+    PyGILState_Release(g);
+    return raised;
 }
 
 std::string decode_message(int rc, const context_state & st) {
@@ -54,11 +79,11 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
         llama_pos pmax = llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0);
         st.tokens.resize(std::min(st.tokens.size(), size_t(pmax + 1)));
         st.last_outputs = 0;
-        bool aborted = rc == 2;
         st.abort = false;
-        if (aborted && st.interrupted) {
-            st.interrupted = false;
-            check_signals();
+        if (st.signal_type.is_valid()) {  // a signal handler raised (KeyboardInterrupt): re-raise it
+            PyErr_Restore(st.signal_type.release().ptr(), st.signal_value.release().ptr(),
+                          st.signal_tb.release().ptr());
+            throw nb::python_error();
         }
         throw decode_error(rc, decode_message(rc, st));
     }
@@ -82,7 +107,7 @@ void decode_tokens(context_state & st, const llama_token * toks, size_t n) {
     }
 }
 
-void eval_prompt(context_state & st, const std::vector<llama_token> & prompt) {
+size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt) {
     if (prompt.empty()) {
         throw std::invalid_argument("the prompt has no tokens");
     }
@@ -101,7 +126,7 @@ void eval_prompt(context_state & st, const std::vector<llama_token> & prompt) {
         --common;  // re-evaluate the last token to get its logits
     }
     llama_memory_t mem = llama_get_memory(st.ctx.get());
-    if (common < st.tokens.size() || (common == 0 && !st.tokens.empty())) {
+    if (common < st.tokens.size()) {
         bool ok = llama_memory_seq_rm(mem, 0, llama_pos(common), -1);
         // a sliding-window cache may have dropped what the kept prefix still needs
         int32_t n_swa = llama_model_n_swa(st.model->model.get());
@@ -116,6 +141,7 @@ void eval_prompt(context_state & st, const std::vector<llama_token> & prompt) {
         st.tokens.resize(common);
     }
     decode_tokens(st, prompt.data() + common, prompt.size() - common);
+    return prompt.size() - common;
 }
 
 namespace {
@@ -338,9 +364,9 @@ void init_context(nb::module_ & m) {
 Args:
     tokens: int32 token ids, validated against the vocabulary and the free context.
     logits: 0 none, 1 the last token's, 2 every token's (needs len(tokens) <= n_batch).)")
-        .def_prop_ro("logits", &context_handle::logits, "View (outputs, n_vocab) of the latest logits, no copy.")
+        .def_prop_ro("logits", &context_handle::logits, nb::rv_policy::automatic, "View (outputs, n_vocab) of the latest logits, no copy.")
         .def("kv_clear", &context_handle::kv_clear, "Empty the KV cache.")
-        .def_prop_ro("tokens", &context_handle::tokens, "Tokens of sequence 0 held in the KV cache (a copy).")
+        .def_prop_ro("tokens", &context_handle::tokens, nb::rv_policy::automatic, "Tokens of sequence 0 held in the KV cache (a copy).")
         .def_prop_ro("n_past", [](const context_handle & c) { return c.st().tokens.size(); })
         .def("params", &context_handle::params, "Effective sizes and thread counts.")
         .def("set_threads", &context_handle::set_threads, nb::arg("n_threads"), nb::arg("n_threads_batch"))

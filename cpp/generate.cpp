@@ -90,9 +90,7 @@ public:
         if (!started_) {
             started_ = true;
             int64_t t0 = llama_time_us();
-            size_t before = st.tokens.size();
-            eval_prompt(st, prompt_);
-            n_prompt_eval_ = int64_t(st.tokens.size()) - int64_t(std::min(before, st.tokens.size()));
+            n_prompt_eval_ = int64_t(eval_prompt(st, prompt_));
             n_reused_ = int64_t(prompt_.size()) - n_prompt_eval_;
             t_prompt_us_ = llama_time_us() - t0;
             t_gen_start_ = llama_time_us();
@@ -211,7 +209,7 @@ Each next() returns the next piece of UTF-8-complete text (GIL released while de
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); })
         .def("__next__", &generator::next)
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
-        .def_prop_ro("tokens", &generator::tokens, "Generated token ids so far (a copy).");
+        .def_prop_ro("tokens", &generator::tokens, nb::rv_policy::automatic, "Generated token ids so far (a copy).");
 }
 
 }  // namespace lamina

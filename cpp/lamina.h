@@ -52,7 +52,9 @@ struct context_state {
     int32_t max_outputs = 0;       // the most outputs a decode has asked for so far
     int32_t last_outputs = 0;      // outputs of the latest decode (rows of ctx.logits)
     std::atomic<bool> abort{false};
-    bool interrupted = false;      // the abort flag was raised by a signal, not by the caller
+    // Ctrl-C during a decode: the abort callback polls Python's signal handlers (see context.cpp)
+    int64_t last_signal_check_us = 0;
+    nb::object signal_type, signal_value, signal_tb;  // the exception a handler raised, if any
     ~context_state();
 };
 
@@ -61,8 +63,8 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
 // Evaluate tokens for sequence 0 starting at st.tokens.size(); logits for the last token only.
 void decode_tokens(context_state & st, const llama_token * toks, size_t n);
 // Bring the KV cache of sequence 0 to `prompt`, reusing the longest common prefix; afterwards
-// the logits of the prompt's last token are available at index -1.
-void eval_prompt(context_state & st, const std::vector<llama_token> & prompt);
+// the logits of the prompt's last token are available at index -1. Returns the tokens evaluated.
+size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt);
 void check_tokens(const model_state & m, const llama_token * toks, size_t n);
 // The shared model state behind a lamina._native.Model (raises ClosedError).
 std::shared_ptr<model_state> model_shared(nb::handle model);
@@ -84,5 +86,6 @@ void init_model(nb::module_ & m);
 void init_context(nb::module_ & m);
 void init_sampler(nb::module_ & m);
 void init_generate(nb::module_ & m);
+void init_chat(nb::module_ & m);
 
 }  // namespace lamina

@@ -11,4 +11,5 @@ NB_MODULE(_native, m) {
     lamina::init_context(m);
     lamina::init_sampler(m);
     lamina::init_generate(m);
+    lamina::init_chat(m);
 }

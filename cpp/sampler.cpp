@@ -1,53 +1,136 @@
 // Sampler: a llama.cpp sampler chain built from plain settings.
-#include "lamina.h"
-
 #include "sampler.h"
 
-namespace lamina {
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 
-sampler_handle::sampler_handle(int32_t n_vocab, float temperature, int32_t top_k, float top_p, float min_p, float typical_p,
-                               float repeat_penalty, float frequency_penalty, float presence_penalty,
-                               int32_t penalty_last_n, uint32_t seed) {
-    if (n_vocab < 1) throw std::invalid_argument("n_vocab must be >= 1");
-    if (!(temperature >= 0.0f)) throw std::invalid_argument("temperature must be >= 0");
-    if (top_k < 0) throw std::invalid_argument("top_k must be >= 0 (0 disables it)");
-    if (!(top_p > 0.0f && top_p <= 1.0f)) throw std::invalid_argument("top_p must be in (0, 1]");
-    if (!(min_p >= 0.0f && min_p <= 1.0f)) throw std::invalid_argument("min_p must be in [0, 1]");
-    if (!(typical_p > 0.0f && typical_p <= 1.0f)) throw std::invalid_argument("typical_p must be in (0, 1]");
-    if (!(repeat_penalty > 0.0f)) throw std::invalid_argument("repeat_penalty must be > 0");
-    if (penalty_last_n < -1) throw std::invalid_argument("penalty_last_n must be >= -1");
+#include <cmath>
+
+namespace lamina {
+namespace {
+
+void require(bool ok, const std::string & msg) {
+    if (!ok) throw std::invalid_argument(msg);
+}
+
+void add(llama_sampler * chain, llama_sampler * s, const char * what) {
+    if (s == nullptr) {
+        std::string why = last_log_error();
+        throw std::invalid_argument(std::string("invalid ") + what + (why.empty() ? "" : ": " + why));
+    }
+    llama_sampler_chain_add(chain, s);
+}
+
+}  // namespace
+
+sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler_options & o) : model_(std::move(model)) {
+    const int32_t n_vocab = model_->n_vocab;
+    // llama.cpp's samplers take -1 as 0 (disabled); -1 means the whole context here, as in llama.cpp's CLI
+    const int32_t n_ctx = o.n_ctx > 0 ? o.n_ctx : llama_model_n_ctx_train(model_->model.get());
+    const int32_t penalty_last_n = o.penalty_last_n == -1 ? n_ctx : o.penalty_last_n;
+    const int32_t dry_last_n = o.dry_penalty_last_n == -1 ? n_ctx : o.dry_penalty_last_n;
+    require(std::isfinite(o.temperature) && o.temperature >= 0.0f, "temperature must be >= 0");
+    require(o.top_k >= 0, "top_k must be >= 0 (0 disables it)");
+    require(o.top_p > 0.0f && o.top_p <= 1.0f, "top_p must be in (0, 1]");
+    require(o.min_p >= 0.0f && o.min_p <= 1.0f, "min_p must be in [0, 1]");
+    require(o.typical_p > 0.0f && o.typical_p <= 1.0f, "typical_p must be in (0, 1]");
+    require(std::isfinite(o.repeat_penalty) && o.repeat_penalty > 0.0f, "repeat_penalty must be > 0");
+    require(std::isfinite(o.frequency_penalty) && std::isfinite(o.presence_penalty), "penalties must be finite");
+    require(o.penalty_last_n >= -1, "penalty_last_n must be >= -1 (-1: the whole context)");
+    require(std::isfinite(o.dry_multiplier) && o.dry_multiplier >= 0.0f, "dry_multiplier must be >= 0");
+    require(o.dry_base >= 1.0f, "dry_base must be >= 1");
+    require(o.dry_allowed_length >= 0 && o.dry_penalty_last_n >= -1, "dry lengths must be >= 0 (last_n >= -1)");
+    require(o.xtc_probability >= 0.0f && o.xtc_probability <= 1.0f, "xtc_probability must be in [0, 1]");
+    require(o.xtc_threshold >= 0.0f && o.xtc_threshold <= 1.0f, "xtc_threshold must be in [0, 1]");
+    for (const auto & [tok, bias] : o.logit_bias) {
+        if (tok < 0 || tok >= n_vocab) {
+            throw std::out_of_range("logit_bias token " + std::to_string(tok) + " is out of range [0, " +
+                                    std::to_string(n_vocab) + ")");
+        }
+        require(!std::isnan(bias), "logit_bias values must not be NaN");
+    }
 
     llama_sampler_chain_params cp = llama_sampler_chain_default_params();
     cp.no_perf = true;
     chain_.reset(llama_sampler_chain_init(cp));
     llama_sampler * c = chain_.get();
-    bool penalties = repeat_penalty != 1.0f || frequency_penalty != 0.0f || presence_penalty != 0.0f;
-    if (penalties && penalty_last_n != 0) {
-        llama_sampler_chain_add(c, llama_sampler_init_penalties(n_vocab, penalty_last_n, repeat_penalty, frequency_penalty,
-                                                                presence_penalty));
+    const llama_vocab * vocab = model_->vocab;
+
+    clear_last_log_error();
+    bool shaped = false;  // anything that can change the argmax of the raw logits
+    if (o.grammar) {
+        add(c, llama_sampler_init_grammar(vocab, o.grammar->c_str(), o.grammar_root.c_str()), "grammar");
+        shaped = true;
     }
-    if (temperature == 0.0f) {
-        greedy_ = !penalties;  // penalties change the argmax: then the chain must run
+    if (!o.logit_bias.empty()) {
+        std::vector<llama_logit_bias> lb;
+        for (const auto & [tok, bias] : o.logit_bias) lb.push_back({tok, bias});
+        add(c, llama_sampler_init_logit_bias(n_vocab, int32_t(lb.size()), lb.data()), "logit_bias");
+        shaped = true;
+    }
+    bool penalties = o.repeat_penalty != 1.0f || o.frequency_penalty != 0.0f || o.presence_penalty != 0.0f;
+    if (penalties && penalty_last_n != 0) {
+        add(c, llama_sampler_init_penalties(n_vocab, penalty_last_n, o.repeat_penalty, o.frequency_penalty,
+                                            o.presence_penalty), "penalties");
+        shaped = true;
+    }
+    if (o.dry_multiplier > 0.0f && dry_last_n != 0) {
+        std::vector<const char *> br;
+        for (const auto & s : o.dry_sequence_breakers) br.push_back(s.c_str());
+        add(c, llama_sampler_init_dry(vocab, o.dry_multiplier, o.dry_base, o.dry_allowed_length, dry_last_n,
+                                      br.data(), br.size()), "dry");
+        shaped = true;
+    }
+    if (o.temperature == 0.0f) {
+        greedy_ = !shaped;  // only then is the chain's answer the argmax of the raw logits
         llama_sampler_chain_add(c, llama_sampler_init_greedy());
         return;
     }
-    if (top_k > 0) llama_sampler_chain_add(c, llama_sampler_init_top_k(top_k));
-    if (typical_p < 1.0f) llama_sampler_chain_add(c, llama_sampler_init_typical(typical_p, 1));
-    if (top_p < 1.0f) llama_sampler_chain_add(c, llama_sampler_init_top_p(top_p, 1));
-    if (min_p > 0.0f) llama_sampler_chain_add(c, llama_sampler_init_min_p(min_p, 1));
-    llama_sampler_chain_add(c, llama_sampler_init_temp(temperature));
-    llama_sampler_chain_add(c, llama_sampler_init_dist(seed));
+    if (o.top_n_sigma > 0.0f) add(c, llama_sampler_init_top_n_sigma(o.top_n_sigma), "top_n_sigma");
+    if (o.top_k > 0) add(c, llama_sampler_init_top_k(o.top_k), "top_k");
+    if (o.typical_p < 1.0f) add(c, llama_sampler_init_typical(o.typical_p, 1), "typical_p");
+    if (o.top_p < 1.0f) add(c, llama_sampler_init_top_p(o.top_p, 1), "top_p");
+    if (o.min_p > 0.0f) add(c, llama_sampler_init_min_p(o.min_p, 1), "min_p");
+    if (o.xtc_probability > 0.0f) {
+        add(c, llama_sampler_init_xtc(o.xtc_probability, o.xtc_threshold, 1, o.seed), "xtc");
+    }
+    add(c, llama_sampler_init_temp(o.temperature), "temperature");
+    add(c, llama_sampler_init_dist(o.seed), "dist");
 }
 
 void init_sampler(nb::module_ & m) {
     nb::class_<sampler_handle>(m, "Sampler", "A llama.cpp sampler chain (owns llama_sampler).")
-        .def(nb::init<int32_t, float, int32_t, float, float, float, float, float, float, int32_t, uint32_t>(),
-             nb::arg("n_vocab"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f, nb::arg("min_p") = 0.0f,
-             nb::arg("typical_p") = 1.0f, nb::arg("repeat_penalty") = 1.0f, nb::arg("frequency_penalty") = 0.0f,
-             nb::arg("presence_penalty") = 0.0f, nb::arg("penalty_last_n") = 64, nb::arg("seed") = 0,
-             R"(Build the chain: penalties, top-k, typical, top-p, min-p, temperature, seeded draw.
-temperature 0 means greedy (argmax).)")
-        .def_prop_ro("greedy", &sampler_handle::greedy, "True when the chain is a plain argmax.")
+        .def("__init__", [](sampler_handle * self, nb::handle model, float temperature, int32_t top_k, float top_p,
+                            float min_p, float typical_p, float top_n_sigma, float repeat_penalty,
+                            float frequency_penalty, float presence_penalty, int32_t penalty_last_n,
+                            float dry_multiplier, float dry_base, int32_t dry_allowed_length,
+                            int32_t dry_penalty_last_n, std::vector<std::string> dry_sequence_breakers,
+                            float xtc_probability, float xtc_threshold, std::map<int32_t, float> logit_bias,
+                            std::optional<std::string> grammar, std::string grammar_root, uint32_t seed,
+                            int32_t n_ctx) {
+            sampler_options o;
+            o.temperature = temperature; o.top_k = top_k; o.top_p = top_p; o.min_p = min_p;
+            o.typical_p = typical_p; o.top_n_sigma = top_n_sigma; o.repeat_penalty = repeat_penalty;
+            o.frequency_penalty = frequency_penalty; o.presence_penalty = presence_penalty;
+            o.penalty_last_n = penalty_last_n; o.dry_multiplier = dry_multiplier; o.dry_base = dry_base;
+            o.dry_allowed_length = dry_allowed_length; o.dry_penalty_last_n = dry_penalty_last_n;
+            o.dry_sequence_breakers = std::move(dry_sequence_breakers); o.xtc_probability = xtc_probability;
+            o.xtc_threshold = xtc_threshold; o.logit_bias = std::move(logit_bias); o.grammar = std::move(grammar);
+            o.grammar_root = std::move(grammar_root); o.seed = seed; o.n_ctx = n_ctx;
+            new (self) sampler_handle(model_shared(model), o);
+        },
+        nb::arg("model"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f,
+        nb::arg("min_p") = 0.0f, nb::arg("typical_p") = 1.0f, nb::arg("top_n_sigma") = -1.0f,
+        nb::arg("repeat_penalty") = 1.0f, nb::arg("frequency_penalty") = 0.0f, nb::arg("presence_penalty") = 0.0f,
+        nb::arg("penalty_last_n") = 64, nb::arg("dry_multiplier") = 0.0f, nb::arg("dry_base") = 1.75f,
+        nb::arg("dry_allowed_length") = 2, nb::arg("dry_penalty_last_n") = -1,
+        nb::arg("dry_sequence_breakers") = std::vector<std::string>{"\n", ":", "\"", "*"},
+        nb::arg("xtc_probability") = 0.0f, nb::arg("xtc_threshold") = 0.1f,
+        nb::arg("logit_bias") = std::map<int32_t, float>{}, nb::arg("grammar").none() = nb::none(),
+        nb::arg("grammar_root") = "root", nb::arg("seed") = 0, nb::arg("n_ctx") = 0,
+        R"(Build the chain: grammar, logit bias, penalties, DRY, top-n-sigma, top-k, typical, top-p,
+min-p, XTC, temperature, seeded draw. temperature 0 ends the chain with greedy (argmax).)")
+        .def_prop_ro("greedy", &sampler_handle::greedy, "True when the chain is a plain argmax of the logits.")
         .def("describe", [](const sampler_handle & s) {
             std::vector<std::string> names;
             for (int32_t i = 0; i < llama_sampler_chain_n(s.chain()); ++i) {

@@ -3,16 +3,36 @@
 
 #include "lamina.h"
 
+#include <map>
+#include <optional>
+
 namespace lamina {
+
+struct sampler_options {
+    float temperature = 0.0f;
+    int32_t top_k = 0;
+    float top_p = 1.0f, min_p = 0.0f, typical_p = 1.0f, top_n_sigma = -1.0f;
+    float repeat_penalty = 1.0f, frequency_penalty = 0.0f, presence_penalty = 0.0f;
+    int32_t penalty_last_n = 64;
+    float dry_multiplier = 0.0f, dry_base = 1.75f;
+    int32_t dry_allowed_length = 2, dry_penalty_last_n = -1;
+    std::vector<std::string> dry_sequence_breakers;
+    float xtc_probability = 0.0f, xtc_threshold = 0.1f;
+    std::map<int32_t, float> logit_bias;
+    std::optional<std::string> grammar;
+    std::string grammar_root = "root";
+    uint32_t seed = 0;
+    int32_t n_ctx = 0;  // what last_n = -1 ("the whole context") means; 0: the model's training context
+};
 
 class sampler_handle {
 public:
-    sampler_handle(int32_t n_vocab, float temperature, int32_t top_k, float top_p, float min_p, float typical_p, float repeat_penalty,
-                   float frequency_penalty, float presence_penalty, int32_t penalty_last_n, uint32_t seed);
+    sampler_handle(std::shared_ptr<model_state> model, const sampler_options & o);
     bool greedy() const { return greedy_; }
     llama_sampler * chain() const { return chain_.get(); }
 
 private:
+    std::shared_ptr<model_state> model_;  // DRY and grammar samplers point into its vocabulary
     llama_sampler_ptr chain_;
     bool greedy_ = false;
 };

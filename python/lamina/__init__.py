@@ -13,11 +13,19 @@ from .model import Model, ModelInfo, Offload
 from .models import default_model_path
 from .sampling import Sampler
 from .system import Device, SystemInfo, default_threads, devices, system_info
+from . import _native as _n
+from . import bench
+
+
+def chat_templates() -> list[str]:
+    """Names of the chat templates llama.cpp has built in (usable as template=...)."""
+    return list(_n.chat_builtin_templates())
+
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Model", "ModelInfo", "Offload", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
-    "Device", "SystemInfo", "devices", "system_info", "default_threads", "default_model_path",
+    "Device", "SystemInfo", "devices", "system_info", "chat_templates", "default_threads", "default_model_path",
     "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "logger", "__version__",
 ]

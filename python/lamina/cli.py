@@ -50,6 +50,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = _load(args)
+    ctx = model.context(n_ctx=args.ctx_size, threads=Threads(n=args.threads))
+    sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    model.apply_chat_template(messages + [{"role": "user", "content": "hi"}], template=args.template)  # fail early
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        for piece in ctx.chat(messages, template=args.template, max_tokens=args.n_predict, sampler=sampler):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    model = Model(args.model, gpu=not args.no_gpu, n_gpu_layers=args.n_gpu_layers)
+    threads = [int(t) for t in str(args.threads).split(",")] if args.threads else [Threads().resolve()[0]]
+    results = bench.run(model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads, reps=args.reps,
+                        compare=args.compare, rounds=args.rounds)
+    if args.output == "json":
+        import json
+
+        print(json.dumps([r.as_dict() for r in results], indent=1))
+    else:
+        print(bench.markdown(model, results))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     model = _load(args)
     for k, v in vars(model.info).items():
@@ -82,6 +127,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--stop", action="append", help="stop string (repeatable)")
     run.add_argument("--echo", action="store_true", help="print the prompt first")
     run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="chat on stdin/stdout with the model's chat template")
+    _add_model_args(chat)
+    chat.add_argument("--template", default=None, help="template string or built-in name (default: the model's)")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("-n", "--n-predict", type=int, default=512)
+    chat.add_argument("-c", "--ctx-size", type=int, default=4096)
+    chat.add_argument("-t", "--threads", type=int, default=None)
+    chat.add_argument("--temp", type=float, default=0.0)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="pp/tg throughput (like llama-bench); --compare runs llama-bench too")
+    _add_model_args(bench)
+    bench.add_argument("-p", "--n-prompt", type=int, default=512)
+    bench.add_argument("-n", "--n-gen", type=int, default=128)
+    bench.add_argument("-r", "--reps", type=int, default=5)
+    bench.add_argument("-t", "--threads", default=None, help="comma list, e.g. 1,2,4 (a sweep)")
+    bench.add_argument("--rounds", type=int, default=1)
+    bench.add_argument("--compare", action="store_true", help="run llama-bench from the same source in the same run")
+    bench.add_argument("-o", "--output", choices=("md", "json"), default="md")
+    bench.set_defaults(func=cmd_bench)
 
     info = sub.add_parser("info", help="model facts and where its layers went")
     _add_model_args(info)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -111,8 +111,9 @@ class Generation:
         if held:
             yield held
 
-    def __iter__(self) -> "Generation":
-        return self
+    def __iter__(self) -> Iterator[str]:
+        # Without stop strings, iterate the native generator directly: no Python frame per token.
+        return self._native if not self._stops else self
 
     def __next__(self) -> str:
         return next(self._pieces)
@@ -253,7 +254,13 @@ class Context:
             raise TypeError("stop must be a string or a sequence of strings")
         tokens = self._prompt_tokens(prompt)
         sampler = sampler or Sampler()
-        return Generation(_native.Generator(self.native, tokens, sampler.native(self.model.info.n_vocab), max_tokens, ignore_eos), stops)
+        return Generation(_native.Generator(self.native, tokens, sampler.native(self.model, self.n_ctx), max_tokens, ignore_eos), stops)
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None, **kwargs: Any) -> Generation:
+        """Stream the assistant's reply to chat messages, rendered by llama.cpp's chat template
+        support (see Model.apply_chat_template); earlier turns are reused from the KV cache."""
+        prompt = self.model.apply_chat_template(messages, template=template, add_assistant=True)
+        return self.generate(prompt, **kwargs)
 
     def complete(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], **kwargs: Any) -> Completion:
         """Generate to the end and return text, tokens, finish reason and speeds."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -217,6 +217,24 @@ class Model:
 
     def is_eog(self, token: int) -> bool:
         return self.native.is_eog(int(token))
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None,
+                            add_assistant: bool = True) -> str:
+        """Render chat messages ({"role": ..., "content": ...}) with llama.cpp's template support.
+
+        template: a template string or a built-in name (lamina.chat_templates()); default: the
+        model's own (tokenizer.chat_template). Raises ValueError if there is none llama.cpp supports.
+        """
+        tmpl = template if template is not None else self.info.chat_template
+        if tmpl is None:
+            raise ValueError(f"{self.info.name or self.path.name} has no chat template in its metadata; pass "
+                             f"template= a template string or a built-in name from lamina.chat_templates()")
+        msgs = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise TypeError(f"message {i} must be a mapping with str 'role' and 'content', got {m!r}")
+            msgs.append((m["role"], m["content"]))
+        return _native.chat_apply_template(tmpl, msgs, add_assistant).decode("utf-8", errors="replace")
 
     @property
     def metadata(self) -> dict[str, str]:

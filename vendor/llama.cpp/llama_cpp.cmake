@@ -97,6 +97,16 @@ if(LAMINA_BUILD_TOOLS)
   if(GGML_RPC)
     list(APPEND LAMINA_LLAMA_TOOLS ggml-rpc-server)
   endif()
+  # more llama.cpp programs from the same source, e.g. -DLAMINA_EXTRA_TOOLS="llama-quantize;llama-completion"
+  foreach(tool IN LISTS LAMINA_EXTRA_TOOLS)
+    if(NOT TARGET ${tool})
+      message(FATAL_ERROR "LAMINA_EXTRA_TOOLS: llama.cpp has no target '${tool}'")
+    endif()
+    list(APPEND LAMINA_LLAMA_TOOLS ${tool})
+    if(TARGET ${tool}-impl)  # tools keep their logic in a library of their own
+      list(APPEND LAMINA_LLAMA_LIBS ${tool}-impl)
+    endif()
+  endforeach()
 endif()
 foreach(t IN LISTS LAMINA_LLAMA_LIBS)
   set_property(TARGET ${t} PROPERTY VERSION)       # unset: libX.so only, DT_NEEDED libX.so

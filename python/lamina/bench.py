@@ -1,0 +1,132 @@
+"""`lamina bench`: pp/tg throughput through lamina's own API, like llama-bench, and side by side
+with llama-bench built from the same pinned source (--compare).
+
+tg<N>: llama-bench decodes BOS plus N-1 random tokens, one per decode. lamina streams
+       ctx.generate([BOS], max_tokens=N, ignore_eos=True): the same N decodes plus real greedy
+       sampling and UTF-8 detokenization, timed by the Python wall clock around the iteration.
+pp<P>: P random tokens (BOS first) in one decode, from an empty cache, both sides.
+With --compare, rounds alternate llama-bench and lamina so drift hits both; medians of all
+repetitions. Results are never pass/fail.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .context import Threads
+from .model import Model
+from .system import system_info
+
+
+@dataclass
+class Result:
+    test: str
+    threads: int
+    lamina: list[float] = field(default_factory=list)
+    llama_bench: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def _stats(xs: list[float]) -> tuple[float, float, float]:
+        if not xs:
+            return 0.0, 0.0, 0.0
+        return statistics.median(xs), statistics.fmean(xs), statistics.pstdev(xs)
+
+    def as_dict(self) -> dict[str, object]:
+        med, mean, sd = self._stats(self.lamina)
+        d: dict[str, object] = {"test": self.test, "threads": self.threads, "lamina_median_ts": med,
+                                "lamina_mean_ts": mean, "lamina_sd_ts": sd, "lamina_samples_ts": self.lamina}
+        if self.llama_bench:
+            bmed, bmean, bsd = self._stats(self.llama_bench)
+            d.update({"llama_bench_median_ts": bmed, "llama_bench_mean_ts": bmean, "llama_bench_sd_ts": bsd,
+                      "llama_bench_samples_ts": self.llama_bench, "ratio": med / bmed,
+                      "overhead_us_per_token": (1 / med - 1 / bmed) * 1e6})
+        return d
+
+
+def llama_bench_path() -> Path | None:
+    p = Path(system_info().llama_cpp["package_dir"]) / "bin" / "llama-bench"
+    return p if p.exists() else None
+
+
+def lamina_tg(model: Model, n_gen: int, threads: int, reps: int) -> list[float]:
+    bos = model.info.bos if model.info.add_bos else 0
+    out = []
+    with model.context(n_ctx=n_gen, threads=Threads(n=threads, batch=threads)) as ctx:
+        for r in range(reps + 1):  # the first run warms up, as llama-bench does
+            ctx.kv_clear()
+            t0 = time.perf_counter()
+            gen = ctx.generate([bos], max_tokens=n_gen, ignore_eos=True)
+            for _ in gen:
+                pass
+            dt = time.perf_counter() - t0
+            if r:
+                out.append(len(gen.tokens) / dt)
+    return out
+
+
+def lamina_pp(model: Model, n_prompt: int, threads: int, reps: int) -> list[float]:
+    rng = np.random.default_rng(0)
+    out = []
+    with model.context(n_ctx=n_prompt, n_batch=max(n_prompt, 2048), threads=Threads(n=threads, batch=threads)) as ctx:
+        for r in range(reps + 1):
+            toks = rng.integers(0, model.info.n_vocab, n_prompt, dtype=np.int32)
+            if model.info.add_bos:
+                toks[0] = model.info.bos
+            ctx.kv_clear()
+            t0 = time.perf_counter()
+            ctx.decode(toks)
+            dt = time.perf_counter() - t0
+            if r:
+                out.append(n_prompt / dt)
+    return out
+
+
+def run_llama_bench(bench: Path, model_path: Path, test: str, n: int, threads: int, reps: int,
+                    extra: list[str]) -> list[float]:
+    args = ["-p", "0", "-n", str(n)] if test == "tg" else ["-p", str(n), "-n", "0"]
+    cmd = [str(bench), "-m", str(model_path), "-t", str(threads), "-r", str(reps), "-o", "json", *args, *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({res.returncode}): {res.stderr.strip()[-500:]}")
+    return [float(x) for t in json.loads(res.stdout) for x in t["samples_ts"]]
+
+
+def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[int], reps: int = 5,
+        compare: bool = False, rounds: int = 1, bench: Path | None = None, bench_args: list[str] | None = None,
+        ) -> list[Result]:
+    tests = [t for t in (("pp", n_prompt), ("tg", n_gen)) if t[1] > 0]
+    results = {(t, n, th): Result(f"{t}{n}", th) for t, n in tests for th in threads}
+    if compare and bench is None:
+        bench = llama_bench_path()
+        if bench is None:
+            raise FileNotFoundError("llama-bench is not shipped in this build (LAMINA_BUILD_TOOLS=OFF): pass its path")
+    for _ in range(rounds):
+        for (t, n, th), res in results.items():
+            if compare and bench is not None:
+                res.llama_bench += run_llama_bench(bench, model.path, t, n, th, reps, bench_args or [])
+            res.lamina += (lamina_pp if t == "pp" else lamina_tg)(model, n, th, reps)
+    return list(results.values())
+
+
+def markdown(model: Model, results: list[Result]) -> str:
+    compare = any(r.llama_bench for r in results)
+    head = "| model | test | threads | lamina t/s |" + (" llama-bench t/s | ratio | overhead/token |" if compare else "")
+    sep = "|---|---|---|---|" + ("---|---|---|" if compare else "")
+    lines = [head, sep]
+    for r in results:
+        d = r.as_dict()
+        row = f"| {model.info.desc} | {r.test} | {r.threads} | {d['lamina_median_ts']:.2f} ± {d['lamina_sd_ts']:.2f} |"
+        if compare:
+            row += (f" {d['llama_bench_median_ts']:.2f} ± {d['llama_bench_sd_ts']:.2f} | {d['ratio']:.3f} |"
+                    f" {d['overhead_us_per_token']:+.1f} µs |")
+        lines.append(row)
+    lines.append("")
+    lines.append(f"medians of {len(results[0].lamina) if results else 0} runs; device: "
+                 + (", ".join(model.offload.devices) if model.offload.gpu else "CPU"))
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""Generation: greedy determinism, exact greedy fast path, seeded sampling, prefix reuse,
+UTF-8-safe streaming, stop strings, and readable English from the real model."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import lamina
+from lamina import _native
+
+
+def greedy_tokens(model: lamina.Model, prompt: str, n: int, **ctx_kw: int) -> list[int]:
+    with model.context(**ctx_kw) as ctx:
+        gen = ctx.generate(prompt, max_tokens=n, ignore_eos=True)
+        for _ in gen:
+            pass
+        return list(gen.tokens)
+
+
+def test_greedy_is_deterministic_across_contexts(tiny_model: lamina.Model) -> None:
+    a = greedy_tokens(tiny_model, "the sky is", 40, n_ctx=256)
+    b = greedy_tokens(tiny_model, "the sky is", 40, n_ctx=256)
+    assert len(a) == 40 and a == b
+
+
+def test_argmax_fast_path_equals_llama_greedy_chain(tiny_model: lamina.Model) -> None:
+    """The native argmax picks exactly what llama.cpp's greedy sampler picks."""
+    ctx = tiny_model.context(n_ctx=256)
+    greedy = _native.Sampler(tiny_model.native)
+    assert greedy.greedy and greedy.describe() == ["greedy"]
+    ctx.decode(tiny_model.tokenize("the capital of France"))
+    for _ in range(30):
+        fast = greedy.sample(ctx.native, use_chain=False)
+        chain = greedy.sample(ctx.native, use_chain=True)
+        assert fast == chain == int(np.argmax(ctx.logits[0]))
+        ctx.decode([fast])
+
+
+def test_argmax_ties_and_edges() -> None:
+    x = np.zeros(1000, dtype=np.float32)
+    x[[17, 900]] = 3.0
+    assert _native.argmax(x) == 17  # first of equal maxima, as llama.cpp's greedy
+    for n in (1, 3, 15, 16, 17, 33):
+        y = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+        assert _native.argmax(y) == int(np.argmax(y))
+
+
+def test_seeded_sampling_is_reproducible(tiny_model: lamina.Model) -> None:
+    def run(seed: int) -> list[int]:
+        with tiny_model.context(n_ctx=256) as ctx:
+            gen = ctx.generate("the sky is", max_tokens=30, ignore_eos=True,
+                               sampler=lamina.Sampler(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=seed))
+            list(gen)
+            return list(gen.tokens)
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_sampler_chain_order(tiny_model: lamina.Model) -> None:
+    s = lamina.Sampler(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, repeat_penalty=1.1, seed=3).native(tiny_model)
+    assert s.describe() == ["penalties", "top-k", "top-p", "min-p", "temp", "dist"]
+    assert not s.greedy
+    full = lamina.Sampler(temperature=0.7, logit_bias={5: -1.0}, dry_multiplier=0.8, xtc_probability=0.5,
+                          top_n_sigma=1.0, typical_p=0.9, grammar='root ::= "a"').native(tiny_model)
+    assert full.describe() == ["grammar", "logit-bias", "dry", "top-n-sigma", "top-k", "typical", "top-p",
+                               "min-p", "xtc", "temp", "dist"]
+    assert lamina.Sampler().native(tiny_model).greedy
+    # llama.cpp turns last_n=-1 into "disabled"; lamina makes it the whole context
+    assert "dry" in lamina.Sampler(dry_multiplier=0.8, dry_penalty_last_n=-1).native(tiny_model, 256).describe()
+    assert "penalties" in lamina.Sampler(repeat_penalty=1.1, penalty_last_n=-1).native(tiny_model).describe()
+    for shaped in (lamina.Sampler(repeat_penalty=1.2), lamina.Sampler(logit_bias={3: 2.0}),
+                   lamina.Sampler(grammar='root ::= "a"')):
+        assert not shaped.native(tiny_model).greedy  # these change the argmax: the chain must run
+
+
+def test_prefix_reuse_gives_the_same_tokens_as_a_fresh_context(tiny_model: lamina.Model) -> None:
+    prompt = "the capital of France is Paris and the sky is"
+    fresh = greedy_tokens(tiny_model, prompt, 20, n_ctx=256)
+    ctx = tiny_model.context(n_ctx=256)
+    list(ctx.generate("the capital of France is", max_tokens=10))
+    gen = ctx.generate(prompt, max_tokens=20, ignore_eos=True)
+    list(gen)
+    assert gen.stats["n_reused"] > 0
+    assert gen.stats["n_prompt_eval"] < gen.stats["n_prompt"]
+    assert list(gen.tokens) == fresh
+    # same prompt again: everything but the last prompt token is reused
+    gen = ctx.generate(prompt, max_tokens=20, ignore_eos=True)
+    list(gen)
+    assert gen.stats["n_prompt_eval"] == 1 and list(gen.tokens) == fresh
+
+
+def test_pieces_are_whole_utf8_and_join_to_the_detokenized_text(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=512)
+    # high temperature over a vocab full of byte tokens: many multi-byte sequences split across tokens
+    gen = ctx.generate("é 🙂", max_tokens=200, ignore_eos=True,
+                       sampler=lamina.Sampler(temperature=3.0, top_k=0, top_p=1.0, min_p=0.0, seed=7))
+    pieces = list(gen)
+    assert all(isinstance(p, str) and p for p in pieces)
+    text = "".join(pieces)
+    assert text == tiny_model.detokenize(gen.tokens)
+
+
+def test_max_tokens_and_finish_reasons(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=256)
+    gen = ctx.generate("the sky", max_tokens=5, ignore_eos=True)
+    assert gen.finish_reason is None
+    list(gen)
+    assert gen.finish_reason == "length" and len(gen.tokens) == 5
+    gen = ctx.generate("the sky", max_tokens=0)
+    assert list(gen) == [] and gen.finish_reason == "length"
+
+
+def test_context_full_stops_with_length(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=64)
+    n_ctx = ctx.n_ctx
+    prompt = [1] + [300] * (n_ctx - 10)
+    gen = ctx.generate(prompt, max_tokens=1000, ignore_eos=True)
+    list(gen)
+    assert gen.finish_reason == "length"
+    assert len(prompt) + len(gen.tokens) == n_ctx + 1  # the last sampled token needs no slot
+
+
+def test_stop_strings_end_the_stream_and_are_cut(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=256)
+    full = "".join(ctx.generate("the sky is", max_tokens=40, ignore_eos=True))
+    stop = full[10:13]
+    cut = "".join(ctx.generate("the sky is", max_tokens=40, ignore_eos=True, stop=[stop, "\x00never"]))
+    assert cut == full[: full.index(stop)]
+    gen = ctx.generate("the sky is", max_tokens=40, ignore_eos=True, stop=stop)
+    list(gen)
+    assert gen.finish_reason == "stop"
+
+
+def test_complete_returns_text_tokens_and_speeds(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=256)
+    res = ctx.complete("the sky is", max_tokens=16, ignore_eos=True)
+    assert res.finish_reason == "length" and len(res.tokens) == 16
+    assert res.text == tiny_model.detokenize(res.tokens)
+    assert res.tokens_per_s > 0 and res.prompt_tokens_per_s > 0
+
+
+@pytest.mark.model
+def test_real_model_greedy_is_readable_english_and_deterministic(real_model: lamina.Model) -> None:
+    ctx = real_model.context(n_ctx=1024)
+    first = ctx.complete("The three primary colors are", max_tokens=24)
+    ctx.kv_clear()
+    second = ctx.complete("The three primary colors are", max_tokens=24)
+    assert first.text == second.text and list(first.tokens) == list(second.tokens)
+    sentence = first.text.split(".")[0].lower()
+    assert all(c in sentence for c in ("red", "blue", "yellow")), first.text
+    words = re.findall(r"[a-z]+", first.text.lower())
+    assert len(words) >= 10
+
+
+@pytest.mark.model
+def test_real_model_greedy_fast_path_equals_chain(real_model: lamina.Model) -> None:
+    ctx = real_model.context(n_ctx=512)
+    greedy = _native.Sampler(real_model.native)
+    ctx.decode(real_model.tokenize("Once upon a time"))
+    for _ in range(16):
+        fast = greedy.sample(ctx.native, use_chain=False)
+        assert fast == greedy.sample(ctx.native, use_chain=True)
+        ctx.decode([fast])

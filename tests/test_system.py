@@ -1,0 +1,74 @@
+"""system_info / devices: what was built, what is loaded, what the machine has."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lamina
+from lamina import system
+
+
+def test_system_info_lists_backends_and_cpu_features() -> None:
+    info = lamina.system_info()
+    names = [b["name"] for b in info.backends]
+    assert "CPU" in names
+    assert info.llama_cpp["version"] and info.llama_cpp["commit"]
+    if info.llama_cpp["source"] == "pin":
+        assert info.llama_cpp["commit"] == "0c1e570"
+    assert info.cpu_features_compiled, "the CPU backend reports the ISA it was compiled for"
+    text = str(info)
+    assert "backends:" in text and "cpu features present" in text
+
+
+def test_devices_include_the_cpu() -> None:
+    devs = lamina.devices()
+    cpu = [d for d in devs if d.kind == "cpu"]
+    assert cpu and cpu[0].memory_total > 0
+
+
+def test_default_threads_are_physical_cores_in_affinity() -> None:
+    cpus = system.allowed_cpus()
+    assert cpus == sorted(os.sched_getaffinity(0))
+    assert 1 <= lamina.default_threads() <= len(cpus)
+    assert system.physical_cores(cpus) <= len(cpus)
+    # one allowed CPU means one thread, whatever the machine has
+    code = "import os, lamina; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); print(lamina.default_threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+
+
+def test_cpu_list_parsing() -> None:
+    assert system._parse_cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+
+
+def test_import_prints_nothing_and_cli_doctor_runs() -> None:
+    out = subprocess.run([sys.executable, "-c", "import lamina"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+    out = subprocess.run([sys.executable, "-m", "lamina", "doctor"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "backends:" in out.stdout
+
+
+def test_tools_from_the_same_source_ship_with_the_package() -> None:
+    bench = Path(lamina.system_info().llama_cpp["package_dir"]) / "bin" / "llama-bench"
+    if not bench.exists():  # built with -DLAMINA_BUILD_TOOLS=OFF, or a development tree
+        import pytest
+        pytest.skip("llama-bench not shipped in this build")
+    out = subprocess.run([str(bench), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage" in out.stdout.lower()
+
+
+def test_installed_package_is_self_contained() -> None:
+    """The module finds llama.cpp's libraries next to itself ($ORIGIN), without LD_LIBRARY_PATH."""
+    from lamina import _native
+
+    pkg = Path(_native.__file__).resolve().parent
+    libs = {p.name for p in pkg.glob("*.so")}
+    assert {"libllama.so", "libggml.so", "libggml-base.so"} <= libs, libs
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    out = subprocess.run([sys.executable, "-c", "import lamina; print(len(lamina.devices()))"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,123 @@
+"""Tiny random-weight GGUF models for fast tests and overhead benchmarks.
+
+The vocabulary is a working SentencePiece-style ("llama") one: <unk>/<s>/</s>, all 256 byte
+fallback tokens, printable ASCII characters and a few hundred English words, so llama.cpp's
+real tokenizer and detokenizer run on it. Weights are random (seeded), so text is gibberish but
+every code path of a llama model runs.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import numpy as np
+
+WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were are which this be or "
+    "has had one first new after who their also its two have but been other when there all during into "
+    "time more most only over city such may some these would can world year then than about school "
+    "many between up under three state through where people known both so while being well including "
+    "him team since began history later used part called until each national she because during made "
+    "same before great water light sky blue red green color colors primary three France Paris capital "
+    "country language model token test hello world small large number"
+).split()
+
+
+def vocab() -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and token types (1 normal, 2 unknown, 3 control, 6 byte)."""
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [2, 3, 3]
+    for b in range(256):
+        tokens.append(f"<0x{b:02X}>")
+        types.append(6)
+    pieces = ["▁"] + [c for c in string.ascii_letters + string.digits + string.punctuation]
+    seen = set(pieces)
+    for w in WORDS:  # every prefix too, so SentencePiece merges can reach whole words
+        for p in [w[:k] for k in range(2, len(w) + 1)] + ["▁" + w[:k] for k in range(1, len(w) + 1)]:
+            if p not in seen:
+                seen.add(p)
+                pieces.append(p)
+    tokens += pieces
+    types += [1] * len(pieces)
+    # longer pieces win in SPM merges: score by length
+    scores = [0.0] * (3 + 256) + [-100.0 + len(p) for p in pieces]
+    return tokens, scores, types
+
+
+def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2,
+                     n_ff: int = 128, n_ctx: int = 512, n_vocab: int | None = None, f16: bool = False,
+                     seed: int = 0, truncate_to: int | None = None) -> Path:
+    """Write a llama-architecture GGUF with random weights (f32, or f16 for big shapes).
+
+    n_vocab pads the vocabulary with unused tokens to that size (e.g. 128256 for Llama 3 shapes).
+    """
+    import gguf
+
+    tokens, scores, types = vocab()
+    if n_vocab is not None and n_vocab > len(tokens):
+        pad = n_vocab - len(tokens)
+        tokens += [f"<unused{i}>" for i in range(pad)]
+        scores += [-1000.0] * pad
+        types += [5] * pad  # unused
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+    dtype = np.float16 if f16 else np.float32
+
+    def w(*shape: int, scale: float = 0.08) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("lamina-tiny")
+    writer.add_context_length(n_ctx)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+    head_dim = n_embd // n_head
+    writer.add_tensor("token_embd.weight", w(n_vocab, n_embd, scale=0.5))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", w(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", w(n_head_kv * head_dim, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", w(n_head_kv * head_dim, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", w(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", w(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, n_ff))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    writer.add_tensor("output.weight", w(n_vocab, n_embd, scale=1.0))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if truncate_to is not None:
+        with open(path, "r+b") as f:
+            f.truncate(truncate_to)
+    return path
+
+
+# Llama-3.2-1B shape (1.24B parameters with a 128k vocabulary), for GPU benchmarks.
+LLAMA_1B = dict(n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_ctx=8192, n_vocab=128256, f16=True)
+
+if __name__ == "__main__":
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf")
+    write_tiny_llama(out, **(LLAMA_1B if len(sys.argv) > 2 and sys.argv[2] == "llama-1b" else {}))
+    print(out)
