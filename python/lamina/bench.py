@@ -19,9 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .context import Threads
+from .context import KV, Threads
 from .model import Model
 from .system import system_info
+
+
+# llama-bench's context settings (its to_llama_cparams): f16 K/V, sliding-window caches at window size.
+BENCH_KV = KV(type_k="f16", type_v="f16", swa_full=False)
 
 
 @dataclass
@@ -57,7 +61,7 @@ def llama_bench_path() -> Path | None:
 def lamina_tg(model: Model, n_gen: int, threads: int, reps: int) -> list[float]:
     bos = model.info.bos if model.info.add_bos else 0
     out = []
-    with model.context(n_ctx=n_gen, threads=Threads(n=threads, batch=threads)) as ctx:
+    with model.context(n_ctx=n_gen, threads=Threads(n=threads, batch=threads), kv=BENCH_KV) as ctx:
         for r in range(reps + 1):  # the first run warms up, as llama-bench does
             ctx.kv_clear()
             t0 = time.perf_counter()
@@ -73,7 +77,8 @@ def lamina_tg(model: Model, n_gen: int, threads: int, reps: int) -> list[float]:
 def lamina_pp(model: Model, n_prompt: int, threads: int, reps: int) -> list[float]:
     rng = np.random.default_rng(0)
     out = []
-    with model.context(n_ctx=n_prompt, n_batch=max(n_prompt, 2048), threads=Threads(n=threads, batch=threads)) as ctx:
+    with model.context(n_ctx=n_prompt, n_batch=max(n_prompt, 2048), threads=Threads(n=threads, batch=threads),
+                       kv=BENCH_KV) as ctx:
         for r in range(reps + 1):
             toks = rng.integers(0, model.info.n_vocab, n_prompt, dtype=np.int32)
             if model.info.add_bos:
