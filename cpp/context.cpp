@@ -62,6 +62,19 @@ std::string decode_message(int rc, const context_state & st) {
 
 }  // namespace
 
+void decode_failed(context_state & st, int rc) {
+    // processed ubatches may stay in the cache: resync our token list with it
+    llama_pos pmax = llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0);
+    st.tokens.resize(std::min(st.tokens.size(), size_t(pmax + 1)));
+    st.last_outputs = 0;
+    st.abort = false;
+    if (st.signal_type.is_valid()) {  // a signal handler raised (KeyboardInterrupt): re-raise it
+        PyErr_Restore(st.signal_type.release().ptr(), st.signal_value.release().ptr(), st.signal_tb.release().ptr());
+        throw nb::python_error();
+    }
+    throw decode_error(rc, decode_message(rc, st));
+}
+
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs) {
     if (st.live_views.load() > 0 && n_outputs > st.max_outputs) {
         // llama.cpp would grow (reallocate) its output buffer under the live numpy views.
@@ -75,17 +88,7 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
         rc = llama_decode(st.ctx.get(), batch);
     }
     if (rc != 0) {
-        // processed ubatches may stay in the cache: resync our token list with it
-        llama_pos pmax = llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0);
-        st.tokens.resize(std::min(st.tokens.size(), size_t(pmax + 1)));
-        st.last_outputs = 0;
-        st.abort = false;
-        if (st.signal_type.is_valid()) {  // a signal handler raised (KeyboardInterrupt): re-raise it
-            PyErr_Restore(st.signal_type.release().ptr(), st.signal_value.release().ptr(),
-                          st.signal_tb.release().ptr());
-            throw nb::python_error();
-        }
-        throw decode_error(rc, decode_message(rc, st));
+        decode_failed(st, rc);
     }
     st.max_outputs = std::max(st.max_outputs, n_outputs);
     st.last_outputs = n_outputs;

@@ -4,38 +4,50 @@
 
 #include "sampler.h"
 
+#include <algorithm>
+#include <limits>
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
 namespace lamina {
 
+// One pass: the max of each 64-float block (SIMD), and a rescan of a block only when it beats
+// the best so far, which random-order logits do O(log n) times.
 int32_t argmax(const float * x, int32_t n) {
-    if (n <= 0) return -1;
-    float best = x[0];
+    constexpr int32_t B = 64;
+    float best = -std::numeric_limits<float>::infinity();
+    int32_t best_i = 0;
     int32_t i = 0;
+    for (; i + B <= n; i += B) {
 #if defined(__SSE2__)
-    if (n >= 16) {
-        __m128 m0 = _mm_loadu_ps(x), m1 = m0, m2 = m0, m3 = m0;
-        for (; i + 16 <= n; i += 16) {
-            m0 = _mm_max_ps(m0, _mm_loadu_ps(x + i));
-            m1 = _mm_max_ps(m1, _mm_loadu_ps(x + i + 4));
-            m2 = _mm_max_ps(m2, _mm_loadu_ps(x + i + 8));
-            m3 = _mm_max_ps(m3, _mm_loadu_ps(x + i + 12));
+        __m128 m0 = _mm_loadu_ps(x + i), m1 = _mm_loadu_ps(x + i + 4);
+        __m128 m2 = _mm_loadu_ps(x + i + 8), m3 = _mm_loadu_ps(x + i + 12);
+        for (int32_t j = 16; j < B; j += 16) {
+            m0 = _mm_max_ps(m0, _mm_loadu_ps(x + i + j));
+            m1 = _mm_max_ps(m1, _mm_loadu_ps(x + i + j + 4));
+            m2 = _mm_max_ps(m2, _mm_loadu_ps(x + i + j + 8));
+            m3 = _mm_max_ps(m3, _mm_loadu_ps(x + i + j + 12));
         }
         float lanes[4];
         _mm_storeu_ps(lanes, _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3)));
-        for (float v : lanes) best = v > best ? v : best;
-    }
+        float m = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+#else
+        float m = x[i];
+        for (int32_t j = 1; j < B; ++j) m = x[i + j] > m ? x[i + j] : m;
 #endif
-    for (; i < n; ++i) best = x[i] > best ? x[i] : best;
-    for (int32_t j = 0; j < n; ++j) {
-        if (x[j] == best) return j;  // first occurrence, as llama.cpp's greedy sampler
+        if (m > best) {  // first index of the new maximum inside this block
+            best = m;
+            for (int32_t j = 0; j < B; ++j) {
+                if (x[i + j] == m) { best_i = i + j; break; }
+            }
+        }
     }
-    // only NaNs: fall back to the strict scan llama.cpp does
-    int32_t sel = 0;
-    for (int32_t j = 1; j < n; ++j) if (x[j] > x[sel]) sel = j;
-    return sel;
+    for (; i < n; ++i) {
+        if (x[i] > best) { best = x[i]; best_i = i; }
+    }
+    return best_i;  // NaN and -inf only: 0, as llama.cpp's greedy sampler
 }
 
 llama_token sample_token(context_state & st, sampler_handle & s, bool use_chain) {
@@ -111,11 +123,12 @@ public:
                         break;
                     }
                     llama_token t = last_;
-                    llama_batch b = llama_batch_get_one(&t, 1);
-                    {
-                        nb::gil_scoped_acquire gil;  // decode_batch may raise
-                        decode_batch(st, b, 1);
+                    int rc = llama_decode(st.ctx.get(), llama_batch_get_one(&t, 1));
+                    if (rc != 0) {
+                        nb::gil_scoped_acquire gil;
+                        decode_failed(st, rc);  // raises (KeyboardInterrupt from a signal handler, or DecodeError)
                     }
+                    st.last_outputs = 1;
                     st.tokens.push_back(t);
                     pending_ = false;
                 }

@@ -58,6 +58,8 @@ struct context_state {
     ~context_state();
 };
 
+// Turn a failed llama_decode into an exception (GIL held); resyncs the token list first.
+[[noreturn]] void decode_failed(context_state & st, int rc);
 // Decode a batch with the GIL released; converts llama.cpp's status codes into exceptions.
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs);
 // Evaluate tokens for sequence 0 starting at st.tokens.size(); logits for the last token only.
