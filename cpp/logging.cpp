@@ -42,9 +42,12 @@ void log_callback(ggml_log_level level, const char * text, void *) {
     if (!g_enabled.load() || g_sink == nullptr) {
         return;
     }
-    PyObject * res = PyObject_CallFunction(g_sink, "is#", lvl, line.data(), (Py_ssize_t) line.size());
+    // no "s#" format: nanobind does not define PY_SSIZE_T_CLEAN, and without it the call fails
+    PyObject * text_obj = PyUnicode_DecodeUTF8(line.data(), Py_ssize_t(line.size()), "replace");
+    PyObject * res = text_obj ? PyObject_CallFunction(g_sink, "iO", lvl, text_obj) : nullptr;
+    Py_XDECREF(text_obj);
     if (res == nullptr) {
-        PyErr_Clear();  // a failing log handler must not break a decode
+        PyErr_WriteUnraisable(g_sink);  // report a failing handler, but never break a load or decode
     } else {
         Py_DECREF(res);
     }

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,23 @@ def test_installed_package_is_self_contained() -> None:
     out = subprocess.run([sys.executable, "-c", "import lamina; print(len(lamina.devices()))"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
+
+
+def test_llama_cpp_log_reaches_the_lamina_logger(tiny_path: Path, caplog: "pytest.LogCaptureFixture") -> None:
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="lamina"):
+        lamina.Model(tiny_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lamina"]
+    assert any("llama_model_loader" in l or "load_tensors" in l for l in lines), lines[:5]
+
+
+def test_failed_load_explains_why(tiny_path: Path, tmp_path: Path) -> None:
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(tiny_path.read_bytes()[: tiny_path.stat().st_size // 2])
+    try:
+        lamina.Model(p)
+    except lamina.LoadError as exc:
+        assert "failed to load model" in str(exc) and ": " in str(exc).split("gguf'", 1)[1], str(exc)
+    else:
+        raise AssertionError("a truncated model loaded")
