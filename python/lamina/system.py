@@ -196,7 +196,7 @@ def system_info() -> SystemInfo:
     from . import __version__
 
     backends = _native.backends()
-    cpu = next((b for b in backends if b["name"].upper() == "CPU"), {"features": {}})
+    cpu: dict[str, Any] = next((b for b in backends if b["name"].upper() == "CPU"), {"features": {}})
     compiled = {k: v for k, v in cpu["features"].items()}
     present = sorted({name for flag, name in _X86_FLAGS.items() if flag in _cpu_flags()})
     variant = "portable (best variant loaded at run time)" if _native.PORTABLE else "native build"
