@@ -10,7 +10,9 @@
 namespace lamina {
 
 context_state::~context_state() {
-    ctx.reset();  // free the context before the model it points into
+    ctx.reset();  // free the context before the model it points into and the pools it runs on
+    pool_free(pool);
+    pool_free(pool_batch);
     model.reset();
 }
 
@@ -25,6 +27,9 @@ bool abort_requested(void * data) {
     auto * st = static_cast<context_state *>(data);
     if (st->abort.load(std::memory_order_relaxed)) {
         return true;
+    }
+    if ((++st->abort_calls & 31) != 0) {  // the clock only every 32 graph nodes
+        return false;
     }
     int64_t now = ggml_time_us();
     if (now - st->last_signal_check_us < 50000) {
@@ -206,6 +211,10 @@ public:
         }
         st->ctx.reset(raw);
         st->max_outputs = int32_t(llama_n_seq_max(raw));
+        threadpool_config gen, batch;
+        gen.n_threads = n_threads;
+        batch.n_threads = n_threads_batch;
+        threadpools_attach(*st, gen, batch);
         st_ = std::move(st);
     }
 
@@ -311,7 +320,12 @@ public:
         if (n_threads < 1 || n_threads > GGML_MAX_N_THREADS || n_threads_batch < 1 || n_threads_batch > GGML_MAX_N_THREADS) {
             throw std::invalid_argument("thread counts must be in [1, " + std::to_string(GGML_MAX_N_THREADS) + "]");
         }
-        llama_set_n_threads(st().ctx.get(), n_threads, n_threads_batch);
+        context_state & s = st();
+        threadpool_config gen, batch;
+        gen.n_threads = n_threads;
+        batch.n_threads = n_threads_batch;
+        threadpools_attach(s, gen, batch);
+        llama_set_n_threads(s.ctx.get(), n_threads, n_threads_batch);
     }
 
     nb::dict perf() const {

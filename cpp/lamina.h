@@ -9,6 +9,7 @@
 
 #include "llama-cpp.h"
 #include "llama.h"
+#include "ggml.h"
 
 #include <atomic>
 #include <cstdint>
@@ -42,6 +43,18 @@ struct model_state {
     std::string path;
 };
 
+// Settings of one ggml CPU threadpool (threadpool.cpp).
+struct threadpool_config {
+    int n_threads = 1;
+    int prio = 0;          // ggml_sched_priority: 0 normal, 1 medium, 2 high, 3 realtime (-1 low)
+    uint32_t poll = 50;    // 0 sleep at once .. 100 spin; 50 is llama.cpp's default
+    bool strict = false;   // one thread per listed CPU
+    std::vector<int> cpus; // empty: the process's affinity
+    bool operator==(const threadpool_config & o) const {
+        return n_threads == o.n_threads && prio == o.prio && poll == o.poll && strict == o.strict && cpus == o.cpus;
+    }
+};
+
 struct context_state {
     std::shared_ptr<model_state> model;
     llama_context_ptr ctx;
@@ -51,7 +64,10 @@ struct context_state {
     std::atomic<int> live_views{0};
     int32_t max_outputs = 0;       // the most outputs a decode has asked for so far
     int32_t last_outputs = 0;      // outputs of the latest decode (rows of ctx.logits)
+    ggml_threadpool * pool = nullptr;        // generation pool, owned (freed after ctx)
+    ggml_threadpool * pool_batch = nullptr;  // batch pool, owned; null: the generation pool serves both
     std::atomic<bool> abort{false};
+    uint32_t abort_calls = 0;
     // Ctrl-C during a decode: the abort callback polls Python's signal handlers (see context.cpp)
     int64_t last_signal_check_us = 0;
     nb::object signal_type, signal_value, signal_tb;  // the exception a handler raised, if any
@@ -75,6 +91,11 @@ std::shared_ptr<context_state> context_shared(nb::handle ctx);
 
 std::string last_log_error();
 void clear_last_log_error();
+
+// Create ggml threadpools for generation and batches and attach them to st.ctx (replacing and
+// freeing earlier ones); a no-op without CPU-backend threadpool support.
+void threadpools_attach(context_state & st, const threadpool_config & gen, const threadpool_config & batch);
+void pool_free(ggml_threadpool * tp);
 
 // Python's signal check, done with the GIL held; raises KeyboardInterrupt etc. as nb::python_error.
 void check_signals();
