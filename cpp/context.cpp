@@ -99,14 +99,37 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
     st.last_outputs = n_outputs;
 }
 
+// One batch of n tokens for sequence 0 after the cached ones, every token an output.
+void decode_all_outputs(context_state & st, const llama_token * toks, size_t n) {
+    llama_batch b = llama_batch_init(int32_t(n), 0, 1);
+    for (size_t i = 0; i < n; ++i) {
+        b.token[i] = toks[i];
+        b.pos[i] = llama_pos(st.tokens.size() + i);
+        b.n_seq_id[i] = 1;
+        b.seq_id[i][0] = 0;
+        b.logits[i] = 1;
+    }
+    b.n_tokens = int32_t(n);
+    try {
+        decode_batch(st, b, int32_t(n));
+    } catch (...) {
+        llama_batch_free(b);
+        throw;
+    }
+    llama_batch_free(b);
+}
+
 void decode_tokens(context_state & st, const llama_token * toks, size_t n) {
     const size_t n_batch = llama_n_batch(st.ctx.get());
     size_t done = 0;
     while (done < n) {
         size_t k = std::min(n_batch, n - done);
-        // positions follow the cache; only the chunk's last token gets logits
-        llama_batch b = llama_batch_get_one(const_cast<llama_token *>(toks + done), int32_t(k));
-        decode_batch(st, b, 1);
+        if (st.embeddings) {  // llama.cpp outputs every token of an embeddings context: say so in the batch
+            decode_all_outputs(st, toks + done, k);
+        } else {
+            // positions follow the cache; only the chunk's last token gets logits
+            decode_batch(st, llama_batch_get_one(const_cast<llama_token *>(toks + done), int32_t(k)), 1);
+        }
         st.tokens.insert(st.tokens.end(), toks + done, toks + done + k);
         done += k;
         if (done < n) {
@@ -158,7 +181,8 @@ class context_handle {
 public:
     context_handle(nb::handle model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, uint32_t n_seq_max,
                    int32_t n_threads, int32_t n_threads_batch, int flash_attn, int type_k, int type_v,
-                   bool offload_kqv, bool op_offload, bool embeddings, bool swa_full, bool kv_unified) {
+                   bool offload_kqv, bool op_offload, bool embeddings, bool swa_full, bool kv_unified,
+                   int pooling_type) {
         auto ms = model_shared(model);
         if (n_batch < 1 || n_ubatch < 1) throw std::invalid_argument("n_batch and n_ubatch must be >= 1");
         if (n_seq_max < 1 || n_seq_max > llama_max_parallel_sequences()) {
@@ -168,6 +192,9 @@ public:
             throw std::invalid_argument("thread counts must be in [1, " + std::to_string(GGML_MAX_N_THREADS) + "]");
         }
         if (flash_attn < -1 || flash_attn > 1) throw std::invalid_argument("flash_attn must be -1 (auto), 0 or 1");
+        if (pooling_type < -1 || pooling_type > 3) {
+            throw std::invalid_argument("pooling_type must be -1 (model), 0 none, 1 mean, 2 cls or 3 last");
+        }
         for (int t : {type_k, type_v}) {
             if (t < 0 || t >= GGML_TYPE_COUNT || ggml_type_size(ggml_type(t)) == 0) {
                 throw std::invalid_argument("invalid KV cache type id " + std::to_string(t));
@@ -186,6 +213,7 @@ public:
         p.offload_kqv = offload_kqv;
         p.op_offload = op_offload;
         p.embeddings = embeddings;
+        p.pooling_type = static_cast<enum llama_pooling_type>(pooling_type);
         p.swa_full = swa_full;
         p.kv_unified = kv_unified;
         p.no_perf = false;
@@ -210,6 +238,7 @@ public:
             throw lamina_error(msg);
         }
         st->ctx.reset(raw);
+        st->embeddings = embeddings;
         st->max_outputs = int32_t(llama_n_seq_max(raw));
         threadpool_config gen, batch;
         gen.n_threads = n_threads;
@@ -246,22 +275,7 @@ public:
                 throw std::invalid_argument("logits for every token need all " + std::to_string(n) +
                                             " tokens in one batch; n_batch is " + std::to_string(n_batch));
             }
-            llama_batch b = llama_batch_init(int32_t(n), 0, 1);
-            for (size_t i = 0; i < n; ++i) {
-                b.token[i] = t[i];
-                b.pos[i] = llama_pos(s.tokens.size() + i);
-                b.n_seq_id[i] = 1;
-                b.seq_id[i][0] = 0;
-                b.logits[i] = 1;
-            }
-            b.n_tokens = int32_t(n);
-            try {
-                decode_batch(s, b, int32_t(n));
-            } catch (...) {
-                llama_batch_free(b);
-                throw;
-            }
-            llama_batch_free(b);
+            decode_all_outputs(s, t, n);
             s.tokens.insert(s.tokens.end(), t, t + n);
             return;
         }
@@ -288,6 +302,25 @@ public:
         return nb::ndarray<nb::numpy, const float, nb::ndim<2>>(
             data, {size_t(s.last_outputs), size_t(s.model->n_vocab)}, owner);
     }
+
+    // The pooled embedding of a sequence (a copy: n_embd floats). Without pooling (a generative
+    // model's default), the last token's hidden state.
+    nb::ndarray<nb::numpy, float, nb::ndim<1>> embedding(int32_t seq) {
+        context_state & s = st();
+        if (!s.embeddings) throw lamina_error("this context was created without embeddings=True");
+        if (s.last_outputs == 0) throw lamina_error("no embeddings: decode first");
+        const float * e = llama_get_embeddings_seq(s.ctx.get(), seq);
+        if (e == nullptr && llama_pooling_type(s.ctx.get()) == LLAMA_POOLING_TYPE_NONE) {
+            e = llama_get_embeddings_ith(s.ctx.get(), -1);
+        }
+        if (e == nullptr) throw lamina_error("llama.cpp returned no embedding for sequence " + std::to_string(seq));
+        const size_t n = size_t(llama_model_n_embd_out(s.model->model.get()));
+        auto * heap = new std::vector<float>(e, e + n);
+        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
+        return nb::ndarray<nb::numpy, float, nb::ndim<1>>(heap->data(), {n}, owner);
+    }
+
+    int pooling() const { return int(llama_pooling_type(st().ctx.get())); }
 
     void kv_clear() {
         context_state & s = st();
@@ -367,11 +400,11 @@ void init_context(nb::module_ & m) {
 
     nb::class_<context_handle>(m, "Context", "A llama.cpp context (owns llama_context, keeps its model alive).")
         .def(nb::init<nb::handle, uint32_t, uint32_t, uint32_t, uint32_t, int32_t, int32_t, int, int, int, bool, bool,
-                      bool, bool, bool>(),
+                      bool, bool, bool, int>(),
              nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_batch"), nb::arg("n_ubatch"), nb::arg("n_seq_max"),
              nb::arg("n_threads"), nb::arg("n_threads_batch"), nb::arg("flash_attn"), nb::arg("type_k"),
              nb::arg("type_v"), nb::arg("offload_kqv"), nb::arg("op_offload"), nb::arg("embeddings"),
-             nb::arg("swa_full"), nb::arg("kv_unified"),
+             nb::arg("swa_full"), nb::arg("kv_unified"), nb::arg("pooling_type") = -1,
              "Create the context with the GIL released. Raises OutOfMemoryError or LaminaError with llama.cpp's reason.")
         .def("close", &context_handle::close, "Release this handle (live logits views keep the memory alive).")
         .def_prop_ro("closed", &context_handle::closed)
@@ -382,6 +415,9 @@ Args:
     tokens: int32 token ids, validated against the vocabulary and the free context.
     logits: 0 none, 1 the last token's, 2 every token's (needs len(tokens) <= n_batch).)")
         .def_prop_ro("logits", &context_handle::logits, nb::rv_policy::automatic, "View (outputs, n_vocab) of the latest logits, no copy.")
+        .def("embedding", &context_handle::embedding, nb::arg("seq") = 0,
+             "Pooled embedding of a sequence (last token's without pooling); needs embeddings=True.")
+        .def_prop_ro("pooling", &context_handle::pooling, "Effective llama_pooling_type.")
         .def("kv_clear", &context_handle::kv_clear, "Empty the KV cache.")
         .def_prop_ro("tokens", &context_handle::tokens, nb::rv_policy::automatic, "Tokens of sequence 0 held in the KV cache (a copy).")
         .def_prop_ro("n_past", [](const context_handle & c) { return c.st().tokens.size(); })

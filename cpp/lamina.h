@@ -62,6 +62,7 @@ struct context_state {
     std::vector<llama_token> tokens;
     // logits views handed to Python that are still alive (see context.cpp: output realloc)
     std::atomic<int> live_views{0};
+    bool embeddings = false;       // every token is an output (llama.cpp's output_all)
     int32_t max_outputs = 0;       // the most outputs a decode has asked for so far
     int32_t last_outputs = 0;      // outputs of the latest decode (rows of ctx.logits)
     ggml_threadpool * pool = nullptr;        // generation pool, owned (freed after ctx)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 _LOGITS = {"none": 0, "last": 1, "all": 2}
+POOLING = {None: -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
 _FLASH = {"auto": -1, False: 0, True: 1}
 
 
@@ -151,8 +152,11 @@ class Context:
         kv: KV | None = None,
         flash_attn: bool | Literal["auto"] = "auto",
         embeddings: bool = False,
+        pooling: Literal["none", "mean", "cls", "last"] | None = None,
     ) -> None:
         self._native: _native.Context | None = None
+        if pooling not in POOLING:
+            raise ValueError(f"pooling must be None (the model's), 'none', 'mean', 'cls' or 'last', got {pooling!r}")
         for name, value, lo in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1),
                                 ("n_seq_max", n_seq_max, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
@@ -173,7 +177,7 @@ class Context:
             model.native, n_ctx, n_batch, n_ubatch, n_seq_max, self.threads[0], self.threads[1],
             _FLASH[flash_attn], _native.ggml_type_from_name(kv.type_k), _native.ggml_type_from_name(kv.type_v),
             offload_kqv=kv.offload and on_gpu, op_offload=on_gpu, embeddings=embeddings,
-            swa_full=kv.swa_full, kv_unified=kv.unified)
+            swa_full=kv.swa_full, kv_unified=kv.unified, pooling_type=POOLING[pooling])
         self.params = self._native.params()
         self.n_ctx = int(self.params["n_ctx"])
 

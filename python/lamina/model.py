@@ -241,6 +241,39 @@ class Model:
         """Every GGUF metadata key/value (values as strings)."""
         return self.native.metadata()
 
+    # -- embeddings ----------------------------------------------------------------------
+    def embed(self, texts: str | Sequence[str], *, normalize: bool = True,
+              pooling: Literal["none", "mean", "cls", "last"] | None = None,
+              threads: "int | Threads | None" = None) -> npt.NDArray[np.float32]:
+        """Embeddings of ``texts``: array (n, n_embd), or (n_embd,) for one string.
+
+        pooling: None uses the model's own (an embedding model's mean/cls/...); a generative
+        model without one gives its last token's hidden state. normalize: L2-normalise rows.
+        """
+        from .context import Context
+
+        single = isinstance(texts, str)
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items or not all(isinstance(t, str) for t in items):
+            raise TypeError("texts must be a string or a non-empty sequence of strings")
+        toks = [self.tokenize(t) for t in items]
+        longest = max(1, max(len(t) for t in toks))
+        if longest > self.info.n_ctx_train:
+            raise ValueError(f"a text has {longest} tokens, more than the model's context ({self.info.n_ctx_train})")
+        size = max(longest, 512)  # one ubatch holds a whole text (non-causal models need that)
+        with Context(self, n_ctx=size, n_batch=size, n_ubatch=size, threads=threads, embeddings=True,
+                     pooling=pooling) as ctx:
+            rows = []
+            for t in toks:
+                ctx.kv_clear()
+                ctx.native.decode(t, 1)
+                rows.append(ctx.native.embedding(0))
+        out = np.stack(rows).astype(np.float32, copy=False)
+        if normalize:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            out = out / np.where(norms == 0, 1, norms)
+        return out[0] if single else out
+
     # -- contexts ------------------------------------------------------------------------
     def context(
         self,
