@@ -239,6 +239,8 @@ public:
         }
         st->ctx.reset(raw);
         st->embeddings = embeddings;
+        st->type_k = type_k;
+        st->type_v = type_v;
         st->max_outputs = int32_t(llama_n_seq_max(raw));
         threadpool_config gen, batch;
         gen.n_threads = n_threads;
@@ -255,14 +257,18 @@ public:
     void close() { st_.reset(); }
     bool closed() const { return !st_; }
 
-    // Append tokens to sequence 0. logits: 0 none, 1 last token, 2 every token.
-    void decode(tokens_in tokens, int logits) {
+    // Append tokens to a sequence. logits: 0 none, 1 last token, 2 every token.
+    void decode(tokens_in tokens, int logits, int32_t seq) {
         context_state & s = st();
         const int32_t * t = tokens.data();
         size_t n = tokens.shape(0);
         if (n == 0) throw std::invalid_argument("no tokens to decode");
         if (logits < 0 || logits > 2) throw std::invalid_argument("logits must be 0 (none), 1 (last) or 2 (all)");
         check_tokens(*s.model, t, n);
+        if (seq != 0) {
+            decode_seq(s, t, n, logits, seq);
+            return;
+        }
         const size_t n_ctx = llama_n_ctx_seq(s.ctx.get());
         if (s.tokens.size() + n > n_ctx) {
             throw std::invalid_argument("decoding " + std::to_string(n) + " tokens after " +
@@ -280,6 +286,48 @@ public:
             return;
         }
         decode_tokens(s, t, n);
+        if (logits == 0) s.last_outputs = 0;
+    }
+
+    // Sequences other than 0: positions follow that sequence's cells; no token mirror (prefix reuse
+    // is a sequence-0 feature).
+    static void decode_seq(context_state & s, const int32_t * t, size_t n, int logits, int32_t seq) {
+        const int32_t n_seq = int32_t(llama_n_seq_max(s.ctx.get()));
+        if (seq < 0 || seq >= n_seq) {
+            throw std::out_of_range("sequence id " + std::to_string(seq) + " out of range [0, " +
+                                    std::to_string(n_seq) + "): raise n_seq_max");
+        }
+        const size_t n_batch = llama_n_batch(s.ctx.get());
+        if (logits == 2 && n > n_batch) {
+            throw std::invalid_argument("logits for every token need all tokens in one batch (n_batch)");
+        }
+        llama_pos pos = llama_memory_seq_pos_max(llama_get_memory(s.ctx.get()), seq) + 1;
+        if (size_t(pos) + n > llama_n_ctx_seq(s.ctx.get())) {
+            throw std::invalid_argument("decoding " + std::to_string(n) + " tokens after position " +
+                                        std::to_string(pos) + " exceeds the context of sequence " + std::to_string(seq));
+        }
+        llama_batch b = llama_batch_init(int32_t(std::min(n, n_batch)), 0, 1);
+        try {
+            for (size_t done = 0; done < n;) {
+                size_t k = std::min(n_batch, n - done);
+                int32_t outs = 0;
+                for (size_t i = 0; i < k; ++i) {
+                    b.token[i] = t[done + i];
+                    b.pos[i] = pos + llama_pos(done + i);
+                    b.n_seq_id[i] = 1;
+                    b.seq_id[i][0] = seq;
+                    b.logits[i] = s.embeddings || logits == 2 || (i + 1 == k);
+                    outs += b.logits[i];
+                }
+                b.n_tokens = int32_t(k);
+                decode_batch(s, b, outs);
+                done += k;
+            }
+        } catch (...) {
+            llama_batch_free(b);
+            throw;
+        }
+        llama_batch_free(b);
         if (logits == 0) s.last_outputs = 0;
     }
 
@@ -408,7 +456,7 @@ void init_context(nb::module_ & m) {
              "Create the context with the GIL released. Raises OutOfMemoryError or LaminaError with llama.cpp's reason.")
         .def("close", &context_handle::close, "Release this handle (live logits views keep the memory alive).")
         .def_prop_ro("closed", &context_handle::closed)
-        .def("decode", &context_handle::decode, nb::arg("tokens"), nb::arg("logits") = 1,
+        .def("decode", &context_handle::decode, nb::arg("tokens"), nb::arg("logits") = 1, nb::arg("seq") = 0,
              R"(Append tokens to sequence 0 and run the model (GIL released, Ctrl-C checked between batches).
 
 Args:

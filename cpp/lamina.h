@@ -6,6 +6,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
+#include <nanobind/stl/pair.h>
 
 #include "llama-cpp.h"
 #include "llama.h"
@@ -62,6 +63,7 @@ struct context_state {
     std::vector<llama_token> tokens;
     // logits views handed to Python that are still alive (see context.cpp: output realloc)
     std::atomic<int> live_views{0};
+    int type_k = 1, type_v = 1;    // ggml types of the KV cache (state headers compare them)
     bool embeddings = false;       // every token is an output (llama.cpp's output_all)
     int32_t max_outputs = 0;       // the most outputs a decode has asked for so far
     int32_t last_outputs = 0;      // outputs of the latest decode (rows of ctx.logits)
@@ -111,5 +113,6 @@ void init_context(nb::module_ & m);
 void init_sampler(nb::module_ & m);
 void init_generate(nb::module_ & m);
 void init_chat(nb::module_ & m);
+void init_memory(nb::module_ & m);
 
 }  // namespace lamina

@@ -12,4 +12,5 @@ NB_MODULE(_native, m) {
     lamina::init_sampler(m);
     lamina::init_generate(m);
     lamina::init_chat(m);
+    lamina::init_memory(m);
 }

@@ -1,7 +1,9 @@
 """lamina.Context: decode, logits, and text generation over a native decode loop."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
@@ -137,6 +139,42 @@ class Generation:
         return s
 
 
+class KVCache:
+    """ctx.kv: sequence operations on the KV cache (positions p0..p1, -1 for an open end)."""
+
+    def __init__(self, ctx: "Context") -> None:
+        self._ctx = ctx
+
+    def clear(self) -> None:
+        self._ctx.native.kv_clear()
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove [p0, p1) of sequence ``seq`` (-1: every sequence); False if the cache can't."""
+        return bool(_native.kv_seq_rm(self._ctx.native, seq, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        _native.kv_seq_cp(self._ctx.native, src, dst, p0, p1)
+
+    def seq_keep(self, seq: int) -> None:
+        _native.kv_seq_keep(self._ctx.native, seq)
+
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        """Shift positions [p0, p1) by delta (context shifting)."""
+        _native.kv_seq_add(self._ctx.native, seq, p0, p1, delta)
+
+    def seq_div(self, seq: int, p0: int, p1: int, d: int) -> None:
+        _native.kv_seq_div(self._ctx.native, seq, p0, p1, d)
+
+    def pos_range(self, seq: int = 0) -> tuple[int, int]:
+        """(pos_min, pos_max) of a sequence; (-1, -1) when it holds nothing."""
+        lo, hi = _native.kv_pos_range(self._ctx.native, seq)
+        return int(lo), int(hi)
+
+    @property
+    def can_shift(self) -> bool:
+        return bool(_native.kv_can_shift(self._ctx.native))
+
+
 class Context:
     """A llama.cpp context: KV cache, batch decoding and generation. Use Model.context()."""
 
@@ -199,11 +237,11 @@ class Context:
         self.close()
 
     # -- low level -----------------------------------------------------------------------
-    def decode(self, tokens: Any, *, logits: Literal["last", "all", "none"] = "last") -> None:
-        """Append tokens to the sequence in the KV cache and evaluate them (GIL released)."""
+    def decode(self, tokens: Any, *, logits: Literal["last", "all", "none"] = "last", seq: int = 0) -> None:
+        """Append tokens to a sequence in the KV cache and evaluate them (GIL released)."""
         if logits not in _LOGITS:
             raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
-        self.native.decode(as_tokens(tokens, self.model.info.n_vocab), _LOGITS[logits])
+        self.native.decode(as_tokens(tokens, self.model.info.n_vocab), _LOGITS[logits], seq)
 
     @property
     def logits(self) -> npt.NDArray[np.float32]:
@@ -222,6 +260,27 @@ class Context:
 
     def kv_clear(self) -> None:
         self.native.kv_clear()
+
+    @property
+    def kv(self) -> "KVCache":
+        """Sequence operations on this context's KV cache."""
+        return KVCache(self)
+
+    def save_state(self, path: str | os.PathLike[str] | None = None) -> bytes | None:
+        """The whole context (KV cache, logits, token list) as bytes, or written to ``path``."""
+        data: bytes = _native.state_get(self.native)
+        if path is None:
+            return data
+        tmp = Path(f"{os.fspath(path)}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return None
+
+    def load_state(self, state: bytes | str | os.PathLike[str]) -> None:
+        """Restore save_state() output (bytes or a path) into a context with the same settings;
+        different settings raise ValueError naming the one that differs."""
+        data = state if isinstance(state, bytes) else Path(state).read_bytes()
+        _native.state_set(self.native, data)
 
     def set_threads(self, n: int, batch: int | None = None) -> None:
         """Change thread counts on the live context."""

@@ -270,8 +270,8 @@ class Model:
                 rows.append(ctx.native.embedding(0))
         out = np.stack(rows).astype(np.float32, copy=False)
         if normalize:
-            norms = np.linalg.norm(out, axis=1, keepdims=True)
-            out = out / np.where(norms == 0, 1, norms)
+            norms = np.linalg.norm(out, axis=1, keepdims=True).astype(np.float32)
+            out = (out / np.where(norms == 0, np.float32(1), norms)).astype(np.float32, copy=False)
         return out[0] if single else out
 
     # -- contexts ------------------------------------------------------------------------

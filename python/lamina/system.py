@@ -199,7 +199,12 @@ def system_info() -> SystemInfo:
     cpu: dict[str, Any] = next((b for b in backends if b["name"].upper() == "CPU"), {"features": {}})
     compiled = {k: v for k, v in cpu["features"].items()}
     present = sorted({name for flag, name in _X86_FLAGS.items() if flag in _cpu_flags()})
-    variant = "portable (best variant loaded at run time)" if _native.PORTABLE else "native build"
+    variant = "native build (-march=native)"
+    if _native.PORTABLE:  # which libggml-cpu-<variant>.so ggml picked for this CPU
+        maps = _read("/proc/self/maps") or ""
+        loaded = {ln.rsplit("/", 1)[-1] for ln in maps.splitlines() if "libggml-cpu-" in ln}
+        names = sorted(n[len("libggml-cpu-"):-3] for n in loaded if n.endswith(".so"))
+        variant = f"portable, variant {', '.join(names) or 'unknown'} (picked at run time)"
     cpus = allowed_cpus()
     total, avail = _memory()
     return SystemInfo(

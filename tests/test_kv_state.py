@@ -1,0 +1,105 @@
+"""KV cache sequence operations and context state save/load."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lamina
+from lamina import _native
+
+
+def fresh_logits(model: lamina.Model, tokens: list[int], **kw: object) -> np.ndarray:
+    with model.context(n_ctx=256, **kw) as ctx:  # type: ignore[arg-type]
+        ctx.decode(tokens)
+        return np.array(ctx.logits[0])
+
+
+def test_state_round_trip_gives_identical_logits(tiny_model: lamina.Model, tmp_path: Path) -> None:
+    prompt = list(tiny_model.tokenize("the capital of France is"))
+    a = tiny_model.context(n_ctx=256)
+    a.decode(prompt)
+    blob = a.save_state()
+    path = tmp_path / "ctx.state"
+    assert a.save_state(path) is None and path.read_bytes() == blob
+    a.decode([300])
+    after_a = np.array(a.logits)
+    for source in (blob, path):
+        b = tiny_model.context(n_ctx=256)
+        b.load_state(source)
+        assert list(b.tokens) == prompt
+        # the prompt's last logits are recomputed (1-token batch: float-level differences only)
+        np.testing.assert_allclose(b.logits[0], fresh_logits(tiny_model, prompt), rtol=1e-5, atol=1e-5)
+        b.decode([300])  # the next token: the same computation as in the saving context, bit for bit
+        np.testing.assert_array_equal(b.logits, after_a)
+    # prefix reuse works on a loaded state
+    gen = b.generate(prompt + [300, 301], max_tokens=2)
+    list(gen)
+    assert gen.stats["n_reused"] == len(prompt) + 1
+
+
+def test_state_into_other_settings_or_garbage_fails_clearly(tiny_model: lamina.Model) -> None:
+    a = tiny_model.context(n_ctx=256)
+    a.decode([1, 300, 301])
+    blob = a.save_state()
+    with pytest.raises(ValueError, match="n_ctx"):
+        tiny_model.context(n_ctx=512).load_state(blob)
+    with pytest.raises(ValueError, match="type_k"):
+        tiny_model.context(n_ctx=256, kv=lamina.KV(type_k="bf16")).load_state(blob)
+    b = tiny_model.context(n_ctx=256)
+    for bad in (b"", b"junk" * 10, blob[:40], blob[: len(blob) // 2]):
+        with pytest.raises((ValueError, lamina.LaminaError)):
+            b.load_state(bad)
+    b.decode([1, 300])  # still usable
+
+
+def test_seq_rm_suffix_then_redecode_equals_fresh(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=256)
+    ctx.decode([1, 300, 301, 302, 303, 304])
+    assert ctx.kv.seq_rm(0, 3, -1)
+    assert ctx.n_past == 3 and list(ctx.tokens) == [1, 300, 301]
+    ctx.decode([310, 311])
+    np.testing.assert_allclose(ctx.logits[0], fresh_logits(tiny_model, [1, 300, 301, 310, 311]), rtol=1e-4, atol=1e-4)
+    assert ctx.kv.pos_range(0) == (0, 4)
+
+
+def test_seq_cp_then_divergent_sequences_stay_correct(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=256, n_seq_max=2)
+    prompt = [1, 300, 301, 302]
+    ctx.decode(prompt)
+    ctx.kv.seq_cp(0, 1)
+    ctx.decode([320], seq=1)
+    one = np.array(ctx.logits[0])
+    ctx.decode([330], seq=0)
+    zero = np.array(ctx.logits[0])
+    np.testing.assert_allclose(one, fresh_logits(tiny_model, prompt + [320]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(zero, fresh_logits(tiny_model, prompt + [330]), rtol=1e-4, atol=1e-4)
+    assert ctx.kv.pos_range(1) == (0, 4) and ctx.kv.pos_range(0) == (0, 4)
+
+
+def test_kv_ops_validate_their_arguments(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=64)
+    ctx.decode([1, 300])
+    with pytest.raises(IndexError):
+        ctx.kv.seq_rm(5, 0, -1)
+    with pytest.raises(IndexError):
+        ctx.decode([300], seq=1)
+    with pytest.raises(ValueError):
+        ctx.kv.seq_rm(0, 5, 2)
+    with pytest.raises(ValueError):
+        ctx.kv.seq_div(0, 0, -1, 0)
+    ctx.kv.clear()
+    assert ctx.n_past == 0 and ctx.kv.pos_range(0) == (-1, -1)
+
+
+def test_seq_add_shift_keeps_positions_consistent(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=256)
+    ctx.decode([1, 300, 301, 302, 303])
+    assert ctx.kv.can_shift
+    assert ctx.kv.seq_rm(0, 1, 3)             # drop two tokens after BOS ...
+    ctx.kv.seq_add(0, 3, -1, -2)              # ... and close the gap (context shifting)
+    assert ctx.kv.pos_range(0) == (0, 2) and ctx.n_past == 3
+    ctx.decode([304])                          # continues at position 3
+    assert ctx.kv.pos_range(0) == (0, 3)
+    assert _native.kv_can_shift(ctx.native)
