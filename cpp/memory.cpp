@@ -1,7 +1,14 @@
 // KV cache (llama_memory) sequence operations and context state to/from bytes.
 #include "lamina.h"
 
+#include "ggml-backend.h"
+
 #include <cstring>
+
+#if __has_include("llama-ext.h")
+#include "llama-ext.h"  // llama_get_memory_breakdown: exported, declared outside include/
+#define LAMINA_HAS_MEMORY_BREAKDOWN 1
+#endif
 
 namespace lamina {
 namespace {
@@ -111,6 +118,27 @@ void init_memory(nb::module_ & m) {
 
     m.def("kv_can_shift", [](nb::handle ctx) { return llama_memory_can_shift(mem_of(*context_shared(ctx))); },
           nb::arg("ctx"));
+
+    m.def("memory_breakdown", [](nb::handle ctx) {
+        auto st = context_shared(ctx);
+        nb::list out;
+#ifdef LAMINA_HAS_MEMORY_BREAKDOWN
+        for (const auto & [buft, mb] : llama_get_memory_breakdown(st->ctx.get())) {
+            ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+            nb::dict d;
+            d["buffer_type"] = ggml_backend_buft_name(buft);
+            d["device"] = dev ? nb::cast(std::string(ggml_backend_dev_name(dev))) : nb::none();
+            d["host"] = ggml_backend_buft_is_host(buft);
+            d["model"] = mb.model;
+            d["context"] = mb.context;
+            d["compute"] = mb.compute;
+            out.append(d);
+        }
+#else
+        throw lamina_error("this llama.cpp has no llama_get_memory_breakdown");
+#endif
+        return out;
+    }, nb::arg("ctx"), "Bytes per buffer type: model weights, context (KV cache, outputs), compute buffers.");
 
     m.def("state_get", [](nb::handle ctx) {
         auto st = context_shared(ctx);

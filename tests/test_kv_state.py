@@ -103,3 +103,23 @@ def test_seq_add_shift_keeps_positions_consistent(tiny_model: lamina.Model) -> N
     ctx.decode([304])                          # continues at position 3
     assert ctx.kv.pos_range(0) == (0, 3)
     assert _native.kv_can_shift(ctx.native)
+
+
+@pytest.fixture(scope="module")
+def head32_model(tmp_path_factory: pytest.TempPathFactory) -> lamina.Model:
+    """Quantized K/V caches need a head size divisible by 32 (the tiny model's is 16)."""
+    from tiny_gguf import write_tiny_llama
+
+    return lamina.Model(write_tiny_llama(tmp_path_factory.mktemp("m") / "head32.gguf", n_embd=128, n_head=4,
+                                         n_head_kv=2))
+
+
+@pytest.mark.parametrize("type_kv, bytes_per_32", [("f16", 64), ("q8_0", 34), ("q4_0", 18)])
+def test_kv_bytes_match_the_formula(head32_model: lamina.Model, type_kv: str, bytes_per_32: int) -> None:
+    info = head32_model.info
+    n_ctx = 512
+    ctx = head32_model.context(n_ctx=n_ctx, kv=lamina.KV(type_k=type_kv, type_v=type_kv), flash_attn=True)
+    head = info.n_embd // info.n_head
+    elements = info.n_layer * ctx.n_ctx * 2 * info.n_head_kv * head  # K and V
+    assert ctx.kv.bytes == elements * bytes_per_32 // 32
+    assert all(m["context"] == 0 or m["host"] for m in ctx.kv.memory())  # CPU only here

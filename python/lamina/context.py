@@ -174,6 +174,16 @@ class KVCache:
     def can_shift(self) -> bool:
         return bool(_native.kv_can_shift(self._ctx.native))
 
+    def memory(self) -> list[dict[str, Any]]:
+        """llama.cpp's memory breakdown per buffer type (device or host): bytes of model weights,
+        of this context (KV cache and outputs) and of compute buffers."""
+        return list(_native.memory_breakdown(self._ctx.native))
+
+    @property
+    def bytes(self) -> int:
+        """Bytes this context holds (KV cache and outputs), on every device."""
+        return sum(int(m["context"]) for m in self.memory())
+
 
 class Context:
     """A llama.cpp context: KV cache, batch decoding and generation. Use Model.context()."""
