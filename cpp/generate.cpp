@@ -81,10 +81,19 @@ nb::str utf8_str(const char * data, size_t n) {
 class generator {
 public:
     generator(nb::handle ctx, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
-              sampler_handle & sampler, int32_t max_tokens, bool ignore_eos, nb::handle sampler_obj)
+              sampler_handle & sampler, int32_t max_tokens, bool ignore_eos, nb::handle sampler_obj, int32_t shift_keep)
         : st_(context_shared(ctx)), sampler_(sampler), sampler_ref_(nb::borrow(sampler_obj)),
-          max_tokens_(max_tokens), ignore_eos_(ignore_eos) {
+          max_tokens_(max_tokens), ignore_eos_(ignore_eos), shift_keep_(shift_keep) {
         if (max_tokens < 0) throw std::invalid_argument("max_tokens must be >= 0");
+        if (shift_keep >= 0) {
+            const int32_t n_ctx = int32_t(llama_n_ctx_seq(st_->ctx.get()));
+            if (shift_keep >= n_ctx / 2) {
+                throw std::invalid_argument("n_keep must be below half the context (" + std::to_string(n_ctx / 2) + ")");
+            }
+            if (!llama_memory_can_shift(llama_get_memory(st_->ctx.get()))) {
+                throw lamina_error("this model's KV cache cannot shift positions: use context_full='stop'");
+            }
+        }
         prompt_.assign(prompt.data(), prompt.data() + prompt.shape(0));
         check_tokens(*st_->model, prompt_.data(), prompt_.size());
         if (prompt_.empty()) throw std::invalid_argument("the prompt has no tokens");
@@ -118,9 +127,12 @@ public:
             while (true) {
                 if (pending_) {
                     if (st.tokens.size() + 1 > llama_n_ctx_seq(st.ctx.get())) {
-                        finish_reason_ = "length";
-                        done_ = true;
-                        break;
+                        if (shift_keep_ < 0) {
+                            finish_reason_ = "length";
+                            done_ = true;
+                            break;
+                        }
+                        shift_context(st);
                     }
                     llama_token t = last_;
                     int rc = llama_decode(st.ctx.get(), llama_batch_get_one(&t, 1));
@@ -172,6 +184,7 @@ public:
         d["n_reused"] = n_reused_;
         d["n_generated"] = generated_.size();
         d["t_prompt_us"] = t_prompt_us_;
+        d["n_shifts"] = n_shifts_;
         d["t_gen_us"] = done_ ? t_gen_us_ : (started_ ? llama_time_us() - t_gen_start_ : 0);
         return d;
     }
@@ -183,6 +196,19 @@ public:
     }
 
 private:
+    // The context is full: keep the first shift_keep_ tokens, drop half of the rest, and move the
+    // remainder down (llama.cpp's context shift; RoPE positions are corrected by the cache).
+    void shift_context(context_state & st) {
+        const llama_pos n_past = llama_pos(st.tokens.size());
+        const llama_pos keep = shift_keep_;
+        const llama_pos discard = (n_past - keep) / 2;
+        llama_memory_t mem = llama_get_memory(st.ctx.get());
+        llama_memory_seq_rm(mem, 0, keep, keep + discard);
+        llama_memory_seq_add(mem, 0, keep + discard, n_past, -discard);
+        st.tokens.erase(st.tokens.begin() + keep, st.tokens.begin() + keep + discard);
+        ++n_shifts_;
+    }
+
     void finish(const char * reason) {
         finish_reason_ = reason;
         done_ = true;
@@ -197,6 +223,8 @@ private:
     std::string finish_reason_;
     int32_t max_tokens_;
     bool ignore_eos_;
+    int32_t shift_keep_;      // < 0: stop when the context is full; else tokens kept when shifting
+    int64_t n_shifts_ = 0;
     bool started_ = false, done_ = false, pending_ = false;
     llama_token last_ = -1;
     int64_t n_prompt_eval_ = 0, n_reused_ = 0, t_prompt_us_ = 0, t_gen_start_ = 0, t_gen_us_ = 0;
@@ -212,13 +240,17 @@ void init_generate(nb::module_ & m) {
     nb::class_<generator>(m, "Generator", "Iterator of text pieces from a native decode loop.")
         .def("__init__", [](generator * self, nb::handle ctx,
                             nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
-                            nb::handle sampler, int32_t max_tokens, bool ignore_eos) {
-            new (self) generator(ctx, prompt, nb::cast<sampler_handle &>(sampler), max_tokens, ignore_eos, sampler);
+                            nb::handle sampler, int32_t max_tokens, bool ignore_eos, int32_t shift_keep) {
+            new (self) generator(ctx, prompt, nb::cast<sampler_handle &>(sampler), max_tokens, ignore_eos, sampler,
+                                 shift_keep);
         }, nb::arg("ctx"), nb::arg("prompt"), nb::arg("sampler"), nb::arg("max_tokens"), nb::arg("ignore_eos") = false,
+        nb::arg("shift_keep") = -1,
         R"(Prepare generation on sequence 0 of ctx; nothing runs until the first next().
 
 The first next() evaluates the prompt, reusing the longest prefix already in the KV cache.
-Each next() returns the next piece of UTF-8-complete text (GIL released while decoding).)")
+Each next() returns the next piece of UTF-8-complete text (GIL released while decoding).
+shift_keep < 0 stops with finish reason 'length' when the context is full; otherwise the first
+shift_keep tokens stay and half of the rest is dropped (context shift).)")
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
         .def("__next__", &generator::next)
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")

@@ -98,8 +98,12 @@ def test_bad_context_options_raise(tiny_model: lamina.Model) -> None:
         tiny_model.context(threads=0)
     with pytest.raises(ValueError):
         tiny_model.context(flash_attn="sometimes")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="ggml type"):
+    with pytest.raises(ValueError, match="KV cache takes"):
         lamina.KV(type_k="q9_9")
+    with pytest.raises(ValueError, match="KV cache takes"):
+        lamina.KV(type_v="q4_K")  # a ggml type, but not one the cache supports
+    with pytest.raises(ValueError, match="needs flash attention"):
+        tiny_model.context(kv=lamina.KV(type_v="q8_0"), flash_attn=False)
     ctx = tiny_model.context(n_ctx=64)
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(min_p=2.0), dict(repeat_penalty=0.0),
                 dict(xtc_probability=1.5), dict(grammar="root ::= (")):

@@ -164,3 +164,19 @@ def test_real_model_greedy_fast_path_equals_chain(real_model: lamina.Model) -> N
         fast = greedy.sample(ctx.native, use_chain=False)
         assert fast == greedy.sample(ctx.native, use_chain=True)
         ctx.decode([fast])
+
+
+def test_context_shift_keeps_generating_past_n_ctx(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=64)
+    n_ctx = ctx.n_ctx
+    prompt = [1] + [300 + i % 50 for i in range(20)]
+    gen = ctx.generate(prompt, max_tokens=n_ctx * 2, ignore_eos=True, context_full="shift", n_keep=4)
+    list(gen)
+    assert gen.finish_reason == "length" and len(gen.tokens) == n_ctx * 2
+    assert gen.stats["n_shifts"] >= 2
+    assert list(ctx.tokens[:4]) == prompt[:4]             # the kept prefix survives every shift
+    assert ctx.kv.pos_range(0) == (0, ctx.n_past - 1)      # positions stay contiguous
+    with pytest.raises(ValueError, match="n_keep"):
+        ctx.generate(prompt, context_full="shift", n_keep=n_ctx)
+    with pytest.raises(ValueError, match="context_full"):
+        ctx.generate(prompt, context_full="wrap")  # type: ignore[arg-type]

@@ -41,6 +41,10 @@ class Threads:
         return n, batch
 
 
+# K/V cache types llama.cpp supports (its CLI's list)
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
 @dataclass(frozen=True)
 class KV:
     """KV cache settings: K/V types by ggml name, offload to the model's devices."""
@@ -54,10 +58,12 @@ class KV:
     def __post_init__(self) -> None:
         for name in ("type_k", "type_v"):
             value = getattr(self, name)
-            try:
-                _native.ggml_type_from_name(value)
-            except (ValueError, TypeError):
-                raise ValueError(f"KV.{name}={value!r} is not a ggml type name (f16, bf16, q8_0, q4_0, ...)") from None
+            if value not in KV_TYPES:
+                raise ValueError(f"KV.{name}={value!r}: the KV cache takes one of {', '.join(KV_TYPES)}")
+
+    @property
+    def quantized_v(self) -> bool:
+        return self.type_v not in ("f32", "f16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,8 @@ class Context:
         else:
             raise TypeError(f"threads must be an int or lamina.Threads, got {threads!r}")
         kv = kv or KV()
+        if kv.quantized_v and flash_attn is False:
+            raise ValueError(f"a quantized V cache ({kv.type_v}) needs flash attention: use flash_attn='auto' or True")
         self.model = model
         on_gpu = model.offload.gpu
         _core.sync_log_level()
@@ -313,13 +321,21 @@ class Context:
         sampler: Sampler | None = None,
         stop: str | Sequence[str] = (),
         ignore_eos: bool = False,
+        context_full: Literal["stop", "shift"] = "stop",
+        n_keep: int = 0,
     ) -> Generation:
         """Stream text pieces for ``prompt`` (text, or token ids).
 
         Greedy when no sampler is given. The KV cache keeps the longest common prefix with the
         previous generation. Pieces are always whole UTF-8 characters; ``stop`` strings end the
-        stream and are not included.
+        stream and are not included. When the context fills up, "stop" ends with finish reason
+        "length"; "shift" keeps the first ``n_keep`` tokens, drops half of the rest and goes on
+        (models whose cache can shift positions only).
         """
+        if context_full not in ("stop", "shift"):
+            raise ValueError(f"context_full must be 'stop' or 'shift', got {context_full!r}")
+        if not isinstance(n_keep, int) or n_keep < 0:
+            raise ValueError(f"n_keep must be an int >= 0, got {n_keep!r}")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
         stops = [stop] if isinstance(stop, str) else list(stop)
@@ -327,7 +343,10 @@ class Context:
             raise TypeError("stop must be a string or a sequence of strings")
         tokens = self._prompt_tokens(prompt)
         sampler = sampler or Sampler()
-        return Generation(_native.Generator(self.native, tokens, sampler.native(self.model, self.n_ctx), max_tokens, ignore_eos), stops)
+        shift_keep = n_keep if context_full == "shift" else -1
+        native = _native.Generator(self.native, tokens, sampler.native(self.model, self.n_ctx), max_tokens,
+                                   ignore_eos, shift_keep)
+        return Generation(native, stops)
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None, **kwargs: Any) -> Generation:
         """Stream the assistant's reply to chat messages, rendered by llama.cpp's chat template
