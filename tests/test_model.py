@@ -131,3 +131,21 @@ def test_load_progress_is_reported_and_can_cancel(tiny_path: Path) -> None:
 
     with pytest.raises(KeyError, match="from the callback"):
         lamina.Model(tiny_path, progress=boom)
+
+
+def test_contexts_are_freed_without_the_garbage_collector(tiny_path: Path) -> None:
+    """No reference cycles: a finished generation releases its context at once (VRAM, RPC buffers)."""
+    import weakref
+
+    gc.disable()
+    try:
+        m = lamina.Model(tiny_path)
+        ctx = m.context(n_ctx=64)
+        gen = ctx.generate("the sky", max_tokens=4, stop=["never"])
+        text = "".join(gen)
+        ref = weakref.ref(ctx)
+        del ctx, gen
+        assert ref() is None, "a reference cycle keeps the context alive"
+        assert text is not None
+    finally:
+        gc.enable()

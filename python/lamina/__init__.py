@@ -12,7 +12,7 @@ from .errors import ClosedError, DecodeError, LaminaError, LoadError, OutOfMemor
 from .model import Model, ModelInfo, Offload
 from .models import default_model_path
 from .sampling import Sampler
-from .system import Device, SystemInfo, default_threads, devices, system_info
+from .system import Device, SystemInfo, default_threads, devices, rpc_connect, system_info
 from . import _native as _n
 from . import bench
 
@@ -26,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Model", "ModelInfo", "Offload", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
-    "Device", "SystemInfo", "devices", "system_info", "chat_templates", "default_threads", "default_model_path",
+    "Device", "SystemInfo", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
     "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "logger", "__version__",
 ]

@@ -90,39 +90,39 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
+def _stream(native: _native.Generator, stops: Sequence[str], stopped: list[bool]) -> Iterator[str]:
+    """Pieces of ``native`` cut at the first stop string; sets stopped[0] when one matched.
+    A free function (not a method) so a Generation holds no reference cycle: contexts are
+    freed as soon as the last reference goes, not at the next garbage collection."""
+    held = ""
+    for piece in native:
+        held += piece
+        cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            stopped[0] = True
+            if cut:
+                yield held[:cut]
+            return
+        keep = _stop_holdback(held, stops)
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep:]
+    if held:
+        yield held
+
+
 class Generation:
     """Iterator of text pieces from Context.generate(); stats are filled in as it runs."""
 
     def __init__(self, native: _native.Generator, stops: Sequence[str]) -> None:
         self._native = native
         self._stops = [s for s in stops if s]
-        self._held = ""
-        self._stopped = False
-        self._pieces = self._run()
-
-    def _run(self) -> Iterator[str]:
-        if not self._stops:
-            yield from self._native
-            return
-        held = ""
-        for piece in self._native:
-            held += piece
-            cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
-            if cut >= 0:
-                self._stopped = True
-                if cut:
-                    yield held[:cut]
-                return
-            keep = _stop_holdback(held, self._stops)
-            if len(held) > keep:
-                yield held[: len(held) - keep]
-                held = held[len(held) - keep:]
-        if held:
-            yield held
+        self._stopped = [False]
+        self._pieces: Iterator[str] = _stream(native, self._stops, self._stopped) if self._stops else native
 
     def __iter__(self) -> Iterator[str]:
-        # Without stop strings, iterate the native generator directly: no Python frame per token.
-        return self._native if not self._stops else self
+        # Without stop strings this is the native generator itself: no Python frame per token.
+        return self._pieces
 
     def __next__(self) -> str:
         return next(self._pieces)
@@ -130,7 +130,7 @@ class Generation:
     @property
     def finish_reason(self) -> str | None:
         """'stop' (end-of-generation token or stop string), 'length' (max_tokens or context full), or None while running."""
-        return "stop" if self._stopped else self._native.stats()["finish_reason"]
+        return "stop" if self._stopped[0] else self._native.stats()["finish_reason"]
 
     @property
     def tokens(self) -> npt.NDArray[np.int32]:

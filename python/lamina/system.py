@@ -42,6 +42,20 @@ def devices() -> list[Device]:
     return out
 
 
+def rpc_connect(endpoint: str) -> list[Device]:
+    """Register the devices of a ggml RPC server ("host:port"; needs a GGML_RPC build).
+
+    They appear in devices() with kind "remote" and take offloaded layers like any GPU.
+    Raises ConnectionError when nothing answers there. Keep the server running while the
+    process uses it: ggml's RPC client aborts the process if its server goes away.
+    """
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"RPC endpoint must be 'host:port', got {endpoint!r}")
+    indices = set(_native.rpc_add_server(endpoint))
+    return [d for d in devices() if d.index in indices]
+
+
 def _read(path: str) -> str | None:
     try:
         return Path(path).read_text()
