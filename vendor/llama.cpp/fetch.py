@@ -66,7 +66,7 @@ def download(pin: dict, dest_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
         req = Path(tmp) / "requirements.txt"
         req.write_text(f'{pin["package"]}=={pin["version"]} --hash=sha256:{pin["sha256"]}\n')
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", pin["package"],
                "--require-hashes", "-r", str(req), "-d", tmp]
         print(f"lamina: fetching {pin['package']}=={pin['version']} (llama.cpp {pin['llama_cpp_commit']})"
               " with pip download", file=sys.stderr)
