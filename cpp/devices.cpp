@@ -70,7 +70,6 @@ void init_devices(nb::module_ & m) {
         auto add = reinterpret_cast<ggml_backend_reg_t (*)(const char *)>(
             ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server"));
         if (add == nullptr) throw lamina_error("the RPC backend has no ggml_backend_rpc_add_server");
-        size_t before = ggml_backend_dev_count();
         if (std::find(added.begin(), added.end(), endpoint) == added.end()) {
             bool up;
             {
@@ -97,7 +96,6 @@ void init_devices(nb::module_ & m) {
         for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
             if (ggml_backend_dev_description(ggml_backend_dev_get(i)) == endpoint) idx.push_back(i);
         }
-        (void) before;
         return idx;
     }, nb::arg("endpoint"), "Connect an RPC server (host:port) and register its devices; returns their indices.");
 
