@@ -138,17 +138,20 @@ void decode_tokens(context_state & st, const llama_token * toks, size_t n) {
     }
 }
 
-size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt) {
-    if (prompt.empty()) {
+void check_prompt_fits(const context_state & st, size_t n) {
+    if (n == 0) {
         throw std::invalid_argument("the prompt has no tokens");
     }
     const size_t n_ctx = llama_n_ctx_seq(st.ctx.get());
-    if (prompt.size() >= n_ctx) {
-        throw std::invalid_argument("the prompt has " + std::to_string(prompt.size()) +
-                                    " tokens, the context holds " + std::to_string(n_ctx) +
-                                    " (n_ctx) and generation needs at least one more: shorten the prompt or "
-                                    "raise n_ctx");
+    if (n >= n_ctx) {
+        throw std::invalid_argument("the prompt has " + std::to_string(n) + " tokens, the context holds " +
+                                    std::to_string(n_ctx) + " (n_ctx) and generation needs at least one more: "
+                                    "shorten the prompt or raise n_ctx");
     }
+}
+
+size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt) {
+    check_prompt_fits(st, prompt.size());
     size_t common = 0;
     while (common < st.tokens.size() && common < prompt.size() && st.tokens[common] == prompt[common]) {
         ++common;

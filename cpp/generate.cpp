@@ -96,13 +96,7 @@ public:
         }
         prompt_.assign(prompt.data(), prompt.data() + prompt.shape(0));
         check_tokens(*st_->model, prompt_.data(), prompt_.size());
-        if (prompt_.empty()) throw std::invalid_argument("the prompt has no tokens");
-        const size_t n_ctx = llama_n_ctx_seq(st_->ctx.get());
-        if (prompt_.size() >= n_ctx) {
-            throw std::invalid_argument("the prompt has " + std::to_string(prompt_.size()) +
-                                        " tokens, the context holds " + std::to_string(n_ctx) +
-                                        " (n_ctx) and generation needs at least one more");
-        }
+        check_prompt_fits(*st_, prompt_.size());
     }
 
     nb::str next() {

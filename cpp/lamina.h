@@ -83,6 +83,8 @@ struct context_state {
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs);
 // Evaluate tokens for sequence 0 starting at st.tokens.size(); logits for the last token only.
 void decode_tokens(context_state & st, const llama_token * toks, size_t n);
+// ValueError unless a prompt of n tokens leaves room for one more in the context.
+void check_prompt_fits(const context_state & st, size_t n);
 // Bring the KV cache of sequence 0 to `prompt`, reusing the longest common prefix; afterwards
 // the logits of the prompt's last token are available at index -1. Returns the tokens evaluated.
 size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt);
