@@ -90,6 +90,7 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
     int rc;
     {
         nb::gil_scoped_release nogil;
+        caller_pin pin(batch.n_tokens > 1 ? st.pin_batch : st.pin_gen);
         rc = llama_decode(st.ctx.get(), batch);
     }
     if (rc != 0) {
@@ -180,10 +181,23 @@ size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt) 
 
 namespace {
 
+// (n_threads, cpus, strict, priority, poll) of one threadpool, as Python's Threads passes them
+using pool_args = std::tuple<int32_t, std::vector<int>, bool, int, uint32_t>;
+
+threadpool_config pool_config(const pool_args & a) {
+    threadpool_config c;
+    std::tie(c.n_threads, c.cpus, c.strict, c.prio, c.poll) = a;
+    if (c.n_threads < 1 || c.n_threads > GGML_MAX_N_THREADS) {
+        throw std::invalid_argument("thread counts must be in [1, " + std::to_string(GGML_MAX_N_THREADS) + "]");
+    }
+    if (c.prio < -1 || c.prio > 3) throw std::invalid_argument("priority must be -1 (low) .. 3 (realtime)");
+    return c;
+}
+
 class context_handle {
 public:
     context_handle(nb::handle model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, uint32_t n_seq_max,
-                   int32_t n_threads, int32_t n_threads_batch, int flash_attn, int type_k, int type_v,
+                   const pool_args & gen_pool, const pool_args & batch_pool, int flash_attn, int type_k, int type_v,
                    bool offload_kqv, bool op_offload, bool embeddings, bool swa_full, bool kv_unified,
                    int pooling_type) {
         auto ms = model_shared(model);
@@ -191,9 +205,8 @@ public:
         if (n_seq_max < 1 || n_seq_max > llama_max_parallel_sequences()) {
             throw std::invalid_argument("n_seq_max must be in [1, " + std::to_string(llama_max_parallel_sequences()) + "]");
         }
-        if (n_threads < 1 || n_threads > GGML_MAX_N_THREADS || n_threads_batch < 1 || n_threads_batch > GGML_MAX_N_THREADS) {
-            throw std::invalid_argument("thread counts must be in [1, " + std::to_string(GGML_MAX_N_THREADS) + "]");
-        }
+        threadpool_config gen = pool_config(gen_pool), batch = pool_config(batch_pool);
+        const int32_t n_threads = gen.n_threads, n_threads_batch = batch.n_threads;
         if (flash_attn < -1 || flash_attn > 1) throw std::invalid_argument("flash_attn must be -1 (auto), 0 or 1");
         if (pooling_type < -1 || pooling_type > 3) {
             throw std::invalid_argument("pooling_type must be -1 (model), 0 none, 1 mean, 2 cls or 3 last");
@@ -245,9 +258,6 @@ public:
         st->type_k = type_k;
         st->type_v = type_v;
         st->max_outputs = int32_t(llama_n_seq_max(raw));
-        threadpool_config gen, batch;
-        gen.n_threads = n_threads;
-        batch.n_threads = n_threads_batch;
         threadpools_attach(*st, gen, batch);
         st_ = std::move(st);
     }
@@ -400,16 +410,11 @@ public:
         return d;
     }
 
-    void set_threads(int32_t n_threads, int32_t n_threads_batch) {
-        if (n_threads < 1 || n_threads > GGML_MAX_N_THREADS || n_threads_batch < 1 || n_threads_batch > GGML_MAX_N_THREADS) {
-            throw std::invalid_argument("thread counts must be in [1, " + std::to_string(GGML_MAX_N_THREADS) + "]");
-        }
+    void set_threads(const pool_args & gen_pool, const pool_args & batch_pool) {
+        threadpool_config gen = pool_config(gen_pool), batch = pool_config(batch_pool);
         context_state & s = st();
-        threadpool_config gen, batch;
-        gen.n_threads = n_threads;
-        batch.n_threads = n_threads_batch;
         threadpools_attach(s, gen, batch);
-        llama_set_n_threads(s.ctx.get(), n_threads, n_threads_batch);
+        llama_set_n_threads(s.ctx.get(), gen.n_threads, batch.n_threads);
     }
 
     nb::dict perf() const {
@@ -450,10 +455,10 @@ void init_context(nb::module_ & m) {
     }, nb::arg("name"), "ggml type id for a name such as 'f16' or 'q8_0'.");
 
     nb::class_<context_handle>(m, "Context", "A llama.cpp context (owns llama_context, keeps its model alive).")
-        .def(nb::init<nb::handle, uint32_t, uint32_t, uint32_t, uint32_t, int32_t, int32_t, int, int, int, bool, bool,
+        .def(nb::init<nb::handle, uint32_t, uint32_t, uint32_t, uint32_t, const pool_args &, const pool_args &, int, int, int, bool, bool,
                       bool, bool, bool, int>(),
              nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_batch"), nb::arg("n_ubatch"), nb::arg("n_seq_max"),
-             nb::arg("n_threads"), nb::arg("n_threads_batch"), nb::arg("flash_attn"), nb::arg("type_k"),
+             nb::arg("gen_pool"), nb::arg("batch_pool"), nb::arg("flash_attn"), nb::arg("type_k"),
              nb::arg("type_v"), nb::arg("offload_kqv"), nb::arg("op_offload"), nb::arg("embeddings"),
              nb::arg("swa_full"), nb::arg("kv_unified"), nb::arg("pooling_type") = -1,
              "Create the context with the GIL released. Raises OutOfMemoryError or LaminaError with llama.cpp's reason.")
@@ -473,7 +478,7 @@ Args:
         .def_prop_ro("tokens", &context_handle::tokens, nb::rv_policy::automatic, "Tokens of sequence 0 held in the KV cache (a copy).")
         .def_prop_ro("n_past", [](const context_handle & c) { return c.st().tokens.size(); })
         .def("params", &context_handle::params, "Effective sizes and thread counts.")
-        .def("set_threads", &context_handle::set_threads, nb::arg("n_threads"), nb::arg("n_threads_batch"))
+        .def("set_threads", &context_handle::set_threads, nb::arg("gen"), nb::arg("batch"))
         .def("perf", &context_handle::perf, "llama.cpp's timing counters for this context.")
         .def("perf_reset", &context_handle::perf_reset)
         .def("abort", &context_handle::abort, "Ask a running decode (in another thread) to stop.");

@@ -13,6 +13,13 @@ void check_signals() {
 
 void init_errors(nb::module_ & m) {
     // Translators run newest first, so subclasses are registered after their base.
+    nb::register_exception_translator([](const std::exception_ptr & p, void *) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const permission_error & e) {
+            PyErr_SetString(PyExc_PermissionError, e.what());
+        }
+    });
     nb::exception<lamina_error> base(m, "LaminaError", PyExc_RuntimeError);
     base.doc() = "Base class of lamina's errors.";
     nb::exception<load_error>(m, "LoadError", base.ptr()).doc() =

@@ -118,6 +118,7 @@ public:
         char buf[256];
         {
             nb::gil_scoped_release nogil;
+            caller_pin pin(st.pin_gen);
             while (true) {
                 if (pending_) {
                     if (st.tokens.size() + 1 > llama_n_ctx_seq(st.ctx.get())) {

@@ -7,6 +7,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/tuple.h>
 
 #include "llama-cpp.h"
 #include "llama.h"
@@ -32,6 +33,7 @@ struct decode_error : lamina_error {
     decode_error(int code_, const std::string & msg) : lamina_error(msg), code(code_) {}
 };
 struct closed_error : lamina_error { using lamina_error::lamina_error; };
+struct permission_error : std::runtime_error { using std::runtime_error::runtime_error; };  // -> PermissionError
 // std::invalid_argument -> ValueError, std::out_of_range -> IndexError (nanobind built-ins)
 
 // ---- owned native state -------------------------------------------------------------------
@@ -56,6 +58,28 @@ struct threadpool_config {
     }
 };
 
+// What a decode must do to the calling thread, which ggml makes worker 0 of the pool: its CPU
+// mask (empty: leave it) and scheduling priority (0: leave it). See caller_pin.
+struct pin_plan {
+    std::vector<int> cpus;
+    int prio = 0;
+    bool active() const { return !cpus.empty() || prio != 0; }
+};
+
+// For one scope, gives the calling thread the pool's worker-0 CPU mask and priority (ggml pins the
+// thread that creates or resumes a pool, never the one that calls a later decode, and never undoes
+// it), then restores the caller's own mask and priority. Inactive plans cost nothing.
+class caller_pin {
+public:
+    explicit caller_pin(const pin_plan & plan);
+    ~caller_pin();
+    caller_pin(const caller_pin &) = delete;
+    caller_pin & operator=(const caller_pin &) = delete;
+private:
+    struct saved;
+    std::unique_ptr<saved> saved_;
+};
+
 struct context_state {
     std::shared_ptr<model_state> model;
     llama_context_ptr ctx;
@@ -69,6 +93,7 @@ struct context_state {
     int32_t last_outputs = 0;      // outputs of the latest decode (rows of ctx.logits)
     ggml_threadpool * pool = nullptr;        // generation pool, owned (freed after ctx)
     ggml_threadpool * pool_batch = nullptr;  // batch pool, owned; null: the generation pool serves both
+    pin_plan pin_gen, pin_batch;             // caller pinning for one-token and multi-token decodes
     std::atomic<bool> abort{false};
     uint32_t abort_calls = 0;
     // Ctrl-C during a decode: the abort callback polls Python's signal handlers (see context.cpp)

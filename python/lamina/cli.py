@@ -28,13 +28,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default="auto", help="int, 'all' or 'auto'")
 
 
+def _add_thread_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-t", "--threads", type=int, default=None, help="generation threads (default: physical cores)")
+    p.add_argument("-tb", "--threads-batch", type=int, default=None, help="prompt threads (default: logical CPUs)")
+    p.add_argument("--cpus", default=None, help="pin threads to CPUs: '0-3,8' or a hex mask '0xff'")
+    p.add_argument("--cpus-batch", default=None, help="CPUs of the prompt threads (default: --cpus)")
+    p.add_argument("--cpu-strict", action="store_true", help="one thread per listed CPU")
+    p.add_argument("--prio", default="normal", choices=("low", "normal", "medium", "high", "realtime"))
+    p.add_argument("--poll", type=int, default=50, help="0 (sleep) .. 100 (spin) while waiting for work")
+
+
+def _threads(args: argparse.Namespace) -> Threads:
+    return Threads(n=args.threads, batch=args.threads_batch, cpus=args.cpus, batch_cpus=args.cpus_batch,
+                   strict=args.cpu_strict, priority=args.prio, poll=args.poll)
+
+
 def _load(args: argparse.Namespace) -> Model:
     return Model(args.model, gpu=not args.no_gpu, n_gpu_layers=args.n_gpu_layers)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     model = _load(args)
-    ctx = model.context(n_ctx=args.ctx_size, threads=Threads(n=args.threads, batch=args.threads_batch))
+    ctx = model.context(n_ctx=args.ctx_size, threads=_threads(args))
     sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
     gen = ctx.generate(args.prompt, max_tokens=args.n_predict, sampler=sampler, stop=args.stop or ())
     if args.echo:
@@ -46,13 +61,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     s = gen.stats
     print(f"[{s['finish_reason']}] prompt: {s['n_prompt']} tokens ({s['n_prompt_eval']} evaluated, "
           f"{s['prompt_tokens_per_s']:.1f} t/s); generated: {s['n_generated']} tokens, {s['tokens_per_s']:.1f} t/s; "
-          f"threads {ctx.threads[0]}/{ctx.threads[1]}", file=sys.stderr)
+          f"threads: {ctx.threads_config.describe()}", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model = _load(args)
-    ctx = model.context(n_ctx=args.ctx_size, threads=Threads(n=args.threads))
+    ctx = model.context(n_ctx=args.ctx_size, threads=_threads(args))
     sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
     messages: list[dict[str, str]] = []
     if args.system:
@@ -120,8 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_model_args(run)
     run.add_argument("-n", "--n-predict", type=int, default=128)
     run.add_argument("-c", "--ctx-size", type=int, default=4096)
-    run.add_argument("-t", "--threads", type=int, default=None)
-    run.add_argument("-tb", "--threads-batch", type=int, default=None)
+    _add_thread_args(run)
     run.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -134,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("-n", "--n-predict", type=int, default=512)
     chat.add_argument("-c", "--ctx-size", type=int, default=4096)
-    chat.add_argument("-t", "--threads", type=int, default=None)
+    _add_thread_args(chat)
     chat.add_argument("--temp", type=float, default=0.0)
     chat.add_argument("--seed", type=int, default=0)
     chat.set_defaults(func=cmd_chat)

@@ -12,7 +12,7 @@ import numpy.typing as npt
 from . import _core, _native
 from .model import as_tokens
 from .sampling import Sampler
-from .system import default_threads, default_threads_batch
+from .threads import Threads
 
 if TYPE_CHECKING:
     from .model import Model
@@ -20,25 +20,6 @@ if TYPE_CHECKING:
 _LOGITS = {"none": 0, "last": 1, "all": 2}
 POOLING = {None: -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
 _FLASH = {"auto": -1, False: 0, True: 1}
-
-
-@dataclass(frozen=True)
-class Threads:
-    """Thread counts for a context: n for generation, batch for prompt processing."""
-
-    n: int | None = None
-    batch: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("n", "batch"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 512):
-                raise ValueError(f"Threads.{name} must be an int in [1, 512], got {v!r}")
-
-    def resolve(self) -> tuple[int, int]:
-        n = self.n if self.n is not None else default_threads()
-        batch = self.batch if self.batch is not None else (self.n if self.n is not None else default_threads_batch())
-        return n, batch
 
 
 # K/V cache types llama.cpp supports (its CLI's list)
@@ -191,6 +172,16 @@ class KVCache:
         return sum(int(m["context"]) for m in self.memory())
 
 
+def _as_threads(threads: int | Threads | None) -> Threads:
+    if threads is None:
+        return Threads()
+    if isinstance(threads, Threads):
+        return threads
+    if isinstance(threads, int) and not isinstance(threads, bool):
+        return Threads(n=threads)
+    raise TypeError(f"threads must be an int or lamina.Threads, got {threads!r}")
+
+
 class Context:
     """A llama.cpp context: KV cache, batch decoding and generation. Use Model.context()."""
 
@@ -217,12 +208,8 @@ class Context:
                 raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
         if flash_attn not in _FLASH:
             raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
-        if threads is None or isinstance(threads, Threads):
-            self.threads = (threads or Threads()).resolve()
-        elif isinstance(threads, int) and not isinstance(threads, bool):
-            self.threads = Threads(n=threads).resolve()
-        else:
-            raise TypeError(f"threads must be an int or lamina.Threads, got {threads!r}")
+        self.threads_config = _as_threads(threads)
+        self.threads = self.threads_config.resolve()
         kv = kv or KV()
         if kv.quantized_v and flash_attn is False:
             raise ValueError(f"a quantized V cache ({kv.type_v}) needs flash attention: use flash_attn='auto' or True")
@@ -230,7 +217,7 @@ class Context:
         on_gpu = model.offload.gpu
         _core.sync_log_level()
         self._native = _native.Context(
-            model.native, n_ctx, n_batch, n_ubatch, n_seq_max, self.threads[0], self.threads[1],
+            model.native, n_ctx, n_batch, n_ubatch, n_seq_max, *self.threads_config.pools(),
             _FLASH[flash_attn], _native.ggml_type_from_name(kv.type_k), _native.ggml_type_from_name(kv.type_v),
             offload_kqv=kv.offload and on_gpu, op_offload=on_gpu, embeddings=embeddings,
             swa_full=kv.swa_full, kv_unified=kv.unified, pooling_type=POOLING[pooling])
@@ -300,11 +287,13 @@ class Context:
         data = state if isinstance(state, bytes) else Path(state).read_bytes()
         _native.state_set(self.native, data)
 
-    def set_threads(self, n: int, batch: int | None = None) -> None:
-        """Change thread counts on the live context."""
-        t = Threads(n=n, batch=batch).resolve()
-        self.native.set_threads(*t)
-        self.threads = t
+    def set_threads(self, threads: int | Threads, batch: int | None = None) -> None:
+        """Change thread counts, pinning or priority on the live context (new threadpools, no reload)."""
+        if batch is not None and not (isinstance(threads, int) and not isinstance(threads, bool)):
+            raise TypeError("batch goes with an int thread count; put it inside the Threads object otherwise")
+        cfg = Threads(n=threads, batch=batch) if isinstance(threads, int) and batch is not None else _as_threads(threads)
+        self.native.set_threads(*cfg.pools())
+        self.threads_config, self.threads = cfg, cfg.resolve()
         self.params = self.native.params()
 
     # -- generation ----------------------------------------------------------------------

@@ -56,6 +56,10 @@ lamina_default(LLAMA_SUBPROCESS OFF)
 lamina_default(LLAMA_BUILD_IS_DEV OFF)
 lamina_default(LLAMA_BUILD_NUMBER 0)
 lamina_default(LLAMA_BUILD_COMMIT ${LAMINA_LLAMA_CPP_COMMIT})
+# ggml's own thread pool instead of OpenMP: with OpenMP, a pool's CPU mask and priority land on
+# OpenMP's process-wide threads, which every context then shares, so two contexts cannot each
+# keep their own pinning (see cpp/threadpool.cpp). Decode speed: see the thread-pinning issue note.
+lamina_default(GGML_OPENMP OFF)
 
 if(LAMINA_PORTABLE)
   # Wheels: every CPU variant as a loadable backend, the best one picked at run time.

@@ -1,0 +1,157 @@
+"""lamina.Threads: thread counts, CPU pinning, priority and polling of a context's ggml threadpools."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Literal, Union
+
+from .system import allowed_cpus, default_threads, default_threads_batch, physical_cores
+
+CpuSpec = Union[str, Iterable[int], None]
+Priority = Literal["low", "normal", "medium", "high", "realtime"]
+# ggml_sched_priority values; medium/high/realtime are SCHED_FIFO 40/80/90 on Linux (need CAP_SYS_NICE)
+PRIORITIES = {"low": -1, "normal": 0, "medium": 1, "high": 2, "realtime": 3}
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+PoolArgs = tuple[int, list[int], bool, int, int]
+
+
+def parse_cpus(spec: CpuSpec, what: str = "cpus") -> tuple[int, ...] | None:
+    """CPU ids from a list ([0, 2, 4]), a range string ("0-3,8") or a hex mask ("0x15").
+
+    Raises ValueError for malformed or empty sets and for CPUs this process may not run on."""
+    if spec is None:
+        return None
+    cpus: set[int] = set()
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.lower().startswith("0x"):
+            try:
+                mask = int(text, 16)
+            except ValueError:
+                raise ValueError(f"{what}={spec!r}: not a hex CPU mask") from None
+            cpus = {i for i in range(mask.bit_length()) if mask >> i & 1}
+        else:
+            for part in text.split(","):
+                m = _RANGE.match(part)
+                if not m:
+                    raise ValueError(f"{what}={spec!r}: expected CPU ids and ranges like '0-3,8' or a mask like '0xff'")
+                lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+                if hi < lo:
+                    raise ValueError(f"{what}={spec!r}: range {lo}-{hi} runs backwards")
+                cpus.update(range(lo, hi + 1))
+    elif isinstance(spec, (int, bool)):
+        raise TypeError(f"{what}={spec!r}: give a list ([{spec}]), a range string ('0-3') or a hex mask string ('0xff')")
+    else:
+        for c in spec:
+            if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+                raise ValueError(f"{what}: CPU ids are ints >= 0, got {c!r}")
+            cpus.add(c)
+    if not cpus:
+        raise ValueError(f"{what}={spec!r} names no CPU")
+    allowed = set(allowed_cpus())
+    outside = sorted(cpus - allowed)
+    if outside:
+        raise ValueError(f"{what}: CPU(s) {outside} are outside this process's allowed set "
+                         f"{_format(sorted(allowed))} (sched_getaffinity)")
+    return tuple(sorted(cpus))
+
+
+def _format(cpus: Iterable[int]) -> str:
+    out, run = [], []
+    for c in cpus:
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+@dataclass(frozen=True)
+class Threads:
+    """Threads of a context: ``n`` for generation (one token per decode), ``batch`` for prompt
+    processing, each run by its own ggml threadpool.
+
+    cpus / batch_cpus pin the pool's threads (the calling thread included, only for the duration
+    of a decode) to a CPU set: a list, a range string "0-7,12" or a hex mask "0xff"; batch_cpus
+    defaults to cpus. strict=True puts each thread on its own listed CPU. priority: "low",
+    "normal" (inherit), "medium", "high", "realtime". poll: 0 (sleep at once) .. 100 (spin) while
+    waiting for work. Defaults: n = physical cores (of cpus, when given), batch = logical CPUs.
+    A pinned pool may not have more threads than CPUs (ggml's threads busy-wait at barriers).
+    """
+
+    n: int | None = None
+    batch: int | None = None
+    cpus: CpuSpec = None
+    batch_cpus: CpuSpec = None
+    strict: bool = False
+    priority: Priority = "normal"
+    poll: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("n", "batch"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 512):
+                raise ValueError(f"Threads.{name} must be an int in [1, 512], got {v!r}")
+        object.__setattr__(self, "cpus", parse_cpus(self.cpus, "Threads.cpus"))
+        object.__setattr__(self, "batch_cpus", parse_cpus(self.batch_cpus, "Threads.batch_cpus"))
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"Threads.strict must be a bool, got {self.strict!r}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"Threads.priority must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
+        if not isinstance(self.poll, int) or isinstance(self.poll, bool) or not 0 <= self.poll <= 100:
+            raise ValueError(f"Threads.poll must be an int in [0, 100], got {self.poll!r}")
+        if self.strict and self.cpus is None and self.batch_cpus is None:
+            raise ValueError("Threads.strict=True pins one thread per CPU: give cpus")
+        n, batch = self.resolve()
+        for name, count, cpus in (("n", n, self._gen_cpus()), ("batch", batch, self._batch_cpus())):
+            # ggml's threads spin at every barrier of a graph: two of them sharing one pinned CPU
+            # wait out each other's time slices, and a decode slows down a thousandfold
+            if cpus is not None and count > len(cpus):
+                raise ValueError(f"Threads.{name}={count} threads pinned to {len(cpus)} CPU(s) ({_format(cpus)}): "
+                                 "ggml's threads busy-wait at barriers, so a pinned set needs a CPU per thread")
+
+    def _gen_cpus(self) -> tuple[int, ...] | None:
+        return self.cpus  # type: ignore[return-value]
+
+    def _batch_cpus(self) -> tuple[int, ...] | None:
+        return self.batch_cpus if self.batch_cpus is not None else self.cpus  # type: ignore[return-value]
+
+    def resolve(self) -> tuple[int, int]:
+        """(generation, batch) thread counts after defaults."""
+        gen_cpus, batch_cpus = self._gen_cpus(), self._batch_cpus()
+        n = self.n if self.n is not None else (physical_cores(list(gen_cpus)) if gen_cpus else default_threads())
+        if self.batch is not None:
+            batch = self.batch
+        elif self.n is not None and batch_cpus is None:
+            batch = self.n
+        else:
+            batch = len(batch_cpus) if batch_cpus else default_threads_batch()
+        return n, batch
+
+    def pools(self) -> tuple[PoolArgs, PoolArgs]:
+        """The native threadpool settings (n_threads, cpus, strict, priority, poll) for generation and batch."""
+        n, batch = self.resolve()
+        prio = PRIORITIES[self.priority]
+        gen_cpus, batch_cpus = self._gen_cpus(), self._batch_cpus()
+        return ((n, list(gen_cpus or ()), self.strict and gen_cpus is not None, prio, self.poll),
+                (batch, list(batch_cpus or ()), self.strict and batch_cpus is not None, prio, self.poll))
+
+    def describe(self) -> str:
+        n, batch = self.resolve()
+        parts = [f"{n} generation", f"{batch} batch"]
+        if self.cpus is not None:
+            parts.append(f"cpus {_format(self._gen_cpus() or ())}")
+        if self.batch_cpus is not None:
+            parts.append(f"batch cpus {_format(self._batch_cpus() or ())}")
+        if self.strict:
+            parts.append("strict")
+        if self.priority != "normal":
+            parts.append(f"priority {self.priority}")
+        if self.poll != 50:
+            parts.append(f"poll {self.poll}")
+        return ", ".join(parts)

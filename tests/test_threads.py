@@ -1,0 +1,211 @@
+"""Thread pinning is real: the pool's worker threads and the decoding thread run on the requested
+CPUs (read from /proc/self/task/*/status during decodes), the caller gets its own affinity and
+priority back, and bad settings raise before anything is created."""
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+import lamina
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not hasattr(os, "sched_getaffinity"),
+                                reason="needs Linux /proc and sched_getaffinity")
+
+ALLOWED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def need_cpus(*cpus: int) -> None:
+    if not set(cpus) <= set(ALLOWED):
+        pytest.skip(f"needs CPUs {cpus}; this process may use {ALLOWED}")
+
+
+def tids() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")}
+
+
+def cpus_allowed(tid: int) -> str | None:
+    try:
+        text = Path(f"/proc/self/task/{tid}/status").read_text()
+    except OSError:
+        return None  # the thread ended
+    return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Cpus_allowed_list"))
+
+
+def observe(work: Callable[[], None], workers: set[int]) -> tuple[Counter[str], dict[int, Counter[str]]]:
+    """Run work() on a new thread and sample its CPU mask and the workers' until it ends."""
+    t = threading.Thread(target=work)
+    t.start()
+    caller = t.native_id
+    assert caller is not None
+    seen_caller: Counter[str] = Counter()
+    seen_workers: dict[int, Counter[str]] = {w: Counter() for w in workers}
+    while t.is_alive():
+        m = cpus_allowed(caller)
+        if m is not None:
+            seen_caller[m] += 1
+        for w in workers:
+            mw = cpus_allowed(w)
+            if mw is not None:
+                seen_workers[w][mw] += 1
+    t.join()
+    return seen_caller, seen_workers
+
+
+def pinned_context(model: lamina.Model, threads: lamina.Threads) -> tuple[lamina.Context, set[int]]:
+    before = tids()
+    ctx = model.context(n_ctx=512, threads=threads)
+    return ctx, tids() - before
+
+
+def generate(ctx: lamina.Context, n: int = 300) -> Callable[[], None]:
+    def work() -> None:
+        for _ in range(3):
+            ctx.kv_clear()
+            for _piece in ctx.generate([1, 5, 6, 7], max_tokens=n, ignore_eos=True):
+                pass
+    return work
+
+
+@pytest.mark.parametrize("cpu", [0, 1])
+def test_a_decode_pinned_to_one_cpu_runs_there(tiny_model: lamina.Model, cpu: int) -> None:
+    need_cpus(cpu)
+    ctx, workers = pinned_context(tiny_model, lamina.Threads(n=1, batch=1, cpus=[cpu]))
+    with ctx:
+        assert not workers  # one thread: ggml's worker 0 is the calling thread, no pool threads
+        seen_caller, _ = observe(generate(ctx), workers)
+    # the decoding thread is pinned while it decodes (between tokens it may show its own mask)
+    assert seen_caller[str(cpu)] > 0, dict(seen_caller)
+    assert set(seen_caller) <= {str(cpu), cpus_allowed(threading.get_native_id())}
+
+
+def test_every_thread_of_a_pinned_pool_runs_on_its_set(tiny_model: lamina.Model) -> None:
+    need_cpus(0, 1)
+    ctx, workers = pinned_context(tiny_model, lamina.Threads(n=2, batch=2, cpus=[1, 0]))
+    with ctx:
+        assert len(workers) == 1  # one pool for both (same settings): worker 1; worker 0 is the caller
+        seen_caller, seen_workers = observe(generate(ctx), workers)
+    assert [set(s) for s in seen_workers.values()] == [{"0-1"}]
+    assert seen_caller["0-1"] > 0
+
+
+def test_strict_pinning_puts_one_thread_on_each_cpu(tiny_model: lamina.Model) -> None:
+    need_cpus(0, 1)
+    ctx, workers = pinned_context(tiny_model, lamina.Threads(n=2, batch=2, cpus="0-1", strict=True))
+    with ctx:
+        seen_caller, seen_workers = observe(generate(ctx), workers)
+    # ggml gives workers 1..n-1 the listed CPUs in order and the calling thread (worker 0) the next one
+    assert [set(s) for s in seen_workers.values()] == [{"0"}]
+    assert seen_caller["1"] > 0 and "0" not in seen_caller, dict(seen_caller)
+
+
+def test_caller_gets_its_affinity_and_priority_back(tiny_model: lamina.Model) -> None:
+    need_cpus(0, 1)
+    mask, policy = os.sched_getaffinity(0), os.sched_getscheduler(0)
+    with tiny_model.context(n_ctx=256, threads=lamina.Threads(n=1, batch=2, cpus=[1], batch_cpus=[0, 1],
+                                                              priority="low")) as ctx:
+        assert os.sched_getaffinity(0) == mask  # creating the pool pinned this thread; undone
+        text = ctx.complete("hello", max_tokens=16).text
+        ctx.decode(list(range(3, 40)))  # a batch decode on the batch pool
+        assert os.sched_getaffinity(0) == mask
+        assert os.sched_getscheduler(0) == policy
+    with tiny_model.context(n_ctx=256, threads=2) as ctx:
+        assert ctx.complete("hello", max_tokens=16).text == text  # pinning never changes results
+
+
+def _fifo_allowed() -> bool:
+    ok = []
+
+    def attempt() -> None:  # on a throwaway thread: Linux scheduling policies are per thread
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(40))
+            ok.append(True)
+        except PermissionError:
+            ok.append(False)
+
+    t = threading.Thread(target=attempt)
+    t.start()
+    t.join()
+    return ok[0]
+
+
+def test_realtime_priority_applies_during_decode_and_is_undone(tiny_model: lamina.Model) -> None:
+    threads = lamina.Threads(n=1, batch=1, priority="medium", poll=0)
+    if not _fifo_allowed():
+        with pytest.raises(PermissionError, match="CAP_SYS_NICE"):
+            tiny_model.context(n_ctx=256, threads=threads)
+        return
+    policy = os.sched_getscheduler(0)
+    with tiny_model.context(n_ctx=256, threads=threads) as ctx:
+        assert os.sched_getscheduler(0) == policy
+        seen: Counter[int] = Counter()
+        t = threading.Thread(target=generate(ctx, 200))
+        t.start()
+        while t.is_alive():
+            try:
+                seen[os.sched_getscheduler(t.native_id or 0)] += 1
+            except OSError:
+                pass
+        t.join()
+        assert seen[os.SCHED_FIFO] > 0, dict(seen)
+        ctx.complete("hi", max_tokens=4)
+        assert os.sched_getscheduler(0) == policy
+
+
+def test_two_contexts_keep_their_own_pins(tiny_model: lamina.Model) -> None:
+    need_cpus(0, 1)
+    a, _ = pinned_context(tiny_model, lamina.Threads(n=1, batch=1, cpus=[0]))
+    b, _ = pinned_context(tiny_model, lamina.Threads(n=1, batch=1, cpus=[1]))
+    s, ws = pinned_context(tiny_model, lamina.Threads(n=2, batch=2, cpus=[0, 1], strict=True))
+    with a, b, s:
+        for ctx, cpu in ((a, "0"), (b, "1"), (s, "1"), (a, "0")):
+            seen_caller, seen_workers = observe(generate(ctx, 150), ws)
+            assert seen_caller[cpu] > 0 and not ({"0", "1"} - {cpu}) & set(seen_caller), dict(seen_caller)
+            assert [set(x) for x in seen_workers.values()] == [{"0"}]
+
+
+def test_set_threads_repins_a_live_context(tiny_model: lamina.Model) -> None:
+    need_cpus(0, 1)
+    ctx, workers = pinned_context(tiny_model, lamina.Threads(n=2, batch=2, cpus=[0, 1], strict=True))
+    with ctx:
+        first = ctx.complete("abc", max_tokens=12).tokens
+        before = tids()
+        ctx.set_threads(lamina.Threads(n=2, batch=2, cpus=[0, 1]))
+        new = tids() - before
+        assert len(new) == 1 and not (workers & tids())  # old pool's worker gone, a new one started
+        seen_caller, seen_workers = observe(generate(ctx, 100), new)
+        assert [set(s) for s in seen_workers.values()] == [{"0-1"}] and seen_caller["0-1"] > 0
+        ctx.kv_clear()
+        assert list(ctx.complete("abc", max_tokens=12).tokens) == list(first)
+        assert ctx.threads == (2, 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cpus=[4096]), "outside this process's allowed set"),
+    (dict(cpus="0x0"), "names no CPU"),
+    (dict(cpus=""), "expected CPU ids"),
+    (dict(cpus="1-0"), "runs backwards"),
+    (dict(cpus="0xzz"), "not a hex CPU mask"),
+    (dict(cpus=[-1]), "ints >= 0"),
+    (dict(n=2, cpus=[0], strict=True), "a CPU per thread"),
+    (dict(n=1, batch=2, cpus=[0]), "batch=2 threads pinned to 1 CPU"),
+    (dict(strict=True), "give cpus"),
+    (dict(priority="urgent"), "priority must be one of"),
+    (dict(poll=101), r"poll must be an int in \[0, 100\]"),
+])
+def test_bad_thread_settings_raise(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        lamina.Threads(**kwargs)  # type: ignore[arg-type]
+
+
+def test_cpu_specs_parse_alike() -> None:
+    need_cpus(0, 1)
+    assert lamina.Threads(cpus="0-1").cpus == lamina.Threads(cpus="0x3").cpus == lamina.Threads(cpus=[1, 0, 1]).cpus == (0, 1)
+    with pytest.raises(TypeError):
+        lamina.Threads(cpus=3)  # type: ignore[arg-type]
+    # n defaults to the physical cores among the listed CPUs, batch to their count
+    assert lamina.Threads(cpus=[0]).resolve() == (1, 1)
