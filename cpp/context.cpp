@@ -179,6 +179,32 @@ size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt) 
     return prompt.size() - common;
 }
 
+llama_context_params build_context_params(const context_args & a) {
+    llama_context_params p = llama_context_default_params();
+    int flash_attn, type_k, type_v, pooling_type;
+    std::tie(p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, flash_attn, type_k, type_v, p.offload_kqv, p.op_offload,
+             p.embeddings, p.swa_full, p.kv_unified, pooling_type) = a;
+    if (p.n_batch < 1 || p.n_ubatch < 1) throw std::invalid_argument("n_batch and n_ubatch must be >= 1");
+    p.n_ubatch = std::min(p.n_ubatch, p.n_batch);
+    if (p.n_seq_max < 1 || p.n_seq_max > llama_max_parallel_sequences()) {
+        throw std::invalid_argument("n_seq_max must be in [1, " + std::to_string(llama_max_parallel_sequences()) + "]");
+    }
+    if (flash_attn < -1 || flash_attn > 1) throw std::invalid_argument("flash_attn must be -1 (auto), 0 or 1");
+    if (pooling_type < -1 || pooling_type > 3) {
+        throw std::invalid_argument("pooling_type must be -1 (model), 0 none, 1 mean, 2 cls or 3 last");
+    }
+    for (int t : {type_k, type_v}) {
+        if (t < 0 || t >= GGML_TYPE_COUNT || ggml_type_size(ggml_type(t)) == 0) {
+            throw std::invalid_argument("invalid KV cache type id " + std::to_string(t));
+        }
+    }
+    p.flash_attn_type = static_cast<llama_flash_attn_type>(flash_attn);
+    p.type_k = ggml_type(type_k);
+    p.type_v = ggml_type(type_v);
+    p.pooling_type = static_cast<enum llama_pooling_type>(pooling_type);
+    return p;
+}
+
 namespace {
 
 // (n_threads, cpus, strict, priority, poll) of one threadpool, as Python's Threads passes them
@@ -196,43 +222,17 @@ threadpool_config pool_config(const pool_args & a) {
 
 class context_handle {
 public:
-    context_handle(nb::handle model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, uint32_t n_seq_max,
-                   const pool_args & gen_pool, const pool_args & batch_pool, int flash_attn, int type_k, int type_v,
-                   bool offload_kqv, bool op_offload, bool embeddings, bool swa_full, bool kv_unified,
-                   int pooling_type) {
+    context_handle(nb::handle model, const context_args & args, const pool_args & gen_pool,
+                   const pool_args & batch_pool) {
         auto ms = model_shared(model);
-        if (n_batch < 1 || n_ubatch < 1) throw std::invalid_argument("n_batch and n_ubatch must be >= 1");
-        if (n_seq_max < 1 || n_seq_max > llama_max_parallel_sequences()) {
-            throw std::invalid_argument("n_seq_max must be in [1, " + std::to_string(llama_max_parallel_sequences()) + "]");
-        }
         threadpool_config gen = pool_config(gen_pool), batch = pool_config(batch_pool);
-        const int32_t n_threads = gen.n_threads, n_threads_batch = batch.n_threads;
-        if (flash_attn < -1 || flash_attn > 1) throw std::invalid_argument("flash_attn must be -1 (auto), 0 or 1");
-        if (pooling_type < -1 || pooling_type > 3) {
-            throw std::invalid_argument("pooling_type must be -1 (model), 0 none, 1 mean, 2 cls or 3 last");
-        }
-        for (int t : {type_k, type_v}) {
-            if (t < 0 || t >= GGML_TYPE_COUNT || ggml_type_size(ggml_type(t)) == 0) {
-                throw std::invalid_argument("invalid KV cache type id " + std::to_string(t));
-            }
-        }
-        llama_context_params p = llama_context_default_params();
-        p.n_ctx = n_ctx;
-        p.n_batch = n_batch;
-        p.n_ubatch = std::min(n_ubatch, n_batch);
-        p.n_seq_max = n_seq_max;
-        p.n_threads = n_threads;
-        p.n_threads_batch = n_threads_batch;
-        p.flash_attn_type = static_cast<llama_flash_attn_type>(flash_attn);
-        p.type_k = ggml_type(type_k);
-        p.type_v = ggml_type(type_v);
-        p.offload_kqv = offload_kqv;
-        p.op_offload = op_offload;
-        p.embeddings = embeddings;
-        p.pooling_type = static_cast<enum llama_pooling_type>(pooling_type);
-        p.swa_full = swa_full;
-        p.kv_unified = kv_unified;
+        llama_context_params p = build_context_params(args);
+        p.n_threads = gen.n_threads;
+        p.n_threads_batch = batch.n_threads;
         p.no_perf = false;
+        const uint32_t n_ctx = p.n_ctx;
+        const bool embeddings = p.embeddings;
+        const int type_k = int(p.type_k), type_v = int(p.type_v);
 
         auto st = std::make_shared<context_state>();
         st->model = ms;
@@ -455,12 +455,8 @@ void init_context(nb::module_ & m) {
     }, nb::arg("name"), "ggml type id for a name such as 'f16' or 'q8_0'.");
 
     nb::class_<context_handle>(m, "Context", "A llama.cpp context (owns llama_context, keeps its model alive).")
-        .def(nb::init<nb::handle, uint32_t, uint32_t, uint32_t, uint32_t, const pool_args &, const pool_args &, int, int, int, bool, bool,
-                      bool, bool, bool, int>(),
-             nb::arg("model"), nb::arg("n_ctx"), nb::arg("n_batch"), nb::arg("n_ubatch"), nb::arg("n_seq_max"),
-             nb::arg("gen_pool"), nb::arg("batch_pool"), nb::arg("flash_attn"), nb::arg("type_k"),
-             nb::arg("type_v"), nb::arg("offload_kqv"), nb::arg("op_offload"), nb::arg("embeddings"),
-             nb::arg("swa_full"), nb::arg("kv_unified"), nb::arg("pooling_type") = -1,
+        .def(nb::init<nb::handle, const context_args &, const pool_args &, const pool_args &>(),
+             nb::arg("model"), nb::arg("settings"), nb::arg("gen_pool"), nb::arg("batch_pool"),
              "Create the context with the GIL released. Raises OutOfMemoryError or LaminaError with llama.cpp's reason.")
         .def("close", &context_handle::close, "Release this handle (live logits views keep the memory alive).")
         .def_prop_ro("closed", &context_handle::closed)

@@ -8,6 +8,7 @@
 #include <nanobind/stl/vector.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/optional.h>
 
 #include "llama-cpp.h"
 #include "llama.h"
@@ -130,6 +131,31 @@ void pool_free(ggml_threadpool * tp);
 // Python's signal check, done with the GIL held; raises KeyboardInterrupt etc. as nb::python_error.
 void check_signals();
 
+// ---- parameters shared by loading, contexts and the memory fit (model.cpp, context.cpp) -----
+// Python's model placement: (n_gpu_layers, device indices or None, split_mode, main_gpu,
+// tensor_split or None, tensor overrides [(regex, device index or -1 for the CPU)])
+using model_args = std::tuple<int32_t, std::optional<std::vector<int>>, int, int, std::optional<std::vector<float>>,
+                              std::vector<std::pair<std::string, int>>>;
+// llama_model_params with the storage its pointers point into
+struct model_params {
+    llama_model_params p;
+    std::vector<ggml_backend_dev_t> devs;
+    std::vector<float> split;
+    std::vector<std::string> patterns;
+    std::vector<llama_model_tensor_buft_override> overrides;
+    model_params() = default;
+    model_params(const model_params &) = delete;
+    model_params & operator=(const model_params &) = delete;
+};
+// Validated; raises ValueError / IndexError for bad placements.
+void build_model_params(const model_args & a, model_params & out);
+// Python's context settings: (n_ctx, n_batch, n_ubatch, n_seq_max, flash_attn, type_k, type_v,
+// offload_kqv, op_offload, embeddings, swa_full, kv_unified, pooling_type)
+using context_args = std::tuple<uint32_t, uint32_t, uint32_t, uint32_t, int, int, int, bool, bool, bool, bool, bool, int>;
+llama_context_params build_context_params(const context_args & a);
+// Collect llama.cpp's "layer N assigned to device X" lines logged by this thread (null: stop).
+void capture_layer_devices(std::vector<std::pair<int, std::string>> * out);
+
 // ---- init functions, one per concern --------------------------------------------------------
 void init_errors(nb::module_ & m);
 void init_logging(nb::module_ & m);
@@ -141,5 +167,6 @@ void init_sampler(nb::module_ & m);
 void init_generate(nb::module_ & m);
 void init_chat(nb::module_ & m);
 void init_memory(nb::module_ & m);
+void init_fit(nb::module_ & m);
 
 }  // namespace lamina

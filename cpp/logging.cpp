@@ -5,6 +5,8 @@
 // or above the threshold that Python set.
 #include "lamina.h"
 
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 namespace lamina {
@@ -17,6 +19,7 @@ std::mutex g_last_error_mutex;
 std::string g_last_error;
 
 thread_local std::string t_line;
+thread_local std::vector<std::pair<int, std::string>> * t_layers = nullptr;
 thread_local int t_level = GGML_LOG_LEVEL_INFO;
 
 void log_callback(ggml_log_level level, const char * text, void *) {
@@ -30,6 +33,17 @@ void log_callback(ggml_log_level level, const char * text, void *) {
     line.swap(t_line);
     while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) {
         line.pop_back();
+    }
+    if (t_layers != nullptr) {
+        // "load_tensors: layer  12 assigned to device CUDA0, is_swa = 0"
+        size_t at = line.find("layer ");
+        size_t dev = line.find(" assigned to device ");
+        if (at != std::string::npos && dev != std::string::npos && dev > at) {
+            size_t end = line.find(',', dev);
+            size_t name0 = dev + std::strlen(" assigned to device ");
+            t_layers->emplace_back(std::atoi(line.c_str() + at + 6),
+                                   line.substr(name0, end == std::string::npos ? std::string::npos : end - name0));
+        }
     }
     if (lvl >= GGML_LOG_LEVEL_ERROR) {
         std::lock_guard<std::mutex> lock(g_last_error_mutex);
@@ -54,6 +68,8 @@ void log_callback(ggml_log_level level, const char * text, void *) {
 }
 
 }  // namespace
+
+void capture_layer_devices(std::vector<std::pair<int, std::string>> * out) { t_layers = out; }
 
 std::string last_log_error() {
     std::lock_guard<std::mutex> lock(g_last_error_mutex);

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <optional>
+#include <regex>
 
 namespace lamina {
 namespace {
@@ -94,51 +95,20 @@ std::string meta_string(const llama_model * model, const char * key) {
 
 class model_handle {
 public:
-    model_handle(const std::string & path, int32_t n_gpu_layers, int load_mode,
-                 std::optional<std::vector<int>> devices, int split_mode, int main_gpu,
-                 std::optional<std::vector<float>> tensor_split, bool vocab_only,
+    model_handle(const std::string & path, const model_args & args, int load_mode, bool vocab_only,
                  nb::object progress) {
         check_gguf_file(path);
         if (!progress.is_none() && !PyCallable_Check(progress.ptr())) {
             throw std::invalid_argument("progress must be callable or None");
         }
-        if (split_mode < 0 || split_mode > 2) {
-            throw std::invalid_argument("split_mode must be 0 (none), 1 (layer) or 2 (row)");
-        }
-
-        llama_model_params p = llama_model_default_params();
-        p.n_gpu_layers = n_gpu_layers;
         if (load_mode < LLAMA_LOAD_MODE_AUTO || load_mode > LLAMA_LOAD_MODE_DIRECT_IO) {
             throw std::invalid_argument("invalid load_mode " + std::to_string(load_mode));
         }
+        model_params mp;
+        build_model_params(args, mp);
+        llama_model_params & p = mp.p;
         p.load_mode = static_cast<llama_load_mode>(load_mode);
         p.vocab_only = vocab_only;
-        p.split_mode = static_cast<llama_split_mode>(split_mode);
-        p.main_gpu = main_gpu;
-
-        // devices: None = every device llama.cpp would pick; a list of ggml device indices
-        // (possibly empty: CPU only) otherwise. NULL-terminated.
-        std::vector<ggml_backend_dev_t> devs;
-        if (devices) {
-            size_t n = ggml_backend_dev_count();
-            for (int idx : *devices) {
-                if (idx < 0 || size_t(idx) >= n) {
-                    throw std::out_of_range("device index " + std::to_string(idx) + " out of range [0, " +
-                                            std::to_string(n) + ")");
-                }
-                devs.push_back(ggml_backend_dev_get(size_t(idx)));
-            }
-            devs.push_back(nullptr);
-            p.devices = devs.data();
-        }
-        std::vector<float> split(llama_max_devices(), 0.0f);
-        if (tensor_split) {
-            if (tensor_split->size() > split.size()) {
-                throw std::invalid_argument("tensor_split has more entries than llama.cpp supports devices");
-            }
-            std::copy(tensor_split->begin(), tensor_split->end(), split.begin());
-            p.tensor_split = split.data();
-        }
 
         load_progress lp;
         lp.callback = progress.is_none() ? nullptr : progress.ptr();
@@ -147,9 +117,12 @@ public:
 
         clear_last_log_error();
         llama_model * raw = nullptr;
+        std::vector<std::pair<int, std::string>> layers;
         {
             nb::gil_scoped_release nogil;
+            capture_layer_devices(&layers);
             raw = llama_model_load_from_file(path.c_str(), p);
+            capture_layer_devices(nullptr);
         }
         if (lp.python_error) {
             if (raw) llama_model_free(raw);
@@ -170,7 +143,11 @@ public:
         st_->vocab = llama_model_get_vocab(raw);
         st_->n_vocab = llama_vocab_n_tokens(st_->vocab);
         st_->path = path;
+        layers_ = std::move(layers);
     }
+
+    // (layer index, device name) as llama.cpp assigned them; index n_layer is the output layer
+    std::vector<std::pair<int, std::string>> layer_devices() const { st(); return layers_; }
 
     model_state & st() const {
         if (!st_) throw closed_error("the model is closed");
@@ -299,9 +276,72 @@ public:
 
 private:
     std::shared_ptr<model_state> st_;
+    std::vector<std::pair<int, std::string>> layers_;
 };
 
 }  // namespace
+
+void build_model_params(const model_args & a, model_params & out) {
+    const auto & [n_gpu_layers, devices, split_mode, main_gpu, tensor_split, overrides] = a;
+    llama_model_params & p = out.p;
+    p = llama_model_default_params();
+    if (split_mode < 0 || split_mode > 2) {
+        throw std::invalid_argument("split_mode must be 0 (none), 1 (layer) or 2 (row)");
+    }
+    if (n_gpu_layers < -1) throw std::invalid_argument("n_gpu_layers must be >= -1");
+    p.n_gpu_layers = n_gpu_layers;
+    p.split_mode = static_cast<llama_split_mode>(split_mode);
+    p.main_gpu = main_gpu;
+    const size_t n_dev = ggml_backend_dev_count();
+    // devices: None = every device llama.cpp would pick; a list of ggml device indices
+    // (possibly empty: CPU only) otherwise. NULL-terminated.
+    size_t n_model_devs = 0;
+    if (devices) {
+        for (int idx : *devices) {
+            if (idx < 0 || size_t(idx) >= n_dev) {
+                throw std::out_of_range("device index " + std::to_string(idx) + " out of range [0, " +
+                                        std::to_string(n_dev) + ")");
+            }
+            out.devs.push_back(ggml_backend_dev_get(size_t(idx)));
+        }
+        n_model_devs = out.devs.size();
+        out.devs.push_back(nullptr);
+        p.devices = out.devs.data();
+    }
+    if (split_mode == LLAMA_SPLIT_MODE_NONE && devices && (main_gpu < 0 || size_t(main_gpu) >= std::max<size_t>(1, n_model_devs))) {
+        throw std::out_of_range("main_gpu " + std::to_string(main_gpu) + " is not one of the " +
+                                std::to_string(n_model_devs) + " chosen devices");
+    }
+    out.split.assign(llama_max_devices(), 0.0f);
+    if (tensor_split) {
+        if (tensor_split->size() > out.split.size()) {
+            throw std::invalid_argument("tensor_split has more entries than llama.cpp supports devices");
+        }
+        std::copy(tensor_split->begin(), tensor_split->end(), out.split.begin());
+        p.tensor_split = out.split.data();
+    }
+    out.patterns.reserve(overrides.size());
+    for (const auto & [pattern, dev] : overrides) {
+        ggml_backend_dev_t d = nullptr;
+        if (dev < 0) {
+            d = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        } else if (size_t(dev) < n_dev) {
+            d = ggml_backend_dev_get(size_t(dev));
+        }
+        if (d == nullptr) throw std::out_of_range("tensor override device " + std::to_string(dev) + " does not exist");
+        try {
+            std::regex check(pattern);  // llama.cpp matches tensor names with std::regex
+        } catch (const std::regex_error & e) {
+            throw std::invalid_argument("tensor override pattern '" + pattern + "' is not a valid regex: " + e.what());
+        }
+        out.patterns.push_back(pattern);
+        out.overrides.push_back({out.patterns.back().c_str(), ggml_backend_dev_buffer_type(d)});
+    }
+    if (!overrides.empty()) {
+        out.overrides.push_back({nullptr, nullptr});
+        p.tensor_buft_overrides = out.overrides.data();
+    }
+}
 
 void check_tokens(const model_state & m, const llama_token * toks, size_t n) {
     for (size_t i = 0; i < n; ++i) {
@@ -318,19 +358,15 @@ std::shared_ptr<model_state> model_shared(nb::handle model) {
 
 void init_model(nb::module_ & m) {
     nb::class_<model_handle>(m, "Model", "A loaded llama.cpp model (owns llama_model).")
-        .def(nb::init<const std::string &, int32_t, int, std::optional<std::vector<int>>, int, int,
-                      std::optional<std::vector<float>>, bool, nb::object>(),
-             nb::arg("path"), nb::arg("n_gpu_layers") = 0, nb::arg("load_mode") = -1,
-             nb::arg("devices").none() = nb::none(), nb::arg("split_mode") = 1,
-             nb::arg("main_gpu") = 0, nb::arg("tensor_split").none() = nb::none(), nb::arg("vocab_only") = false,
+        .def(nb::init<const std::string &, const model_args &, int, bool, nb::object>(),
+             nb::arg("path"), nb::arg("placement"), nb::arg("load_mode") = -1, nb::arg("vocab_only") = false,
              nb::arg("progress").none() = nb::none(),
              R"(Load a GGUF model with the GIL released.
 
 Args:
     path: GGUF file. Checked before llama.cpp sees it (exists, readable, GGUF magic).
-    n_gpu_layers: layers to offload (-1: all), as llama.cpp's n_gpu_layers.
+    placement: (n_gpu_layers, devices, split_mode, main_gpu, tensor_split, overrides); see build_model_params.
     load_mode: llama_load_mode (-1 auto, 0 none, 1 mmap, 2 mlock, 3 mmap+mlock, 4 direct I/O).
-    devices: ggml device indices to use; [] for CPU only; None for llama.cpp's default.
     progress: called with a float in [0, 1]; returning False cancels the load.
 Raises:
     FileNotFoundError, LoadError, OutOfMemoryError, KeyboardInterrupt (Ctrl-C during load).)")
@@ -344,7 +380,9 @@ Raises:
              "One token's bytes.")
         .def("is_eog", &model_handle::is_eog, nb::arg("token"), "Whether the token ends generation.")
         .def("metadata", &model_handle::metadata, "All GGUF metadata key/values as strings.")
-        .def("info", &model_handle::info, "Architecture, sizes and vocabulary facts.");
+        .def("info", &model_handle::info, "Architecture, sizes and vocabulary facts.")
+        .def("layer_devices", &model_handle::layer_devices,
+             "(layer, device name) pairs as llama.cpp assigned them at load; layer n_layer is the output layer.");
 }
 
 }  // namespace lamina

@@ -13,4 +13,5 @@ NB_MODULE(_native, m) {
     lamina::init_generate(m);
     lamina::init_chat(m);
     lamina::init_memory(m);
+    lamina::init_fit(m);
 }

@@ -111,7 +111,7 @@ def head32_model(tmp_path_factory: pytest.TempPathFactory) -> lamina.Model:
     from tiny_gguf import write_tiny_llama
 
     return lamina.Model(write_tiny_llama(tmp_path_factory.mktemp("m") / "head32.gguf", n_embd=128, n_head=4,
-                                         n_head_kv=2))
+                                         n_head_kv=2), gpu=False)
 
 
 @pytest.mark.parametrize("type_kv, bytes_per_32", [("f16", 64), ("q8_0", 34), ("q4_0", 18)])
@@ -123,3 +123,25 @@ def test_kv_bytes_match_the_formula(head32_model: lamina.Model, type_kv: str, by
     elements = info.n_layer * ctx.n_ctx * 2 * info.n_head_kv * head  # K and V
     assert ctx.kv.bytes == elements * bytes_per_32 // 32
     assert all(m["context"] == 0 or m["host"] for m in ctx.kv.memory())  # CPU only here
+
+
+def test_estimate_before_creating_equals_what_the_context_allocates(tiny_model: lamina.Model) -> None:
+    for kv in (lamina.KV(), lamina.KV(type_k="f32", type_v="bf16")):
+        est = tiny_model.estimate_memory(384, kv=kv)
+        with tiny_model.context(384, kv=kv) as ctx:
+            real = ctx.kv.memory()
+        assert est.kv_bytes == sum(int(m["context"]) for m in real) > 0
+        assert sum(d.model for d in est.devices) == sum(int(m["model"]) for m in real)
+    assert "n_ctx=384" in str(est)
+
+
+def test_n_ctx_zero_beyond_memory_raises_and_names_the_bytes(tmp_path: Path) -> None:
+    from tiny_gguf import write_tiny_llama
+
+    # 4 layers x (64 K + 64 V) x 2 bytes = 1 KiB per token: a training context of 2^25 tokens is 32 GiB
+    huge = write_tiny_llama(tmp_path / "long.gguf", n_layer=4, n_head=4, n_head_kv=4, n_ctx=1 << 25)
+    with lamina.Model(huge) as model:
+        with pytest.raises(lamina.OutOfMemoryError, match=r"n_ctx=0 .*training context"):
+            model.context(n_ctx=0)
+        with model.context(n_ctx=128) as ctx:  # the model is fine and still usable
+            assert ctx.complete("hello", max_tokens=4, ignore_eos=True).finish_reason == "length"

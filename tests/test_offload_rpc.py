@@ -16,6 +16,8 @@ import pytest
 
 import lamina
 
+from tiny_gguf import write_tiny_llama
+
 
 @pytest.fixture(scope="session")
 def rpc_device() -> Iterator[lamina.Device]:
@@ -27,24 +29,27 @@ def rpc_device() -> Iterator[lamina.Device]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # The server outlives the tests and dies with this process (PR_SET_PDEATHSIG): a context that
+    # a failing test's traceback keeps alive until interpreter exit still finds it there (ggml's
+    # RPC client aborts the process when its server is gone).
     proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):  # up to 10 s for the server to listen
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        (dev,) = lamina.rpc_connect(f"127.0.0.1:{port}")
-        assert dev.kind == "remote" and dev.backend == "RPC"
-        yield dev
-    finally:
-        import gc
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    for _ in range(100):  # up to 10 s for the server to listen
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    (dev,) = lamina.rpc_connect(f"127.0.0.1:{port}")
+    assert dev.kind == "remote" and dev.backend == "RPC"
+    yield dev
 
-        gc.collect()  # nothing may hold buffers on the server when it stops (session end)
-        proc.terminate()
-        proc.wait(timeout=10)
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def tensor_bytes(path: Path) -> dict[str, int]:
@@ -104,6 +109,92 @@ def test_ngl_above_layers_is_clamped_with_a_note(tiny_path: Path, rpc_device: la
     assert model.offload.layers_effective == 3
     assert any("clamped" in r for r in model.offload.reasons)
 
+
+@pytest.fixture(scope="module")
+def wide_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 layers of ~15 MiB each (f32): big enough that a layer is a measurable step in memory."""
+    return write_tiny_llama(tmp_path_factory.mktemp("wide") / "wide.gguf", n_layer=6, n_embd=512, n_head=8,
+                            n_head_kv=4, n_ff=2048, n_ctx=1024)
+
+
+def device_row(model: lamina.Model, dev: lamina.Device) -> lamina.DeviceMemory:
+    (row,) = [d for d in model.offload.per_device if d.device == dev.name]
+    return row
+
+
+def test_report_per_device_matches_what_a_context_allocates(tiny_path: Path, rpc_device: lamina.Device) -> None:
+    sizes = tensor_bytes(tiny_path)
+    model = lamina.Model(tiny_path, n_gpu_layers=2, devices=[rpc_device], n_ctx=256)
+    row = device_row(model, rpc_device)
+    assert row.layers == 2 and model.offload.layers_on(rpc_device.name) == 2
+    assert row.model == sizes["output.weight"] + sizes["output_norm.weight"] + sum(
+        v for k, v in sizes.items() if k.startswith("blk.1."))
+    remote, host, _ = placement(model, rpc_device)  # a real context of 256 tokens
+    assert (row.model, row.context, row.compute) == (remote["model"], remote["context"], remote["compute"])
+    (h,) = [d for d in model.offload.per_device if d.device == "host"]
+    assert h.layers == 1 and (h.model, h.context) == (host["model"], host["context"])
+    text = str(model.offload)
+    assert rpc_device.name in text and "layers" in text and "host" in text
+
+
+def test_auto_takes_the_most_layers_that_fit_a_memory_limit(wide_path: Path, rpc_device: lamina.Device) -> None:
+    need = {}
+    for k in range(8):
+        with lamina.Model(wide_path, n_gpu_layers=k, devices=[rpc_device.name], n_ctx=512) as m:
+            need[k] = device_row(m, rpc_device).bytes
+    assert all(need[k + 1] - need[k] > 10 * 2**20 for k in range(1, 7))  # each layer a clear step
+    reference = None
+    for k in (1, 3, 5):
+        limit = (need[k] + need[k + 1]) // 2  # room for k layers, not k + 1
+        model = lamina.Model(wide_path, n_gpu_layers="auto", devices=[rpc_device.name], n_ctx=512,
+                             memory_limit={rpc_device.name: limit})
+        assert model.offload.layers_effective == k, (k, model.offload)
+        assert device_row(model, rpc_device).bytes <= limit
+        assert any("memory fit chose" in r for r in model.offload.reasons)
+        with model.context() as ctx:  # loads and runs: no out-of-memory
+            tokens = list(ctx.complete("the sky", max_tokens=8, ignore_eos=True).tokens)
+        reference = reference or tokens
+        assert tokens == reference
+    unlimited = lamina.Model(wide_path, n_gpu_layers="auto", devices=[rpc_device.name], n_ctx=512)
+    assert unlimited.offload.layers_effective == 7
+
+
+def test_tensor_overrides_keep_matching_tensors_on_the_cpu(tiny_path: Path, rpc_device: lamina.Device) -> None:
+    sizes = tensor_bytes(tiny_path)
+    ffn0 = sum(v for k, v in sizes.items() if k.startswith("blk.0.ffn_"))
+    full = lamina.Model(tiny_path, n_gpu_layers="all", devices=[rpc_device.name])
+    kept = lamina.Model(tiny_path, n_gpu_layers="all", devices=[rpc_device.name],
+                        tensor_overrides=[(r"blk\.0\.ffn_.*", "cpu")])
+    assert placement(kept, rpc_device)[0]["model"] == placement(full, rpc_device)[0]["model"] - ffn0
+    assert placement(kept, rpc_device)[2] == placement(full, rpc_device)[2]
+    with pytest.raises(ValueError, match="not a valid regex"):
+        lamina.Model(tiny_path, devices=[rpc_device.name], n_gpu_layers="all", tensor_overrides=[("blk.(", "cpu")])
+    with pytest.raises(ValueError, match="no GPU device"):
+        lamina.Model(tiny_path, devices=[rpc_device.name], tensor_overrides=[("blk", "CUDA7")])
+    off = lamina.Model(tiny_path, gpu=False, tensor_overrides=[("blk", rpc_device.name)])
+    assert any("inert" in r for r in off.offload.reasons)
+
+
+@pytest.mark.parametrize("split, match", [
+    ([1.0, 1.0], "2 entries for 1 device"),
+    ([-1.0], ">= 0"),
+    ([0.0], "all entries are zero"),
+    ([float("nan")], "finite"),
+])
+def test_tensor_split_is_validated(tiny_path: Path, rpc_device: lamina.Device, split: list[float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        lamina.Model(tiny_path, devices=[rpc_device.name], n_gpu_layers="all", tensor_split=split)
+
+
+def test_placement_settings_are_validated(tiny_path: Path, rpc_device: lamina.Device) -> None:
+    with pytest.raises(ValueError, match="main_gpu"):
+        lamina.Model(tiny_path, devices=[rpc_device.name], split_mode="none", main_gpu=3)
+    with pytest.raises(ValueError, match="twice"):
+        lamina.Model(tiny_path, devices=[rpc_device.name, rpc_device.index])
+    with pytest.raises(ValueError, match="memory_limit applies"):
+        lamina.Model(tiny_path, devices=[rpc_device.name], n_gpu_layers=1, memory_limit={rpc_device.name: 1})
+    with pytest.raises(ValueError, match="n_gpu_layers must be >= 0"):
+        lamina.Model(tiny_path, n_gpu_layers=-3)
 
 
 def test_connecting_where_nothing_listens_raises(rpc_device: lamina.Device) -> None:

@@ -7,9 +7,11 @@
         print(piece, end="")
 """
 from ._core import logger
-from .context import KV, Completion, Context, Generation, Threads
+from .context import KV, Completion, Context, Generation
+from .threads import Threads
 from .errors import ClosedError, DecodeError, LaminaError, LoadError, OutOfMemoryError
-from .model import Model, ModelInfo, Offload
+from .memory import DeviceMemory, MemoryEstimate, Offload
+from .model import Model, ModelInfo
 from .models import default_model_path
 from .sampling import Sampler
 from .system import Device, SystemInfo, default_threads, devices, rpc_connect, system_info
@@ -25,7 +27,7 @@ def chat_templates() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Model", "ModelInfo", "Offload", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
+    "Model", "ModelInfo", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
     "Device", "SystemInfo", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
     "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "logger", "__version__",
 ]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .context import KV, Threads
+from .context import KV
+from .threads import Threads
 from .model import Model
 from .system import system_info
 

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Sequence
 
-from .context import Threads
+from .threads import Threads
 from .errors import LaminaError
 from .model import Model
 from .sampling import Sampler

@@ -182,6 +182,48 @@ def _as_threads(threads: int | Threads | None) -> Threads:
     raise TypeError(f"threads must be an int or lamina.Threads, got {threads!r}")
 
 
+def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv: KV,
+                     flash_attn: bool | Literal["auto"], on_gpu: bool, *, embeddings: bool = False,
+                     pooling: str | None = None) -> tuple[Any, ...]:
+    """Validated native context settings (see lamina.h: context_args)."""
+    for name, value, lo in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1),
+                            ("n_seq_max", n_seq_max, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if flash_attn not in _FLASH:
+        raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
+    if not isinstance(kv, KV):
+        raise TypeError(f"kv must be a lamina.KV, got {kv!r}")
+    if kv.quantized_v and flash_attn is False:
+        raise ValueError(f"a quantized V cache ({kv.type_v}) needs flash attention: use flash_attn='auto' or True")
+    return (n_ctx, n_batch, n_ubatch, n_seq_max, _FLASH[flash_attn], _native.ggml_type_from_name(kv.type_k),
+            _native.ggml_type_from_name(kv.type_v), kv.offload and on_gpu, on_gpu, embeddings, kv.swa_full,
+            kv.unified, POOLING[pooling])
+
+
+def _check_host_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max: int,
+                       flash_attn: bool | Literal["auto"]) -> None:
+    """n_ctx=0 asks for the training context, which can be far larger than this machine: refuse
+    it up front, with the bytes, instead of letting the allocation fail or swap."""
+    from .errors import OutOfMemoryError
+    from .system import system_info
+
+    try:
+        est = model.estimate_memory(0, kv=kv, n_seq_max=n_seq_max, n_batch=n_batch, n_ubatch=n_ubatch,
+                                    flash_attn=flash_attn)
+    except OutOfMemoryError as exc:
+        raise OutOfMemoryError(f"n_ctx=0 means the model's training context, {model.info.n_ctx_train} tokens: "
+                               f"even sizing it ran out of memory ({exc}); give a smaller n_ctx") from None
+    host = est.on("host")
+    need = host.context + host.compute
+    available = system_info().memory_available
+    if available and need > available:
+        raise OutOfMemoryError(
+            f"n_ctx=0 means the model's training context, {est.n_ctx} tokens: its KV cache and buffers need "
+            f"{need / 2**20:,.0f} MiB of host memory, {available / 2**20:,.0f} MiB are available; "
+            f"give a smaller n_ctx (see Model.estimate_memory)")
+
+
 class Context:
     """A llama.cpp context: KV cache, batch decoding and generation. Use Model.context()."""
 
@@ -202,25 +244,16 @@ class Context:
         self._native: _native.Context | None = None
         if pooling not in POOLING:
             raise ValueError(f"pooling must be None (the model's), 'none', 'mean', 'cls' or 'last', got {pooling!r}")
-        for name, value, lo in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1),
-                                ("n_seq_max", n_seq_max, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-        if flash_attn not in _FLASH:
-            raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
         self.threads_config = _as_threads(threads)
         self.threads = self.threads_config.resolve()
         kv = kv or KV()
-        if kv.quantized_v and flash_attn is False:
-            raise ValueError(f"a quantized V cache ({kv.type_v}) needs flash attention: use flash_attn='auto' or True")
         self.model = model
-        on_gpu = model.offload.gpu
+        settings = context_settings(n_ctx, n_batch, n_ubatch, n_seq_max, kv, flash_attn, model.offload.gpu,
+                                    embeddings=embeddings, pooling=pooling)
+        if n_ctx == 0:
+            _check_host_memory(model, kv, n_batch, n_ubatch, n_seq_max, flash_attn)
         _core.sync_log_level()
-        self._native = _native.Context(
-            model.native, n_ctx, n_batch, n_ubatch, n_seq_max, *self.threads_config.pools(),
-            _FLASH[flash_attn], _native.ggml_type_from_name(kv.type_k), _native.ggml_type_from_name(kv.type_v),
-            offload_kqv=kv.offload and on_gpu, op_offload=on_gpu, embeddings=embeddings,
-            swa_full=kv.swa_full, kv_unified=kv.unified, pooling_type=POOLING[pooling])
+        self._native = _native.Context(model.native, settings, *self.threads_config.pools())
         self.params = self._native.params()
         self.n_ctx = int(self.params["n_ctx"])
 

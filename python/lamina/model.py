@@ -10,11 +10,14 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core, _native
+from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
+from .system import Device
 from .system import devices as list_devices
 
 if TYPE_CHECKING:
-    from .context import Context, KV, Threads
+    from .context import Context, KV
+    from .threads import Threads
 
 NGL = Union[int, Literal["all", "auto"]]
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
@@ -66,33 +69,25 @@ class ModelInfo:
     is_recurrent: bool
 
 
-@dataclass(frozen=True)
-class Offload:
-    """What happened to the offload request (model.offload)."""
-
-    gpu: bool
-    layers_requested: NGL | None
-    layers_effective: int
-    n_layer: int
-    devices: list[str] = field(default_factory=list)
-    reasons: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        where = ", ".join(self.devices) if self.devices else "CPU only"
-        lines = [f"gpu: {'on' if self.gpu else 'off'}; layers on devices: {self.layers_effective}/{self.n_layer + 1} "
-                 f"(requested: {self.layers_requested!r}); devices: {where}"]
-        lines += [f"  - {r}" for r in self.reasons]
-        return "\n".join(lines)
-
-
 class Model:
     """A GGUF model loaded by llama.cpp.
 
     Args:
         path: GGUF file; None loads the default model (Gemma 3 270M Q4_K_M package).
         gpu: False keeps everything on the CPU: weights, KV cache and op offload; any
-            n_gpu_layers given is then inert and ``offload`` says so.
-        n_gpu_layers: layers on GPU devices: an int (clamped to n_layer + 1), "all" or "auto".
+            n_gpu_layers, tensor_split or device override given is then inert and ``offload`` says so.
+        n_gpu_layers: layers on GPU devices: an int (clamped to n_layer + 1), "all", or "auto":
+            the most layers that fit each device's free memory minus ``fit_margin`` (or within
+            ``memory_limit``) together with a context of ``n_ctx`` tokens, computed by llama.cpp's
+            common_fit_params without allocating.
+        devices: GPU/remote devices to use, by name or ggml index (default: all of them).
+        split_mode: "layer" (whole layers per device), "row" (rows of each matrix across devices)
+            or "none" (everything on ``main_gpu``). tensor_split: share per chosen device.
+        tensor_overrides: [(regex, device)]: tensors whose name matches go to that device name or
+            index, or "cpu" (e.g. ("ffn_.*_exps", "cpu") keeps MoE experts on the CPU).
+        n_ctx, kv: the context you plan to use, for "auto" and for the per-device report; n_ctx=0
+            lets "auto" pick the largest context (>= 4096 tokens) that fits.
+        memory_limit: {device: bytes} the most "auto" may use on a device.
         use_mmap, use_mlock: as llama.cpp.
         progress: called with a float in [0, 1] while loading; return False to cancel.
     """
@@ -106,11 +101,18 @@ class Model:
         main_gpu: int = 0,
         split_mode: str = "layer",
         tensor_split: Sequence[float] | None = None,
-        devices: Sequence[int | str] | None = None,
+        devices: Sequence[int | str | Device] | None = None,
+        tensor_overrides: Sequence[tuple[str, int | str | Device]] | None = None,
+        n_ctx: int = 4096,
+        kv: "KV | None" = None,
+        memory_limit: Mapping[int | str | Device, int] | None = None,
+        fit_margin: int = 1024 * MiB,
         use_mmap: bool = True,
         use_mlock: bool = False,
         progress: Callable[[float], bool | None] | None = None,
     ) -> None:
+        from .context import KV, context_settings
+
         self._native: _native.Model | None = None
         if path is None:
             path = default_model_path()
@@ -118,20 +120,24 @@ class Model:
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if split_mode not in _SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
-        if not (isinstance(n_gpu_layers, int) or n_gpu_layers in ("all", "auto")):
+        if not ((isinstance(n_gpu_layers, int) and not isinstance(n_gpu_layers, bool)) or n_gpu_layers in ("all", "auto")):
             raise ValueError(f"n_gpu_layers must be an int, 'all' or 'auto', got {n_gpu_layers!r}")
+        if isinstance(n_gpu_layers, int) and n_gpu_layers < 0:
+            raise ValueError(f"n_gpu_layers must be >= 0 (or 'all'), got {n_gpu_layers}")
+        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 0:
+            raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
+        if not isinstance(fit_margin, int) or fit_margin < 0:
+            raise ValueError(f"fit_margin must be bytes >= 0, got {fit_margin!r}")
         self.path = Path(path)
         self.gpu_requested = gpu
+        self.kv = kv or KV()
 
-        gpu_devices = [d for d in list_devices() if d.kind in ("gpu", "igpu", "remote")]
+        all_devices = list_devices()
+        gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu", "remote")]
         if devices is not None:
-            chosen = []
-            for sel in devices:
-                match = [d for d in gpu_devices if d.index == sel or d.name == sel]
-                if not match:
-                    raise ValueError(f"no GPU device {sel!r}; available: {[d.name for d in gpu_devices]}")
-                chosen.extend(match)
-            gpu_devices = chosen
+            gpu_devices = [_find_device(gpu_devices, sel, "devices") for sel in devices]
+            if len({d.index for d in gpu_devices}) != len(gpu_devices):
+                raise ValueError(f"devices lists a device twice: {list(devices)!r}")
 
         reasons: list[str] = []
         if not gpu:
@@ -141,36 +147,82 @@ class Model:
         use_gpu = gpu and bool(gpu_devices)
         if not use_gpu and n_gpu_layers not in ("auto", 0):
             reasons.append(f"n_gpu_layers={n_gpu_layers!r} is inert without a GPU")
+
+        split = _check_tensor_split(tensor_split, len(gpu_devices)) if tensor_split is not None else None
+        if split is not None and not use_gpu:
+            reasons.append("tensor_split is inert without a GPU")
+            split = None
+        if use_gpu and split_mode == "none" and not 0 <= main_gpu < len(gpu_devices):
+            raise ValueError(f"main_gpu={main_gpu} is not one of the {len(gpu_devices)} chosen devices")
+        overrides: list[tuple[str, int]] = []
+        for pattern, target in tensor_overrides or ():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"tensor override patterns are non-empty regex strings, got {pattern!r}")
+            if target == "cpu":
+                overrides.append((pattern, -1))
+            elif use_gpu:
+                overrides.append((pattern, _find_device(gpu_devices, target, "tensor_overrides").index))
+            else:
+                _find_device([d for d in all_devices if d.kind != "cpu"], target, "tensor_overrides")
+                reasons.append(f"tensor override {pattern!r} -> {target!r} is inert without a GPU")
+        limits = {}
+        for sel, nbytes in (memory_limit or {}).items():
+            if not isinstance(nbytes, int) or nbytes < 0:
+                raise ValueError(f"memory_limit values are bytes >= 0, got {nbytes!r}")
+            limits[_find_device(gpu_devices, sel, "memory_limit").index] = nbytes
+        if limits and n_gpu_layers != "auto":
+            raise ValueError("memory_limit applies to n_gpu_layers='auto'")
+
         ngl = 0
         if use_gpu:
-            # "auto" until the no-alloc fit lands: every layer (llama.cpp's own default)
             ngl = -1 if n_gpu_layers in ("all", "auto") else int(n_gpu_layers)
-            if n_gpu_layers == "auto":
-                reasons.append("auto: offloading every layer (memory fit not computed)")
-            if ngl < -1:
-                raise ValueError(f"n_gpu_layers must be >= 0, got {n_gpu_layers}")
+        dev_idx = [d.index for d in gpu_devices] if use_gpu else []
+        placement = (ngl, dev_idx, _SPLIT_MODES[split_mode], main_gpu, split, overrides)
+        self.n_ctx = n_ctx
+        settings = context_settings(n_ctx, 2048, 512, 1, self.kv, "auto", use_gpu)
+        _core.sync_log_level()
+        if use_gpu and n_gpu_layers == "auto":
+            margins = [max(0, d.memory_free - limits[d.index]) if d.index in limits else fit_margin
+                       for d in gpu_devices]
+            n_ctx_min = 4096 if n_ctx == 0 else n_ctx
+            fit = _native.fit(os.fspath(self.path), placement, settings, margins, n_ctx_min)
+            if fit["status"] == "fits":
+                ngl = int(fit["n_gpu_layers"])
+                if ngl >= 0 and len(gpu_devices) > 1 and fit["tensor_split"]:
+                    split = list(fit["tensor_split"])
+                reasons.append(f"auto: llama.cpp's memory fit chose n_gpu_layers={'all' if ngl < 0 else ngl}" +
+                               (f" and n_ctx={fit['n_ctx']}" if n_ctx == 0 else "") +
+                               f" (margins {', '.join(f'{m / MiB:.0f} MiB' for m in margins)})")
+                if n_ctx == 0:
+                    self.n_ctx = int(fit["n_ctx"])
+            else:
+                ngl = 0
+                reasons.append(f"auto: llama.cpp's memory fit reports '{fit['status']}': nothing offloaded")
+            placement = (ngl, dev_idx, _SPLIT_MODES[split_mode], main_gpu, split, overrides)
+        self._placement = placement
 
         # llama.cpp's load modes: -1 auto (mmap where it helps), 0 none, 2 mlock, 3 mmap+mlock
         load_mode = (3 if use_mlock else -1) if use_mmap else (2 if use_mlock else 0)
-        _core.sync_log_level()
-        self._native = _native.Model(
-            os.fspath(self.path),
-            n_gpu_layers=ngl,
-            load_mode=load_mode,
-            devices=[d.index for d in gpu_devices] if use_gpu else [],
-            split_mode=_SPLIT_MODES[split_mode],
-            main_gpu=main_gpu,
-            tensor_split=list(tensor_split) if tensor_split is not None else None,
-            progress=progress,
-        )
+        self._native = _native.Model(os.fspath(self.path), placement, load_mode=load_mode, progress=progress)
         info = self._native.info()
         self.info = ModelInfo(**{k: info[k] for k in ModelInfo.__dataclass_fields__})
         n_layer = self.info.n_layer
-        effective = 0
+        if self.n_ctx == 0:
+            self.n_ctx = self.info.n_ctx_train
+        placed: dict[str, int] = {}
+        for _layer, dev in self._native.layer_devices():
+            placed[dev] = placed.get(dev, 0) + 1
+        cpu_names = {d.name for d in all_devices if d.kind == "cpu"}
+        effective = sum(n for dev, n in placed.items() if dev not in cpu_names)
+        if isinstance(n_gpu_layers, int) and use_gpu and n_gpu_layers > n_layer + 1:
+            reasons.append(f"n_gpu_layers={n_gpu_layers} clamped to {n_layer + 1} (n_layer + output)")
+        per_device: list[DeviceMemory] = []
         if use_gpu:
-            effective = n_layer + 1 if ngl < 0 or ngl > n_layer else ngl
-            if isinstance(n_gpu_layers, int) and n_gpu_layers > n_layer + 1:
-                reasons.append(f"n_gpu_layers={n_gpu_layers} clamped to {n_layer + 1} (n_layer + output)")
+            est = self.estimate_memory(self.n_ctx)
+            for d in est.devices:
+                layers = sum(n for dev, n in placed.items() if dev in cpu_names) if d.device == "host" \
+                    else placed.get(d.device, 0)
+                per_device.append(DeviceMemory(d.device, d.model, d.context, d.compute, d.free, d.total, layers))
         self.offload = Offload(
             gpu=use_gpu,
             layers_requested=n_gpu_layers,
@@ -178,7 +230,22 @@ class Model:
             n_layer=n_layer,
             devices=[d.name for d in gpu_devices] if use_gpu else [],
             reasons=reasons,
+            per_device=per_device,
+            n_ctx=self.n_ctx,
         )
+
+    def estimate_memory(self, n_ctx: int | None = None, *, kv: "KV | None" = None, n_seq_max: int = 1,
+                        n_batch: int = 2048, n_ubatch: int = 512,
+                        flash_attn: bool | Literal["auto"] = "auto") -> MemoryEstimate:
+        """Bytes per device (and host) that this model's weights and a context with these
+        settings take, computed by llama.cpp's no-alloc load: nothing is allocated. n_ctx=0 is
+        the model's training context."""
+        from .context import context_settings
+
+        n = self.n_ctx if n_ctx is None else n_ctx
+        settings = context_settings(n, n_batch, n_ubatch, n_seq_max, kv or self.kv, flash_attn, self._placement[1] != [])
+        rows = _native.memory_estimate(os.fspath(self.path), self._placement, settings)
+        return estimate_from_native(n if n else self.info.n_ctx_train, rows)
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
@@ -277,7 +344,7 @@ class Model:
     # -- contexts ------------------------------------------------------------------------
     def context(
         self,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         *,
         n_batch: int = 2048,
         n_ubatch: int = 512,
@@ -287,11 +354,31 @@ class Model:
         flash_attn: bool | Literal["auto"] = "auto",
         embeddings: bool = False,
     ) -> "Context":
-        """Create a context (see lamina.Context)."""
+        """Create a context (see lamina.Context); n_ctx defaults to the model's planned n_ctx."""
         from .context import Context
 
-        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
-                       threads=threads, kv=kv, flash_attn=flash_attn, embeddings=embeddings)
+        return Context(self, n_ctx=self.n_ctx if n_ctx is None else n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
+                       threads=threads, kv=kv or self.kv, flash_attn=flash_attn, embeddings=embeddings)
 
     def __repr__(self) -> str:
         return f"<lamina.Model {self.info.desc!r} from {str(self.path)!r}>"
+
+
+def _find_device(candidates: list[Device], sel: int | str | Device, what: str) -> Device:
+    if isinstance(sel, Device):
+        sel = sel.index
+    for d in candidates:
+        if (isinstance(sel, int) and not isinstance(sel, bool) and d.index == sel) or d.name == sel:
+            return d
+    raise ValueError(f"{what}: no GPU device {sel!r}; available: {[f'{d.index}:{d.name}' for d in candidates]}")
+
+
+def _check_tensor_split(split: Sequence[float], n_devices: int) -> list[float]:
+    values = [float(x) for x in split]
+    if n_devices and len(values) > n_devices:
+        raise ValueError(f"tensor_split has {len(values)} entries for {n_devices} device(s)")
+    if any(not np.isfinite(x) or x < 0 for x in values):
+        raise ValueError(f"tensor_split entries must be finite and >= 0, got {list(split)!r}")
+    if not any(values):
+        raise ValueError("tensor_split must give some device a share (all entries are zero)")
+    return values

@@ -58,7 +58,8 @@ def parse_cpus(spec: CpuSpec, what: str = "cpus") -> tuple[int, ...] | None:
 
 
 def _format(cpus: Iterable[int]) -> str:
-    out, run = [], []
+    out: list[str] = []
+    run: list[int] = []
     for c in cpus:
         if run and c == run[-1] + 1:
             run.append(c)

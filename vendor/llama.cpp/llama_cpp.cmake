@@ -93,10 +93,11 @@ endif()
 add_subdirectory("${LAMINA_LLAMA_CPP_DIR}" llama.cpp EXCLUDE_FROM_ALL)
 
 # Everything lamina ships from llama.cpp; one file per library (no versioned symlinks in wheels).
-set(LAMINA_LLAMA_LIBS llama ggml ggml-base ${GGML_AVAILABLE_BACKENDS})
+# (llama-common: the module uses common/fit.h for memory estimates and n_gpu_layers="auto")
+set(LAMINA_LLAMA_LIBS llama llama-common ggml ggml-base ${GGML_AVAILABLE_BACKENDS})
 set(LAMINA_LLAMA_TOOLS)
 if(LAMINA_BUILD_TOOLS)
-  list(APPEND LAMINA_LLAMA_LIBS llama-common llama-bench-impl)
+  list(APPEND LAMINA_LLAMA_LIBS llama-bench-impl)
   list(APPEND LAMINA_LLAMA_TOOLS llama-bench)
   if(GGML_RPC)
     list(APPEND LAMINA_LLAMA_TOOLS ggml-rpc-server)
