@@ -26,6 +26,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--llama-bench", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("-ngl", "--n-gpu-layers", default="auto", help="int, 'all' or 'auto'")
+    ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--backend-sampling", action="store_true", help="greedy argmax inside the graph (experimental)")
     args = ap.parse_args()
     if args.model == "tiny":
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -34,10 +37,13 @@ def main() -> int:
         path = write_tiny_llama(Path(tempfile.mkdtemp()) / "tiny.gguf")
     else:
         path = Path(args.model) if args.model else lamina.default_model_path()
-    model = lamina.Model(path)
+    ngl = args.n_gpu_layers if args.n_gpu_layers in ("all", "auto") else int(args.n_gpu_layers)
+    model = lamina.Model(path, gpu=not args.no_gpu, n_gpu_layers=ngl)
+    print(model.offload, file=sys.stderr)
     results = bench.run(model, n_prompt=args.n_prompt, n_gen=args.n_gen,
                         threads=[int(t) for t in args.threads.split(",")], reps=args.reps, compare=True,
-                        rounds=args.rounds, bench=Path(args.llama_bench) if args.llama_bench else None)
+                        rounds=args.rounds, bench=Path(args.llama_bench) if args.llama_bench else None,
+                        backend_sampling=args.backend_sampling)
     print(bench.markdown(model, results))
     if args.json:
         Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=1))

@@ -1,41 +1,91 @@
 #!/usr/bin/env bash
-# One GPU session on the device machine (no internet): CUDA build from a carried llama.cpp tree,
-# the fast tests, a random Llama-3.2-1B-shaped Q4_K_M model, and lamina vs llama-bench in one run.
-#   carry: .device/llama.cpp.tgz (trimmed pinned source: docs, models, tools/ui, tests, examples left out)
-#   usage: bash ci/gpu_run.sh [stage ...]   stages: build test model bench (default: all)
+# GPU measurements on the device machine (no internet), in stages so one session fits in a few calls:
+#   build   CUDA build from the carried llama.cpp tree (.device/llama.cpp.tgz: trimmed pinned source)
+#   model   random Llama-3.2-1B-shaped and ~125M "small" models, quantized to Q4_K_M
+#   bench   lamina vs llama-bench, every layer on GPU 0 (tg128, pp512)
+#   auto    n_gpu_layers="auto" on GPU 0: free memory, memory held by another process, memory_limit
+#   ngl     tg128 / pp512 against n_gpu_layers 0, 25, 50, 75, 100 %
+#   two     layer / row / tensor_split over two GPUs (needs a 2-GPU machine)
+#   sweep   CPU thread sweep (gpu=False) on the small model, lamina vs llama-bench
+#   cpuonly a CPU-only build of the same source: gpu=False in the CUDA build vs the CPU-only build
+#   test    the fast test suite
+# usage: bash ci/gpu_run.sh stage ...
 set -uo pipefail
 OUT=${OUT:-/tmp/lamina-out}; mkdir -p "$OUT"
-stages=${*:-build test model bench}
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 mkdir -p /tmp/lcpp && [ -d /tmp/lcpp/src ] || { tar xzf .device/llama.cpp.tgz -C /tmp/lcpp && mv /tmp/lcpp/llama.cpp-* /tmp/lcpp/src; }
 export LAMINA_LLAMA_CPP_DIR=/tmp/lcpp/src
-export PYTHONPATH=/tmp/lcpp/src/gguf-py   # gguf for the test fixtures, from the same tree
+export PYTHONPATH=/tmp/lcpp/src/gguf-py   # gguf for the models, from the same tree
 py=$(command -v python3)
-
-if [[ " $stages " == *" build "* ]]; then
-  t0=$(date +%s)
-  $py -m pip install --no-build-isolation --no-deps . -Cbuild-dir=build/cuda \
-     -Ccmake.define.GGML_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
-     -Ccmake.define.LAMINA_EXTRA_TOOLS=llama-quantize > "$OUT/build.log" 2>&1 \
-     || { tail -50 "$OUT/build.log"; exit 1; }
-  echo "build: $(( $(date +%s) - t0 )) s"
-  (cd /tmp && $py -c "import lamina; print(lamina.system_info())") | tee "$OUT/system_info.txt"
-fi
-if [[ " $stages " == *" test "* ]]; then
-  $py -m pytest -v -m "not model" -p no:cacheprovider tests > "$OUT/tests.txt" 2>&1
-  grep -E "passed|failed|Fatal|Segmentation|File .*tests/" "$OUT/tests.txt" | tail -15
-fi
-bin=$($py -c "import lamina; print(lamina.system_info().llama_cpp['package_dir'])")/bin
-if [[ " $stages " == *" model "* ]]; then
-  t0=$(date +%s)
-  $py tests/tiny_gguf.py /tmp/l1b-f16.gguf llama-1b > /dev/null
-  "$bin/llama-quantize" /tmp/l1b-f16.gguf /tmp/l1b-q4km.gguf Q4_K_M "$(nproc)" > "$OUT/quantize.log" 2>&1 || { tail "$OUT/quantize.log"; exit 1; }
-  echo "model: $(( $(date +%s) - t0 )) s, $(stat -c %s /tmp/l1b-q4km.gguf) bytes"
-fi
-if [[ " $stages " == *" bench "* ]]; then
-  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpu.txt"
-  $py ci/bench_generate.py --model /tmp/l1b-q4km.gguf -n 128 -p 512 -r 5 --rounds 2 --json "$OUT/bench_gpu.json" \
-    | tee "$OUT/bench_gpu.md"
-  # thread sweep of tg: with every layer on the GPU, CPU threads only wake for the few host ops
-  $py ci/bench_generate.py --model /tmp/l1b-q4km.gguf -n 128 -p 0 -t 1,4,16 -r 5 --rounds 2 | tee "$OUT/bench_gpu_threads.md"
-fi
+for stage in "$@"; do
+  t0=$(date +%s); echo "### $stage"
+  case $stage in
+  build)
+    $py -m pip install --no-build-isolation --no-deps . -Cbuild-dir=build/cuda \
+       -Ccmake.define.GGML_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
+       -Ccmake.define.LAMINA_EXTRA_TOOLS=llama-quantize > "$OUT/build.log" 2>&1 \
+       || { tail -50 "$OUT/build.log"; exit 1; }
+    (cd /tmp && $py -c "import lamina; print(lamina.system_info())") | tee "$OUT/system_info.txt" ;;
+  model)
+    bin=$($py -c "import lamina; print(lamina.system_info().llama_cpp['package_dir'])")/bin
+    for m in llama-1b small; do
+      $py tests/tiny_gguf.py /tmp/$m-f16.gguf $m > /dev/null
+      "$bin/llama-quantize" /tmp/$m-f16.gguf /tmp/$m.gguf Q4_K_M "$(nproc)" > "$OUT/quantize.log" 2>&1 || { tail "$OUT/quantize.log"; exit 1; }
+      echo "$m: $(stat -c %s /tmp/$m.gguf) bytes"
+    done ;;
+  bench)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+    CUDA_VISIBLE_DEVICES=0 $py ci/bench_generate.py --model /tmp/llama-1b.gguf -n 128 -p 512 -r 5 --rounds 2 \
+      --json "$OUT/bench_gpu.json"
+    echo "with backend sampling (greedy argmax in the graph):"
+    CUDA_VISIBLE_DEVICES=0 $py ci/bench_generate.py --model /tmp/llama-1b.gguf -n 128 -p 0 -r 5 --rounds 2 \
+      --backend-sampling 2>/dev/null ;;
+  auto)
+    CUDA_VISIBLE_DEVICES=0 $py ci/gpu_offload.py auto /tmp/llama-1b.gguf ;;
+  ngl)
+    for ngl in 0 4 8 12 17; do
+      CUDA_VISIBLE_DEVICES=0 $py ci/bench_generate.py --model /tmp/llama-1b.gguf -ngl $ngl -n 128 -p 512 -r 3 --rounds 1 2>/dev/null | grep -E "^\| "
+    done ;;
+  two)
+    $py ci/gpu_offload.py two /tmp/llama-1b.gguf ;;
+  sweep)
+    echo "default threads: $($py -c 'import lamina; print(lamina.default_threads(), lamina.system_info().default_threads_batch)')"
+    CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/small.gguf --no-gpu -t 1,2,4,8,16,24,32 -n 128 -p 0 -r 3 --rounds 1
+    CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/llama-1b.gguf --no-gpu -t 1,2,4,8,16,24,32 -n 128 -p 0 -r 2 --rounds 1 ;;
+  cpuonly)
+    $py -m pip wheel --no-build-isolation --no-deps . -w /tmp/cpu_wheel -Cbuild-dir=build/cpu \
+       -Ccmake.define.GGML_CUDA=OFF > "$OUT/build_cpu.log" 2>&1 || { tail -30 "$OUT/build_cpu.log"; exit 1; }
+    $py -m pip install --no-deps --target /tmp/cpu_site /tmp/cpu_wheel/lamina-*.whl > /dev/null
+    echo "built in $(( $(date +%s) - t0 )) s"
+    for r in 1 2 3; do
+      for kind in cuda-build cpu-build; do
+        pp=""; [ $kind = cpu-build ] && pp=/tmp/cpu_site
+        (cd /tmp && PYTHONPATH=$pp $py -c "
+import lamina, lamina.bench as b, statistics as s
+m = lamina.Model('/tmp/llama-1b.gguf', gpu=False)
+t = 16
+pp = b.lamina_pp(m, 512, t, 5); tg = b.lamina_tg(m, 128, t, 5)
+print('$kind', [x['name'] for x in lamina.system_info().backends], 'threads', t, 'pp512 %.1f tg128 %.1f' % (s.median(pp), s.median(tg)))")
+      done
+    done ;;
+  kv)
+    CUDA_VISIBLE_DEVICES=0 $py -c "
+import lamina, time
+m = lamina.Model('/tmp/llama-1b.gguf')
+for t in ('f16', 'q8_0', 'q4_0'):
+    for fa in (False, True):
+        if t != 'f16' and not fa: continue
+        with m.context(4096, kv=lamina.KV(type_k=t, type_v=t), flash_attn=fa) as c:
+            sp = []
+            for r in range(3):  # the prompt is evaluated once, then reused from the cache
+                g = c.generate(list(range(1, 3900)), max_tokens=128, ignore_eos=True); ''.join(g)
+                sp.append(g.stats['tokens_per_s'])
+            print(f'kv {t:5} flash_attn={fa!s:5} KV {c.kv.bytes / 2**20:7.1f} MiB  tg128 after 3899 tokens: {sorted(sp)[1]:.1f} t/s')
+" ;;
+  test)
+    # lamina imported before pytest's plugins: the import segfaults inside this venv's pytest otherwise
+    $py -X faulthandler -c "import lamina, sys, pytest; sys.exit(pytest.main(['-q', '-m', 'not model', '-p', 'no:cacheprovider', 'tests']))" > "$OUT/tests.txt" 2>&1
+    grep -E "passed|failed|Fatal|Segmentation|^FAILED|^ERROR" "$OUT/tests.txt" | tail -15 ;;
+  esac
+  echo "### $stage: $(( $(date +%s) - t0 )) s"
+done

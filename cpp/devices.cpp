@@ -99,6 +99,11 @@ void init_devices(nb::module_ & m) {
         return idx;
     }, nb::arg("endpoint"), "Connect an RPC server (host:port) and register its devices; returns their indices.");
 
+    m.def("supports_row_split", [](size_t index) {
+        if (index >= ggml_backend_dev_count()) throw std::out_of_range("no device " + std::to_string(index));
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(ggml_backend_dev_get(index));
+        return reg != nullptr && ggml_backend_reg_get_proc_address(reg, "ggml_backend_split_buffer_type") != nullptr;
+    }, nb::arg("index"), "Whether the device's backend offers split buffers (split_mode='row').");
     m.def("devices", []() {
         nb::list out;
         size_t n = ggml_backend_dev_count();

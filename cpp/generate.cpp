@@ -81,10 +81,20 @@ nb::str utf8_str(const char * data, size_t n) {
 class generator {
 public:
     generator(nb::handle ctx, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
-              sampler_handle & sampler, int32_t max_tokens, bool ignore_eos, nb::handle sampler_obj, int32_t shift_keep)
+              sampler_handle & sampler, int32_t max_tokens, bool ignore_eos, nb::handle sampler_obj, int32_t shift_keep,
+              bool backend_sampling)
         : st_(context_shared(ctx)), sampler_(sampler), sampler_ref_(nb::borrow(sampler_obj)),
           max_tokens_(max_tokens), ignore_eos_(ignore_eos), shift_keep_(shift_keep) {
         if (max_tokens < 0) throw std::invalid_argument("max_tokens must be >= 0");
+        if (backend_sampling) {
+            // llama.cpp's backend sampling (experimental in the pin): the argmax runs in the graph
+            // on the device holding the output layer, and only the token id comes back instead of
+            // n_vocab logits. Greedy only: the other samplers keep their exact host chains.
+            if (!sampler.greedy()) throw std::invalid_argument("backend_sampling supports the greedy sampler only");
+            if (st_->embeddings) throw std::invalid_argument("backend_sampling needs a context without embeddings");
+            backend_.reset(llama_sampler_chain_init(llama_sampler_chain_default_params()));
+            llama_sampler_chain_add(backend_.get(), llama_sampler_init_greedy());
+        }
         if (shift_keep >= 0) {
             const int32_t n_ctx = int32_t(llama_n_ctx_seq(st_->ctx.get()));
             if (shift_keep >= n_ctx / 2) {
@@ -104,6 +114,11 @@ public:
         context_state & st = *st_;
         if (!started_) {
             started_ = true;
+            if (backend_) {
+                if (!llama_set_sampler(st.ctx.get(), 0, backend_.get())) {
+                    backend_.reset();  // not supported here (e.g. tensor split): llama.cpp samples on the host
+                }
+            }
             int64_t t0 = llama_time_us();
             n_prompt_eval_ = int64_t(eval_prompt(st, prompt_));
             n_reused_ = int64_t(prompt_.size()) - n_prompt_eval_;
@@ -139,7 +154,17 @@ public:
                     st.tokens.push_back(t);
                     pending_ = false;
                 }
-                llama_token tok = sample_token(st, sampler_, false);
+                llama_token tok = backend_ ? llama_get_sampled_token_ith(st.ctx.get(), -1)
+                                           : sample_token(st, sampler_, false);
+                if (tok == LLAMA_TOKEN_NULL) {
+                    const float * logits = llama_get_logits_ith(st.ctx.get(), -1);
+                    if (logits == nullptr) {
+                        failed_ = true;
+                        done_ = true;
+                        break;
+                    }
+                    tok = argmax(logits, st.model->n_vocab);
+                }
                 if (!ignore_eos_ && llama_vocab_is_eog(st.model->vocab, tok)) {
                     finish_reason_ = "stop";
                     done_ = true;
@@ -158,8 +183,13 @@ public:
                 if (utf8_complete_prefix(bytes_) > 0) break;
             }
         }
+        if (failed_) {
+            release_backend();
+            throw lamina_error("backend sampling returned no token and no logits for this step");
+        }
         if (done_) {
             t_gen_us_ = llama_time_us() - t_gen_start_;
+            release_backend();
             if (bytes_.empty()) throw nb::stop_iteration();
             nb::str out = utf8_str(bytes_.data(), bytes_.size());
             bytes_.clear();
@@ -208,8 +238,20 @@ private:
         finish_reason_ = reason;
         done_ = true;
         t_gen_us_ = 0;
+        release_backend();
     }
 
+public:
+    // Detach the backend sampler so later decodes (ctx.decode, another generate) get logits again.
+    void release_backend() {
+        if (backend_ && st_ && st_->ctx) {
+            llama_set_sampler(st_->ctx.get(), 0, nullptr);
+        }
+        backend_.reset();
+    }
+    ~generator() { release_backend(); }
+
+private:
     std::shared_ptr<context_state> st_;
     sampler_handle & sampler_;
     nb::object sampler_ref_;  // keeps the Python sampler (owner of sampler_) alive
@@ -220,8 +262,9 @@ private:
     bool ignore_eos_;
     int32_t shift_keep_;      // < 0: stop when the context is full; else tokens kept when shifting
     int64_t n_shifts_ = 0;
-    bool started_ = false, done_ = false, pending_ = false;
+    bool started_ = false, done_ = false, pending_ = false, failed_ = false;
     llama_token last_ = -1;
+    llama_sampler_ptr backend_;  // set: greedy sampling inside the graph (llama_set_sampler)
     int64_t n_prompt_eval_ = 0, n_reused_ = 0, t_prompt_us_ = 0, t_gen_start_ = 0, t_gen_us_ = 0;
 };
 
@@ -235,11 +278,12 @@ void init_generate(nb::module_ & m) {
     nb::class_<generator>(m, "Generator", "Iterator of text pieces from a native decode loop.")
         .def("__init__", [](generator * self, nb::handle ctx,
                             nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
-                            nb::handle sampler, int32_t max_tokens, bool ignore_eos, int32_t shift_keep) {
+                            nb::handle sampler, int32_t max_tokens, bool ignore_eos, int32_t shift_keep,
+                            bool backend_sampling) {
             new (self) generator(ctx, prompt, nb::cast<sampler_handle &>(sampler), max_tokens, ignore_eos, sampler,
-                                 shift_keep);
+                                 shift_keep, backend_sampling);
         }, nb::arg("ctx"), nb::arg("prompt"), nb::arg("sampler"), nb::arg("max_tokens"), nb::arg("ignore_eos") = false,
-        nb::arg("shift_keep") = -1,
+        nb::arg("shift_keep") = -1, nb::arg("backend_sampling") = false,
         R"(Prepare generation on sequence 0 of ctx; nothing runs until the first next().
 
 The first next() evaluates the prompt, reusing the longest prefix already in the KV cache.
@@ -248,6 +292,7 @@ shift_keep < 0 stops with finish reason 'length' when the context is full; other
 shift_keep tokens stay and half of the rest is dropped (context shift).)")
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
         .def("__next__", &generator::next)
+        .def("close", &generator::release_backend, "Stop early: give the context its logits back.")
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
         .def_prop_ro("tokens", &generator::tokens, nb::rv_policy::automatic, "Generated token ids so far (a copy).");
 }

@@ -285,8 +285,8 @@ void build_model_params(const model_args & a, model_params & out) {
     const auto & [n_gpu_layers, devices, split_mode, main_gpu, tensor_split, overrides] = a;
     llama_model_params & p = out.p;
     p = llama_model_default_params();
-    if (split_mode < 0 || split_mode > 2) {
-        throw std::invalid_argument("split_mode must be 0 (none), 1 (layer) or 2 (row)");
+    if (split_mode < 0 || split_mode > 3) {
+        throw std::invalid_argument("split_mode must be 0 (none), 1 (layer), 2 (row) or 3 (tensor)");
     }
     if (n_gpu_layers < -1) throw std::invalid_argument("n_gpu_layers must be >= -1");
     p.n_gpu_layers = n_gpu_layers;

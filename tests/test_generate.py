@@ -180,3 +180,21 @@ def test_context_shift_keeps_generating_past_n_ctx(tiny_model: lamina.Model) -> 
         ctx.generate(prompt, context_full="shift", n_keep=n_ctx)
     with pytest.raises(ValueError, match="context_full"):
         ctx.generate(prompt, context_full="wrap")  # type: ignore[arg-type]
+
+
+def test_backend_sampling_gives_the_host_greedy_tokens(tiny_model: lamina.Model) -> None:
+    with tiny_model.context(n_ctx=256) as ctx:
+        host = ctx.complete("the sky is", max_tokens=40, ignore_eos=True).tokens
+        ctx.kv_clear()
+        gen = ctx.generate("the sky is", max_tokens=40, ignore_eos=True, backend_sampling=True)
+        "".join(gen)
+        assert list(gen.tokens) == list(host)
+        ctx.decode([5, 6])  # the sampler is detached again: logits come back
+        assert ctx.logits.shape == (1, tiny_model.info.n_vocab)
+        with pytest.raises(ValueError, match="greedy sampler only"):
+            ctx.generate("x", sampler=lamina.Sampler(temperature=0.8), backend_sampling=True)
+        early = ctx.generate("the sky is", max_tokens=40, ignore_eos=True, backend_sampling=True)
+        next(early)
+        early.close()
+        ctx.decode([7])
+        assert ctx.logits.shape == (1, tiny_model.info.n_vocab)

@@ -24,6 +24,14 @@ def need_cpus(*cpus: int) -> None:
         pytest.skip(f"needs CPUs {cpus}; this process may use {ALLOWED}")
 
 
+def parse_list(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def tids() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
@@ -78,9 +86,10 @@ def test_a_decode_pinned_to_one_cpu_runs_there(tiny_model: lamina.Model, cpu: in
     with ctx:
         assert not workers  # one thread: ggml's worker 0 is the calling thread, no pool threads
         seen_caller, _ = observe(generate(ctx), workers)
-    # the decoding thread is pinned while it decodes (between tokens it may show its own mask)
+    # the decoding thread is pinned while it decodes (between tokens it shows its own mask, and
+    # once, on a 32-CPU device machine, a transient '0,2-31' was read while it changed)
     assert seen_caller[str(cpu)] > 0, dict(seen_caller)
-    assert set(seen_caller) <= {str(cpu), cpus_allowed(threading.get_native_id())}
+    assert all(cpu in parse_list(m) for m in seen_caller), dict(seen_caller)
 
 
 def test_every_thread_of_a_pinned_pool_runs_on_its_set(tiny_model: lamina.Model) -> None:

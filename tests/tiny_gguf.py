@@ -115,9 +115,13 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
 # Llama-3.2-1B shape (1.24B parameters with a 128k vocabulary), for GPU benchmarks.
 LLAMA_1B = dict(n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_ctx=8192, n_vocab=128256, f16=True)
 
+# ~125M parameters (12 x 768 wide, 32k vocabulary): CPU thread sweeps on machines without the Gemma package.
+SMALL = dict(n_layer=12, n_embd=768, n_head=12, n_head_kv=4, n_ff=2048, n_ctx=4096, n_vocab=32000, f16=True)
+PRESETS = {"llama-1b": LLAMA_1B, "small": SMALL}
+
 if __name__ == "__main__":
     import sys
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf")
-    write_tiny_llama(out, **(LLAMA_1B if len(sys.argv) > 2 and sys.argv[2] == "llama-1b" else {}))
+    write_tiny_llama(out, **(PRESETS[sys.argv[2]] if len(sys.argv) > 2 else {}))
     print(out)

@@ -59,14 +59,14 @@ def llama_bench_path() -> Path | None:
     return p if p.exists() else None
 
 
-def lamina_tg(model: Model, n_gen: int, threads: int, reps: int) -> list[float]:
+def lamina_tg(model: Model, n_gen: int, threads: int, reps: int, backend_sampling: bool = False) -> list[float]:
     bos = model.info.bos if model.info.add_bos else 0
     out = []
     with model.context(n_ctx=n_gen, threads=Threads(n=threads, batch=threads), kv=BENCH_KV) as ctx:
         for r in range(reps + 1):  # the first run warms up, as llama-bench does
             ctx.kv_clear()
             t0 = time.perf_counter()
-            gen = ctx.generate([bos], max_tokens=n_gen, ignore_eos=True)
+            gen = ctx.generate([bos], max_tokens=n_gen, ignore_eos=True, backend_sampling=backend_sampling)
             for _ in gen:
                 pass
             dt = time.perf_counter() - t0
@@ -103,9 +103,16 @@ def run_llama_bench(bench: Path, model_path: Path, test: str, n: int, threads: i
     return [float(x) for t in json.loads(res.stdout) for x in t["samples_ts"]]
 
 
+def llama_bench_placement(model: Model) -> list[str]:
+    """llama-bench arguments that place the model as lamina did: same devices, same layer count."""
+    if not model.offload.gpu:
+        return ["-ngl", "0", "-dev", "none"]
+    return ["-ngl", str(model.offload.layers_effective), "-dev", "/".join(model.offload.devices)]
+
+
 def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[int], reps: int = 5,
         compare: bool = False, rounds: int = 1, bench: Path | None = None, bench_args: list[str] | None = None,
-        ) -> list[Result]:
+        backend_sampling: bool = False) -> list[Result]:
     tests = [t for t in (("pp", n_prompt), ("tg", n_gen)) if t[1] > 0]
     results = {(t, n, th): Result(f"{t}{n}", th) for t, n in tests for th in threads}
     if compare and bench is None:
@@ -115,8 +122,12 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
     for _ in range(rounds):
         for (t, n, th), res in results.items():
             if compare and bench is not None:
-                res.llama_bench += run_llama_bench(bench, model.path, t, n, th, reps, bench_args or [])
-            res.lamina += (lamina_pp if t == "pp" else lamina_tg)(model, n, th, reps)
+                extra = llama_bench_placement(model) if bench_args is None else bench_args
+                res.llama_bench += run_llama_bench(bench, model.path, t, n, th, reps, extra)
+            if t == "pp":
+                res.lamina += lamina_pp(model, n, th, reps)
+            else:
+                res.lamina += lamina_tg(model, n, th, reps, backend_sampling)
     return list(results.values())
 
 

@@ -108,6 +108,10 @@ class Generation:
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def close(self) -> None:
+        """Stop early and hand the context back (with backend sampling, its logits again)."""
+        self._native.close()
+
     @property
     def finish_reason(self) -> str | None:
         """'stop' (end-of-generation token or stop string), 'length' (max_tokens or context full), or None while running."""
@@ -345,6 +349,7 @@ class Context:
         ignore_eos: bool = False,
         context_full: Literal["stop", "shift"] = "stop",
         n_keep: int = 0,
+        backend_sampling: bool = False,
     ) -> Generation:
         """Stream text pieces for ``prompt`` (text, or token ids).
 
@@ -352,7 +357,9 @@ class Context:
         previous generation. Pieces are always whole UTF-8 characters; ``stop`` strings end the
         stream and are not included. When the context fills up, "stop" ends with finish reason
         "length"; "shift" keeps the first ``n_keep`` tokens, drops half of the rest and goes on
-        (models whose cache can shift positions only).
+        (models whose cache can shift positions only). backend_sampling=True (greedy only,
+        llama.cpp's experimental backend sampling) picks the token inside the graph on the device
+        that holds the output layer, so only a token id comes back per step, not the logits.
         """
         if context_full not in ("stop", "shift"):
             raise ValueError(f"context_full must be 'stop' or 'shift', got {context_full!r}")
@@ -366,8 +373,10 @@ class Context:
         tokens = self._prompt_tokens(prompt)
         sampler = sampler or Sampler()
         shift_keep = n_keep if context_full == "shift" else -1
-        native = _native.Generator(self.native, tokens, sampler.native(self.model, self.n_ctx), max_tokens,
-                                   ignore_eos, shift_keep)
+        chain = sampler.native(self.model, self.n_ctx)
+        if backend_sampling and not chain.greedy:
+            raise ValueError("backend_sampling=True supports the greedy sampler only (no penalties, bias or grammar)")
+        native = _native.Generator(self.native, tokens, chain, max_tokens, ignore_eos, shift_keep, backend_sampling)
         return Generation(native, stops)
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None, **kwargs: Any) -> Generation:

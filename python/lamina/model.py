@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .threads import Threads
 
 NGL = Union[int, Literal["all", "auto"]]
-_SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+_SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 
 
 def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:
@@ -81,8 +81,9 @@ class Model:
             ``memory_limit``) together with a context of ``n_ctx`` tokens, computed by llama.cpp's
             common_fit_params without allocating.
         devices: GPU/remote devices to use, by name or ggml index (default: all of them).
-        split_mode: "layer" (whole layers per device), "row" (rows of each matrix across devices)
-            or "none" (everything on ``main_gpu``). tensor_split: share per chosen device.
+        split_mode: "layer" (whole layers per device), "tensor" (tensor parallelism: each matrix
+            across the devices; needs flash attention), "row" (backends with split buffers only) or
+            "none" (everything on ``main_gpu``). tensor_split: share per chosen device.
         tensor_overrides: [(regex, device)]: tensors whose name matches go to that device name or
             index, or "cpu" (e.g. ("ffn_.*_exps", "cpu") keeps MoE experts on the CPU).
         n_ctx, kv: the context you plan to use, for "auto" and for the per-device report; n_ctx=0
@@ -148,6 +149,14 @@ class Model:
         if not use_gpu and n_gpu_layers not in ("auto", 0):
             reasons.append(f"n_gpu_layers={n_gpu_layers!r} is inert without a GPU")
 
+        if use_gpu and split_mode == "row":
+            unsupported = [d.name for d in gpu_devices if not _native.supports_row_split(d.index)]
+            if unsupported:
+                raise ValueError(f"split_mode='row' needs split buffers, which {', '.join(unsupported)} do not offer in "
+                                 "this llama.cpp (its CUDA backend dropped them): use split_mode='tensor' "
+                                 "(tensor parallelism) or 'layer'")
+        if use_gpu and split_mode == "tensor" and n_gpu_layers == "auto":
+            raise ValueError("llama.cpp's memory fit does not support split_mode='tensor': give n_gpu_layers")
         split = _check_tensor_split(tensor_split, len(gpu_devices)) if tensor_split is not None else None
         if split is not None and not use_gpu:
             reasons.append("tensor_split is inert without a GPU")
