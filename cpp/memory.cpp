@@ -55,9 +55,107 @@ state_header header_of(const context_state & st) {
             st.last_outputs, int64_t(st.tokens.size())};
 }
 
+// One sequence's state: "LAMINAQ1", the header, the source sequence, its token mirror (known for
+// sequence 0 only), then llama.cpp's llama_state_seq_* data.
+constexpr char k_seq_magic[8] = {'L', 'A', 'M', 'I', 'N', 'A', 'Q', '1'};
+
+void check_same_model(const state_header & theirs, const state_header & mine) {
+    const char * names[] = {"n_vocab", "n_layer", "n_embd", "type_k", "type_v"};
+    const int64_t a[] = {theirs.n_vocab, theirs.n_layer, theirs.n_embd, theirs.type_k, theirs.type_v};
+    const int64_t b[] = {mine.n_vocab, mine.n_layer, mine.n_embd, mine.type_k, mine.type_v};
+    for (size_t i = 0; i < 5; ++i) {
+        if (a[i] != b[i]) {
+            throw std::invalid_argument(std::string("the sequence state was saved with ") + names[i] + "=" +
+                                        std::to_string(a[i]) + ", this context has " + std::to_string(b[i]));
+        }
+    }
+}
+
+nb::bytes seq_state_get(nb::handle ctx, int32_t seq) {
+    auto st = context_shared(ctx);
+    check_seq(*st, seq, false);
+    state_header h = header_of(*st);
+    const std::vector<llama_token> toks = seq == 0 ? st->tokens : std::vector<llama_token>{};
+    h.n_tokens = int64_t(toks.size());
+    int64_t src = seq;
+    std::string out(sizeof(k_seq_magic) + sizeof(h) + sizeof(src) + toks.size() * sizeof(llama_token), '\0');
+    char * p = out.data();
+    std::memcpy(p, k_seq_magic, sizeof(k_seq_magic));
+    std::memcpy(p + sizeof(k_seq_magic), &h, sizeof(h));
+    std::memcpy(p + sizeof(k_seq_magic) + sizeof(h), &src, sizeof(src));
+    std::memcpy(p + sizeof(k_seq_magic) + sizeof(h) + sizeof(src), toks.data(), toks.size() * sizeof(llama_token));
+    size_t head = out.size(), n;
+    {
+        nb::gil_scoped_release nogil;
+        n = llama_state_seq_get_size(st->ctx.get(), seq);
+        out.resize(head + n);
+        n = llama_state_seq_get_data(st->ctx.get(), reinterpret_cast<uint8_t *>(out.data() + head), n, seq);
+    }
+    out.resize(head + n);
+    return nb::bytes(out.data(), out.size());
+}
+
+void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
+    auto st = context_shared(ctx);
+    check_seq(*st, seq, false);
+    const char * p = data.c_str();
+    const size_t size = data.size();
+    state_header h;
+    int64_t src;
+    size_t head = sizeof(k_seq_magic) + sizeof(h) + sizeof(src);
+    if (size < head || std::memcmp(p, k_seq_magic, sizeof(k_seq_magic)) != 0) {
+        throw std::invalid_argument(std::memcmp(p, k_magic, std::min(size, sizeof(k_magic))) == 0
+                                        ? "this is a whole-context state: load it without seq="
+                                        : "not a lamina sequence state");
+    }
+    std::memcpy(&h, p + sizeof(k_seq_magic), sizeof(h));
+    std::memcpy(&src, p + sizeof(k_seq_magic) + sizeof(h), sizeof(src));
+    check_same_model(h, header_of(*st));
+    const int64_t n_seq_max = int64_t(llama_n_seq_max(st->ctx.get()));
+    if (h.n_seq_max != n_seq_max) {
+        throw std::invalid_argument("the sequence state was saved with n_seq_max=" + std::to_string(h.n_seq_max) +
+                                    ", this context has " + std::to_string(n_seq_max) +
+                                    " (llama.cpp keeps one KV stream per sequence; their number must match)");
+    }
+    if (h.n_tokens < 0 || size < head + size_t(h.n_tokens) * sizeof(llama_token)) {
+        throw std::invalid_argument("the sequence state is truncated or corrupt");
+    }
+    std::vector<llama_token> toks(size_t(h.n_tokens));
+    std::memcpy(toks.data(), p + head, toks.size() * sizeof(llama_token));
+    head += toks.size() * sizeof(llama_token);
+    llama_memory_seq_rm(mem_of(*st), seq, -1, -1);
+    size_t got;
+    {
+        nb::gil_scoped_release nogil;
+        got = llama_state_seq_set_data(st->ctx.get(), reinterpret_cast<const uint8_t *>(p + head), size - head, seq);
+    }
+    if (seq == 0) st->tokens.clear();
+    if (got == 0) {
+        llama_memory_seq_rm(mem_of(*st), seq, -1, -1);
+        std::string why = last_log_error();
+        throw lamina_error("llama.cpp rejected the sequence state (sequence " + std::to_string(seq) +
+                           " is now empty)" + (why.empty() ? "" : ": " + why));
+    }
+    if (seq == 0) {
+        // the token mirror (prefix reuse) is known when the state came from sequence 0;
+        // otherwise placeholders that never match, so the next prompt is evaluated in full
+        llama_pos pmax = llama_memory_seq_pos_max(mem_of(*st), 0);
+        if (src == 0 && llama_pos(toks.size()) == pmax + 1) {
+            st->tokens = std::move(toks);
+        } else {
+            st->tokens.assign(size_t(std::max<llama_pos>(pmax + 1, 0)), llama_token(-1));
+        }
+    }
+    st->last_outputs = 0;
+}
+
 }  // namespace
 
 void init_memory(nb::module_ & m) {
+    m.def("seq_state_get", &seq_state_get, nb::arg("ctx"), nb::arg("seq"),
+          "One sequence's KV cache as bytes (llama_state_seq_get_data) with a lamina header.");
+    m.def("seq_state_set", &seq_state_set, nb::arg("ctx"), nb::arg("data"), nb::arg("seq"),
+          "Replace sequence seq with a state from seq_state_get (same model and K/V types).");
     m.def("kv_seq_rm", [](nb::handle ctx, int32_t seq, llama_pos p0, llama_pos p1) {
         auto st = context_shared(ctx);
         check_seq(*st, seq, true);

@@ -14,4 +14,5 @@ NB_MODULE(_native, m) {
     lamina::init_chat(m);
     lamina::init_memory(m);
     lamina::init_fit(m);
+    lamina::init_batch(m);
 }

@@ -198,3 +198,45 @@ def test_backend_sampling_gives_the_host_greedy_tokens(tiny_model: lamina.Model)
         early.close()
         ctx.decode([7])
         assert ctx.logits.shape == (1, tiny_model.info.n_vocab)
+
+
+PROMPTS = ["the sky is", "hello world", "Paris is the capital of"]
+
+
+def test_batch_generation_equals_one_prompt_at_a_time(tiny_model: lamina.Model) -> None:
+    with tiny_model.context(n_ctx=256) as one:
+        singles = [list(one.complete(p, max_tokens=24, ignore_eos=True).tokens) for p in PROMPTS]
+    with tiny_model.context(n_ctx=768, n_seq_max=3) as ctx:
+        results = ctx.generate_batch(PROMPTS, max_tokens=24, ignore_eos=True)
+        assert [list(r.tokens) for r in results] == singles
+        assert all(r.finish_reason == "length" and r.tokens_per_s > 0 for r in results)
+        assert [r.text for r in results] == [tiny_model.detokenize(s) for s in singles]
+        # sequence 0 stays usable for single-sequence generation afterwards
+        assert list(ctx.complete(PROMPTS[0], max_tokens=24, ignore_eos=True).tokens) == singles[0]
+
+
+def test_batch_generation_samples_each_sequence_with_its_own_seed(tiny_model: lamina.Model) -> None:
+    hot = lamina.Sampler(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)
+    with tiny_model.context(n_ctx=512, n_seq_max=2) as ctx:
+        a = ctx.generate_batch([PROMPTS[0]] * 2, max_tokens=16, sampler=hot, ignore_eos=True)
+        b = ctx.generate_batch([PROMPTS[0]] * 2, max_tokens=16, sampler=hot, ignore_eos=True)
+        assert [list(r.tokens) for r in a] == [list(r.tokens) for r in b]  # reproducible
+        assert list(a[0].tokens) != list(a[1].tokens)  # seeds 7 and 8 differ
+        same = ctx.generate_batch([PROMPTS[0]] * 2, max_tokens=16, sampler=[hot, hot], ignore_eos=True)
+        assert list(same[0].tokens) == list(same[1].tokens) == list(a[0].tokens)
+
+
+def test_batch_generation_checks_its_inputs(tiny_model: lamina.Model) -> None:
+    with tiny_model.context(n_ctx=256, n_seq_max=2) as ctx:
+        with pytest.raises(ValueError, match="n_seq_max >= 3"):
+            ctx.generate_batch(PROMPTS)
+        with pytest.raises(ValueError, match="one per prompt"):
+            ctx.generate_batch(PROMPTS[:2], sampler=[lamina.Sampler()])
+        with pytest.raises(ValueError, match="prompt 1: .*n_ctx / n_seq_max"):
+            ctx.generate_batch(["hi", "the " * 2000])
+        with pytest.raises(TypeError):
+            ctx.generate_batch("one prompt")  # type: ignore[arg-type]
+        with pytest.raises(IndexError):
+            ctx.generate_batch([[1, 2], [10**6]])
+        # the context is fine after every refusal
+        assert len(ctx.generate_batch(["hi", "sky"], max_tokens=4, ignore_eos=True)) == 2

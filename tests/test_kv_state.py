@@ -145,3 +145,36 @@ def test_n_ctx_zero_beyond_memory_raises_and_names_the_bytes(tmp_path: Path) -> 
             model.context(n_ctx=0)
         with model.context(n_ctx=128) as ctx:  # the model is fine and still usable
             assert ctx.complete("hello", max_tokens=4, ignore_eos=True).finish_reason == "length"
+
+
+def test_one_sequence_saved_and_loaded_into_another_context(tiny_model: lamina.Model, tmp_path: Path) -> None:
+    with tiny_model.context(512, n_seq_max=2) as a:
+        a.decode([1, 300, 301, 302], seq=1)
+        a.decode([1, 5, 6], seq=0)
+        blob = a.save_state(seq=1)
+        assert isinstance(blob, bytes)
+        a.save_state(tmp_path / "seq1.bin", seq=1)
+        whole = a.save_state()
+    with tiny_model.context(256) as one:
+        with pytest.raises(ValueError, match="n_seq_max=2, this context has 1"):
+            one.load_state(blob, seq=0)
+    with tiny_model.context(1024, n_seq_max=2) as b:  # another n_ctx: the sequence still fits
+        b.load_state(tmp_path / "seq1.bin", seq=0)
+        assert b.kv.pos_range(0) == (0, 3) and b.n_past == 4
+        b.decode([310])
+        np.testing.assert_allclose(b.logits[0], fresh_logits(tiny_model, [1, 300, 301, 302, 310]), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="whole-context state"):
+            b.load_state(whole, seq=0)
+        with pytest.raises(ValueError, match="not a lamina sequence state"):
+            b.load_state(b"garbage" * 10, seq=0)
+        with pytest.raises(IndexError):
+            b.load_state(blob, seq=3)  # this context has two sequences
+        # a sequence saved from sequence 0 keeps its token list: the next prompt reuses the prefix
+        b.kv.clear()
+        b.decode([1, 20, 21, 22])
+        own = b.save_state(seq=0)
+        b.kv.clear()
+        assert isinstance(own, bytes)
+        b.load_state(own, seq=0)
+        assert list(b.tokens) == [1, 20, 21, 22]
+        assert b.complete([1, 20, 21, 22, 23], max_tokens=2, ignore_eos=True).n_prompt_eval == 1

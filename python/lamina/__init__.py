@@ -7,6 +7,7 @@
         print(piece, end="")
 """
 from ._core import logger
+from .config import Config, load_config
 from .context import KV, Completion, Context, Generation
 from .threads import Threads
 from .errors import ClosedError, DecodeError, LaminaError, LoadError, OutOfMemoryError
@@ -27,7 +28,7 @@ def chat_templates() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Model", "ModelInfo", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
+    "Config", "load_config", "Model", "ModelInfo", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
     "Device", "SystemInfo", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
     "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "logger", "__version__",
 ]

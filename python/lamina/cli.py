@@ -1,4 +1,4 @@
-"""The `lamina` command: run, info, doctor."""
+"""The `lamina` command: run, chat, bench, info, config, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +6,13 @@ import logging
 import sys
 from typing import Sequence
 
-from .threads import Threads
+from typing import Any
+
+from .config import Config, load_config
 from .errors import LaminaError
 from .model import Model
+from .models import default_model_path
+from .threads import Threads
 from .sampling import Sampler
 from .system import system_info
 
@@ -24,32 +28,46 @@ def _ngl(value: str) -> int | str:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF file (default: the Gemma 3 270M package)")
+    p.add_argument("--config", default=None, help="model.yml with settings (then LAMINA_* env, then these flags)")
     p.add_argument("--no-gpu", action="store_true", help="keep everything on the CPU")
-    p.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default="auto", help="int, 'all' or 'auto'")
+    p.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default=None, help="int, 'all' or 'auto' (default: auto)")
 
 
 def _add_thread_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="generation threads (default: physical cores)")
     p.add_argument("-tb", "--threads-batch", type=int, default=None, help="prompt threads (default: logical CPUs)")
     p.add_argument("--cpus", default=None, help="pin threads to CPUs: '0-3,8' or a hex mask '0xff'")
-    p.add_argument("--cpus-batch", default=None, help="CPUs of the prompt threads (default: --cpus)")
     p.add_argument("--cpu-strict", action="store_true", help="one thread per listed CPU")
-    p.add_argument("--prio", default="normal", choices=("low", "normal", "medium", "high", "realtime"))
-    p.add_argument("--poll", type=int, default=50, help="0 (sleep) .. 100 (spin) while waiting for work")
+    p.add_argument("--prio", default=None, choices=("low", "normal", "medium", "high", "realtime"))
+    p.add_argument("--poll", type=int, default=None, help="0 (sleep) .. 100 (spin) while waiting for work (50)")
 
 
-def _threads(args: argparse.Namespace) -> Threads:
-    return Threads(n=args.threads, batch=args.threads_batch, cpus=args.cpus, batch_cpus=args.cpus_batch,
-                   strict=args.cpu_strict, priority=args.prio, poll=args.poll)
+def _config(args: argparse.Namespace, **extra: Any) -> Config:
+    """model.yml < LAMINA_* environment < the flags given on the command line."""
+    flags: dict[str, Any] = dict(extra)
+    if getattr(args, "model", None):
+        flags["model"] = args.model
+    if getattr(args, "no_gpu", False):
+        flags["gpu"] = False
+    for flag, name in (("n_gpu_layers", "n_gpu_layers"), ("threads", "threads"), ("threads_batch", "threads_batch"),
+                       ("cpus", "cpus"), ("ctx_size", "n_ctx"), ("prio", "priority"), ("poll", "poll")):
+        if getattr(args, flag, None) is not None:
+            flags[name] = getattr(args, flag)
+    if getattr(args, "cpu_strict", False):
+        flags["cpu_strict"] = True
+    return load_config(getattr(args, "config", None), **flags)
 
 
 def _load(args: argparse.Namespace) -> Model:
-    return Model(args.model, gpu=not args.no_gpu, n_gpu_layers=args.n_gpu_layers)
+    cfg = _config(args)
+    if cfg["model"] is None:
+        cfg = _config(args, model=str(default_model_path()))
+    return Model.from_config(cfg)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     model = _load(args)
-    ctx = model.context(n_ctx=args.ctx_size, threads=_threads(args))
+    ctx = model.context()
     sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
     gen = ctx.generate(args.prompt, max_tokens=args.n_predict, sampler=sampler, stop=args.stop or ())
     if args.echo:
@@ -67,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model = _load(args)
-    ctx = model.context(n_ctx=args.ctx_size, threads=_threads(args))
+    ctx = model.context()
     sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
     messages: list[dict[str, str]] = []
     if args.system:
@@ -97,7 +115,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    model = Model(args.model, gpu=not args.no_gpu, n_gpu_layers=args.n_gpu_layers)
+    model = Model(args.model, gpu=not args.no_gpu,
+                  n_gpu_layers="auto" if args.n_gpu_layers is None else args.n_gpu_layers)
     threads = [int(t) for t in str(args.threads).split(",")] if args.threads else [Threads().resolve()[0]]
     results = bench.run(model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads, reps=args.reps,
                         compare=args.compare, rounds=args.rounds)
@@ -120,6 +139,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    print(_config(args))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     print(system_info())
     return 0
@@ -134,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("prompt", nargs="?", default="The three primary colors are")
     _add_model_args(run)
     run.add_argument("-n", "--n-predict", type=int, default=128)
-    run.add_argument("-c", "--ctx-size", type=int, default=4096)
+    run.add_argument("-c", "--ctx-size", type=int, default=None, help="context tokens (default 4096)")
     _add_thread_args(run)
     run.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
     run.add_argument("--seed", type=int, default=0)
@@ -147,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.add_argument("--template", default=None, help="template string or built-in name (default: the model's)")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("-n", "--n-predict", type=int, default=512)
-    chat.add_argument("-c", "--ctx-size", type=int, default=4096)
+    chat.add_argument("-c", "--ctx-size", type=int, default=None, help="context tokens (default 4096)")
     _add_thread_args(chat)
     chat.add_argument("--temp", type=float, default=0.0)
     chat.add_argument("--seed", type=int, default=0)
@@ -168,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_model_args(info)
     info.set_defaults(func=cmd_info)
 
+    config = sub.add_parser("config", help="effective settings: model.yml < LAMINA_* env < flags, with sources")
+    config.add_argument("config", nargs="?", default=None, help="model.yml")
+    config.add_argument("--no-gpu", action="store_true")
+    config.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default=None)
+    config.set_defaults(func=cmd_config)
     doctor = sub.add_parser("doctor", help="what this machine has and what lamina uses")
     doctor.set_defaults(func=cmd_doctor)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
@@ -308,9 +308,10 @@ class Context:
         """Sequence operations on this context's KV cache."""
         return KVCache(self)
 
-    def save_state(self, path: str | os.PathLike[str] | None = None) -> bytes | None:
-        """The whole context (KV cache, logits, token list) as bytes, or written to ``path``."""
-        data: bytes = _native.state_get(self.native)
+    def save_state(self, path: str | os.PathLike[str] | None = None, *, seq: int | None = None) -> bytes | None:
+        """The whole context (KV cache, logits, token list), or with ``seq`` one sequence's KV
+        cache, as bytes, or written to ``path``."""
+        data: bytes = _native.state_get(self.native) if seq is None else _native.seq_state_get(self.native, seq)
         if path is None:
             return data
         tmp = Path(f"{os.fspath(path)}.tmp")
@@ -318,11 +319,15 @@ class Context:
         os.replace(tmp, path)
         return None
 
-    def load_state(self, state: bytes | str | os.PathLike[str]) -> None:
-        """Restore save_state() output (bytes or a path) into a context with the same settings;
-        different settings raise ValueError naming the one that differs."""
+    def load_state(self, state: bytes | str | os.PathLike[str], *, seq: int | None = None) -> None:
+        """Restore save_state() output (bytes or a path). A whole-context state needs the same
+        settings (ValueError names the one that differs); a sequence state (``seq``: the
+        sequence to replace, any of this context's) needs the same model and K/V types."""
         data = state if isinstance(state, bytes) else Path(state).read_bytes()
-        _native.state_set(self.native, data)
+        if seq is None:
+            _native.state_set(self.native, data)
+        else:
+            _native.seq_state_set(self.native, data, seq)
 
     def set_threads(self, threads: int | Threads, batch: int | None = None) -> None:
         """Change thread counts, pinning or priority on the live context (new threadpools, no reload)."""
@@ -393,6 +398,45 @@ class Context:
         return Completion(text=text, tokens=gen.tokens, finish_reason=s["finish_reason"], n_prompt=s["n_prompt"],
                           n_prompt_eval=s["n_prompt_eval"], prompt_tokens_per_s=s["prompt_tokens_per_s"],
                           tokens_per_s=s["tokens_per_s"])
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]]],
+        *,
+        max_tokens: int = 256,
+        sampler: Sampler | Sequence[Sampler] | None = None,
+        ignore_eos: bool = False,
+    ) -> list[Completion]:
+        """Generate for several prompts together: prompt i is sequence i, and every step decodes
+        one token of each running sequence in a single batch (the context needs
+        n_seq_max >= len(prompts); each sequence then holds n_ctx / n_seq_max tokens unless
+        KV(unified=True)). One sampler for all (sequence i seeded with seed + i) or one per
+        prompt. Sequences 0..n-1 are cleared first. tokens_per_s of each result is the batch's
+        combined generation speed."""
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("prompts must be a sequence of prompts; use generate() for one")
+        toks = [self._prompt_tokens(p) for p in prompts]
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        if sampler is None or isinstance(sampler, Sampler):
+            base = sampler or Sampler()
+            samplers = [replace(base, seed=(base.seed + i) % 2**32) for i in range(len(toks))]
+        else:
+            samplers = list(sampler)
+            if len(samplers) != len(toks) or not all(isinstance(x, Sampler) for x in samplers):
+                raise ValueError("sampler must be one Sampler or one per prompt")
+        chains = [x.native(self.model, self.n_ctx) for x in samplers]
+        rows = _native.generate_batch(self.native, toks, chains, max_tokens, ignore_eos)
+        n_gen = sum(len(r["tokens"]) for r in rows)
+        n_prompt = sum(int(r["n_prompt"]) for r in rows)
+        out = []
+        for r in rows:
+            t_p, t_g = r["t_prompt_us"] / 1e6, r["t_gen_us"] / 1e6
+            out.append(Completion(
+                text=self.model.detokenize(r["tokens"]), tokens=r["tokens"], finish_reason=r["finish_reason"],
+                n_prompt=int(r["n_prompt"]), n_prompt_eval=int(r["n_prompt"]),
+                prompt_tokens_per_s=n_prompt / t_p if t_p else 0.0, tokens_per_s=n_gen / t_g if t_g else 0.0))
+        return out
 
     def __repr__(self) -> str:
         return f"<lamina.Context n_ctx={self.n_ctx} threads={self.threads} n_past={self.n_past}>"

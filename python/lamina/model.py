@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Union
 
@@ -16,6 +16,7 @@ from .system import Device
 from .system import devices as list_devices
 
 if TYPE_CHECKING:
+    from .config import Config
     from .context import Context, KV
     from .threads import Threads
 
@@ -131,6 +132,7 @@ class Model:
             raise ValueError(f"fit_margin must be bytes >= 0, got {fit_margin!r}")
         self.path = Path(path)
         self.gpu_requested = gpu
+        self.config: "Config | None" = None
         self.kv = kv or KV()
 
         all_devices = list_devices()
@@ -242,6 +244,19 @@ class Model:
             per_device=per_device,
             n_ctx=self.n_ctx,
         )
+
+    @classmethod
+    def from_config(cls, config: "Config", **kwargs: Any) -> "Model":
+        """Load the model a Config names, with its settings (kwargs override them). Settings the
+        config makes inert (n_gpu_layers with gpu off, ...) are named, with their source, in
+        ``offload.reasons``; contexts of this model default to the config's settings."""
+        kw = config.model_kwargs()
+        kw.update(kwargs)
+        model = cls(config["model"], **kw)
+        model.config = config
+        if config.inert:
+            model.offload = replace(model.offload, reasons=model.offload.reasons + config.inert)
+        return model
 
     def estimate_memory(self, n_ctx: int | None = None, *, kv: "KV | None" = None, n_seq_max: int = 1,
                         n_batch: int = 2048, n_ubatch: int = 512,
@@ -363,9 +378,17 @@ class Model:
         flash_attn: bool | Literal["auto"] = "auto",
         embeddings: bool = False,
     ) -> "Context":
-        """Create a context (see lamina.Context); n_ctx defaults to the model's planned n_ctx."""
+        """Create a context (see lamina.Context); n_ctx defaults to the model's planned n_ctx,
+        and, for a model from a config, threads, batch sizes and flash attention to the config's."""
         from .context import Context
 
+        if self.config is not None:
+            cfg = self.config.context_kwargs()
+            threads = cfg["threads"] if threads is None else threads
+            flash_attn = cfg["flash_attn"] if flash_attn == "auto" else flash_attn
+            n_batch = cfg["n_batch"] if n_batch == 2048 else n_batch
+            n_ubatch = cfg["n_ubatch"] if n_ubatch == 512 else n_ubatch
+            n_seq_max = cfg["n_seq_max"] if n_seq_max == 1 else n_seq_max
         return Context(self, n_ctx=self.n_ctx if n_ctx is None else n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
                        threads=threads, kv=kv or self.kv, flash_attn=flash_attn, embeddings=embeddings)
 
