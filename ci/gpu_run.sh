@@ -52,6 +52,10 @@ for stage in "$@"; do
     echo "default threads: $($py -c 'import lamina; print(lamina.default_threads(), lamina.system_info().default_threads_batch)')"
     CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/small.gguf --no-gpu -t 1,2,4,8,16,24,32 -n 128 -p 0 -r 3 --rounds 1
     CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/llama-1b.gguf --no-gpu -t 1,2,4,8,16,24,32 -n 128 -p 0 -r 2 --rounds 1 ;;
+  sweep2)
+    # the same sweeps with rounds alternating lamina and llama-bench (drift on a shared VM hits both)
+    CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/small.gguf --no-gpu -t 8,16,24,32 -n 128 -p 0 -r 3 --rounds 4
+    CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/llama-1b.gguf --no-gpu -t 8,16,24,32 -n 128 -p 0 -r 2 --rounds 2 ;;
   cpuonly)
     $py -m pip wheel --no-build-isolation --no-deps . -w /tmp/cpu_wheel -Cbuild-dir=build/cpu \
        -Ccmake.define.GGML_CUDA=OFF > "$OUT/build_cpu.log" 2>&1 || { tail -30 "$OUT/build_cpu.log"; exit 1; }

@@ -75,3 +75,12 @@ def test_cli_bench_compare_runs_llama_bench(tiny_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert all(r["llama_bench_median_ts"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_bench_pairs_single_repetition_rounds() -> None:
+    from lamina.bench import Result
+
+    paired = Result("tg128", 2, lamina=[10.0, 20.0, 30.0], llama_bench=[10.0, 10.0, 40.0]).as_dict()
+    assert paired["paired_ratio_median"] == 1.0  # ratios 1.0, 2.0, 0.75
+    assert paired["ratio"] == 2.0  # medians 20 / 10: what drift between rounds does to unpaired figures
+    assert "paired_ratio_median" not in Result("pp512", 2, lamina=[1.0, 2.0], llama_bench=[1.0]).as_dict()

@@ -6,7 +6,9 @@ tg<N>: llama-bench decodes BOS plus N-1 random tokens, one per decode. lamina st
        sampling and UTF-8 detokenization, timed by the Python wall clock around the iteration.
 pp<P>: P random tokens (BOS first) in one decode, from an empty cache, both sides.
 With --compare, rounds alternate llama-bench and lamina so drift hits both; medians of all
-repetitions. Results are never pass/fail.
+repetitions. With one repetition per round (-r 1 --rounds N) the samples are pairs run back to
+back, and the median of the paired ratios is reported too: on a shared machine whose speed
+drifts by 10-30% within minutes, that is the figure to quote. Results are never pass/fail.
 """
 from __future__ import annotations
 
@@ -51,7 +53,15 @@ class Result:
             d.update({"llama_bench_median_ts": bmed, "llama_bench_mean_ts": bmean, "llama_bench_sd_ts": bsd,
                       "llama_bench_samples_ts": self.llama_bench, "ratio": med / bmed,
                       "overhead_us_per_token": (1 / med - 1 / bmed) * 1e6})
+            if self.paired:
+                d["paired_ratio_median"] = statistics.median(a / b for a, b in zip(self.lamina, self.llama_bench))
         return d
+
+    @property
+    def paired(self) -> bool:
+        """One repetition per side per round: sample i of each side ran back to back, so the
+        ratio of each pair cancels the machine's drift between rounds."""
+        return len(self.lamina) == len(self.llama_bench) > 1
 
 
 def llama_bench_path() -> Path | None:
@@ -133,8 +143,10 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
 
 def markdown(model: Model, results: list[Result]) -> str:
     compare = any(r.llama_bench for r in results)
-    head = "| model | test | threads | lamina t/s |" + (" llama-bench t/s | ratio | overhead/token |" if compare else "")
-    sep = "|---|---|---|---|" + ("---|---|---|" if compare else "")
+    paired = compare and all(r.paired for r in results)
+    head = "| model | test | threads | lamina t/s |" + (" llama-bench t/s | ratio | overhead/token |" if compare else "") \
+        + (" paired ratio |" if paired else "")
+    sep = "|---|---|---|---|" + ("---|---|---|" if compare else "") + ("---|" if paired else "")
     lines = [head, sep]
     for r in results:
         d = r.as_dict()
@@ -142,6 +154,8 @@ def markdown(model: Model, results: list[Result]) -> str:
         if compare:
             row += (f" {d['llama_bench_median_ts']:.2f} ± {d['llama_bench_sd_ts']:.2f} | {d['ratio']:.3f} |"
                     f" {d['overhead_us_per_token']:+.1f} µs |")
+            if paired:
+                row += f" {d['paired_ratio_median']:.3f} |"
         lines.append(row)
     lines.append("")
     lines.append(f"medians of {len(results[0].lamina) if results else 0} runs; device: "

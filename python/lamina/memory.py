@@ -29,6 +29,23 @@ class DeviceMemory:
     def bytes(self) -> int:
         return self.model + self.context + self.compute
 
+    # the names of the design's offload contract
+    @property
+    def name(self) -> str:
+        return self.device
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.model
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.context
+
+    @property
+    def compute_bytes(self) -> int:
+        return self.compute
+
 
 def _table(rows: list[DeviceMemory], with_layers: bool) -> list[str]:
     head = f"  {'device':<16}" + (f"{'layers':>7}" if with_layers else "") + \
