@@ -5,6 +5,7 @@
 
 #include "fit.h"
 #include "ggml-backend.h"
+#include "log.h"
 
 namespace lamina {
 namespace {
@@ -118,6 +119,10 @@ nb::dict fit(const std::string & path, const model_args & margs, const context_a
 }  // namespace
 
 void init_fit(nb::module_ & m) {
+    // common/'s own logger prints to stdout from a worker thread (the fit's progress and its
+    // errors, e.g. for a truncated file, which the load that follows reports as LoadError).
+    // llama.cpp's log still reaches Python logging; common's is discarded while paused.
+    common_log_pause(common_log_main());
     m.def("memory_estimate", &memory_estimate, nb::arg("path"), nb::arg("placement"), nb::arg("settings"),
           "Per device (then host): bytes of model weights, context (KV, outputs) and compute buffers "
           "that loading with these settings would allocate; llama.cpp's no-alloc load, nothing allocated.");
