@@ -178,3 +178,15 @@ def test_one_sequence_saved_and_loaded_into_another_context(tiny_model: lamina.M
         b.load_state(own, seq=0)
         assert list(b.tokens) == [1, 20, 21, 22]
         assert b.complete([1, 20, 21, 22, 23], max_tokens=2, ignore_eos=True).n_prompt_eval == 1
+
+
+def test_usage_and_capacity_per_sequence(tiny_model: lamina.Model) -> None:
+    with tiny_model.context(512, n_seq_max=2) as ctx:
+        assert ctx.kv.capacity == 256 and ctx.kv.used(0) == ctx.kv.used(1) == 0
+        ctx.decode([1, 5, 6, 7, 8], seq=1)
+        ctx.decode([1, 5], seq=0)
+        assert (ctx.kv.used(0), ctx.kv.used(1)) == (2, 5)
+        ctx.kv.seq_rm(1, 3, -1)
+        assert ctx.kv.used(1) == 3
+    with tiny_model.context(512, n_seq_max=2, kv=lamina.KV(unified=True)) as ctx:
+        assert ctx.kv.capacity == 512

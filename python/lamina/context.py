@@ -161,6 +161,16 @@ class KVCache:
         lo, hi = _native.kv_pos_range(self._ctx.native, seq)
         return int(lo), int(hi)
 
+    def used(self, seq: int = 0) -> int:
+        """Positions a sequence holds in the cache (0 when empty)."""
+        lo, hi = self.pos_range(seq)
+        return 0 if hi < 0 else hi - lo + 1
+
+    @property
+    def capacity(self) -> int:
+        """Positions one sequence can hold: n_ctx, or n_ctx / n_seq_max unless the cache is unified."""
+        return int(self._ctx.params["n_ctx_seq"])
+
     @property
     def can_shift(self) -> bool:
         return bool(_native.kv_can_shift(self._ctx.native))
