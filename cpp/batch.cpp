@@ -57,7 +57,6 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
     if (st.embeddings) throw std::invalid_argument("generation needs a context without embeddings");
     const llama_pos n_ctx_seq = llama_pos(llama_n_ctx_seq(c));
     std::vector<seq_state> seqs(n);
-    size_t total = 0;
     for (size_t i = 0; i < n; ++i) {
         if (samplers[i] == nullptr) throw std::invalid_argument("sampler " + std::to_string(i) + " is None");
         seqs[i].prompt.assign(prompts[i].data(), prompts[i].data() + prompts[i].shape(0));
@@ -69,7 +68,6 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
                                         " (each of n_seq_max sequences gets n_ctx / n_seq_max tokens unless the KV cache is unified)");
         }
         seqs[i].sampler = samplers[i];
-        total += seqs[i].prompt.size();
     }
     // the sequences start empty; sequence 0's token mirror (prefix reuse) follows what it holds
     llama_memory_t mem = llama_get_memory(c);
@@ -79,14 +77,6 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
     const int32_t n_batch = int32_t(llama_n_batch(c));
     llama_batch b = llama_batch_init(std::max<int32_t>(n_batch, int32_t(n)), 0, 1);
     struct batch_guard { llama_batch & b; ~batch_guard() { llama_batch_free(b); } } guard{b};
-    auto add = [&](llama_token t, llama_pos pos, size_t seq, bool logits) {
-        b.token[b.n_tokens] = t;
-        b.pos[b.n_tokens] = pos;
-        b.n_seq_id[b.n_tokens] = 1;
-        b.seq_id[b.n_tokens][0] = llama_seq_id(seq);
-        b.logits[b.n_tokens] = logits;
-        return b.n_tokens++;
-    };
 
     int64_t t0 = llama_time_us();
     // prompts, packed into batches of n_batch tokens; a sequence samples its first token right
@@ -100,7 +90,7 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
             while (i < n && b.n_tokens < n_batch) {
                 seq_state & s = seqs[i];
                 bool last = k + 1 == s.prompt.size();
-                int32_t at = add(s.prompt[k], llama_pos(k), i, last);
+                int32_t at = batch_add(b, s.prompt[k], llama_pos(k), llama_seq_id(i), last);
                 if (last) {
                     s.out = at;
                     s.pos = llama_pos(k + 1);
@@ -124,7 +114,7 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
         for (size_t i = 0; i < n; ++i) {
             seq_state & s = seqs[i];
             if (!s.finish.empty()) continue;
-            s.out = add(s.pending, s.pos, i, true);
+            s.out = batch_add(b, s.pending, s.pos, llama_seq_id(i), true);
         }
         if (b.n_tokens == 0) break;
         decode_batch(st, b, b.n_tokens);
@@ -149,7 +139,6 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
         d["t_gen_us"] = t2 - t1;
         out.append(d);
     }
-    (void) total;
     return out;
 }
 

@@ -103,14 +103,7 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
 // One batch of n tokens for sequence 0 after the cached ones, every token an output.
 void decode_all_outputs(context_state & st, const llama_token * toks, size_t n) {
     llama_batch b = llama_batch_init(int32_t(n), 0, 1);
-    for (size_t i = 0; i < n; ++i) {
-        b.token[i] = toks[i];
-        b.pos[i] = llama_pos(st.tokens.size() + i);
-        b.n_seq_id[i] = 1;
-        b.seq_id[i][0] = 0;
-        b.logits[i] = 1;
-    }
-    b.n_tokens = int32_t(n);
+    for (size_t i = 0; i < n; ++i) batch_add(b, toks[i], llama_pos(st.tokens.size() + i), 0, true);
     try {
         decode_batch(st, b, int32_t(n));
     } catch (...) {
@@ -324,15 +317,12 @@ public:
             for (size_t done = 0; done < n;) {
                 size_t k = std::min(n_batch, n - done);
                 int32_t outs = 0;
+                b.n_tokens = 0;
                 for (size_t i = 0; i < k; ++i) {
-                    b.token[i] = t[done + i];
-                    b.pos[i] = pos + llama_pos(done + i);
-                    b.n_seq_id[i] = 1;
-                    b.seq_id[i][0] = seq;
-                    b.logits[i] = s.embeddings || logits == 2 || (i + 1 == k);
-                    outs += b.logits[i];
+                    bool out = s.embeddings || logits == 2 || (i + 1 == k);
+                    batch_add(b, t[done + i], pos + llama_pos(done + i), seq, out);
+                    outs += out;
                 }
-                b.n_tokens = int32_t(k);
                 decode_batch(s, b, outs);
                 done += k;
             }

@@ -201,6 +201,15 @@ public:
         return out;
     }
 
+    // Detach the backend sampler so later decodes (ctx.decode, another generate) get logits again.
+    void release_backend() {
+        if (backend_ && st_ && st_->ctx) {
+            llama_set_sampler(st_->ctx.get(), 0, nullptr);
+        }
+        backend_.reset();
+    }
+    ~generator() { release_backend(); }
+
     nb::dict stats() const {
         nb::dict d;
         d["finish_reason"] = finish_reason_.empty() ? nb::none() : nb::cast(finish_reason_);
@@ -241,17 +250,7 @@ private:
         release_backend();
     }
 
-public:
-    // Detach the backend sampler so later decodes (ctx.decode, another generate) get logits again.
-    void release_backend() {
-        if (backend_ && st_ && st_->ctx) {
-            llama_set_sampler(st_->ctx.get(), 0, nullptr);
-        }
-        backend_.reset();
-    }
-    ~generator() { release_backend(); }
 
-private:
     std::shared_ptr<context_state> st_;
     sampler_handle & sampler_;
     nb::object sampler_ref_;  // keeps the Python sampler (owner of sampler_) alive

@@ -103,6 +103,16 @@ struct context_state {
     ~context_state();
 };
 
+// Append one token to a batch made by llama_batch_init (one sequence id per token).
+inline int32_t batch_add(llama_batch & b, llama_token t, llama_pos pos, llama_seq_id seq, bool logits) {
+    b.token[b.n_tokens] = t;
+    b.pos[b.n_tokens] = pos;
+    b.n_seq_id[b.n_tokens] = 1;
+    b.seq_id[b.n_tokens][0] = seq;
+    b.logits[b.n_tokens] = logits;
+    return b.n_tokens++;
+}
+
 // Turn a failed llama_decode into an exception (GIL held); resyncs the token list first.
 [[noreturn]] void decode_failed(context_state & st, int rc);
 // Decode a batch with the GIL released; converts llama.cpp's status codes into exceptions.
