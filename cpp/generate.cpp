@@ -2,53 +2,12 @@
 // One native call per yielded text piece; no Python work per token beyond the call itself.
 #include "lamina.h"
 
+#include "argmax.h"
 #include "sampler.h"
 
 #include <algorithm>
-#include <limits>
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 namespace lamina {
-
-// One pass: the max of each 64-float block (SIMD), and a rescan of a block only when it beats
-// the best so far, which random-order logits do O(log n) times.
-int32_t argmax(const float * x, int32_t n) {
-    constexpr int32_t B = 64;
-    float best = -std::numeric_limits<float>::infinity();
-    int32_t best_i = 0;
-    int32_t i = 0;
-    for (; i + B <= n; i += B) {
-#if defined(__SSE2__)
-        __m128 m0 = _mm_loadu_ps(x + i), m1 = _mm_loadu_ps(x + i + 4);
-        __m128 m2 = _mm_loadu_ps(x + i + 8), m3 = _mm_loadu_ps(x + i + 12);
-        for (int32_t j = 16; j < B; j += 16) {
-            m0 = _mm_max_ps(m0, _mm_loadu_ps(x + i + j));
-            m1 = _mm_max_ps(m1, _mm_loadu_ps(x + i + j + 4));
-            m2 = _mm_max_ps(m2, _mm_loadu_ps(x + i + j + 8));
-            m3 = _mm_max_ps(m3, _mm_loadu_ps(x + i + j + 12));
-        }
-        float lanes[4];
-        _mm_storeu_ps(lanes, _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3)));
-        float m = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
-#else
-        float m = x[i];
-        for (int32_t j = 1; j < B; ++j) m = x[i + j] > m ? x[i + j] : m;
-#endif
-        if (m > best) {  // first index of the new maximum inside this block
-            best = m;
-            for (int32_t j = 0; j < B; ++j) {
-                if (x[i + j] == m) { best_i = i + j; break; }
-            }
-        }
-    }
-    for (; i < n; ++i) {
-        if (x[i] > best) { best = x[i]; best_i = i; }
-    }
-    return best_i;  // NaN and -inf only: 0, as llama.cpp's greedy sampler
-}
 
 llama_token sample_token(context_state & st, sampler_handle & s, bool use_chain) {
     if (s.greedy() && !use_chain) {
@@ -270,9 +229,19 @@ private:
 }  // namespace
 
 void init_generate(nb::module_ & m) {
-    m.def("argmax", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
-        return argmax(x.data(), int32_t(x.shape(0)));
-    }, nb::arg("x"), "First index of the largest value (llama.cpp greedy semantics).");
+    m.def("argmax", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x, const std::string & impl) {
+        const int32_t n = int32_t(x.shape(0));
+        if (impl == "auto") return argmax(x.data(), n);
+        if (impl == "sse2") return argmax_sse2(x.data(), n);
+        if (impl == "avx2") {
+#if defined(LAMINA_ARGMAX_AVX2)
+            if (has_avx2()) return argmax_avx2(x.data(), n);
+#endif
+            throw std::invalid_argument("this CPU or build has no AVX2 argmax");
+        }
+        throw std::invalid_argument("impl must be 'auto', 'sse2' or 'avx2'");
+    }, nb::arg("x"), nb::arg("impl") = "auto",
+    "First index of the largest value (llama.cpp greedy semantics); impl picks the SIMD version (tests).");
 
     nb::class_<generator>(m, "Generator", "Iterator of text pieces from a native decode loop.")
         .def("__init__", [](generator * self, nb::handle ctx,

@@ -1,6 +1,8 @@
 // The native sampler shared by sampler.cpp and generate.cpp.
 #pragma once
 
+#include "argmax.h"
+
 #include "lamina.h"
 
 #include <map>
@@ -37,9 +39,6 @@ private:
     bool greedy_ = false;
 };
 
-// Index of the first largest value (what llama.cpp's greedy sampler picks), without building the
-// vocab-sized candidate array the chain needs.
-int32_t argmax(const float * x, int32_t n);
 
 // Next token from the last logits of st: argmax for a greedy sampler unless use_chain, else the
 // chain (which also accepts the token). Call without the GIL.

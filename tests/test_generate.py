@@ -38,13 +38,38 @@ def test_argmax_fast_path_equals_llama_greedy_chain(tiny_model: lamina.Model) ->
         ctx.decode([fast])
 
 
-def test_argmax_ties_and_edges() -> None:
+def _argmax_impls() -> list[str]:
+    try:
+        _native.argmax(np.zeros(1, np.float32), impl="avx2")
+        return ["auto", "sse2", "avx2"]
+    except ValueError:
+        return ["auto", "sse2"]
+
+
+@pytest.mark.parametrize("impl", _argmax_impls())
+def test_argmax_ties_and_edges(impl: str) -> None:
     x = np.zeros(1000, dtype=np.float32)
     x[[17, 900]] = 3.0
-    assert _native.argmax(x) == 17  # first of equal maxima, as llama.cpp's greedy
-    for n in (1, 3, 15, 16, 17, 33):
-        y = np.random.default_rng(n).standard_normal(n).astype(np.float32)
-        assert _native.argmax(y) == int(np.argmax(y))
+    assert _native.argmax(x, impl=impl) == 17  # first of equal maxima, as llama.cpp's greedy
+    x[[300, 301]] = 5.0
+    assert _native.argmax(x, impl=impl) == 300
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 15, 16, 17, 33, 63, 64, 65, 255, 256, 257, 1000, 262144, 262145):
+        y = rng.standard_normal(n).astype(np.float32)
+        assert _native.argmax(y, impl=impl) == int(np.argmax(y))
+        y[-1] = 100.0  # the tail after the last whole block
+        assert _native.argmax(y, impl=impl) == n - 1
+        y[0] = 100.0
+        assert _native.argmax(y, impl=impl) == 0
+    y = np.full(5000, -np.inf, dtype=np.float32)
+    assert _native.argmax(y, impl=impl) == 0  # all -inf: 0, as llama.cpp's greedy
+    y = np.sort(rng.standard_normal(70000).astype(np.float32))  # rising: every block beats the last
+    assert _native.argmax(y, impl=impl) == 69999
+
+
+def test_argmax_impl_is_validated() -> None:
+    with pytest.raises(ValueError, match="impl"):
+        _native.argmax(np.zeros(4, np.float32), impl="avx9")
 
 
 def test_seeded_sampling_is_reproducible(tiny_model: lamina.Model) -> None:
