@@ -54,6 +54,27 @@ def auto(path: str) -> None:
             hold.wait()
     m = lamina.Model(path, devices=[gpus[0].name], memory_limit={gpus[0].name: int(est_all.bytes * 0.5)})
     show(f"auto with memory_limit={int(est_all.bytes * 0.5) >> 20} MiB", m)
+    m.close()
+    # out of memory on purpose: the weights (load) and then a large KV cache (context) cannot fit
+    keep = int(est_all.bytes / 2**20 * 0.5)
+    hold = subprocess.Popen([sys.executable, "ci/gpu_hold.py", str(keep)], stdout=subprocess.PIPE, text=True)
+    try:
+        print(" ", hold.stdout.readline().strip() if hold.stdout else "")
+        for what, kw, n_ctx in (("load, all layers", dict(n_gpu_layers="all"), 1024),
+                                ("context of 131072 tokens, 4 layers", dict(n_gpu_layers=4), 131072)):
+            try:
+                with lamina.Model(path, devices=[gpus[0].name], **kw) as m, m.context(n_ctx=n_ctx) as c:
+                    c.complete("x", max_tokens=4)
+                print(f"== out of memory on purpose ({what}, {keep} MiB free): it fitted")
+            except lamina.OutOfMemoryError as exc:
+                print(f"== out of memory on purpose ({what}, {keep} MiB free): OutOfMemoryError "
+                      f"device={exc.device!r} bytes={exc.bytes}\n  {exc}")
+        m = lamina.Model(path, devices=[gpus[0].name])
+        show(f"then auto, same {keep} MiB free, same process", m)
+        greedy(m, 16)
+    finally:
+        hold.kill()
+        hold.wait()
 
 
 def two(path: str) -> None:

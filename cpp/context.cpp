@@ -237,15 +237,7 @@ public:
             nb::gil_scoped_release nogil;
             raw = llama_init_from_model(ms->model.get(), p);
         }
-        if (raw == nullptr) {
-            std::string why = last_log_error();
-            std::string msg = "failed to create the context (n_ctx=" + std::to_string(n_ctx) + ")";
-            if (!why.empty()) msg += ": " + why;
-            if (why.find("alloc") != std::string::npos || why.find("memory") != std::string::npos) {
-                throw out_of_memory_error(msg);
-            }
-            throw lamina_error(msg);
-        }
+        if (raw == nullptr) raise_failed("failed to create the context (n_ctx=" + std::to_string(n_ctx) + ")", failure::other);
         st->ctx.reset(raw);
         st->embeddings = embeddings;
         st->type_k = type_k;

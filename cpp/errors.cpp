@@ -1,9 +1,64 @@
 // C++ exceptions of the native layer and the Python exception types they become.
 #include "lamina.h"
 
+#include "ggml-backend.h"
+
 #include <Python.h>
 
+#include <cstdio>
+
 namespace lamina {
+namespace {
+
+std::string grouped(uint64_t n) {  // 98304000000 -> "98,304,000,000"
+    std::string d = std::to_string(n), out;
+    for (size_t i = 0; i < d.size(); ++i) {
+        if (i > 0 && (d.size() - i) % 3 == 0) out += ',';
+        out += d[i];
+    }
+    return out;
+}
+
+// The device behind a buffer type ggml named (RPC's carry the endpoint: "RPC0[127.0.0.1:50052]"),
+// and its free bytes.
+bool find_device(const std::string & name, std::string & device, size_t & free) {
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        const std::string dn = ggml_backend_dev_name(dev);
+        if (name == dn || name.rfind(dn + "[", 0) == 0 || name.rfind(dn + "_", 0) == 0) {
+            size_t total = 0;
+            ggml_backend_dev_memory(dev, &free, &total);
+            device = dn;
+            return true;
+        }
+    }
+    return false;
+}
+
+}  // namespace
+
+void raise_failed(const std::string & what, failure fallback) {
+    const std::string why = last_log_error();
+    const alloc_failure a = first_alloc_failure();
+    if (!a.device.empty()) {
+        char gib[32];
+        std::snprintf(gib, sizeof gib, "%.2f GiB", double(a.bytes) / double(1ull << 30));
+        std::string device = a.device;
+        size_t free = 0;
+        const bool known = find_device(a.device, device, free);
+        std::string msg = what + ": out of memory on " + device + ": it could not allocate " + grouped(a.bytes) +
+                          " bytes (" + gib + ")";
+        if (known) msg += ", " + grouped(free / (1024 * 1024)) + " MiB free";
+        if (!why.empty()) msg += " (llama.cpp: " + why + ")";
+        throw out_of_memory_error(msg, device, a.bytes);
+    }
+    std::string msg = what + (why.empty() ? "" : ": " + why);
+    if (why.find("alloc") != std::string::npos || why.find("memory") != std::string::npos) {
+        throw out_of_memory_error(msg);
+    }
+    if (fallback == failure::load) throw load_error(msg);
+    throw lamina_error(msg);
+}
 
 void check_signals() {
     if (PyErr_CheckSignals() != 0) {
@@ -24,8 +79,29 @@ void init_errors(nb::module_ & m) {
     base.doc() = "Base class of lamina's errors.";
     nb::exception<load_error>(m, "LoadError", base.ptr()).doc() =
         "The model file could not be loaded (not GGUF, truncated, unsupported architecture, ...).";
-    nb::exception<out_of_memory_error>(m, "OutOfMemoryError", base.ptr()).doc() =
-        "A model, context or buffer did not fit the memory of a device.";
+    nb::exception<out_of_memory_error> oom(m, "OutOfMemoryError", base.ptr());
+    oom.doc() = "A model, context or buffer did not fit the memory of a device.\n\n"
+                "device: the device whose allocation failed (a name as in lamina.devices(), '' when\n"
+                "llama.cpp did not say); bytes: the bytes it asked for (0 when unknown).";
+    oom.attr("device") = nb::str("");
+    oom.attr("bytes") = nb::int_(0);
+    // after nb::exception's own translator, so this one runs first: the instance carries device/bytes
+    nb::register_exception_translator([](const std::exception_ptr & p, void * type) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const out_of_memory_error & e) {
+            PyObject * t = static_cast<PyObject *>(type);
+            PyObject * inst = PyObject_CallFunction(t, "s", e.what());
+            if (inst == nullptr) return;  // the call's own error stays set
+            if (!e.device.empty()) {
+                nb::handle h(inst);
+                h.attr("device") = nb::str(e.device.c_str());
+                h.attr("bytes") = nb::int_(e.bytes);
+            }
+            PyErr_SetObject(t, inst);
+            Py_DECREF(inst);
+        }
+    }, oom.ptr());
     nb::exception<decode_error>(m, "DecodeError", base.ptr()).doc() =
         "llama_decode failed (no KV slot, aborted, invalid batch, or a backend error).";
     nb::exception<closed_error>(m, "ClosedError", base.ptr()).doc() =

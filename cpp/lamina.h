@@ -28,7 +28,13 @@ namespace lamina {
 // ---- errors (registered as Python exceptions in errors.cpp) ------------------------------
 struct lamina_error : std::runtime_error { using std::runtime_error::runtime_error; };
 struct load_error : lamina_error { using lamina_error::lamina_error; };
-struct out_of_memory_error : lamina_error { using lamina_error::lamina_error; };
+struct out_of_memory_error : lamina_error {
+    std::string device;  // the device whose allocation failed ("" when llama.cpp did not say)
+    uint64_t bytes = 0;  // the bytes it asked for (0 when unknown)
+    using lamina_error::lamina_error;
+    out_of_memory_error(const std::string & msg, std::string dev, uint64_t n)
+        : lamina_error(msg), device(std::move(dev)), bytes(n) {}
+};
 struct decode_error : lamina_error {
     int code;
     decode_error(int code_, const std::string & msg) : lamina_error(msg), code(code_) {}
@@ -132,6 +138,18 @@ std::shared_ptr<context_state> context_shared(nb::handle ctx);
 
 std::string last_log_error();
 void clear_last_log_error();
+// The first buffer allocation that failed since clear_last_log_error(), from ggml's
+// "failed to allocate <device> buffer of size <bytes>" error line (empty device: none).
+struct alloc_failure {
+    std::string device;
+    uint64_t bytes = 0;
+};
+alloc_failure first_alloc_failure();
+// Raise for a failed llama.cpp call (load, context creation): out_of_memory_error naming the device,
+// the bytes asked and the device's free memory when an allocation failure was logged; else
+// out_of_memory_error or fallback(msg) with llama.cpp's last error line.
+enum class failure { load, other };
+[[noreturn]] void raise_failed(const std::string & what, failure fallback);
 
 // Create ggml threadpools for generation and batches and attach them to st.ctx (replacing and
 // freeing earlier ones); a no-op without CPU-backend threadpool support.

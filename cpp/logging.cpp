@@ -17,6 +17,7 @@ std::atomic<bool> g_enabled{false};
 PyObject * g_sink = nullptr;  // strong reference, owned while g_enabled
 std::mutex g_last_error_mutex;
 std::string g_last_error;
+alloc_failure g_alloc_failure;  // guarded by g_last_error_mutex
 
 thread_local std::string t_line;
 thread_local std::vector<std::pair<int, std::string>> * t_layers = nullptr;
@@ -48,6 +49,14 @@ void log_callback(ggml_log_level level, const char * text, void *) {
     if (lvl >= GGML_LOG_LEVEL_ERROR) {
         std::lock_guard<std::mutex> lock(g_last_error_mutex);
         g_last_error = line;
+        // "alloc_tensor_range: failed to allocate CUDA0 buffer of size 1048576000" (and gallocr's)
+        size_t at = line.find("failed to allocate ");
+        size_t of = line.find(" buffer of size ");
+        if (g_alloc_failure.device.empty() && at != std::string::npos && of != std::string::npos && of > at) {
+            size_t name0 = at + std::strlen("failed to allocate ");
+            g_alloc_failure.device = line.substr(name0, of - name0);
+            g_alloc_failure.bytes = std::strtoull(line.c_str() + of + std::strlen(" buffer of size "), nullptr, 10);
+        }
     }
     if (line.empty() || lvl < g_min_level.load() || !g_enabled.load()) {
         return;
@@ -79,6 +88,12 @@ std::string last_log_error() {
 void clear_last_log_error() {
     std::lock_guard<std::mutex> lock(g_last_error_mutex);
     g_last_error.clear();
+    g_alloc_failure = {};
+}
+
+alloc_failure first_alloc_failure() {
+    std::lock_guard<std::mutex> lock(g_last_error_mutex);
+    return g_alloc_failure;
 }
 
 void init_logging(nb::module_ & m) {

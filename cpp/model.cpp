@@ -130,14 +130,7 @@ public:
                           lp.error_tb.release().ptr());
             throw nb::python_error();
         }
-        if (raw == nullptr) {
-            std::string why = last_log_error();
-            std::string msg = "failed to load model from '" + path + "'";
-            if (!why.empty()) msg += ": " + why;
-            bool oom = why.find("alloc") != std::string::npos || why.find("memory") != std::string::npos;
-            if (oom) throw out_of_memory_error(msg);
-            throw load_error(msg);
-        }
+        if (raw == nullptr) raise_failed("failed to load model from '" + path + "'", failure::load);
         st_ = std::make_shared<model_state>();
         st_->model.reset(raw);
         st_->vocab = llama_model_get_vocab(raw);

@@ -141,8 +141,9 @@ def test_n_ctx_zero_beyond_memory_raises_and_names_the_bytes(tmp_path: Path) -> 
     # 4 layers x (64 K + 64 V) x 2 bytes = 1 KiB per token: a training context of 2^25 tokens is 32 GiB
     huge = write_tiny_llama(tmp_path / "long.gguf", n_layer=4, n_head=4, n_head_kv=4, n_ctx=1 << 25)
     with lamina.Model(huge) as model:
-        with pytest.raises(lamina.OutOfMemoryError, match=r"n_ctx=0 .*training context"):
+        with pytest.raises(lamina.OutOfMemoryError, match=r"n_ctx=0 .*training context") as err:
             model.context(n_ctx=0)
+        assert err.value.device == "CPU" and err.value.bytes > 32 * 2**30
         with model.context(n_ctx=128) as ctx:  # the model is fine and still usable
             assert ctx.complete("hello", max_tokens=4, ignore_eos=True).finish_reason == "length"
 

@@ -175,6 +175,29 @@ def test_tensor_overrides_keep_matching_tensors_on_the_cpu(tiny_path: Path, rpc_
     assert any("inert" in r for r in off.offload.reasons)
 
 
+def _impossible_bytes() -> int:
+    """More than this machine's memory and swap together: an allocation the kernel refuses up front
+    (overcommit modes 0 and 2) instead of granting it and killing the RPC server when it is touched."""
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("vm.overcommit_memory=1 grants any allocation")
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return 2 * 1024 * sum(int(info[k].split()[0]) for k in ("MemTotal", "SwapTotal"))
+
+
+def test_out_of_memory_names_the_device_and_the_bytes(wide_path: Path, rpc_device: lamina.Device) -> None:
+    # the wide model's 6 KiB of KV per position keeps llama.cpp's per-cell host bookkeeping small
+    model = lamina.Model(wide_path, n_gpu_layers="all", devices=[rpc_device.name])
+    per_token = model.estimate_memory(1024).on(rpc_device.name).context // 1024  # KV bytes per position
+    n_ctx = min(_impossible_bytes() // per_token + 256, 2**31 - 256) // 256 * 256
+    with pytest.raises(lamina.OutOfMemoryError) as err:
+        model.context(n_ctx=n_ctx)
+    e = err.value
+    assert e.device == rpc_device.name and e.bytes >= n_ctx * per_token * 0.9
+    assert f"out of memory on {rpc_device.name}" in str(e) and f"{e.bytes:,} bytes" in str(e)
+    with model.context(n_ctx=128) as ctx:  # nothing was lost: the model still runs on the device
+        assert len(ctx.complete("the sky", max_tokens=4, ignore_eos=True).tokens) == 4
+
+
 @pytest.mark.parametrize("split, match", [
     ([1.0, 1.0], "2 entries for 1 device"),
     ([-1.0], ">= 0"),

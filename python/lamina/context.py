@@ -232,10 +232,12 @@ def _check_host_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_se
     need = host.context + host.compute
     available = system_info().memory_available
     if available and need > available:
-        raise OutOfMemoryError(
+        exc = OutOfMemoryError(
             f"n_ctx=0 means the model's training context, {est.n_ctx} tokens: its KV cache and buffers need "
             f"{need / 2**20:,.0f} MiB of host memory, {available / 2**20:,.0f} MiB are available; "
             f"give a smaller n_ctx (see Model.estimate_memory)")
+        exc.device, exc.bytes = "CPU", need
+        raise exc
 
 
 class Context:
