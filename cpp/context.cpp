@@ -92,6 +92,9 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
         nb::gil_scoped_release nogil;
         caller_pin pin(batch.n_tokens > 1 ? st.pin_batch : st.pin_gen);
         rc = llama_decode(st.ctx.get(), batch);
+        // GPU backends return before the graph has run: a decode returns when the evaluation is done,
+        // so Python timings mean what they say and backend errors surface here
+        if (rc == 0) llama_synchronize(st.ctx.get());
     }
     if (rc != 0) {
         decode_failed(st, rc);

@@ -292,7 +292,8 @@ class Context:
 
     # -- low level -----------------------------------------------------------------------
     def decode(self, tokens: Any, *, logits: Literal["last", "all", "none"] = "last", seq: int = 0) -> None:
-        """Append tokens to a sequence in the KV cache and evaluate them (GIL released)."""
+        """Append tokens to a sequence in the KV cache and evaluate them (GIL released); returns
+        when the evaluation is done, on a GPU too."""
         if logits not in _LOGITS:
             raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
         self.native.decode(as_tokens(tokens, self.model.info.n_vocab), _LOGITS[logits], seq)
