@@ -3,6 +3,7 @@
 #   build   CUDA build from the carried llama.cpp tree (.device/llama.cpp.tgz: trimmed pinned source)
 #   model   random Llama-3.2-1B-shaped and ~125M "small" models, quantized to Q4_K_M
 #   bench   lamina vs llama-bench, every layer on GPU 0 (tg128, pp512)
+#   probe   ci/tg_probe.cpp: where a generated token's time goes beyond llama-bench's loop
 #   auto    n_gpu_layers="auto" on GPU 0: free memory, memory held by another process, memory_limit
 #   ngl     tg128 / pp512 against n_gpu_layers 0, 25, 50, 75, 100 %
 #   two     layer / row / tensor_split over two GPUs (needs a 2-GPU machine)
@@ -35,11 +36,17 @@ for stage in "$@"; do
     done ;;
   bench)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-    CUDA_VISIBLE_DEVICES=0 $py ci/bench_generate.py --model /tmp/llama-1b.gguf -n 128 -p 512 -r 5 --rounds 2 \
+    CUDA_VISIBLE_DEVICES=0 $py ci/bench_generate.py --model /tmp/llama-1b.gguf -n 128 -p 512 -r 1 --rounds 9 \
       --json "$OUT/bench_gpu.json"
     echo "with backend sampling (greedy argmax in the graph):"
-    CUDA_VISIBLE_DEVICES=0 $py ci/bench_generate.py --model /tmp/llama-1b.gguf -n 128 -p 0 -r 5 --rounds 2 \
+    CUDA_VISIBLE_DEVICES=0 $py ci/bench_generate.py --model /tmp/llama-1b.gguf -n 128 -p 0 -r 1 --rounds 5 \
       --backend-sampling 2>/dev/null ;;
+  probe)
+    pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
+    g++ -O2 -std=c++17 -I$LAMINA_LLAMA_CPP_DIR/include -I$LAMINA_LLAMA_CPP_DIR/ggml/include ci/tg_probe.cpp \
+      -o /tmp/tg_probe -L"$pkg" -lllama -lggml -lggml-base -Wl,-rpath,"$pkg" || exit 1
+    CUDA_VISIBLE_DEVICES=0 /tmp/tg_probe /tmp/llama-1b.gguf 128 10 3
+    CUDA_VISIBLE_DEVICES=0 /tmp/tg_probe /tmp/llama-1b.gguf 128 10 7 | grep -E "argmax|bench" ;;
   auto)
     CUDA_VISIBLE_DEVICES=0 $py ci/gpu_offload.py auto /tmp/llama-1b.gguf ;;
   ngl)
@@ -49,9 +56,12 @@ for stage in "$@"; do
   two)
     $py ci/gpu_offload.py two /tmp/llama-1b.gguf ;;
   sweep)
-    echo "default threads: $($py -c 'import lamina; print(lamina.default_threads(), lamina.system_info().default_threads_batch)')"
-    CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/small.gguf --no-gpu -t 1,2,4,8,16,24,32 -n 128 -p 0 -r 3 --rounds 1
-    CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/llama-1b.gguf --no-gpu -t 1,2,4,8,16,24,32 -n 128 -p 0 -r 2 --rounds 1 ;;
+    # thread counts up to this machine's CPUs: 1 2 4 8 ... n/2 3n/4 n; paired samples (-r 1 --rounds N)
+    ts=$($py -c "import os; n = len(os.sched_getaffinity(0)); print(','.join(map(str, sorted({t for t in (1, 2, 4, 8, n // 2, 3 * n // 4, n) if 0 < t <= n}))))")
+    big=$($py -c "print(','.join(t for t in '$ts'.split(',') if int(t) >= 4))")
+    echo "default threads: $($py -c 'import lamina; print(lamina.default_threads(), lamina.system_info().default_threads_batch)'); sweep $ts"
+    CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/small.gguf --no-gpu -t $ts -n 128 -p 0 -r 1 --rounds 5 2>/dev/null
+    CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/llama-1b.gguf --no-gpu -t $big -n 128 -p 0 -r 1 --rounds 3 2>/dev/null ;;
   sweep2)
     # the same sweeps with rounds alternating lamina and llama-bench (drift on a shared VM hits both)
     CUDA_VISIBLE_DEVICES= $py ci/bench_generate.py --model /tmp/small.gguf --no-gpu -t 8,16,24,32 -n 128 -p 0 -r 3 --rounds 4
