@@ -143,7 +143,8 @@ def test_n_ctx_zero_beyond_memory_raises_and_names_the_bytes(tmp_path: Path) -> 
     with lamina.Model(huge) as model:
         with pytest.raises(lamina.OutOfMemoryError, match=r"n_ctx=0 .*training context") as err:
             model.context(n_ctx=0)
-        assert err.value.device == "CPU" and err.value.bytes > 32 * 2**30
+        # the host here; on a GPU machine the device that would hold the cache or its buffers
+        assert err.value.device in [d.name for d in lamina.devices()] and err.value.bytes > 32 * 2**30
         with model.context(n_ctx=128) as ctx:  # the model is fine and still usable
             assert ctx.complete("hello", max_tokens=4, ignore_eos=True).finish_reason == "length"
 

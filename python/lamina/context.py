@@ -215,10 +215,10 @@ def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv
             kv.unified, POOLING[pooling])
 
 
-def _check_host_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max: int,
-                       flash_attn: bool | Literal["auto"]) -> None:
+def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max: int,
+                  flash_attn: bool | Literal["auto"]) -> None:
     """n_ctx=0 asks for the training context, which can be far larger than this machine: refuse
-    it up front, with the bytes, instead of letting the allocation fail or swap."""
+    it up front, naming the device and the bytes, instead of letting the allocation fail or swap."""
     from .errors import OutOfMemoryError
     from .system import system_info
 
@@ -228,16 +228,17 @@ def _check_host_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_se
     except OutOfMemoryError as exc:
         raise OutOfMemoryError(f"n_ctx=0 means the model's training context, {model.info.n_ctx_train} tokens: "
                                f"even sizing it ran out of memory ({exc}); give a smaller n_ctx") from None
-    host = est.on("host")
-    need = host.context + host.compute
-    available = system_info().memory_available
-    if available and need > available:
-        exc = OutOfMemoryError(
-            f"n_ctx=0 means the model's training context, {est.n_ctx} tokens: its KV cache and buffers need "
-            f"{need / 2**20:,.0f} MiB of host memory, {available / 2**20:,.0f} MiB are available; "
-            f"give a smaller n_ctx (see Model.estimate_memory)")
-        exc.device, exc.bytes = "CPU", need
-        raise exc
+    for d in est.devices:  # the weights are loaded already: the context adds its KV cache and buffers
+        need = d.context + d.compute
+        available = (system_info().memory_available or 0) if d.device == "host" else d.free
+        if available and need > available:
+            where = "host memory" if d.device == "host" else f"{d.device} memory"
+            err = OutOfMemoryError(
+                f"n_ctx=0 means the model's training context, {est.n_ctx} tokens: its KV cache and buffers need "
+                f"{need / 2**20:,.0f} MiB of {where}, {available / 2**20:,.0f} MiB are available; "
+                f"give a smaller n_ctx (see Model.estimate_memory)")
+            err.device, err.bytes = ("CPU" if d.device == "host" else d.device), need
+            raise err
 
 
 class Context:
@@ -267,7 +268,7 @@ class Context:
         settings = context_settings(n_ctx, n_batch, n_ubatch, n_seq_max, kv, flash_attn, model.offload.gpu,
                                     embeddings=embeddings, pooling=pooling)
         if n_ctx == 0:
-            _check_host_memory(model, kv, n_batch, n_ubatch, n_seq_max, flash_attn)
+            _check_memory(model, kv, n_batch, n_ubatch, n_seq_max, flash_attn)
         _core.sync_log_level()
         self._native = _native.Context(model.native, settings, *self.threads_config.pools())
         self.params = self._native.params()
