@@ -7,6 +7,8 @@
 #include "ggml-backend.h"
 #include "log.h"
 
+#include <algorithm>
+
 namespace lamina {
 namespace {
 
@@ -116,6 +118,50 @@ nb::dict fit(const std::string & path, const model_args & margs, const context_a
     return d;
 }
 
+std::string meta(const llama_model * m, const std::string & key) {
+    char buf[128];
+    const int32_t n = llama_model_meta_val_str(m, key.c_str(), buf, sizeof buf);
+    return n < 0 ? std::string() : std::string(buf);
+}
+
+// Devices among `devices` that refuse one layer's K or V cache tensor for n_ctx positions, with its
+// bytes. llama.cpp allocates each layer's cache on the layer's device and then aborts the process
+// in the scheduler when the device cannot use a tensor that large (Vulkan: maxStorageBufferRange,
+// 128 MiB on lavapipe), so this is asked of the device first.
+nb::list kv_tensor_refusals(nb::handle model, int64_t n_ctx, int type_k, int type_v,
+                            const std::vector<std::string> & devices) {
+    std::shared_ptr<model_state> ms = model_shared(model);
+    const llama_model * m = ms->model.get();
+    if (n_ctx <= 0) throw std::invalid_argument("n_ctx must be > 0");
+    if (type_k < 0 || type_k >= GGML_TYPE_COUNT || type_v < 0 || type_v >= GGML_TYPE_COUNT) {
+        throw std::invalid_argument("invalid K/V type");
+    }
+    const std::string arch = meta(m, "general.architecture");
+    const int64_t n_head = std::max(1, llama_model_n_head(m)), n_head_kv = std::max(1, llama_model_n_head_kv(m));
+    const std::string kl = meta(m, arch + ".attention.key_length"), vl = meta(m, arch + ".attention.value_length");
+    const int64_t head_k = kl.empty() ? llama_model_n_embd(m) / n_head : std::stoll(kl);
+    const int64_t head_v = vl.empty() ? head_k : std::stoll(vl);
+    const int64_t cells = (n_ctx + 255) / 256 * 256;  // llama.cpp pads the cache to 256 cells
+    const size_t bytes[2] = {ggml_row_size(ggml_type(type_k), n_head_kv * head_k) * size_t(cells),
+                             ggml_row_size(ggml_type(type_v), n_head_kv * head_v) * size_t(cells)};
+    ggml_init_params params{ggml_tensor_overhead() * 4, nullptr, true};
+    ggml_context * ctx = ggml_init(params);
+    nb::list out;
+    for (const std::string & name : devices) {
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            const std::string dn = ggml_backend_dev_name(dev);
+            if (name != dn && name.rfind(dn + "[", 0) != 0) continue;
+            const size_t big = std::max(bytes[0], bytes[1]);
+            ggml_tensor * t = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, int64_t(big));  // op NONE: a stored tensor
+            if (!ggml_backend_dev_supports_op(dev, t)) out.append(nb::make_tuple(dn, big));
+            break;
+        }
+    }
+    ggml_free(ctx);
+    return out;
+}
+
 }  // namespace
 
 void init_fit(nb::module_ & m) {
@@ -126,6 +172,9 @@ void init_fit(nb::module_ & m) {
     m.def("memory_estimate", &memory_estimate, nb::arg("path"), nb::arg("placement"), nb::arg("settings"),
           "Per device (then host): bytes of model weights, context (KV, outputs) and compute buffers "
           "that loading with these settings would allocate; llama.cpp's no-alloc load, nothing allocated.");
+    m.def("kv_tensor_refusals", &kv_tensor_refusals, nb::arg("model"), nb::arg("n_ctx"), nb::arg("type_k"),
+          nb::arg("type_v"), nb::arg("devices"),
+          "[(device, bytes)] of the devices that cannot use one layer's K or V cache tensor for n_ctx positions.");
     m.def("fit", &fit, nb::arg("path"), nb::arg("placement"), nb::arg("settings"), nb::arg("margins"),
           nb::arg("n_ctx_min") = 0,
           "llama.cpp's common_fit_params: n_gpu_layers, tensor_split and n_ctx that fit free device memory.");

@@ -198,6 +198,20 @@ def test_out_of_memory_names_the_device_and_the_bytes(wide_path: Path, rpc_devic
         assert len(ctx.complete("the sky", max_tokens=4, ignore_eos=True).tokens) == 4
 
 
+def test_kv_tensor_check_asks_the_device(wide_path: Path, rpc_device: lamina.Device) -> None:
+    """The RPC device (a CPU backend) takes any tensor size; lavapipe's 128 MiB limit is checked in
+    ci/vulkan_offload.sh, where llama.cpp would otherwise abort the process."""
+    from lamina import _native
+
+    model = lamina.Model(wide_path, n_gpu_layers="all", devices=[rpc_device.name])
+    f16 = _native.ggml_type_from_name("f16")
+    assert _native.kv_tensor_refusals(model.native, 1 << 20, f16, f16, [rpc_device.name]) == []
+    with pytest.raises(ValueError, match="n_ctx"):
+        _native.kv_tensor_refusals(model.native, 0, f16, f16, [rpc_device.name])
+    with pytest.raises(ValueError, match="type"):
+        _native.kv_tensor_refusals(model.native, 256, 999, f16, [rpc_device.name])
+
+
 @pytest.mark.parametrize("split, match", [
     ([1.0, 1.0], "2 entries for 1 device"),
     ([-1.0], ">= 0"),

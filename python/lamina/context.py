@@ -226,8 +226,10 @@ def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max
         est = model.estimate_memory(0, kv=kv, n_seq_max=n_seq_max, n_batch=n_batch, n_ubatch=n_ubatch,
                                     flash_attn=flash_attn)
     except OutOfMemoryError as exc:
-        raise OutOfMemoryError(f"n_ctx=0 means the model's training context, {model.info.n_ctx_train} tokens: "
-                               f"even sizing it ran out of memory ({exc}); give a smaller n_ctx") from None
+        err = OutOfMemoryError(f"n_ctx=0 means the model's training context, {model.info.n_ctx_train} tokens: "
+                               f"even sizing it ran out of memory ({exc}); give a smaller n_ctx")
+        err.device, err.bytes = exc.device, exc.bytes
+        raise err from None
     for d in est.devices:  # the weights are loaded already: the context adds its KV cache and buffers
         need = d.context + d.compute
         available = (system_info().memory_available or 0) if d.device == "host" else d.free
@@ -267,6 +269,8 @@ class Context:
         self.model = model
         settings = context_settings(n_ctx, n_batch, n_ubatch, n_seq_max, kv, flash_attn, model.offload.gpu,
                                     embeddings=embeddings, pooling=pooling)
+        if model.offload.gpu:
+            model.check_kv_tensors(n_ctx, kv)
         if n_ctx == 0:
             _check_memory(model, kv, n_batch, n_ubatch, n_seq_max, flash_attn)
         _core.sync_log_level()

@@ -267,9 +267,34 @@ class Model:
         from .context import context_settings
 
         n = self.n_ctx if n_ctx is None else n_ctx
+        self.check_kv_tensors(n, kv or self.kv)
         settings = context_settings(n, n_batch, n_ubatch, n_seq_max, kv or self.kv, flash_attn, self._placement[1] != [])
         rows = _native.memory_estimate(os.fspath(self.path), self._placement, settings)
         return estimate_from_native(n if n else self.info.n_ctx_train, rows)
+
+    def check_kv_tensors(self, n_ctx: int, kv: "KV") -> None:
+        """Raise OutOfMemoryError when a device that holds layers cannot use one layer's K or V
+        cache tensor for n_ctx positions (0: the training context). llama.cpp would allocate it
+        and then abort the process (Vulkan devices limit one tensor to maxStorageBufferRange)."""
+        from .errors import OutOfMemoryError
+
+        if not kv.offload or not self._placement[1]:
+            return  # the cache stays in host memory
+        cpu = {d.name for d in list_devices() if d.kind == "cpu"}
+        held = sorted({dev for layer, dev in self._native.layer_devices() if layer < self.info.n_layer and dev not in cpu})
+        if not held:
+            return
+        n = n_ctx or self.info.n_ctx_train
+        refused = _native.kv_tensor_refusals(self._native, n, _native.ggml_type_from_name(kv.type_k),
+                                             _native.ggml_type_from_name(kv.type_v), held)
+        if refused:
+            dev, size = refused[0]
+            err = OutOfMemoryError(
+                f"{dev} cannot use a KV cache tensor of {size / 2**20:,.0f} MiB (one layer's K or V cache for "
+                f"n_ctx={n}; the device limits the size of one tensor): give a smaller n_ctx, or "
+                f"kv=lamina.KV(offload=False) to keep the cache in host memory")
+            err.device, err.bytes = dev, size
+            raise err
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
