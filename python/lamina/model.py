@@ -281,11 +281,11 @@ class Model:
         if not kv.offload or not self._placement[1]:
             return  # the cache stays in host memory
         cpu = {d.name for d in list_devices() if d.kind == "cpu"}
-        held = sorted({dev for layer, dev in self._native.layer_devices() if layer < self.info.n_layer and dev not in cpu})
+        held = sorted({dev for layer, dev in self.native.layer_devices() if layer < self.info.n_layer and dev not in cpu})
         if not held:
             return
         n = n_ctx or self.info.n_ctx_train
-        refused = _native.kv_tensor_refusals(self._native, n, _native.ggml_type_from_name(kv.type_k),
+        refused = _native.kv_tensor_refusals(self.native, n, _native.ggml_type_from_name(kv.type_k),
                                              _native.ggml_type_from_name(kv.type_v), held)
         if refused:
             dev, size = refused[0]
