@@ -52,7 +52,8 @@ print(lamina.Model(path).offload)
 # would abort the process; lamina raises, naming the device and the bytes, and the model still runs
 wide = write_tiny_llama(path.parent / "wide.gguf", n_layer=6, n_embd=512, n_head=8, n_head_kv=4, n_ff=2048)
 model = lamina.Model(wide, n_gpu_layers="all")
-for call in (lambda: model.context(n_ctx=1 << 20), lambda: model.estimate_memory(1 << 20)):
+for call in (lambda: model.context(n_ctx=1 << 20), lambda: model.estimate_memory(1 << 20),
+             lambda: lamina.Model(wide, n_gpu_layers="auto", n_ctx=1 << 20)):  # before llama.cpp's fit
     try:
         call()
         raise AssertionError("a 512 MiB KV tensor on lavapipe did not raise")

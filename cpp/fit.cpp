@@ -5,6 +5,7 @@
 
 #include "fit.h"
 #include "ggml-backend.h"
+#include "gguf.h"
 #include "log.h"
 
 #include <algorithm>
@@ -124,36 +125,97 @@ std::string meta(const llama_model * m, const std::string & key) {
     return n < 0 ? std::string() : std::string(buf);
 }
 
+// What one layer's K and V cache tensors are made of: n_head_kv heads of head_k / head_v values.
+struct kv_dims {
+    int64_t n_head_kv = 1, head_k = 0, head_v = 0;
+    int64_t n_ctx_train = 0;  // from the file only
+};
+
+kv_dims dims_of_model(const llama_model * m) {
+    const std::string arch = meta(m, "general.architecture");
+    const int64_t n_head = std::max(1, llama_model_n_head(m));
+    const std::string kl = meta(m, arch + ".attention.key_length"), vl = meta(m, arch + ".attention.value_length");
+    kv_dims d;
+    d.n_head_kv = std::max(1, llama_model_n_head_kv(m));
+    d.head_k = kl.empty() ? llama_model_n_embd(m) / n_head : std::stoll(kl);
+    d.head_v = vl.empty() ? d.head_k : std::stoll(vl);
+    return d;
+}
+
+// An integer GGUF value, or the largest element of an integer array (per-layer head counts); -1 if absent.
+int64_t gguf_int(const gguf_context * g, const std::string & key) {
+    const int64_t id = gguf_find_key(g, key.c_str());
+    if (id < 0) return -1;
+    auto one = [](gguf_type t, const void * p) -> int64_t {
+        switch (t) {
+            case GGUF_TYPE_UINT8: return *static_cast<const uint8_t *>(p);
+            case GGUF_TYPE_INT8: return *static_cast<const int8_t *>(p);
+            case GGUF_TYPE_UINT16: return *static_cast<const uint16_t *>(p);
+            case GGUF_TYPE_INT16: return *static_cast<const int16_t *>(p);
+            case GGUF_TYPE_UINT32: return *static_cast<const uint32_t *>(p);
+            case GGUF_TYPE_INT32: return *static_cast<const int32_t *>(p);
+            case GGUF_TYPE_UINT64: return int64_t(*static_cast<const uint64_t *>(p));
+            case GGUF_TYPE_INT64: return *static_cast<const int64_t *>(p);
+            default: return -1;
+        }
+    };
+    const gguf_type t = gguf_get_kv_type(g, id);
+    if (t != GGUF_TYPE_ARRAY) return one(t, gguf_get_val_data(g, id));
+    const gguf_type at = gguf_get_arr_type(g, id);
+    const size_t size = at == GGUF_TYPE_UINT8 || at == GGUF_TYPE_INT8     ? 1
+                        : at == GGUF_TYPE_UINT16 || at == GGUF_TYPE_INT16 ? 2
+                        : at == GGUF_TYPE_UINT32 || at == GGUF_TYPE_INT32 ? 4
+                        : at == GGUF_TYPE_UINT64 || at == GGUF_TYPE_INT64 ? 8
+                                                                          : 0;
+    const size_t n = gguf_get_arr_n(g, id);
+    if (size == 0) return -1;
+    const auto * data = static_cast<const uint8_t *>(gguf_get_arr_data(g, id));
+    int64_t best = -1;
+    for (size_t i = 0; i < n; ++i) best = std::max(best, one(at, data + i * size));
+    return best;
+}
+
+kv_dims dims_of_file(const std::string & path) {
+    gguf_init_params params{true, nullptr};
+    gguf_context * g = gguf_init_from_file(path.c_str(), params);
+    if (g == nullptr) throw load_error("not a readable GGUF file: '" + path + "'");
+    const int64_t arch_id = gguf_find_key(g, "general.architecture");
+    const std::string arch = arch_id < 0 ? "" : gguf_get_val_str(g, arch_id);
+    const int64_t n_embd = gguf_int(g, arch + ".embedding_length"), n_head = gguf_int(g, arch + ".attention.head_count");
+    const int64_t n_head_kv = gguf_int(g, arch + ".attention.head_count_kv");
+    const int64_t kl = gguf_int(g, arch + ".attention.key_length"), vl = gguf_int(g, arch + ".attention.value_length");
+    const int64_t n_ctx_train = gguf_int(g, arch + ".context_length");
+    gguf_free(g);
+    kv_dims d;
+    d.n_head_kv = std::max<int64_t>(1, n_head_kv > 0 ? n_head_kv : n_head);
+    d.head_k = kl > 0 ? kl : (n_head > 0 && n_embd > 0 ? n_embd / n_head : 0);
+    d.head_v = vl > 0 ? vl : d.head_k;
+    d.n_ctx_train = std::max<int64_t>(0, n_ctx_train);
+    return d;
+}
+
 // Devices among `devices` that refuse one layer's K or V cache tensor for n_ctx positions, with its
 // bytes. llama.cpp allocates each layer's cache on the layer's device and then aborts the process
 // in the scheduler when the device cannot use a tensor that large (Vulkan: maxStorageBufferRange,
 // 128 MiB on lavapipe), so this is asked of the device first.
-nb::list kv_tensor_refusals(nb::handle model, int64_t n_ctx, int type_k, int type_v,
-                            const std::vector<std::string> & devices) {
-    std::shared_ptr<model_state> ms = model_shared(model);
-    const llama_model * m = ms->model.get();
+nb::list refusals(const kv_dims & d, int64_t n_ctx, int type_k, int type_v, const std::vector<std::string> & devices) {
     if (n_ctx <= 0) throw std::invalid_argument("n_ctx must be > 0");
     if (type_k < 0 || type_k >= GGML_TYPE_COUNT || type_v < 0 || type_v >= GGML_TYPE_COUNT) {
         throw std::invalid_argument("invalid K/V type");
     }
-    const std::string arch = meta(m, "general.architecture");
-    const int64_t n_head = std::max(1, llama_model_n_head(m)), n_head_kv = std::max(1, llama_model_n_head_kv(m));
-    const std::string kl = meta(m, arch + ".attention.key_length"), vl = meta(m, arch + ".attention.value_length");
-    const int64_t head_k = kl.empty() ? llama_model_n_embd(m) / n_head : std::stoll(kl);
-    const int64_t head_v = vl.empty() ? head_k : std::stoll(vl);
     const int64_t cells = (n_ctx + 255) / 256 * 256;  // llama.cpp pads the cache to 256 cells
-    const size_t bytes[2] = {ggml_row_size(ggml_type(type_k), n_head_kv * head_k) * size_t(cells),
-                             ggml_row_size(ggml_type(type_v), n_head_kv * head_v) * size_t(cells)};
-    ggml_init_params params{ggml_tensor_overhead() * 4, nullptr, true};
-    ggml_context * ctx = ggml_init(params);
+    const size_t big = std::max(ggml_row_size(ggml_type(type_k), d.n_head_kv * d.head_k),
+                                ggml_row_size(ggml_type(type_v), d.n_head_kv * d.head_v)) * size_t(cells);
     nb::list out;
+    if (big == 0) return out;
+    ggml_init_params params{ggml_tensor_overhead() * 2, nullptr, true};
+    ggml_context * ctx = ggml_init(params);
+    ggml_tensor * t = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, int64_t(big));  // op NONE: a stored tensor
     for (const std::string & name : devices) {
         for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
             ggml_backend_dev_t dev = ggml_backend_dev_get(i);
             const std::string dn = ggml_backend_dev_name(dev);
             if (name != dn && name.rfind(dn + "[", 0) != 0) continue;
-            const size_t big = std::max(bytes[0], bytes[1]);
-            ggml_tensor * t = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, int64_t(big));  // op NONE: a stored tensor
             if (!ggml_backend_dev_supports_op(dev, t)) out.append(nb::make_tuple(dn, big));
             break;
         }
@@ -172,9 +234,20 @@ void init_fit(nb::module_ & m) {
     m.def("memory_estimate", &memory_estimate, nb::arg("path"), nb::arg("placement"), nb::arg("settings"),
           "Per device (then host): bytes of model weights, context (KV, outputs) and compute buffers "
           "that loading with these settings would allocate; llama.cpp's no-alloc load, nothing allocated.");
-    m.def("kv_tensor_refusals", &kv_tensor_refusals, nb::arg("model"), nb::arg("n_ctx"), nb::arg("type_k"),
-          nb::arg("type_v"), nb::arg("devices"),
-          "[(device, bytes)] of the devices that cannot use one layer's K or V cache tensor for n_ctx positions.");
+    m.def("kv_tensor_refusals", [](nb::handle model, int64_t n_ctx, int type_k, int type_v,
+                                   const std::vector<std::string> & devices) {
+        return refusals(dims_of_model(model_shared(model)->model.get()), n_ctx, type_k, type_v, devices);
+    }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("type_k"), nb::arg("type_v"), nb::arg("devices"),
+    "[(device, bytes)] of the devices that cannot use one layer's K or V cache tensor for n_ctx positions.");
+    m.def("kv_tensor_refusals_file", [](const std::string & path, int64_t n_ctx, int type_k, int type_v,
+                                        const std::vector<std::string> & devices) {
+        check_gguf_file(path);
+        const kv_dims d = dims_of_file(path);
+        if (n_ctx == 0 && d.n_ctx_train > 0) n_ctx = d.n_ctx_train;
+        return refusals(d, n_ctx, type_k, type_v, devices);
+    }, nb::arg("path"), nb::arg("n_ctx"), nb::arg("type_k"), nb::arg("type_v"), nb::arg("devices"),
+    "The same from the GGUF file's metadata, before the model is loaded (for the 'auto' fit); n_ctx=0: "
+    "the training context.");
     m.def("fit", &fit, nb::arg("path"), nb::arg("placement"), nb::arg("settings"), nb::arg("margins"),
           nb::arg("n_ctx_min") = 0,
           "llama.cpp's common_fit_params: n_gpu_layers, tensor_split and n_ctx that fit free device memory.");

@@ -136,6 +136,8 @@ std::shared_ptr<model_state> model_shared(nb::handle model);
 // The shared context state behind a lamina._native.Context (raises ClosedError).
 std::shared_ptr<context_state> context_shared(nb::handle ctx);
 
+// A path llama.cpp can be trusted with (raises FileNotFoundError / OSError / LoadError).
+void check_gguf_file(const std::string & path);
 std::string last_log_error();
 void clear_last_log_error();
 // The first buffer allocation that failed since clear_last_log_error(), from ggml's

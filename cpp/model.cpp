@@ -24,29 +24,6 @@ nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> to_numpy(std::vector<int32_t> && v)
     return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
 }
 
-// A path llama.cpp can be trusted with: exists, is a regular readable file, starts with "GGUF".
-void check_gguf_file(const std::string & path) {
-    FILE * f = std::fopen(path.c_str(), "rb");
-    if (f == nullptr) {
-        int err = errno;
-        if (err == ENOENT) {
-            PyErr_SetFromErrnoWithFilename(PyExc_FileNotFoundError, path.c_str());
-            throw nb::python_error();
-        }
-        PyErr_SetFromErrnoWithFilename(PyExc_OSError, path.c_str());
-        throw nb::python_error();
-    }
-    char magic[4] = {0, 0, 0, 0};
-    size_t got = std::fread(magic, 1, 4, f);
-    bool is_dir = got == 0 && std::ferror(f);
-    std::fclose(f);
-    if (is_dir) {
-        throw load_error("'" + path + "' is not a readable file");
-    }
-    if (got < 4 || std::memcmp(magic, "GGUF", 4) != 0) {
-        throw load_error("'" + path + "' is not a GGUF file (its first bytes are not 'GGUF')");
-    }
-}
 
 struct load_progress {
     PyObject * callback = nullptr;  // borrowed; may be null
@@ -273,6 +250,30 @@ private:
 };
 
 }  // namespace
+
+// A path llama.cpp can be trusted with: exists, is a regular readable file, starts with "GGUF".
+void check_gguf_file(const std::string & path) {
+    FILE * f = std::fopen(path.c_str(), "rb");
+    if (f == nullptr) {
+        int err = errno;
+        if (err == ENOENT) {
+            PyErr_SetFromErrnoWithFilename(PyExc_FileNotFoundError, path.c_str());
+            throw nb::python_error();
+        }
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, path.c_str());
+        throw nb::python_error();
+    }
+    char magic[4] = {0, 0, 0, 0};
+    size_t got = std::fread(magic, 1, 4, f);
+    bool is_dir = got == 0 && std::ferror(f);
+    std::fclose(f);
+    if (is_dir) {
+        throw load_error("'" + path + "' is not a readable file");
+    }
+    if (got < 4 || std::memcmp(magic, "GGUF", 4) != 0) {
+        throw load_error("'" + path + "' is not a GGUF file (its first bytes are not 'GGUF')");
+    }
+}
 
 void build_model_params(const model_args & a, model_params & out) {
     const auto & [n_gpu_layers, devices, split_mode, main_gpu, tensor_split, overrides] = a;

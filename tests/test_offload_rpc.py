@@ -210,6 +210,10 @@ def test_kv_tensor_check_asks_the_device(wide_path: Path, rpc_device: lamina.Dev
         _native.kv_tensor_refusals(model.native, 0, f16, f16, [rpc_device.name])
     with pytest.raises(ValueError, match="type"):
         _native.kv_tensor_refusals(model.native, 256, 999, f16, [rpc_device.name])
+    # from the file's metadata, before a load (the "auto" fit); 0: the training context
+    assert _native.kv_tensor_refusals_file(str(wide_path), 0, f16, f16, [rpc_device.name]) == []
+    with pytest.raises(FileNotFoundError):
+        _native.kv_tensor_refusals_file(str(wide_path) + ".missing", 256, f16, f16, [rpc_device.name])
 
 
 @pytest.mark.parametrize("split, match", [

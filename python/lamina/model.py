@@ -44,6 +44,19 @@ def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+def kv_tensor_error(refused: tuple[str, int], n_ctx: int) -> Exception:
+    """The OutOfMemoryError for a device that cannot use one layer's K or V cache tensor."""
+    from .errors import OutOfMemoryError
+
+    dev, size = refused
+    err = OutOfMemoryError(
+        f"{dev} cannot use a KV cache tensor of {size / 2**20:,.0f} MiB (one layer's K or V cache for "
+        f"n_ctx={n_ctx or 'the training context'}; the device limits the size of one tensor): give a smaller n_ctx, or "
+        f"kv=lamina.KV(offload=False) to keep the cache in host memory")
+    err.device, err.bytes = dev, size
+    return err
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Facts about a loaded model (model.info)."""
@@ -192,6 +205,13 @@ class Model:
         self.n_ctx = n_ctx
         settings = context_settings(n_ctx, 2048, 512, 1, self.kv, "auto", use_gpu)
         _core.sync_log_level()
+        if use_gpu and n_gpu_layers == "auto" and self.kv.offload:
+            # llama.cpp's fit creates contexts too: a KV tensor a device cannot use aborts it
+            refused = _native.kv_tensor_refusals_file(
+                os.fspath(self.path), n_ctx, _native.ggml_type_from_name(self.kv.type_k),
+                _native.ggml_type_from_name(self.kv.type_v), [d.name for d in gpu_devices])
+            if refused:
+                raise kv_tensor_error(refused[0], n_ctx)
         if use_gpu and n_gpu_layers == "auto":
             margins = [max(0, d.memory_free - limits[d.index]) if d.index in limits else fit_margin
                        for d in gpu_devices]
@@ -276,8 +296,6 @@ class Model:
         """Raise OutOfMemoryError when a device that holds layers cannot use one layer's K or V
         cache tensor for n_ctx positions (0: the training context). llama.cpp would allocate it
         and then abort the process (Vulkan devices limit one tensor to maxStorageBufferRange)."""
-        from .errors import OutOfMemoryError
-
         if not kv.offload or not self._placement[1]:
             return  # the cache stays in host memory
         cpu = {d.name for d in list_devices() if d.kind == "cpu"}
@@ -288,13 +306,7 @@ class Model:
         refused = _native.kv_tensor_refusals(self.native, n, _native.ggml_type_from_name(kv.type_k),
                                              _native.ggml_type_from_name(kv.type_v), held)
         if refused:
-            dev, size = refused[0]
-            err = OutOfMemoryError(
-                f"{dev} cannot use a KV cache tensor of {size / 2**20:,.0f} MiB (one layer's K or V cache for "
-                f"n_ctx={n}; the device limits the size of one tensor): give a smaller n_ctx, or "
-                f"kv=lamina.KV(offload=False) to keep the cache in host memory")
-            err.device, err.bytes = dev, size
-            raise err
+            raise kv_tensor_error(refused[0], n)
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
