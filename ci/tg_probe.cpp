@@ -7,14 +7,14 @@
 //   logits    + llama_get_logits_ith (no read of the logits)
 //   argmax    + lamina's argmax over the logits (what ctx.generate does for greedy)
 //   argmax-avx2 + the AVX2 argmax
-//   pf-t0 / pf-nta  the AVX2 argmax with software prefetch 4 KiB ahead (to L1-L2 / non-temporal)
 //   argmax-mt + the argmax split over helper threads that spin between tokens
 //   backend   greedy sampler in the graph (llama_set_sampler), only the token id comes back
 // usage: tg_probe MODEL [n_gen 128] [reps 10] [helper threads 3] [threads: all CPUs]
 //
 // H100 host, 1B Llama shape, 128k vocab (2026-11-26): bench 891-894 t/s; reading the logits costs
 // nothing (0.996-1.000); the argmax 16-21 us per token (6 us on cached logits), 0.970-0.977 of
-// bench; AVX2 and prefetching change nothing (memory-bound); 3 spinning helpers take it to 7 us
+// bench; AVX2 and a software prefetch 4 KiB ahead (T0 or NTA; measured once, since removed) change
+// nothing (memory-bound); 3 spinning helpers take it to 7 us
 // (0.982-0.990), but inside lamina's loop, next to ggml's polling pool, helpers that sleep until
 // the logits are due gained nothing measurable (0.996 vs 0.994 paired at 4 threads) and cost
 // 3-5% at 16 threads, so lamina does not use them; backend sampling 0.968-0.973.
@@ -91,41 +91,6 @@ private:
     int32_t n_ = 0;
 };
 
-// lamina::argmax_avx2 plus a software prefetch of every cache line DIST floats ahead: the L2
-// streamer stops at each 4 KiB page, and 128k logits span 128 pages.
-template <int HINT>
-__attribute__((target("avx2"))) int32_t argmax_prefetch(const float * x, int32_t n) {
-    constexpr int32_t B = 256, DIST = 1024;
-    float best = -std::numeric_limits<float>::infinity();
-    int32_t best_i = 0, i = 0;
-    for (; i + B <= n; i += B) {
-        for (int32_t j = 0; j < B; j += 16) _mm_prefetch(reinterpret_cast<const char *>(x + i + DIST + j), static_cast<_mm_hint>(HINT));
-        __m256 m0 = _mm256_loadu_ps(x + i), m1 = _mm256_loadu_ps(x + i + 8);
-        __m256 m2 = _mm256_loadu_ps(x + i + 16), m3 = _mm256_loadu_ps(x + i + 24);
-        for (int32_t j = 32; j < B; j += 32) {
-            m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i + j));
-            m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + i + j + 8));
-            m2 = _mm256_max_ps(m2, _mm256_loadu_ps(x + i + j + 16));
-            m3 = _mm256_max_ps(m3, _mm256_loadu_ps(x + i + j + 24));
-        }
-        __m256 m8 = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-        const float m = _mm_cvtss_f32(m4);
-        if (m > best) {
-            best = m;
-            for (int32_t j = 0; j < B; ++j) {
-                if (x[i + j] == m) { best_i = i + j; break; }
-            }
-        }
-    }
-    for (; i < n; ++i) {
-        if (x[i] > best) { best = x[i]; best_i = i; }
-    }
-    return best_i;
-}
-
 }  // namespace
 
 int main(int argc, char ** argv) {
@@ -158,7 +123,7 @@ int main(int argc, char ** argv) {
     const bool bs_ok = llama_set_sampler(ctx_bs, 0, greedy);
     split_argmax mt(helpers);
 
-    const std::vector<std::string> names = {"bench", "logits", "argmax", "argmax-avx2", "argmax-mt", "backend", "pf-t0", "pf-nta"};
+    const std::vector<std::string> names = {"bench", "logits", "argmax", "argmax-avx2", "argmax-mt", "backend"};
     std::vector<std::vector<double>> tps(names.size());
     std::vector<double> argmax_us(names.size(), 0.0);
     std::vector<long> argmax_n(names.size(), 0);
@@ -184,13 +149,8 @@ int main(int argc, char ** argv) {
                     const auto a0 = clk::now();
                     tok = v == 2 ? lamina::argmax(lg, n_vocab) : v == 3 ? lamina::argmax_avx2(lg, n_vocab) : mt(lg, n_vocab);
                     in_argmax += us_since(a0);
-                } else if (v == 5) {
-                    tok = llama_get_sampled_token_ith(c, -1);
                 } else {
-                    const float * lg = llama_get_logits_ith(c, -1);
-                    const auto a0 = clk::now();
-                    tok = v == 6 ? argmax_prefetch<_MM_HINT_T0>(lg, n_vocab) : argmax_prefetch<_MM_HINT_NTA>(lg, n_vocab);
-                    in_argmax += us_since(a0);
+                    tok = llama_get_sampled_token_ith(c, -1);
                 }
             }
             const double dt = us_since(t0);

@@ -15,6 +15,24 @@
 
 namespace lamina {
 
+// A block [i, i + len) whose largest value is m: if m beats best, the first index holding it wins.
+inline void take_block(const float * x, int32_t i, int32_t len, float m, float & best, int32_t & best_i) {
+    if (m > best) {
+        best = m;
+        for (int32_t j = 0; j < len; ++j) {
+            if (x[i + j] == m) { best_i = i + j; break; }
+        }
+    }
+}
+
+// The values after the last whole block.
+inline int32_t argmax_tail(const float * x, int32_t i, int32_t n, float best, int32_t best_i) {
+    for (; i < n; ++i) {
+        if (x[i] > best) { best = x[i]; best_i = i; }
+    }
+    return best_i;
+}
+
 // Index of the first largest value (what llama.cpp's greedy sampler picks), without building the
 // vocab-sized candidate array the chain needs.
 // One pass: the max of each 64-float block (SIMD), and a rescan of a block only when it beats
@@ -41,17 +59,9 @@ inline int32_t argmax_sse2(const float * x, int32_t n) {
         float m = x[i];
         for (int32_t j = 1; j < B; ++j) m = x[i + j] > m ? x[i + j] : m;
 #endif
-        if (m > best) {  // first index of the new maximum inside this block
-            best = m;
-            for (int32_t j = 0; j < B; ++j) {
-                if (x[i + j] == m) { best_i = i + j; break; }
-            }
-        }
+        take_block(x, i, B, m, best, best_i);
     }
-    for (; i < n; ++i) {
-        if (x[i] > best) { best = x[i]; best_i = i; }
-    }
-    return best_i;  // NaN and -inf only: 0, as llama.cpp's greedy sampler
+    return argmax_tail(x, i, n, best, best_i);  // NaN and -inf only: 0, as llama.cpp's greedy sampler
 }
 
 #if defined(LAMINA_ARGMAX_AVX2)
@@ -74,18 +84,9 @@ __attribute__((target("avx2"))) inline int32_t argmax_avx2(const float * x, int3
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-        const float m = _mm_cvtss_f32(m4);
-        if (m > best) {
-            best = m;
-            for (int32_t j = 0; j < B; ++j) {
-                if (x[i + j] == m) { best_i = i + j; break; }
-            }
-        }
+        take_block(x, i, B, _mm_cvtss_f32(m4), best, best_i);
     }
-    for (; i < n; ++i) {
-        if (x[i] > best) { best = x[i]; best_i = i; }
-    }
-    return best_i;
+    return argmax_tail(x, i, n, best, best_i);
 }
 #endif
 

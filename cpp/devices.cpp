@@ -60,6 +60,15 @@ const char * dev_type_name(enum ggml_backend_dev_type t) {
 
 }  // namespace
 
+ggml_backend_dev_t device_named(const std::string & name) {
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        const std::string dn = ggml_backend_dev_name(dev);
+        if (name == dn || name.rfind(dn + "[", 0) == 0 || name.rfind(dn + "_", 0) == 0) return dev;
+    }
+    return nullptr;
+}
+
 void init_devices(nb::module_ & m) {
     m.def("rpc_add_server", [](const std::string & endpoint) {
         static std::vector<std::string> added;  // ggml returns the same registry again: register once

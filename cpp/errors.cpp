@@ -19,22 +19,6 @@ std::string grouped(uint64_t n) {  // 98304000000 -> "98,304,000,000"
     return out;
 }
 
-// The device behind a buffer type ggml named (RPC's carry the endpoint: "RPC0[127.0.0.1:50052]"),
-// and its free bytes.
-bool find_device(const std::string & name, std::string & device, size_t & free) {
-    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-        const std::string dn = ggml_backend_dev_name(dev);
-        if (name == dn || name.rfind(dn + "[", 0) == 0 || name.rfind(dn + "_", 0) == 0) {
-            size_t total = 0;
-            ggml_backend_dev_memory(dev, &free, &total);
-            device = dn;
-            return true;
-        }
-    }
-    return false;
-}
-
 }  // namespace
 
 void raise_failed(const std::string & what, failure fallback) {
@@ -43,9 +27,11 @@ void raise_failed(const std::string & what, failure fallback) {
     if (!a.device.empty()) {
         char gib[32];
         std::snprintf(gib, sizeof gib, "%.2f GiB", double(a.bytes) / double(1ull << 30));
-        std::string device = a.device;
-        size_t free = 0;
-        const bool known = find_device(a.device, device, free);
+        ggml_backend_dev_t dev = device_named(a.device);
+        const std::string device = dev ? ggml_backend_dev_name(dev) : a.device;
+        size_t free = 0, total = 0;
+        if (dev) ggml_backend_dev_memory(dev, &free, &total);
+        const bool known = dev != nullptr;
         std::string msg = what + ": out of memory on " + device + ": it could not allocate " + grouped(a.bytes) +
                           " bytes (" + gib + ")";
         if (known) msg += ", " + grouped(free / (1024 * 1024)) + " MiB free";

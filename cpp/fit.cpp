@@ -212,13 +212,8 @@ nb::list refusals(const kv_dims & d, int64_t n_ctx, int type_k, int type_v, cons
     ggml_context * ctx = ggml_init(params);
     ggml_tensor * t = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, int64_t(big));  // op NONE: a stored tensor
     for (const std::string & name : devices) {
-        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-            const std::string dn = ggml_backend_dev_name(dev);
-            if (name != dn && name.rfind(dn + "[", 0) != 0) continue;
-            if (!ggml_backend_dev_supports_op(dev, t)) out.append(nb::make_tuple(dn, big));
-            break;
-        }
+        ggml_backend_dev_t dev = device_named(name);
+        if (dev && !ggml_backend_dev_supports_op(dev, t)) out.append(nb::make_tuple(ggml_backend_dev_name(dev), big));
     }
     ggml_free(ctx);
     return out;

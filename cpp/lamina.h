@@ -136,6 +136,9 @@ std::shared_ptr<model_state> model_shared(nb::handle model);
 // The shared context state behind a lamina._native.Context (raises ClosedError).
 std::shared_ptr<context_state> context_shared(nb::handle ctx);
 
+// The device behind a device or buffer-type name as ggml logs it: "CUDA0", "CPU_Mapped", and RPC's
+// "RPC0[127.0.0.1:50052]"; nullptr if none.
+ggml_backend_dev_t device_named(const std::string & name);
 // A path llama.cpp can be trusted with (raises FileNotFoundError / OSError / LoadError).
 void check_gguf_file(const std::string & path);
 std::string last_log_error();

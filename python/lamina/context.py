@@ -230,9 +230,10 @@ def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max
                                f"even sizing it ran out of memory ({exc}); give a smaller n_ctx")
         err.device, err.bytes = exc.device, exc.bytes
         raise err from None
+    host_available = system_info().memory_available or 0
     for d in est.devices:  # the weights are loaded already: the context adds its KV cache and buffers
         need = d.context + d.compute
-        available = (system_info().memory_available or 0) if d.device == "host" else d.free
+        available = host_available if d.device == "host" else d.free
         if available and need > available:
             where = "host memory" if d.device == "host" else f"{d.device} memory"
             err = OutOfMemoryError(
