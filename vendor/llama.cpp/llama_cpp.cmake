@@ -90,14 +90,59 @@ if(GGML_METAL AND NOT APPLE)
   message(FATAL_ERROR "GGML_METAL=ON needs macOS: build without GGML_METAL on this system.")
 endif()
 
+# Hidden by default: only what llama.cpp marks LLAMA_API / GGML_API is visible outside its library
+# (see exports.map below for the rest of the story).
+set(CMAKE_C_VISIBILITY_PRESET hidden)
+set(CMAKE_CXX_VISIBILITY_PRESET hidden)
+set(CMAKE_CUDA_VISIBILITY_PRESET hidden)
+set(CMAKE_VISIBILITY_INLINES_HIDDEN ON)
 add_subdirectory("${LAMINA_LLAMA_CPP_DIR}" llama.cpp EXCLUDE_FROM_ALL)
+# llama.cpp's programs call common/'s C++ functions, which carry no export macro: their libraries
+# keep default visibility (they are never loaded by Python; see LAMINA_TOOL_LIBS)
+foreach(t llama-common llama-common-base cpp-httplib)
+  if(TARGET ${t})
+    set_target_properties(${t} PROPERTIES C_VISIBILITY_PRESET default CXX_VISIBILITY_PRESET default
+                                          VISIBILITY_INLINES_HIDDEN OFF)
+  endif()
+endforeach()
+
+# --- living in someone else's process -------------------------------------------------------
+# lamina is loaded next to numpy, torch, jax and cupy. Every shared library that Python loads
+# exports only llama.cpp's and ggml's C API (exports.map, checked by tests/test_exports.py):
+# nothing else (the C++ runtime's template instances, their static locals and guard variables,
+# cuda::std objects) can interpose with another library's copy in the same process.
+set(LAMINA_EXPORTS_MAP "${CMAKE_CURRENT_LIST_DIR}/exports.map")
+function(lamina_export_c_api_only target)
+  target_link_options(${target} PRIVATE "LINKER:--version-script=${LAMINA_EXPORTS_MAP}")
+  set_property(TARGET ${target} APPEND PROPERTY LINK_DEPENDS "${LAMINA_EXPORTS_MAP}")
+endfunction()
+
+# The module uses llama.cpp's common/ (fit.cpp: the no-alloc memory fit, and what it pulls in). It
+# is compiled into the module itself, hidden, instead of loading libllama-common.so, which is
+# built for llama.cpp's programs: that library also carries cpp-httplib and its thread-local state
+# (a TLS segment that every thread of the process pays for: 15 KiB here, 64 KiB aligned to 64 in
+# the CUDA build) and exports its whole C++ surface. A static archive of common/ without the
+# download code: the linker takes only the objects the module needs.
+get_target_property(LAMINA_COMMON_SOURCES llama-common SOURCES)
+list(FILTER LAMINA_COMMON_SOURCES INCLUDE REGEX "\\.cpp$")
+list(FILTER LAMINA_COMMON_SOURCES EXCLUDE REGEX "(^|/)(download|hf-cache|arg|preset)\\.cpp$")
+list(TRANSFORM LAMINA_COMMON_SOURCES PREPEND "${LAMINA_LLAMA_CPP_DIR}/common/" REGEX "^[^/]")
+add_library(lamina-common STATIC EXCLUDE_FROM_ALL ${LAMINA_COMMON_SOURCES})
+target_include_directories(lamina-common PUBLIC "${LAMINA_LLAMA_CPP_DIR}/common"
+                                         PRIVATE "${LAMINA_LLAMA_CPP_DIR}/src")
+target_link_libraries(lamina-common PUBLIC llama ggml llama-common-base vendor::nlohmann vendor::sheredom)
+target_compile_features(lamina-common PUBLIC cxx_std_17)
+set_target_properties(lamina-common PROPERTIES POSITION_INDEPENDENT_CODE ON
+  CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON)
 
 # Everything lamina ships from llama.cpp; one file per library (no versioned symlinks in wheels).
-# (llama-common: the module uses common/fit.h for memory estimates and n_gpu_layers="auto")
-set(LAMINA_LLAMA_LIBS llama llama-common ggml ggml-base ${GGML_AVAILABLE_BACKENDS})
+# LAMINA_LLAMA_LIBS are loaded by Python (lamina/); LAMINA_TOOL_LIBS only by the programs in
+# lamina/bin/, and live there, so `import lamina` never maps them.
+set(LAMINA_LLAMA_LIBS llama ggml ggml-base ${GGML_AVAILABLE_BACKENDS})
+set(LAMINA_TOOL_LIBS)
 set(LAMINA_LLAMA_TOOLS)
 if(LAMINA_BUILD_TOOLS)
-  list(APPEND LAMINA_LLAMA_LIBS llama-bench-impl)
+  list(APPEND LAMINA_TOOL_LIBS llama-common llama-bench-impl)
   list(APPEND LAMINA_LLAMA_TOOLS llama-bench)
   if(GGML_RPC)
     list(APPEND LAMINA_LLAMA_TOOLS ggml-rpc-server)
@@ -109,16 +154,20 @@ if(LAMINA_BUILD_TOOLS)
     endif()
     list(APPEND LAMINA_LLAMA_TOOLS ${tool})
     if(TARGET ${tool}-impl)  # tools keep their logic in a library of their own
-      list(APPEND LAMINA_LLAMA_LIBS ${tool}-impl)
+      list(APPEND LAMINA_TOOL_LIBS ${tool}-impl)
     endif()
   endforeach()
 endif()
-foreach(t IN LISTS LAMINA_LLAMA_LIBS)
+foreach(t IN LISTS LAMINA_LLAMA_LIBS LAMINA_TOOL_LIBS)
   set_property(TARGET ${t} PROPERTY VERSION)       # unset: libX.so only, DT_NEEDED libX.so
   set_property(TARGET ${t} PROPERTY SOVERSION)
   set_property(TARGET ${t} PROPERTY PUBLIC_HEADER)  # headers stay out of the wheel
-  set_target_properties(${t} PROPERTIES INSTALL_RPATH "$ORIGIN")
 endforeach()
-foreach(t IN LISTS LAMINA_LLAMA_TOOLS)
-  set_target_properties(${t} PROPERTIES INSTALL_RPATH "$ORIGIN/..")
+foreach(t IN LISTS LAMINA_LLAMA_LIBS)
+  set_target_properties(${t} PROPERTIES INSTALL_RPATH "$ORIGIN")
+  lamina_export_c_api_only(${t})
+endforeach()
+foreach(t IN LISTS LAMINA_TOOL_LIBS LAMINA_LLAMA_TOOLS)
+  set_target_properties(${t} PROPERTIES INSTALL_RPATH "$ORIGIN:$ORIGIN/.."
+    C_VISIBILITY_PRESET default CXX_VISIBILITY_PRESET default VISIBILITY_INLINES_HIDDEN OFF)
 endforeach()
