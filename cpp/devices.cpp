@@ -113,29 +113,45 @@ void init_devices(nb::module_ & m) {
         ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(ggml_backend_dev_get(index));
         return reg != nullptr && ggml_backend_reg_get_proc_address(reg, "ggml_backend_split_buffer_type") != nullptr;
     }, nb::arg("index"), "Whether the device's backend offers split buffers (split_mode='row').");
-    m.def("devices", []() {
+    m.def("devices", [](bool memory) {
         nb::list out;
         size_t n = ggml_backend_dev_count();
         for (size_t i = 0; i < n; ++i) {
             ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-            size_t free = 0, total = 0;
-            {
-                nb::gil_scoped_release nogil;  // may query a driver or a remote server
-                ggml_backend_dev_memory(dev, &free, &total);
-            }
             nb::dict d;
             d["index"] = i;
             d["name"] = ggml_backend_dev_name(dev);
             d["description"] = ggml_backend_dev_description(dev);
             d["backend"] = ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev));
             d["type"] = dev_type_name(ggml_backend_dev_type(dev));
-            d["memory_free"] = free;
-            d["memory_total"] = total;
+            if (memory) {
+                size_t free = 0, total = 0;
+                {
+                    nb::gil_scoped_release nogil;  // opens the device (a CUDA context) or asks a server
+                    ggml_backend_dev_memory(dev, &free, &total);
+                }
+                d["memory_free"] = free;
+                d["memory_total"] = total;
+            } else {
+                d["memory_free"] = nb::none();
+                d["memory_total"] = nb::none();
+            }
             out.append(d);
         }
         return out;
-    }, "Every device of every loaded backend, in ggml's order: index, name, description, "
-       "backend, type (cpu/gpu/igpu/accel), memory_free, memory_total (bytes).");
+    }, nb::arg("memory") = true,
+       "Every device of every loaded backend, in ggml's order: index, name, description, "
+       "backend, type (cpu/gpu/igpu/accel), memory_free, memory_total (bytes; None unless memory=True: "
+       "asking opens the device, which creates a CUDA context of several hundred MiB).");
+    m.def("device_memory", [](size_t index) {
+        if (index >= ggml_backend_dev_count()) throw std::out_of_range("no device " + std::to_string(index));
+        size_t free = 0, total = 0;
+        {
+            nb::gil_scoped_release nogil;
+            ggml_backend_dev_memory(ggml_backend_dev_get(index), &free, &total);
+        }
+        return std::make_pair(free, total);
+    }, nb::arg("index"), "(free, total) bytes of one device; opens it (a CUDA context on a CUDA device).");
 }
 
 }  // namespace lamina

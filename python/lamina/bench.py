@@ -24,7 +24,7 @@ import numpy as np
 from .context import KV
 from .threads import Threads
 from .model import Model
-from .system import system_info
+from ._core import PACKAGE_DIR
 
 
 # llama-bench's context settings (its to_llama_cparams): f16 K/V, sliding-window caches at window size.
@@ -65,7 +65,7 @@ class Result:
 
 
 def llama_bench_path() -> Path | None:
-    p = Path(system_info().llama_cpp["package_dir"]) / "bin" / "llama-bench"
+    p = PACKAGE_DIR / "bin" / "llama-bench"
     return p if p.exists() else None
 
 

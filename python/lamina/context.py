@@ -220,7 +220,7 @@ def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max
     """n_ctx=0 asks for the training context, which can be far larger than this machine: refuse
     it up front, naming the device and the bytes, instead of letting the allocation fail or swap."""
     from .errors import OutOfMemoryError
-    from .system import system_info
+    from .system import host_memory
 
     try:
         est = model.estimate_memory(0, kv=kv, n_seq_max=n_seq_max, n_batch=n_batch, n_ubatch=n_ubatch,
@@ -230,7 +230,7 @@ def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max
                                f"even sizing it ran out of memory ({exc}); give a smaller n_ctx")
         err.device, err.bytes = exc.device, exc.bytes
         raise err from None
-    host_available = system_info().memory_available or 0
+    host_available = host_memory()[1]  # system_info() would open every device
     for d in est.devices:  # the weights are loaded already: the context adds its KV cache and buffers
         need = d.context + d.compute
         available = host_available if d.device == "host" else d.free

@@ -148,7 +148,7 @@ class Model:
         self.config: "Config | None" = None
         self.kv = kv or KV()
 
-        all_devices = list_devices()
+        all_devices = list_devices(memory=False)  # opens no device: gpu=False never touches a GPU
         gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu", "remote")]
         if devices is not None:
             gpu_devices = [_find_device(gpu_devices, sel, "devices") for sel in devices]
@@ -213,8 +213,8 @@ class Model:
             if refused:
                 raise kv_tensor_error(refused[0], n_ctx)
         if use_gpu and n_gpu_layers == "auto":
-            margins = [max(0, d.memory_free - limits[d.index]) if d.index in limits else fit_margin
-                       for d in gpu_devices]
+            margins = [max(0, _native.device_memory(d.index)[0] - limits[d.index]) if d.index in limits
+                       else fit_margin for d in gpu_devices]
             n_ctx_min = 4096 if n_ctx == 0 else n_ctx
             fit = _native.fit(os.fspath(self.path), placement, settings, margins, n_ctx_min)
             if fit["status"] == "fits":
@@ -298,7 +298,7 @@ class Model:
         and then abort the process (Vulkan devices limit one tensor to maxStorageBufferRange)."""
         if not kv.offload or not self._placement[1]:
             return  # the cache stays in host memory
-        cpu = {d.name for d in list_devices() if d.kind == "cpu"}
+        cpu = {d.name for d in list_devices(memory=False) if d.kind == "cpu"}
         held = sorted({dev for layer, dev in self.native.layer_devices() if layer < self.info.n_layer and dev not in cpu})
         if not held:
             return

@@ -28,14 +28,21 @@ class Device:
     description: str
     backend: str
     kind: str  # cpu, gpu, igpu, accel, remote
-    memory_free: int
-    memory_total: int
+    memory_free: int | None  # None when listed with memory=False
+    memory_total: int | None
 
 
-def devices() -> list[Device]:
-    """Every device llama.cpp's loaded backends expose, in ggml's order (CPU included)."""
+def devices(memory: bool = True) -> list[Device]:
+    """Every device llama.cpp's loaded backends expose, in ggml's order (CPU included).
+
+    ``memory=True`` asks each device for its free and total memory, which opens it: on a CUDA
+    device that creates the CUDA context (several hundred MiB of GPU memory held by this process
+    from then on) and on a remote device it is a round trip to the server. ``memory=False`` lists
+    the devices without opening any (``memory_free``/``memory_total`` are then None); ``Model``
+    lists them so and asks only the devices it uses.
+    """
     out = []
-    for d in _native.devices():
+    for d in _native.devices(memory):
         kind = "remote" if d["backend"].upper() == "RPC" else d["type"]
         out.append(Device(d["index"], d["name"], d["description"], d["backend"], kind,
                           d["memory_free"], d["memory_total"]))
@@ -150,7 +157,8 @@ def _cpu_model() -> str:
     return ""
 
 
-def _memory() -> tuple[int, int]:
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of host memory, from /proc/meminfo."""
     info = {}
     for line in (_read("/proc/meminfo") or "").splitlines():
         key, _, rest = line.partition(":")
@@ -200,8 +208,9 @@ class SystemInfo:
                                      for b in self.backends),
         ]
         for d in self.devices:
-            lines.append(f"  device {d.index}: {d.name} [{d.backend}, {d.kind}] {d.description}, "
-                         f"{d.memory_free / gib:.1f}/{d.memory_total / gib:.1f} GiB free")
+            mem = "" if d.memory_free is None or d.memory_total is None else \
+                f", {d.memory_free / gib:.1f}/{d.memory_total / gib:.1f} GiB free"
+            lines.append(f"  device {d.index}: {d.name} [{d.backend}, {d.kind}] {d.description}{mem}")
         return "\n".join(lines)
 
 
@@ -220,7 +229,7 @@ def system_info() -> SystemInfo:
         names = sorted(n[len("libggml-cpu-"):-3] for n in loaded if n.endswith(".so"))
         variant = f"portable, variant {', '.join(names) or 'unknown'} (picked at run time)"
     cpus = allowed_cpus()
-    total, avail = _memory()
+    total, avail = host_memory()
     return SystemInfo(
         lamina_version=__version__,
         llama_cpp={"version": _native.LLAMA_CPP_VERSION, "commit": _native.LLAMA_CPP_COMMIT,
