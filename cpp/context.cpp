@@ -13,6 +13,7 @@ context_state::~context_state() {
     ctx.reset();  // free the context before the model it points into and the pools it runs on
     pool_free(pool);
     pool_free(pool_batch);
+    for (ggml_threadpool * tp : retired_pools) pool_free(tp);
     model.reset();
 }
 
@@ -99,6 +100,7 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
     if (rc != 0) {
         decode_failed(st, rc);
     }
+    threadpools_release_retired(st);
     st.max_outputs = std::max(st.max_outputs, n_outputs);
     st.last_outputs = n_outputs;
 }

@@ -109,6 +109,7 @@ public:
                         nb::gil_scoped_acquire gil;
                         decode_failed(st, rc);  // raises (KeyboardInterrupt from a signal handler, or DecodeError)
                     }
+                    threadpools_release_retired(st);
                     st.last_outputs = 1;
                     st.tokens.push_back(t);
                     pending_ = false;

@@ -101,6 +101,10 @@ struct context_state {
     ggml_threadpool * pool = nullptr;        // generation pool, owned (freed after ctx)
     ggml_threadpool * pool_batch = nullptr;  // batch pool, owned; null: the generation pool serves both
     pin_plan pin_gen, pin_batch;             // caller pinning for one-token and multi-token decodes
+    // Pools replaced by set_threads: llama.cpp's CPU backend keeps a pointer to the pool it last
+    // ran on and pauses it when the next decode switches pools, so they are freed only after that
+    // decode (threadpools_release_retired) or with the context.
+    std::vector<ggml_threadpool *> retired_pools;
     std::atomic<bool> abort{false};
     uint32_t abort_calls = 0;
     // Ctrl-C during a decode: the abort callback polls Python's signal handlers (see context.cpp)
@@ -160,6 +164,12 @@ enum class failure { load, other };
 // freeing earlier ones); a no-op without CPU-backend threadpool support.
 void threadpools_attach(context_state & st, const threadpool_config & gen, const threadpool_config & batch);
 void pool_free(ggml_threadpool * tp);
+// After a decode that succeeded: the CPU backend has switched to the current pools; free the old.
+inline void threadpools_release_retired(context_state & st) {
+    if (st.retired_pools.empty()) return;
+    for (ggml_threadpool * tp : st.retired_pools) pool_free(tp);
+    st.retired_pools.clear();
+}
 
 // Python's signal check, done with the GIL held; raises KeyboardInterrupt etc. as nb::python_error.
 void check_signals();

@@ -201,8 +201,10 @@ void threadpools_attach(context_state & st, const threadpool_config & gen, const
         throw;
     }
     llama_detach_threadpool(st.ctx.get());
-    pool_free(st.pool);
-    pool_free(st.pool_batch);
+    // not freed yet: the CPU backend still points at the pool it ran on last (see retired_pools)
+    for (ggml_threadpool * old : {st.pool, st.pool_batch}) {
+        if (old != nullptr) st.retired_pools.push_back(old);
+    }
     st.pool = tp;
     st.pool_batch = tpb;
     st.pin_gen = tp != nullptr ? plan_for(gen) : pin_plan{};
