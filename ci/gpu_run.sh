@@ -9,7 +9,11 @@
 #   two     layer / row / tensor_split over two GPUs (needs a 2-GPU machine)
 #   sweep   CPU thread sweep (gpu=False) on the small model, lamina vs llama-bench
 #   cpuonly a CPU-only build of the same source: gpu=False in the CUDA build vs the CPU-only build
-#   test    the fast test suite
+#   test    the fast test suite (plain pytest, as a user runs it)
+#   matrix  ci/import_matrix.py: lamina next to numpy, torch, jax, cupy, ... in both orders
+#   diag    why the old build crashed: TLS segments, the old libllama-common after numpy, a TLS probe
+#   gpuoff  ci/gpu_off.py: a gpu=False process holds no GPU memory
+#   exports the dynamic symbols each shipped library exports, and which bind to other libraries
 # usage: bash ci/gpu_run.sh stage ...
 set -uo pipefail
 OUT=${OUT:-/tmp/lamina-out}; mkdir -p "$OUT"
@@ -97,9 +101,62 @@ for t in ('f16', 'q8_0', 'q4_0'):
             print(f'kv {t:5} flash_attn={fa!s:5} KV {c.kv.bytes / 2**20:7.1f} MiB  tg128 after 3899 tokens: {sorted(sp)[1]:.1f} t/s')
 " ;;
   test)
-    # lamina imported before pytest's plugins: the import segfaults inside this venv's pytest otherwise
-    $py -X faulthandler -c "import lamina, sys, pytest; sys.exit(pytest.main(['-q', '-m', 'not model', '-p', 'no:cacheprovider', 'tests']))" > "$OUT/tests.txt" 2>&1
+    $py -X faulthandler -m pytest -q -m "not model" -p no:cacheprovider tests > "$OUT/tests.txt" 2>&1
+    echo "pytest rc=$?"
     grep -E "passed|failed|Fatal|Segmentation|^FAILED|^ERROR" "$OUT/tests.txt" | tail -15 ;;
+  matrix)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+    $py -c "import torch, jax, cupy; print('torch', torch.__version__, torch.version.cuda, '| jax', jax.__version__, '| cupy', cupy.__version__)" 2>&1 | tail -1
+    (cd /tmp && $py "$OLDPWD/ci/import_matrix.py" /tmp/llama-1b.gguf --ngl all) ;;
+  diag)
+    pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
+    ldd --version | head -1; g++ --version | head -1
+    echo "TLS segments (memsz, align) of the shipped libraries:"
+    for f in "$pkg"/*.so* "$pkg"/bin/*.so; do
+      echo "  ${f#$pkg/}: $(readelf -lW "$f" | awk '$1=="TLS"{print $6, $NF}')"; done
+    echo "objects of llama-common with thread-local data (.tbss/.tdata size):"
+    find build/cuda -path '*common*' -name '*.o' | while read -r o; do
+      s=$(readelf -SW "$o" | awk '/ \.t(bss|data)/{printf "%s=0x%s ", $2, $6}'); [ -n "$s" ] && echo "  ${o##*/}: $s"; done
+    deps="$pkg/libggml-base.so $pkg/libggml-cpu.so $pkg/libggml-cuda.so $pkg/libggml.so $pkg/libllama.so"
+    for first in "" numpy; do
+      (cd /tmp && $py -X faulthandler -c "
+import ctypes, sys
+${first:+import $first}
+for p in '$deps'.split(): ctypes.CDLL(p)
+ctypes.CDLL('$pkg/bin/libllama-common.so'); print('  old libllama-common.so loaded after [${first:-nothing}]')" 2>&1 | tail -3); echo "  rc=$?"
+    done
+    for shape in "15280 16" "67096 16" "67096 64" "262144 64"; do
+      set -- $shape; g++ -O2 -shared -fPIC -DSIZE=$1 -DALIGN=$2 ci/tls_probe.cpp -o /tmp/libtls_$1_$2.so
+      (cd /tmp && $py -c "import numpy, ctypes; ctypes.CDLL('/tmp/libtls_$1_$2.so'); print('  TLS probe size=$1 align=$2 after numpy: loaded')" 2>&1 | tail -1); echo "  rc=$?"
+    done
+    echo "native backtrace (cuda-gdb) of the old libllama-common.so loaded after numpy:"
+    cat > /tmp/old_common.py <<PYEOF
+import ctypes, numpy
+for p in "$deps".split(): ctypes.CDLL(p)
+ctypes.CDLL("$pkg/bin/libllama-common.so")
+PYEOF
+    timeout 120 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args $py /tmp/old_common.py 2>&1 \
+      | grep -vE "^\[(New|Thread)|^Using|warning" | head -60 ;;
+  bind)
+    pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
+    echo "symbols of bin/libllama-common.so (llama.cpp's programs' library) bound outside itself when Python dlopens it:"
+    (cd /tmp && LD_DEBUG=bindings LD_DEBUG_OUTPUT=/tmp/bindc $py -c "import ctypes; ctypes.CDLL('$pkg/bin/libllama-common.so')" >/dev/null 2>&1; echo "rc=$?")
+    grep -h "binding file [^ ]*libllama-common.so" /tmp/bindc.* | grep -v "to [^ ]*libllama-common.so" | awk '{print $8, $NF}' \
+      | sed "s/[\`']//g" | c++filt | sort | uniq -c | sort -rn | head -25
+    echo "bindings into libllama-common.so from other libraries:"
+    grep -h "to [^ ]*libllama-common.so" /tmp/bindc.* | grep -v "binding file [^ ]*libllama-common.so" | awk '{print $4, $NF}' | sed "s/[\`']//g" | c++filt | head -10
+    echo "the same library run by a program: $("$pkg"/bin/llama-bench --help >/dev/null 2>&1; echo rc=$?)" ;;
+  gpuoff)
+    (cd /tmp && $py "$OLDPWD/ci/gpu_off.py" /tmp/llama-1b.gguf) ;;
+  exports)
+    pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
+    for f in "$pkg"/*.so*; do
+      echo "${f##*/}: $(nm -D --defined-only "$f" | wc -l) exported; not C API: $(nm -D --defined-only "$f" | awk '{print $3}' | grep -vcE '^(ggml_|gguf_|llama_|quantize_|dequantize_row_|iq[23]xs_|_Z(N[rVK]*)?[0-9]+(ggml_|gguf_|llama_)|PyInit__native)')"
+    done
+    echo "lamina symbols bound to other libraries with torch imported first (LD_DEBUG=bindings):"
+    (cd /tmp && LD_DEBUG=bindings LD_DEBUG_OUTPUT=/tmp/bind $py -c "import torch; torch.ones(1, device='cuda'); import lamina; lamina.Model('/tmp/llama-1b.gguf', n_gpu_layers='all')" >/dev/null 2>&1)
+    cat /tmp/bind.* | grep -E "binding file [^ ]*lamina/[^ ]* .* to [^ ]*(torch|nvidia|numpy)" | awk '{print $4, "->", $8, $NF}' | sort | uniq -c | sort -rn | head -20
+    cat /tmp/bind.* | grep -E "binding file [^ ]*(torch|nvidia|numpy)[^ ]* .* to [^ ]*lamina/" | head -5 ;;
   esac
   echo "### $stage: $(( $(date +%s) - t0 )) s"
 done
