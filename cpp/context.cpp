@@ -6,15 +6,67 @@
 #include <nanobind/stl/shared_ptr.h>
 
 #include <algorithm>
+#include <thread>
+
+#include <pthread.h>
+#include <unistd.h>
 
 namespace lamina {
 
+namespace {
+std::atomic<uint32_t> g_fork_generation{0};
+void on_fork_child() { g_fork_generation.fetch_add(1, std::memory_order_relaxed); }
+}  // namespace
+
+uint32_t fork_generation() { return g_fork_generation.load(std::memory_order_relaxed); }
+
+void check_fork(uint32_t gen, const char * what) {
+    if (gen != fork_generation()) {
+        throw fork_error(std::string("this ") + what + " was created before fork() in the parent process; process " +
+                         std::to_string(getpid()) + " is a child, where its worker threads and device state do not "
+                         "exist: create the model and context in the child (with multiprocessing, load them inside "
+                         "the worker, or use the 'spawn' or 'forkserver' start method)");
+    }
+}
+
 context_state::~context_state() {
+    if (fork_gen != fork_generation()) {
+        // a forked child: freeing would join worker threads that only the parent has (a hang);
+        // the memory goes with the process
+        (void) ctx.release();
+        (void) backend_sampler.release();
+        return;
+    }
     ctx.reset();  // free the context before the model it points into and the pools it runs on
     pool_free(pool);
     pool_free(pool_batch);
     for (ggml_threadpool * tp : retired_pools) pool_free(tp);
     model.reset();
+}
+
+context_lease::context_lease(std::shared_ptr<context_state> st, const void * owner) : st_(std::move(st)) {
+    check_fork(st_->fork_gen, "context");
+    bool expected = false;
+    if (!st_->busy.compare_exchange_strong(expected, true, std::memory_order_acquire)) {
+        st_.reset();
+        throw busy_error("the context is in use by another thread (or by an operation still running in this "
+                         "one): use one context per thread, e.g. model.context() in each thread");
+    }
+    if (st_->backend_sampler && st_->backend_owner.load() != owner) {
+        backend_sampler_detach(*st_);
+    }
+}
+
+context_lease::~context_lease() {
+    if (st_) st_->busy.store(false, std::memory_order_release);
+}
+
+void backend_sampler_detach(context_state & st) {
+    if (!st.backend_sampler) return;
+    llama_set_sampler(st.ctx.get(), 0, nullptr);
+    st.backend_sampler.reset();
+    st.backend_owner.store(nullptr);
+    st.max_outputs = 0;  // llama.cpp resizes its output buffer at the next decode: no live views then
 }
 
 namespace {
@@ -69,9 +121,15 @@ std::string decode_message(int rc, const context_state & st) {
 }  // namespace
 
 void decode_failed(context_state & st, int rc) {
-    // processed ubatches may stay in the cache: resync our token list with it
-    llama_pos pmax = llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0);
+    // llama.cpp keeps the ubatches that finished before the failure: drop them from sequence 0 so
+    // the cache holds exactly the token list again (a cache that cannot cut them is cleared)
+    llama_memory_t mem = llama_get_memory(st.ctx.get());
+    llama_pos pmax = llama_memory_seq_pos_max(mem, 0);
     st.tokens.resize(std::min(st.tokens.size(), size_t(pmax + 1)));
+    if (size_t(pmax + 1) > st.tokens.size() && !llama_memory_seq_rm(mem, 0, llama_pos(st.tokens.size()), -1)) {
+        llama_memory_seq_rm(mem, 0, -1, -1);
+        st.tokens.clear();
+    }
     st.last_outputs = 0;
     st.abort = false;
     if (st.signal_type.is_valid()) {  // a signal handler raised (KeyboardInterrupt): re-raise it
@@ -82,6 +140,17 @@ void decode_failed(context_state & st, int rc) {
 }
 
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs) {
+    // llama.cpp asserts these (an abort, not an error code): check them first
+    const int32_t n_batch = int32_t(llama_n_batch(st.ctx.get())), n_ubatch = int32_t(llama_n_ubatch(st.ctx.get()));
+    if (batch.n_tokens > n_batch) {
+        throw std::invalid_argument("a batch of " + std::to_string(batch.n_tokens) + " tokens exceeds n_batch=" +
+                                    std::to_string(n_batch));
+    }
+    if (!llama_get_causal_attn(st.ctx.get()) && batch.n_tokens > n_ubatch) {
+        throw std::invalid_argument("this model's attention is non-causal, so all " + std::to_string(batch.n_tokens) +
+                                    " tokens of a text must fit one ubatch: raise n_ubatch (and n_batch) to at least " +
+                                    std::to_string(batch.n_tokens) + " (now " + std::to_string(n_ubatch) + ")");
+    }
     if (st.live_views.load() > 0 && n_outputs > st.max_outputs) {
         // llama.cpp would grow (reallocate) its output buffer under the live numpy views.
         throw lamina_error("this decode asks for " + std::to_string(n_outputs) +
@@ -187,6 +256,12 @@ llama_context_params build_context_params(const context_args & a) {
     if (p.n_seq_max < 1 || p.n_seq_max > llama_max_parallel_sequences()) {
         throw std::invalid_argument("n_seq_max must be in [1, " + std::to_string(llama_max_parallel_sequences()) + "]");
     }
+    // llama.cpp reserves an output row per sequence within n_batch rows (GGML_ASSERT in output_reserve)
+    if (p.n_seq_max > p.n_batch || (p.n_ctx > 0 && p.n_seq_max > p.n_ctx)) {
+        throw std::invalid_argument("n_seq_max=" + std::to_string(p.n_seq_max) + " needs n_batch (and n_ctx) of at "
+                                    "least as many tokens, got n_batch=" + std::to_string(p.n_batch) +
+                                    ", n_ctx=" + std::to_string(p.n_ctx));
+    }
     if (flash_attn < -1 || flash_attn > 1) throw std::invalid_argument("flash_attn must be -1 (auto), 0 or 1");
     if (pooling_type < -1 || pooling_type > 3) {
         throw std::invalid_argument("pooling_type must be -1 (model), 0 none, 1 mean, 2 cls or 3 last");
@@ -223,6 +298,7 @@ public:
     context_handle(nb::handle model, const context_args & args, const pool_args & gen_pool,
                    const pool_args & batch_pool) {
         auto ms = model_shared(model);
+        check_fork(ms->fork_gen, "model");
         threadpool_config gen = pool_config(gen_pool), batch = pool_config(batch_pool);
         llama_context_params p = build_context_params(args);
         p.n_threads = gen.n_threads;
@@ -230,6 +306,7 @@ public:
         p.no_perf = false;
         const uint32_t n_ctx = p.n_ctx;
         const bool embeddings = p.embeddings;
+        const bool kv_unified = p.kv_unified;
         const int type_k = int(p.type_k), type_v = int(p.type_v);
 
         auto st = std::make_shared<context_state>();
@@ -245,6 +322,7 @@ public:
         if (raw == nullptr) raise_failed("failed to create the context (n_ctx=" + std::to_string(n_ctx) + ")", failure::other);
         st->ctx.reset(raw);
         st->embeddings = embeddings;
+        st->kv_unified = kv_unified;
         st->type_k = type_k;
         st->type_v = type_v;
         st->max_outputs = int32_t(llama_n_seq_max(raw));
@@ -257,12 +335,14 @@ public:
         return *st_;
     }
     std::shared_ptr<context_state> shared() const { st(); return st_; }
+    context_lease lease() const { return context_lease(shared()); }
     void close() { st_.reset(); }
     bool closed() const { return !st_; }
 
     // Append tokens to a sequence. logits: 0 none, 1 last token, 2 every token.
     void decode(tokens_in tokens, int logits, int32_t seq) {
-        context_state & s = st();
+        context_lease l = lease();
+        context_state & s = *l;
         const int32_t * t = tokens.data();
         size_t n = tokens.shape(0);
         if (n == 0) throw std::invalid_argument("no tokens to decode");
@@ -334,7 +414,8 @@ public:
     // Zero-copy view of the latest decode's logits, shape (outputs, n_vocab). The view keeps the
     // native context alive; its values change with the next decode.
     nb::ndarray<nb::numpy, const float, nb::ndim<2>> logits() {
-        context_state & s = st();
+        context_lease l = lease();
+        context_state & s = *l;
         if (s.last_outputs == 0) {
             throw lamina_error("no logits: the last decode produced none (decode with logits first)");
         }
@@ -354,9 +435,14 @@ public:
     // The pooled embedding of a sequence (a copy: n_embd floats). Without pooling (a generative
     // model's default), the last token's hidden state.
     nb::ndarray<nb::numpy, float, nb::ndim<1>> embedding(int32_t seq) {
-        context_state & s = st();
+        context_lease l = lease();
+        context_state & s = *l;
         if (!s.embeddings) throw lamina_error("this context was created without embeddings=True");
         if (s.last_outputs == 0) throw lamina_error("no embeddings: decode first");
+        const int32_t n_seq = int32_t(llama_n_seq_max(s.ctx.get()));
+        if (seq < 0 || seq >= n_seq) {
+            throw std::out_of_range("sequence id " + std::to_string(seq) + " out of range [0, " + std::to_string(n_seq) + ")");
+        }
         const float * e = llama_get_embeddings_seq(s.ctx.get(), seq);
         if (e == nullptr && llama_pooling_type(s.ctx.get()) == LLAMA_POOLING_TYPE_NONE) {
             e = llama_get_embeddings_ith(s.ctx.get(), -1);
@@ -371,21 +457,24 @@ public:
     int pooling() const { return int(llama_pooling_type(st().ctx.get())); }
 
     void kv_clear() {
-        context_state & s = st();
+        context_lease l = lease();
+        context_state & s = *l;
         llama_memory_clear(llama_get_memory(s.ctx.get()), true);
         s.tokens.clear();
         s.last_outputs = 0;
     }
 
     nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() const {
-        const context_state & s = st();
+        context_lease l = lease();
+        const context_state & s = *l;
         auto * heap = new std::vector<int32_t>(s.tokens.begin(), s.tokens.end());
         nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
         return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
     }
 
     nb::dict params() const {
-        llama_context * c = st().ctx.get();
+        context_lease l = lease();
+        llama_context * c = l->ctx.get();
         nb::dict d;
         d["n_ctx"] = llama_n_ctx(c);
         d["n_ctx_seq"] = llama_n_ctx_seq(c);
@@ -399,13 +488,15 @@ public:
 
     void set_threads(const pool_args & gen_pool, const pool_args & batch_pool) {
         threadpool_config gen = pool_config(gen_pool), batch = pool_config(batch_pool);
-        context_state & s = st();
+        context_lease l = lease();  // a running decode elsewhere: BusyError, never a pool swapped under it
+        context_state & s = *l;
         threadpools_attach(s, gen, batch);
         llama_set_n_threads(s.ctx.get(), gen.n_threads, batch.n_threads);
     }
 
     nb::dict perf() const {
-        llama_perf_context_data p = llama_perf_context(st().ctx.get());
+        context_lease l = lease();
+        llama_perf_context_data p = llama_perf_context(l->ctx.get());
         nb::dict d;
         d["t_load_ms"] = p.t_load_ms;
         d["t_p_eval_ms"] = p.t_p_eval_ms;
@@ -416,7 +507,7 @@ public:
         return d;
     }
 
-    void perf_reset() { llama_perf_context_reset(st().ctx.get()); }
+    void perf_reset() { llama_perf_context_reset(lease()->ctx.get()); }
 
     // Safe from any thread: the running decode stops at its next graph node with DecodeError.
     void abort() { st().abort = true; }
@@ -432,6 +523,11 @@ std::shared_ptr<context_state> context_shared(nb::handle ctx) {
 }
 
 void init_context(nb::module_ & m) {
+    static bool atfork_registered = false;
+    if (!atfork_registered) {
+        pthread_atfork(nullptr, nullptr, on_fork_child);
+        atfork_registered = true;
+    }
     m.def("ggml_type_from_name", [](const std::string & name) {
         for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
             if (ggml_type_size(ggml_type(t)) == 0) continue;
@@ -459,7 +555,7 @@ Args:
         .def_prop_ro("pooling", &context_handle::pooling, "Effective llama_pooling_type.")
         .def("kv_clear", &context_handle::kv_clear, "Empty the KV cache.")
         .def_prop_ro("tokens", &context_handle::tokens, nb::rv_policy::automatic, "Tokens of sequence 0 held in the KV cache (a copy).")
-        .def_prop_ro("n_past", [](const context_handle & c) { return c.st().tokens.size(); })
+        .def_prop_ro("n_past", [](const context_handle & c) { return c.lease()->tokens.size(); })
         .def("params", &context_handle::params, "Effective sizes and thread counts.")
         .def("set_threads", &context_handle::set_threads, nb::arg("gen"), nb::arg("batch"))
         .def("perf", &context_handle::perf, "llama.cpp's timing counters for this context.")

@@ -92,6 +92,12 @@ void init_errors(nb::module_ & m) {
         "llama_decode failed (no KV slot, aborted, invalid batch, or a backend error).";
     nb::exception<closed_error>(m, "ClosedError", base.ptr()).doc() =
         "The object was closed; create a new one.";
+    nb::exception<busy_error>(m, "BusyError", base.ptr()).doc() =
+        "The context is in use by another thread: one context serves one thread at a time (a\n"
+        "second caller gets this error at once instead of waiting); give each thread its own context.";
+    nb::exception<fork_error>(m, "ForkError", base.ptr()).doc() =
+        "The object was created before fork() and used in the child process, where its worker\n"
+        "threads and device state do not exist: create models and contexts in the child.";
 }
 
 }  // namespace lamina

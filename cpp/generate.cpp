@@ -45,14 +45,14 @@ public:
         : st_(context_shared(ctx)), sampler_(sampler), sampler_ref_(nb::borrow(sampler_obj)),
           max_tokens_(max_tokens), ignore_eos_(ignore_eos), shift_keep_(shift_keep) {
         if (max_tokens < 0) throw std::invalid_argument("max_tokens must be >= 0");
+        context_lease lease(st_, this);  // the checks below read the context
         if (backend_sampling) {
             // llama.cpp's backend sampling (experimental in the pin): the argmax runs in the graph
             // on the device holding the output layer, and only the token id comes back instead of
             // n_vocab logits. Greedy only: the other samplers keep their exact host chains.
             if (!sampler.greedy()) throw std::invalid_argument("backend_sampling supports the greedy sampler only");
             if (st_->embeddings) throw std::invalid_argument("backend_sampling needs a context without embeddings");
-            backend_.reset(llama_sampler_chain_init(llama_sampler_chain_default_params()));
-            llama_sampler_chain_add(backend_.get(), llama_sampler_init_greedy());
+            backend_wanted_ = true;
         }
         if (shift_keep >= 0) {
             const int32_t n_ctx = int32_t(llama_n_ctx_seq(st_->ctx.get()));
@@ -70,14 +70,11 @@ public:
 
     nb::str next() {
         if (done_) throw nb::stop_iteration();
-        context_state & st = *st_;
+        context_lease lease(st_, this);  // BusyError for a second thread, or a re-entrant call
+        context_state & st = *lease;
         if (!started_) {
             started_ = true;
-            if (backend_) {
-                if (!llama_set_sampler(st.ctx.get(), 0, backend_.get())) {
-                    backend_.reset();  // not supported here (e.g. tensor split): llama.cpp samples on the host
-                }
-            }
+            if (backend_wanted_) attach_backend(st);
             int64_t t0 = llama_time_us();
             n_prompt_eval_ = int64_t(eval_prompt(st, prompt_));
             n_reused_ = int64_t(prompt_.size()) - n_prompt_eval_;
@@ -90,6 +87,8 @@ public:
         }
         std::string piece;
         char buf[256];
+        // the sampler is ours unless another operation on the context detached it meanwhile
+        const bool backend = st.backend_sampler && st.backend_owner.load() == this;
         {
             nb::gil_scoped_release nogil;
             caller_pin pin(st.pin_gen);
@@ -114,8 +113,8 @@ public:
                     st.tokens.push_back(t);
                     pending_ = false;
                 }
-                llama_token tok = backend_ ? llama_get_sampled_token_ith(st.ctx.get(), -1)
-                                           : sample_token(st, sampler_, false);
+                llama_token tok = backend ? llama_get_sampled_token_ith(st.ctx.get(), -1)
+                                          : sample_token(st, sampler_, false);
                 if (tok == LLAMA_TOKEN_NULL) {
                     const float * logits = llama_get_logits_ith(st.ctx.get(), -1);
                     if (logits == nullptr) {
@@ -144,12 +143,12 @@ public:
             }
         }
         if (failed_) {
-            release_backend();
+            detach_backend(st);
             throw lamina_error("backend sampling returned no token and no logits for this step");
         }
         if (done_) {
             t_gen_us_ = llama_time_us() - t_gen_start_;
-            release_backend();
+            detach_backend(st);
             if (bytes_.empty()) throw nb::stop_iteration();
             nb::str out = utf8_str(bytes_.data(), bytes_.size());
             bytes_.clear();
@@ -161,14 +160,19 @@ public:
         return out;
     }
 
-    // Detach the backend sampler so later decodes (ctx.decode, another generate) get logits again.
-    void release_backend() {
-        if (backend_ && st_ && st_->ctx) {
-            llama_set_sampler(st_->ctx.get(), 0, nullptr);
-        }
-        backend_.reset();
+    // Final: iteration ends, and the context gets its logits back (the backend sampler detached).
+    void close() {
+        done_ = true;
+        if (st_->backend_owner.load() != this) return;
+        context_lease lease(st_, this);
+        detach_backend(*lease);
     }
-    ~generator() { release_backend(); }
+    // Without a lease (a generator can be collected while another thread uses the context): give
+    // up the sampler; the context's next operation detaches it.
+    ~generator() {
+        const void * self = this;
+        st_->backend_owner.compare_exchange_strong(self, nullptr);
+    }
 
     nb::dict stats() const {
         nb::dict d;
@@ -207,7 +211,30 @@ private:
         finish_reason_ = reason;
         done_ = true;
         t_gen_us_ = 0;
-        release_backend();
+        detach_backend(*st_);  // under next()'s lease
+    }
+
+    // llama.cpp's backend sampling (experimental in the pin): the argmax runs in the graph on the
+    // device holding the output layer and only the token id comes back. The context owns the
+    // sampler while attached. Attaching makes llama.cpp reallocate its output buffer at the next
+    // decode: refused while numpy views of the logits are alive.
+    void attach_backend(context_state & st) {
+        if (st.live_views.load() > 0) {
+            throw lamina_error("backend sampling reallocates llama.cpp's logits buffer, and numpy views of "
+                               "ctx.logits are alive: delete them (or copy with np.array(ctx.logits)) first");
+        }
+        llama_sampler_ptr chain(llama_sampler_chain_init(llama_sampler_chain_default_params()));
+        llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
+        if (!llama_set_sampler(st.ctx.get(), 0, chain.get())) {
+            return;  // not supported here (e.g. tensor split): llama.cpp samples on the host
+        }
+        st.backend_sampler = std::move(chain);
+        st.backend_owner.store(this);
+        st.max_outputs = 0;
+    }
+
+    void detach_backend(context_state & st) {
+        if (st.backend_owner.load() == this) backend_sampler_detach(st);
     }
 
 
@@ -223,7 +250,7 @@ private:
     int64_t n_shifts_ = 0;
     bool started_ = false, done_ = false, pending_ = false, failed_ = false;
     llama_token last_ = -1;
-    llama_sampler_ptr backend_;  // set: greedy sampling inside the graph (llama_set_sampler)
+    bool backend_wanted_ = false;  // greedy sampling inside the graph (llama_set_sampler), at the first next()
     int64_t n_prompt_eval_ = 0, n_reused_ = 0, t_prompt_us_ = 0, t_gen_start_ = 0, t_gen_us_ = 0;
 };
 
@@ -261,7 +288,7 @@ shift_keep < 0 stops with finish reason 'length' when the context is full; other
 shift_keep tokens stay and half of the rest is dropped (context shift).)")
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
         .def("__next__", &generator::next)
-        .def("close", &generator::release_backend, "Stop early: give the context its logits back.")
+        .def("close", &generator::close, "Stop: iteration ends, and the context gets its logits back.")
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
         .def_prop_ro("tokens", &generator::tokens, nb::rv_policy::automatic, "Generated token ids so far (a copy).");
 }

@@ -40,17 +40,26 @@ struct decode_error : lamina_error {
     decode_error(int code_, const std::string & msg) : lamina_error(msg), code(code_) {}
 };
 struct closed_error : lamina_error { using lamina_error::lamina_error; };
+struct busy_error : lamina_error { using lamina_error::lamina_error; };   // another thread uses it
+struct fork_error : lamina_error { using lamina_error::lamina_error; };   // made before fork()
 struct permission_error : std::runtime_error { using std::runtime_error::runtime_error; };  // -> PermissionError
 // std::invalid_argument -> ValueError, std::out_of_range -> IndexError (nanobind built-ins)
 
 // ---- owned native state -------------------------------------------------------------------
 // Handles are shared so that a context keeps its model alive and a numpy view keeps its
 // context alive, whatever order Python closes or collects them in.
+// fork(): ggml's worker threads (and device contexts) do not survive it. Objects remember the
+// fork generation they were made in (a counter a pthread_atfork child handler bumps); used in a
+// child they raise fork_error, and the child never frees them (that would join threads it lacks).
+uint32_t fork_generation();
+
 struct model_state {
     llama_model_ptr model;
     const llama_vocab * vocab = nullptr;
     int32_t n_vocab = 0;
     std::string path;
+    uint32_t fork_gen = fork_generation();
+    ~model_state();
 };
 
 // Settings of one ggml CPU threadpool (threadpool.cpp).
@@ -90,11 +99,19 @@ private:
 struct context_state {
     std::shared_ptr<model_state> model;
     llama_context_ptr ctx;
+    // One thread at a time: every native operation holds a context_lease (busy) for its duration.
+    std::atomic<bool> busy{false};
+    uint32_t fork_gen = fork_generation();
+    // llama.cpp's backend sampling: the sampler a generator attached to sequence 0, and that
+    // generator (nullptr once it finished or went away: the next lease detaches the sampler).
+    llama_sampler_ptr backend_sampler;
+    std::atomic<const void *> backend_owner{nullptr};
     // tokens held in the KV cache for sequence 0, in position order (prefix reuse, n_past)
     std::vector<llama_token> tokens;
     // logits views handed to Python that are still alive (see context.cpp: output realloc)
     std::atomic<int> live_views{0};
     int type_k = 1, type_v = 1;    // ggml types of the KV cache (state headers compare them)
+    bool kv_unified = false;       // one KV stream for all sequences (else one per sequence)
     bool embeddings = false;       // every token is an output (llama.cpp's output_all)
     int32_t max_outputs = 0;       // the most outputs a decode has asked for so far
     int32_t last_outputs = 0;      // outputs of the latest decode (rows of ctx.logits)
@@ -112,6 +129,27 @@ struct context_state {
     nb::object signal_type, signal_value, signal_tb;  // the exception a handler raised, if any
     ~context_state();
 };
+
+// Exclusive use of a context for one native operation. Raises busy_error when another thread is
+// using it (never waits: no deadlock with the GIL or a second lease in the same thread) and
+// fork_error in a child process. `owner`: the generator taking it (others detach its backend
+// sampler first).
+class context_lease {
+public:
+    explicit context_lease(std::shared_ptr<context_state> st, const void * owner = nullptr);
+    ~context_lease();
+    context_lease(const context_lease &) = delete;
+    context_lease & operator=(const context_lease &) = delete;
+    context_state & operator*() const { return *st_; }
+    context_state * operator->() const { return st_.get(); }
+    const std::shared_ptr<context_state> & shared() const { return st_; }
+private:
+    std::shared_ptr<context_state> st_;
+};
+// Detach a generator's backend sampler (under a lease).
+void backend_sampler_detach(context_state & st);
+// Raise fork_error when an object made in generation `gen` is used in a forked child.
+void check_fork(uint32_t gen, const char * what);
 
 // Append one token to a batch made by llama_batch_init (one sequence id per token).
 inline int32_t batch_add(llama_batch & b, llama_token t, llama_pos pos, llama_seq_id seq, bool logits) {
@@ -139,6 +177,10 @@ void check_tokens(const model_state & m, const llama_token * toks, size_t n);
 std::shared_ptr<model_state> model_shared(nb::handle model);
 // The shared context state behind a lamina._native.Context (raises ClosedError).
 std::shared_ptr<context_state> context_shared(nb::handle ctx);
+// context_shared, leased (raises ClosedError, BusyError, ForkError).
+inline context_lease context_leased(nb::handle ctx, const void * owner = nullptr) {
+    return context_lease(context_shared(ctx), owner);
+}
 
 // The device behind a device or buffer-type name as ggml logs it: "CUDA0", "CPU_Mapped", and RPC's
 // "RPC0[127.0.0.1:50052]"; nullptr if none.

@@ -72,7 +72,7 @@ void check_same_model(const state_header & theirs, const state_header & mine) {
 }
 
 nb::bytes seq_state_get(nb::handle ctx, int32_t seq) {
-    auto st = context_shared(ctx);
+    auto st = context_leased(ctx);
     check_seq(*st, seq, false);
     state_header h = header_of(*st);
     const std::vector<llama_token> toks = seq == 0 ? st->tokens : std::vector<llama_token>{};
@@ -96,7 +96,7 @@ nb::bytes seq_state_get(nb::handle ctx, int32_t seq) {
 }
 
 void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
-    auto st = context_shared(ctx);
+    auto st = context_leased(ctx);
     check_seq(*st, seq, false);
     const char * p = data.c_str();
     const size_t size = data.size();
@@ -157,7 +157,7 @@ void init_memory(nb::module_ & m) {
     m.def("seq_state_set", &seq_state_set, nb::arg("ctx"), nb::arg("data"), nb::arg("seq"),
           "Replace sequence seq with a state from seq_state_get (same model and K/V types).");
     m.def("kv_seq_rm", [](nb::handle ctx, int32_t seq, llama_pos p0, llama_pos p1) {
-        auto st = context_shared(ctx);
+        auto st = context_leased(ctx);
         check_seq(*st, seq, true);
         check_range(p0, p1);
         bool ok = llama_memory_seq_rm(mem_of(*st), seq, p0, p1);
@@ -167,10 +167,20 @@ void init_memory(nb::module_ & m) {
     "Remove positions [p0, p1) of a sequence (-1: all sequences / open end). False if the cache can't.");
 
     m.def("kv_seq_cp", [](nb::handle ctx, int32_t src, int32_t dst, llama_pos p0, llama_pos p1) {
-        auto st = context_shared(ctx);
+        auto st = context_leased(ctx);
         check_seq(*st, src, false);
         check_seq(*st, dst, false);
         check_range(p0, p1);
+        // without a unified cache each sequence has its own KV stream, and llama.cpp copies across
+        // streams only whole (a partial copy aborts the process in llama_kv_cache::seq_cp)
+        const llama_pos n_cells = llama_pos(llama_n_ctx_seq(st->ctx.get()));
+        const bool whole = p0 <= 0 && (p1 < 0 || p1 + 1 >= n_cells);
+        if (src != dst && !st->kv_unified && llama_n_seq_max(st->ctx.get()) > 1 && !whole) {
+            throw std::invalid_argument("copying positions [" + std::to_string(p0) + ", " + std::to_string(p1) +
+                                        ") of a sequence needs a unified KV cache (kv=lamina.KV(unified=True)): "
+                                        "each sequence has its own cache here, which llama.cpp copies whole only "
+                                        "(p0=-1, p1=-1)");
+        }
         llama_memory_seq_cp(mem_of(*st), src, dst, p0, p1);
         if (dst == 0) {
             if (src != 0) resync_seq0(*st, false, 0);
@@ -179,14 +189,14 @@ void init_memory(nb::module_ & m) {
     "Make sequence dst share src's cells in [p0, p1).");
 
     m.def("kv_seq_keep", [](nb::handle ctx, int32_t seq) {
-        auto st = context_shared(ctx);
+        auto st = context_leased(ctx);
         check_seq(*st, seq, false);
         llama_memory_seq_keep(mem_of(*st), seq);
         if (seq != 0) resync_seq0(*st, false, 0);
     }, nb::arg("ctx"), nb::arg("seq"), "Drop every sequence but this one.");
 
     m.def("kv_seq_add", [](nb::handle ctx, int32_t seq, llama_pos p0, llama_pos p1, llama_pos delta) {
-        auto st = context_shared(ctx);
+        auto st = context_leased(ctx);
         check_seq(*st, seq, false);
         check_range(p0, p1);
         if (!llama_memory_can_shift(mem_of(*st))) {
@@ -198,7 +208,7 @@ void init_memory(nb::module_ & m) {
     "Shift positions [p0, p1) of a sequence by delta (RoPE-corrected).");
 
     m.def("kv_seq_div", [](nb::handle ctx, int32_t seq, llama_pos p0, llama_pos p1, int d) {
-        auto st = context_shared(ctx);
+        auto st = context_leased(ctx);
         check_seq(*st, seq, false);
         check_range(p0, p1);
         if (d < 1) throw std::invalid_argument("d must be >= 1");
@@ -209,16 +219,16 @@ void init_memory(nb::module_ & m) {
     "Integer-divide positions [p0, p1) of a sequence by d.");
 
     m.def("kv_pos_range", [](nb::handle ctx, int32_t seq) {
-        auto st = context_shared(ctx);
+        auto st = context_leased(ctx);
         check_seq(*st, seq, false);
         return std::make_pair(llama_memory_seq_pos_min(mem_of(*st), seq), llama_memory_seq_pos_max(mem_of(*st), seq));
     }, nb::arg("ctx"), nb::arg("seq"), "(pos_min, pos_max) of a sequence; (-1, -1) when empty.");
 
-    m.def("kv_can_shift", [](nb::handle ctx) { return llama_memory_can_shift(mem_of(*context_shared(ctx))); },
+    m.def("kv_can_shift", [](nb::handle ctx) { return llama_memory_can_shift(mem_of(*context_leased(ctx))); },
           nb::arg("ctx"));
 
     m.def("memory_breakdown", [](nb::handle ctx) {
-        auto st = context_shared(ctx);
+        auto st = context_leased(ctx);
         nb::list out;
 #ifdef LAMINA_HAS_MEMORY_BREAKDOWN
         for (const auto & [buft, mb] : llama_get_memory_breakdown(st->ctx.get())) {
@@ -239,7 +249,7 @@ void init_memory(nb::module_ & m) {
     }, nb::arg("ctx"), "Bytes per buffer type: model weights, context (KV cache, outputs), compute buffers.");
 
     m.def("state_get", [](nb::handle ctx) {
-        auto st = context_shared(ctx);
+        auto st = context_leased(ctx);
         state_header h = header_of(*st);
         std::string out(sizeof(k_magic) + sizeof(h) + st->tokens.size() * sizeof(llama_token), '\0');
         char * p = out.data();
@@ -259,7 +269,7 @@ void init_memory(nb::module_ & m) {
     }, nb::arg("ctx"), "The whole context (KV cache, logits, token list) as bytes with a settings header.");
 
     m.def("state_set", [](nb::handle ctx, nb::bytes data) {
-        auto st = context_shared(ctx);
+        auto st = context_leased(ctx);
         const char * p = data.c_str();
         size_t size = data.size();
         state_header h;

@@ -13,6 +13,13 @@
 #include <regex>
 
 namespace lamina {
+
+model_state::~model_state() {
+    if (fork_gen != fork_generation()) {
+        (void) model.release();  // a forked child: its device buffers and threads belong to the parent
+    }
+}
+
 namespace {
 
 using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;

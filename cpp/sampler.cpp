@@ -139,7 +139,7 @@ min-p, XTC, temperature, seeded draw. temperature 0 ends the chain with greedy (
             return names;
         }, "Names of the samplers in the chain, in order.")
         .def("sample", [](sampler_handle & s, nb::handle ctx, bool use_chain) {
-            auto st = context_shared(ctx);
+            auto st = context_leased(ctx);
             if (st->last_outputs == 0) throw lamina_error("no logits: decode with logits first");
             nb::gil_scoped_release nogil;
             return sample_token(*st, s, use_chain);

@@ -46,10 +46,11 @@ def vocab() -> tuple[list[str], list[float], list[int]]:
 
 def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2,
                      n_ff: int = 128, n_ctx: int = 512, n_vocab: int | None = None, f16: bool = False,
-                     seed: int = 0, truncate_to: int | None = None) -> Path:
+                     seed: int = 0, truncate_to: int | None = None, causal: bool = True) -> Path:
     """Write a llama-architecture GGUF with random weights (f32, or f16 for big shapes).
 
     n_vocab pads the vocabulary with unused tokens to that size (e.g. 128256 for Llama 3 shapes).
+    causal=False writes llama.attention.causal = false (bidirectional attention, as embedding models).
     """
     import gguf
 
@@ -75,6 +76,8 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_head_kv)
     writer.add_layer_norm_rms_eps(1e-5)
+    if not causal:
+        writer.add_causal_attention(False)
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")

@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from . import _core, _native
 from .model import as_tokens
+from .params import UINT32_MAX, check_int, check_pos, check_seq
 from .sampling import Sampler
 from .threads import Threads
 
@@ -141,24 +142,30 @@ class KVCache:
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove [p0, p1) of sequence ``seq`` (-1: every sequence); False if the cache can't."""
-        return bool(_native.kv_seq_rm(self._ctx.native, seq, p0, p1))
+        return bool(_native.kv_seq_rm(self._ctx.native, check_seq("seq", seq, True), check_pos("p0", p0),
+                                      check_pos("p1", p1)))
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        _native.kv_seq_cp(self._ctx.native, src, dst, p0, p1)
+        """Make ``dst`` share ``src``'s cells in [p0, p1). Without a unified cache (each sequence its
+        own stream) only whole sequences can be copied: a part raises ValueError."""
+        _native.kv_seq_cp(self._ctx.native, check_seq("src", src), check_seq("dst", dst), check_pos("p0", p0),
+                          check_pos("p1", p1))
 
     def seq_keep(self, seq: int) -> None:
-        _native.kv_seq_keep(self._ctx.native, seq)
+        _native.kv_seq_keep(self._ctx.native, check_seq("seq", seq))
 
     def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
         """Shift positions [p0, p1) by delta (context shifting)."""
-        _native.kv_seq_add(self._ctx.native, seq, p0, p1, delta)
+        _native.kv_seq_add(self._ctx.native, check_seq("seq", seq), check_pos("p0", p0), check_pos("p1", p1),
+                           check_int("delta", delta, -2**31))
 
     def seq_div(self, seq: int, p0: int, p1: int, d: int) -> None:
-        _native.kv_seq_div(self._ctx.native, seq, p0, p1, d)
+        _native.kv_seq_div(self._ctx.native, check_seq("seq", seq), check_pos("p0", p0), check_pos("p1", p1),
+                           check_int("d", d, 1))
 
     def pos_range(self, seq: int = 0) -> tuple[int, int]:
         """(pos_min, pos_max) of a sequence; (-1, -1) when it holds nothing."""
-        lo, hi = _native.kv_pos_range(self._ctx.native, seq)
+        lo, hi = _native.kv_pos_range(self._ctx.native, check_seq("seq", seq))
         return int(lo), int(hi)
 
     def used(self, seq: int = 0) -> int:
@@ -204,6 +211,7 @@ def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv
                             ("n_seq_max", n_seq_max, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        check_int(name, value, lo, UINT32_MAX)
     if flash_attn not in _FLASH:
         raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
     if not isinstance(kv, KV):
@@ -302,7 +310,7 @@ class Context:
         when the evaluation is done, on a GPU too."""
         if logits not in _LOGITS:
             raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
-        self.native.decode(as_tokens(tokens, self.model.info.n_vocab), _LOGITS[logits], seq)
+        self.native.decode(as_tokens(tokens, self.model.info.n_vocab), _LOGITS[logits], check_seq("seq", seq))
 
     @property
     def logits(self) -> npt.NDArray[np.float32]:
@@ -330,7 +338,8 @@ class Context:
     def save_state(self, path: str | os.PathLike[str] | None = None, *, seq: int | None = None) -> bytes | None:
         """The whole context (KV cache, logits, token list), or with ``seq`` one sequence's KV
         cache, as bytes, or written to ``path``."""
-        data: bytes = _native.state_get(self.native) if seq is None else _native.seq_state_get(self.native, seq)
+        data: bytes = _native.state_get(self.native) if seq is None else \
+            _native.seq_state_get(self.native, check_seq("seq", seq))
         if path is None:
             return data
         tmp = Path(f"{os.fspath(path)}.tmp")
@@ -346,7 +355,7 @@ class Context:
         if seq is None:
             _native.state_set(self.native, data)
         else:
-            _native.seq_state_set(self.native, data, seq)
+            _native.seq_state_set(self.native, data, check_seq("seq", seq))
 
     def set_threads(self, threads: int | Threads, batch: int | None = None) -> None:
         """Change thread counts, pinning or priority on the live context (new threadpools, no reload)."""
@@ -389,8 +398,10 @@ class Context:
             raise ValueError(f"context_full must be 'stop' or 'shift', got {context_full!r}")
         if not isinstance(n_keep, int) or n_keep < 0:
             raise ValueError(f"n_keep must be an int >= 0, got {n_keep!r}")
+        check_int("n_keep", n_keep, 0)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+        check_int("max_tokens", max_tokens, 0)
         stops = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) for s in stops):
             raise TypeError("stop must be a string or a sequence of strings")
@@ -437,6 +448,7 @@ class Context:
         toks = [self._prompt_tokens(p) for p in prompts]
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        check_int("max_tokens", max_tokens, 1)
         if sampler is None or isinstance(sampler, Sampler):
             base = sampler or Sampler()
             samplers = [replace(base, seed=(base.seed + i) % 2**32) for i in range(len(toks))]

@@ -1,5 +1,5 @@
 """lamina's exceptions. All derive from LaminaError (a RuntimeError); bad arguments raise
 ValueError/TypeError, bad token ids IndexError, missing files FileNotFoundError."""
-from ._native import ClosedError, DecodeError, LaminaError, LoadError, OutOfMemoryError
+from ._native import BusyError, ClosedError, DecodeError, ForkError, LaminaError, LoadError, OutOfMemoryError
 
-__all__ = ["LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError"]
+__all__ = ["LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError"]
