@@ -64,3 +64,10 @@ with model.context(n_ctx=1 << 18) as ctx:  # 128 MiB per tensor: usable
     assert len(ctx.complete("the sky", max_tokens=4, ignore_eos=True).tokens) == 4
 print("n_ctx=262144 (128 MiB per K/V tensor) created and ran on", dev.name)
 PY
+# lamina next to numpy and torch (CPU build), in both orders, every layer on Vulkan0
+python3 -c "import torch" 2>/dev/null || pip install -q torch==2.13.0 || echo "vulkan_offload: torch not installable here"
+model=$(PYTHONPATH="$PWD/tests" python3 -c "
+import tempfile, pathlib; from tiny_gguf import write_tiny_llama
+print(write_tiny_llama(pathlib.Path(tempfile.mkdtemp()) / 'tiny.gguf'))")
+GGML_VK_VISIBLE_DEVICES=0 PYTHONPATH="/tmp/lamina-vk-site:$site" python3 -S ci/import_matrix.py "$model" --ngl all \
+  --cases nothing,numpy,torch,torch-gpu,jax,cupy,tokenizers,transformers,sentencepiece,onnxruntime
