@@ -81,6 +81,9 @@ bool abort_requested(void * data) {
     if (st->abort.load(std::memory_order_relaxed)) {
         return true;
     }
+    if (!st->signals_here) {
+        return false;  // not Python's main thread: no handler could run here, and no GIL is taken
+    }
     if ((++st->abort_calls & 31) != 0) {  // the clock only every 32 graph nodes
         return false;
     }
@@ -158,6 +161,7 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
                            "are alive; delete them (or copy with np.array(ctx.logits)) first");
     }
     int rc;
+    st.signals_here = on_main_thread();
     {
         nb::gil_scoped_release nogil;
         caller_pin pin(batch.n_tokens > 1 ? st.pin_batch : st.pin_gen);

@@ -46,6 +46,18 @@ void raise_failed(const std::string & what, failure fallback) {
     throw lamina_error(msg);
 }
 
+namespace {
+unsigned long g_main_thread_ident = 0;
+}
+
+bool on_main_thread() {
+    if (g_main_thread_ident == 0) {  // threading.main_thread().ident, once
+        g_main_thread_ident = nb::cast<unsigned long>(
+            nb::module_::import_("threading").attr("main_thread")().attr("ident"));
+    }
+    return PyThread_get_thread_ident() == g_main_thread_ident;
+}
+
 void check_signals() {
     if (PyErr_CheckSignals() != 0) {
         throw nb::python_error();

@@ -89,6 +89,7 @@ public:
         char buf[256];
         // the sampler is ours unless another operation on the context detached it meanwhile
         const bool backend = st.backend_sampler && st.backend_owner.load() == this;
+        st.signals_here = on_main_thread();
         {
             nb::gil_scoped_release nogil;
             caller_pin pin(st.pin_gen);

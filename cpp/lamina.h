@@ -126,6 +126,9 @@ struct context_state {
     uint32_t abort_calls = 0;
     // Ctrl-C during a decode: the abort callback polls Python's signal handlers (see context.cpp)
     int64_t last_signal_check_us = 0;
+    // Python runs signal handlers in the main thread only: a decode started elsewhere never takes
+    // the GIL from inside graph compute (set by each decode entry, with the GIL held)
+    bool signals_here = false;
     nb::object signal_type, signal_value, signal_tb;  // the exception a handler raised, if any
     ~context_state();
 };
@@ -215,6 +218,8 @@ inline void threadpools_release_retired(context_state & st) {
 
 // Python's signal check, done with the GIL held; raises KeyboardInterrupt etc. as nb::python_error.
 void check_signals();
+// Whether the calling thread (GIL held) is Python's main thread, where signal handlers run.
+bool on_main_thread();
 
 // ---- parameters shared by loading, contexts and the memory fit (model.cpp, context.cpp) -----
 // Python's model placement: (n_gpu_layers, device indices or None, split_mode, main_gpu,

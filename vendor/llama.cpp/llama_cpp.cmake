@@ -92,10 +92,13 @@ endif()
 
 # Hidden by default: only what llama.cpp marks LLAMA_API / GGML_API is visible outside its library
 # (see exports.map below for the rest of the story).
-set(CMAKE_C_VISIBILITY_PRESET hidden)
-set(CMAKE_CXX_VISIBILITY_PRESET hidden)
-set(CMAKE_CUDA_VISIBILITY_PRESET hidden)
-set(CMAKE_VISIBILITY_INLINES_HIDDEN ON)
+option(LAMINA_HIDDEN_VISIBILITY "Build llama.cpp with hidden visibility (only the C API visible)" ON)
+if(LAMINA_HIDDEN_VISIBILITY)
+  set(CMAKE_C_VISIBILITY_PRESET hidden)
+  set(CMAKE_CXX_VISIBILITY_PRESET hidden)
+  set(CMAKE_CUDA_VISIBILITY_PRESET hidden)
+  set(CMAKE_VISIBILITY_INLINES_HIDDEN ON)
+endif()
 add_subdirectory("${LAMINA_LLAMA_CPP_DIR}" llama.cpp EXCLUDE_FROM_ALL)
 # llama.cpp's programs call common/'s C++ functions, which carry no export macro: their libraries
 # keep default visibility (they are never loaded by Python; see LAMINA_TOOL_LIBS)
