@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -136,6 +137,44 @@ def test_generator_close_is_final(tiny_model: lamina.Model) -> None:
         gen.close()
         gen.close()
         assert list(gen) == []
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_a_signal_handler_reentering_the_context_gets_busy_error(wide_model: lamina.Model) -> None:
+    # Python signal handlers run inside a main-thread decode (lamina's abort callback calls them),
+    # so a handler can call back into the very context that is decoding: it must be refused
+    seen: list[tuple[str, ...]] = []
+
+    with wide_model.context(n_ctx=2048, n_batch=2048) as ctx:
+        gen = ctx.generate(PROMPT, max_tokens=8, ignore_eos=True)
+
+        def reenter(signum: int, frame: object) -> None:
+            got = []
+            for call in (lambda: next(gen), lambda: ctx.decode([5]), lambda: ctx.kv.seq_rm(0, 0, -1)):
+                try:
+                    call()
+                    got.append("ran")  # the timer fired between decodes: allowed
+                except StopIteration:
+                    got.append("ran")
+                except lamina.BusyError:
+                    got.append("busy")
+            seen.append(tuple(got))
+
+        old = signal.signal(signal.SIGALRM, reenter)
+        signal.setitimer(signal.ITIMER_REAL, 0.06, 0.06)
+        try:
+            for _ in range(20):
+                ctx.kv_clear()
+                ctx.decode([1 + i % 1000 for i in range(1500)])
+                if ("busy",) * 3 in seen:
+                    break
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        # inside a decode every call is refused; no call ever ran half-way into one
+        assert ("busy",) * 3 in seen and set(seen) <= {("busy",) * 3, ("ran",) * 3}, seen[:12]
+        ctx.kv_clear()
+        assert len(greedy(ctx, 4)) == 4
 
 
 # -- threads -----------------------------------------------------------------------------------
