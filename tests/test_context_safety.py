@@ -103,7 +103,7 @@ def test_failed_multi_ubatch_decode_leaves_cache_and_tokens_agreeing(wide_model:
     with wide_model.context(n_ctx=1024, n_batch=512, n_ubatch=8) as ctx:
         ctx.decode(PROMPT)
         for delay in (0.002, 0.01, 0.03):
-            timer = threading.Timer(delay, ctx.native.abort)
+            timer = threading.Timer(delay, ctx.abort)
             timer.start()
             try:
                 ctx.decode(list(range(1, 400)))

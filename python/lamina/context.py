@@ -330,6 +330,11 @@ class Context:
     def kv_clear(self) -> None:
         self.native.kv_clear()
 
+    def abort(self) -> None:
+        """Stop the decode running on this context in another thread (it raises DecodeError).
+        Safe from any thread; the context stays usable."""
+        self.native.abort()
+
     @property
     def kv(self) -> "KVCache":
         """Sequence operations on this context's KV cache."""
