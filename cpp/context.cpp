@@ -74,26 +74,27 @@ namespace {
 using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // Called by ggml between graph nodes on the decoding thread (which released the GIL). Besides
-// the caller's abort flag, it runs Python's signal handlers at most every 50 ms, so Ctrl-C stops
-// a long CPU decode within one node instead of after the whole batch.
+// the caller's abort flag, it looks for a signal every 20 ms (a read() on lamina's wakeup pipe,
+// see signals.cpp) and only then takes the GIL to run Python's handlers, so Ctrl-C stops a long
+// CPU decode within one node instead of after the whole batch.
 bool abort_requested(void * data) {
     auto * st = static_cast<context_state *>(data);
     if (st->abort.load(std::memory_order_relaxed)) {
         return true;
     }
     if (!st->signals_here) {
-        return false;  // not Python's main thread: no handler could run here, and no GIL is taken
+        return false;  // no watch: not Python's main thread, or a one-token decode
     }
     if ((++st->abort_calls & 31) != 0) {  // the clock only every 32 graph nodes
         return false;
     }
     int64_t now = ggml_time_us();
-    if (now - st->last_signal_check_us < 50000) {
+    if (now - st->last_signal_check_us < 20000) {
         return false;
     }
     st->last_signal_check_us = now;
-    if (!Py_IsInitialized()) {
-        return false;
+    if (!signal_arrived() || !Py_IsInitialized()) {
+        return false;  // the common case: no GIL
     }
     PyGILState_STATE g = PyGILState_Ensure();
     bool raised = PyErr_CheckSignals() != 0;
@@ -142,7 +143,7 @@ void decode_failed(context_state & st, int rc) {
     throw decode_error(rc, decode_message(rc, st));
 }
 
-void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs) {
+int decode_checked(context_state & st, const llama_batch & batch, bool sync) {
     // llama.cpp asserts these (an abort, not an error code): check them first
     const int32_t n_batch = int32_t(llama_n_batch(st.ctx.get())), n_ubatch = int32_t(llama_n_ubatch(st.ctx.get()));
     if (batch.n_tokens > n_batch) {
@@ -154,6 +155,17 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
                                     " tokens of a text must fit one ubatch: raise n_ubatch (and n_batch) to at least " +
                                     std::to_string(batch.n_tokens) + " (now " + std::to_string(n_ubatch) + ")");
     }
+    int rc = llama_decode(st.ctx.get(), batch);
+    if (rc == 0) {
+        // GPU backends return before the graph has run: a decode returns when the evaluation is done,
+        // so Python timings mean what they say and backend errors surface here
+        if (sync) llama_synchronize(st.ctx.get());
+        threadpools_release_retired(st);
+    }
+    return rc;
+}
+
+void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs) {
     if (st.live_views.load() > 0 && n_outputs > st.max_outputs) {
         // llama.cpp would grow (reallocate) its output buffer under the live numpy views.
         throw lamina_error("this decode asks for " + std::to_string(n_outputs) +
@@ -161,19 +173,17 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
                            "are alive; delete them (or copy with np.array(ctx.logits)) first");
     }
     int rc;
-    st.signals_here = on_main_thread();
+    signal_watch watch(batch.n_tokens > 1 && on_main_thread());  // ends with the GIL held, below
+    st.signals_here = watch.active();
     {
         nb::gil_scoped_release nogil;
         caller_pin pin(batch.n_tokens > 1 ? st.pin_batch : st.pin_gen);
-        rc = llama_decode(st.ctx.get(), batch);
-        // GPU backends return before the graph has run: a decode returns when the evaluation is done,
-        // so Python timings mean what they say and backend errors surface here
-        if (rc == 0) llama_synchronize(st.ctx.get());
+        rc = decode_checked(st, batch, true);
     }
+    st.signals_here = false;
     if (rc != 0) {
         decode_failed(st, rc);
     }
-    threadpools_release_retired(st);
     st.max_outputs = std::max(st.max_outputs, n_outputs);
     st.last_outputs = n_outputs;
 }
@@ -203,6 +213,10 @@ void decode_tokens(context_state & st, const llama_token * toks, size_t n) {
             decode_batch(st, llama_batch_get_one(const_cast<llama_token *>(toks + done), int32_t(k)), 1);
         }
         st.tokens.insert(st.tokens.end(), toks + done, toks + done + k);
+        // the cache is the truth: a mirror that disagrees keeps only the positions (-1 ids never
+        // match a prompt, so prefix reuse starts over but positions stay right)
+        const size_t held = size_t(llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0) + 1);
+        if (held != st.tokens.size()) st.tokens.assign(held, -1);
         done += k;
         if (done < n) {
             check_signals();  // Ctrl-C between chunks of a long prompt

@@ -89,7 +89,10 @@ public:
         char buf[256];
         // the sampler is ours unless another operation on the context detached it meanwhile
         const bool backend = st.backend_sampler && st.backend_owner.load() == this;
-        st.signals_here = on_main_thread();
+        // Signals are handled between pieces; a token slow enough for Ctrl-C to wait on (> 20 ms,
+        // a big model on a CPU) also gets the watch inside its decode (it costs a few us per piece)
+        signal_watch watch(slow_tokens_ && on_main_thread());  // destroyed with the GIL held
+        st.signals_here = watch.active();
         {
             nb::gil_scoped_release nogil;
             caller_pin pin(st.pin_gen);
@@ -104,12 +107,14 @@ public:
                         shift_context(st);
                     }
                     llama_token t = last_;
-                    int rc = llama_decode(st.ctx.get(), llama_batch_get_one(&t, 1));
+                    const int64_t t_dec = llama_time_us();
+                    int rc = decode_checked(st, llama_batch_get_one(&t, 1), false);  // sampling syncs
+                    slow_tokens_ = llama_time_us() - t_dec > 20000;
                     if (rc != 0) {
                         nb::gil_scoped_acquire gil;
+                        st.signals_here = false;
                         decode_failed(st, rc);  // raises (KeyboardInterrupt from a signal handler, or DecodeError)
                     }
-                    threadpools_release_retired(st);
                     st.last_outputs = 1;
                     st.tokens.push_back(t);
                     pending_ = false;
@@ -143,6 +148,7 @@ public:
                 if (utf8_complete_prefix(bytes_) > 0) break;
             }
         }
+        st.signals_here = false;
         if (failed_) {
             detach_backend(st);
             throw lamina_error("backend sampling returned no token and no logits for this step");
@@ -251,6 +257,7 @@ private:
     int64_t n_shifts_ = 0;
     bool started_ = false, done_ = false, pending_ = false, failed_ = false;
     llama_token last_ = -1;
+    bool slow_tokens_ = false;     // the last token's decode took > 20 ms: watch for signals inside it
     bool backend_wanted_ = false;  // greedy sampling inside the graph (llama_set_sampler), at the first next()
     int64_t n_prompt_eval_ = 0, n_reused_ = 0, t_prompt_us_ = 0, t_gen_start_ = 0, t_gen_us_ = 0;
 };

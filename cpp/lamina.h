@@ -166,6 +166,11 @@ inline int32_t batch_add(llama_batch & b, llama_token t, llama_pos pos, llama_se
 
 // Turn a failed llama_decode into an exception (GIL held); resyncs the token list first.
 [[noreturn]] void decode_failed(context_state & st, int rc);
+// The one place lamina calls llama_decode (under a lease; GIL held or not): checks the
+// preconditions llama.cpp asserts (ValueError), decodes, synchronizes when `sync`, and frees the
+// thread pools a set_threads replaced. Returns llama.cpp's status (decode_failed turns it into
+// an exception, with the GIL).
+int decode_checked(context_state & st, const llama_batch & batch, bool sync);
 // Decode a batch with the GIL released; converts llama.cpp's status codes into exceptions.
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs);
 // Evaluate tokens for sequence 0 starting at st.tokens.size(); logits for the last token only.
@@ -220,6 +225,23 @@ inline void threadpools_release_retired(context_state & st) {
 void check_signals();
 // Whether the calling thread (GIL held) is Python's main thread, where signal handlers run.
 bool on_main_thread();
+
+// For one multi-token decode in Python's main thread (GIL held when made and destroyed): Python's
+// signal wakeup fd points at lamina's pipe, so the abort callback notices a signal with a read()
+// and takes the GIL only then (signals.cpp). Inactive when `on` is false or Python refuses.
+class signal_watch {
+public:
+    explicit signal_watch(bool on);
+    ~signal_watch();
+    signal_watch(const signal_watch &) = delete;
+    signal_watch & operator=(const signal_watch &) = delete;
+    bool active() const { return active_; }
+private:
+    bool active_ = false;
+    int old_fd_ = -1;
+};
+// In the abort callback, without the GIL: whether a signal arrived during the active watch.
+bool signal_arrived();
 
 // ---- parameters shared by loading, contexts and the memory fit (model.cpp, context.cpp) -----
 // Python's model placement: (n_gpu_layers, device indices or None, split_mode, main_gpu,

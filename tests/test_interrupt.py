@@ -64,3 +64,85 @@ print("again", len(ctx.complete("the sky is", max_tokens=5, ignore_eos=True).tok
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["interrupted", "True", "again", "5"]
+
+
+def _wide(tmp_path: Path) -> lamina.Model:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_gguf import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "wide.gguf", n_layer=4, n_embd=256, n_head=4, n_head_kv=4, n_ff=1024)
+    return lamina.Model(path, gpu=False)
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_signals_during_a_decode_reach_python_and_the_previous_wakeup_fd(tmp_path: Path) -> None:
+    # lamina routes Python's signal wakeup fd to its own pipe during a decode; a handler that does
+    # not raise runs and the decode goes on; the application's wakeup fd (asyncio's, say) is
+    # restored afterwards and still receives the signal numbers
+    import socket
+
+    model = _wide(tmp_path)
+    ran: list[int] = []
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    old_fd = signal.set_wakeup_fd(b.fileno())
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: ran.append(signum))
+    try:
+        with model, model.context(n_ctx=2048, n_batch=2048, threads=1) as ctx:
+            signal.setitimer(signal.ITIMER_REAL, 0.03, 0.03)
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.5:
+                ctx.kv_clear()
+                ctx.decode([1 + i % 1000 for i in range(1500)])
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            assert ctx.n_past == 1500
+        assert signal.set_wakeup_fd(b.fileno()) == b.fileno()  # restored after every decode
+        got = a.recv(4096)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        signal.set_wakeup_fd(old_fd)
+        a.close()
+        b.close()
+    assert ran and set(ran) == {signal.SIGALRM}
+    assert got and set(got) == {signal.SIGALRM}
+
+
+def test_a_decode_does_not_wait_for_the_gil_held_by_another_thread(tmp_path: Path) -> None:
+    # The abort callback takes the GIL only when a signal arrived. With a 50 ms switch interval and
+    # a thread spinning in Python, every GIL request from inside graph compute would stall the
+    # decode for up to 50 ms (the callback used to ask every 50 ms: about twice as slow).
+    model = _wide(tmp_path)
+    toks = [1 + i % 1000 for i in range(1500)]
+    with model, model.context(n_ctx=2048, n_batch=2048, threads=1) as ctx:
+
+        def timed() -> float:
+            best = float("inf")
+            for _ in range(3):
+                ctx.kv_clear()
+                t0 = time.perf_counter()
+                ctx.decode(toks)
+                best = min(best, time.perf_counter() - t0)
+            return best
+
+        alone = timed()
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                pass
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(0.05)
+        spinner = threading.Thread(target=spin)
+        spinner.start()
+        try:
+            contended = timed()
+        finally:
+            stop.set()
+            spinner.join()
+            sys.setswitchinterval(old)
+    # returning to Python waits for the GIL once (<= 50 ms); nothing inside the decode does
+    assert alone > 0.15, f"the decode ({alone:.3f} s) is too short to show anything"
+    assert contended < alone * 1.3 + 0.06, (alone, contended)
