@@ -75,8 +75,27 @@ void init_errors(nb::module_ & m) {
     });
     nb::exception<lamina_error> base(m, "LaminaError", PyExc_RuntimeError);
     base.doc() = "Base class of lamina's errors.";
-    nb::exception<load_error>(m, "LoadError", base.ptr()).doc() =
-        "The model file could not be loaded (not GGUF, truncated, unsupported architecture, ...).";
+    nb::exception<load_error> load(m, "LoadError", base.ptr());
+    load.doc() = "The model file could not be loaded (not GGUF, truncated, unsupported architecture, ...).";
+    nb::exception<model_format_error> fmt(m, "ModelFormatError", load.ptr());
+    fmt.doc() = "The model file holds a value llama.cpp would abort on.\n\n"
+                "field: the GGUF key; reason: what is wrong with its value.";
+    fmt.attr("field") = nb::str("");
+    fmt.attr("reason") = nb::str("");
+    nb::register_exception_translator([](const std::exception_ptr & p, void * type) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const model_format_error & e) {
+            PyObject * t = static_cast<PyObject *>(type);
+            PyObject * inst = PyObject_CallFunction(t, "s", e.what());
+            if (inst == nullptr) return;
+            nb::handle h(inst);
+            h.attr("field") = nb::str(e.field.c_str());
+            h.attr("reason") = nb::str(e.reason.c_str());
+            PyErr_SetObject(t, inst);
+            Py_DECREF(inst);
+        }
+    }, fmt.ptr());
     nb::exception<out_of_memory_error> oom(m, "OutOfMemoryError", base.ptr());
     oom.doc() = "A model, context or buffer did not fit the memory of a device.\n\n"
                 "device: the device whose allocation failed (a name as in lamina.devices(), '' when\n"

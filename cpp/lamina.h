@@ -35,6 +35,11 @@ struct out_of_memory_error : lamina_error {
     out_of_memory_error(const std::string & msg, std::string dev, uint64_t n)
         : lamina_error(msg), device(std::move(dev)), bytes(n) {}
 };
+struct model_format_error : load_error {  // -> lamina.ModelFormatError(field, reason)
+    std::string field, reason;
+    model_format_error(const std::string & msg, std::string f, std::string r)
+        : load_error(msg), field(std::move(f)), reason(std::move(r)) {}
+};
 struct decode_error : lamina_error {
     int code;
     decode_error(int code_, const std::string & msg) : lamina_error(msg), code(code_) {}
@@ -195,6 +200,8 @@ inline context_lease context_leased(nb::handle ctx, const void * owner = nullptr
 ggml_backend_dev_t device_named(const std::string & name);
 // A path llama.cpp can be trusted with (raises FileNotFoundError / OSError / LoadError).
 void check_gguf_file(const std::string & path);
+// Values in the file that llama.cpp would abort on (raises model_format_error; validate.cpp).
+void validate_gguf(const std::string & path);
 std::string last_log_error();
 void clear_last_log_error();
 // The first buffer allocation that failed since clear_last_log_error(), from ggml's

@@ -82,6 +82,10 @@ public:
     model_handle(const std::string & path, const model_args & args, int load_mode, bool vocab_only,
                  nb::object progress) {
         check_gguf_file(path);
+        {
+            nb::gil_scoped_release nogil;
+            validate_gguf(path);
+        }
         if (!progress.is_none() && !PyCallable_Check(progress.ptr())) {
             throw std::invalid_argument("progress must be callable or None");
         }
@@ -358,6 +362,13 @@ std::shared_ptr<model_state> model_shared(nb::handle model) {
 }
 
 void init_model(nb::module_ & m) {
+    m.def("validate_gguf", [](const std::string & path) {
+        check_gguf_file(path);
+        nb::gil_scoped_release nogil;
+        validate_gguf(path);
+    }, nb::arg("path"),
+    "Check a GGUF file for values llama.cpp would abort on; raises ModelFormatError (or "
+    "FileNotFoundError / LoadError).");
     nb::class_<model_handle>(m, "Model", "A loaded llama.cpp model (owns llama_model).")
         .def(nb::init<const std::string &, const model_args &, int, bool, nb::object>(),
              nb::arg("path"), nb::arg("placement"), nb::arg("load_mode") = -1, nb::arg("vocab_only") = false,

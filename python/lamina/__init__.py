@@ -10,7 +10,8 @@ from ._core import logger
 from .config import Config, load_config
 from .context import KV, Completion, Context, Generation
 from .threads import Threads
-from .errors import BusyError, ClosedError, DecodeError, ForkError, LaminaError, LoadError, OutOfMemoryError
+from .errors import (BusyError, ClosedError, DecodeError, ForkError, LaminaError, LoadError, ModelFormatError,
+                     OutOfMemoryError)
 from .memory import DeviceMemory, MemoryEstimate, Offload
 from .model import Model, ModelInfo
 from .models import default_model_path
@@ -30,5 +31,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "load_config", "Model", "ModelInfo", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
     "Device", "SystemInfo", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
-    "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "logger", "__version__",
+    "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "ModelFormatError", "logger", "__version__",
 ]

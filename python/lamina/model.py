@@ -148,6 +148,8 @@ class Model:
         self.config: "Config | None" = None
         self.kv = kv or KV()
 
+        # values llama.cpp would abort on (its memory fit below reads the file too): ModelFormatError
+        _native.validate_gguf(os.fspath(self.path))
         all_devices = list_devices(memory=False)  # opens no device: gpu=False never touches a GPU
         gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu", "remote")]
         if devices is not None:
