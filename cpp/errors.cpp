@@ -6,6 +6,8 @@
 #include <Python.h>
 
 #include <cstdio>
+#include <initializer_list>
+#include <utility>
 
 namespace lamina {
 namespace {
@@ -64,6 +66,21 @@ void check_signals() {
     }
 }
 
+namespace {
+
+// Raise an instance of exception type `type` (a PyObject *) built from msg, with attributes set.
+void raise_with(void * type, const char * msg, std::initializer_list<std::pair<const char *, nb::object>> attrs) {
+    PyObject * t = static_cast<PyObject *>(type);
+    PyObject * inst = PyObject_CallFunction(t, "s", msg);
+    if (inst == nullptr) return;  // the call's own error stays set
+    nb::handle h(inst);
+    for (const auto & [name, value] : attrs) h.attr(name) = value;
+    PyErr_SetObject(t, inst);
+    Py_DECREF(inst);
+}
+
+}  // namespace
+
 void init_errors(nb::module_ & m) {
     // Translators run newest first, so subclasses are registered after their base.
     nb::register_exception_translator([](const std::exception_ptr & p, void *) {
@@ -86,14 +103,7 @@ void init_errors(nb::module_ & m) {
         try {
             std::rethrow_exception(p);
         } catch (const model_format_error & e) {
-            PyObject * t = static_cast<PyObject *>(type);
-            PyObject * inst = PyObject_CallFunction(t, "s", e.what());
-            if (inst == nullptr) return;
-            nb::handle h(inst);
-            h.attr("field") = nb::str(e.field.c_str());
-            h.attr("reason") = nb::str(e.reason.c_str());
-            PyErr_SetObject(t, inst);
-            Py_DECREF(inst);
+            raise_with(type, e.what(), {{"field", nb::str(e.field.c_str())}, {"reason", nb::str(e.reason.c_str())}});
         }
     }, fmt.ptr());
     nb::exception<out_of_memory_error> oom(m, "OutOfMemoryError", base.ptr());
@@ -107,16 +117,11 @@ void init_errors(nb::module_ & m) {
         try {
             std::rethrow_exception(p);
         } catch (const out_of_memory_error & e) {
-            PyObject * t = static_cast<PyObject *>(type);
-            PyObject * inst = PyObject_CallFunction(t, "s", e.what());
-            if (inst == nullptr) return;  // the call's own error stays set
-            if (!e.device.empty()) {
-                nb::handle h(inst);
-                h.attr("device") = nb::str(e.device.c_str());
-                h.attr("bytes") = nb::int_(e.bytes);
+            if (e.device.empty()) {
+                raise_with(type, e.what(), {});
+            } else {
+                raise_with(type, e.what(), {{"device", nb::str(e.device.c_str())}, {"bytes", nb::int_(e.bytes)}});
             }
-            PyErr_SetObject(t, inst);
-            Py_DECREF(inst);
         }
     }, oom.ptr());
     nb::exception<decode_error>(m, "DecodeError", base.ptr()).doc() =
