@@ -73,8 +73,8 @@ public:
         context_lease lease(st_, this);  // BusyError for a second thread, or a re-entrant call
         context_state & st = *lease;
         if (!started_) {
+            if (backend_wanted_) attach_backend(st);  // may refuse (live views): next() can be retried
             started_ = true;
-            if (backend_wanted_) attach_backend(st);
             int64_t t0 = llama_time_us();
             n_prompt_eval_ = int64_t(eval_prompt(st, prompt_));
             n_reused_ = int64_t(prompt_.size()) - n_prompt_eval_;

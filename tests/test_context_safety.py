@@ -122,11 +122,14 @@ def test_a_logits_view_blocks_backend_sampling_from_reallocating_it(tiny_model: 
         ctx.decode(PROMPT)
         view = ctx.logits
         before = np.array(view)
-        gen = ctx.generate(PROMPT, max_tokens=4, backend_sampling=True)
+        gen = ctx.generate(PROMPT, max_tokens=4, backend_sampling=True, ignore_eos=True)
         with pytest.raises(lamina.LaminaError, match="views"):
             next(gen)
         assert np.array_equal(view, before)  # still the same, valid memory
         del view
+        list(gen)
+        with tiny_model.context(n_ctx=128) as fresh:  # the refused generator goes on, prompt and all
+            assert list(gen.tokens) == greedy(fresh, 4)
         assert len(list(ctx.generate(PROMPT, max_tokens=4, backend_sampling=True, ignore_eos=True))) > 0
 
 
