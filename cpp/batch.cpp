@@ -108,31 +108,24 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
     }
     for (llama_token t : seqs[0].prompt) st.tokens.push_back(t);
     int64_t t1 = llama_time_us();
-    // one token for every running sequence per step, in batches of at most n_batch tokens
-    // (llama.cpp asserts n_tokens <= n_batch); each chunk samples before the next overwrites its logits
-    std::vector<size_t> chunk;
+    // one token for every running sequence per step (n_seq_max <= n_batch is checked when the
+    // context is made, and decode_checked refuses a wider batch)
     while (true) {
-        bool any = false;
-        for (size_t i0 = 0; i0 < n;) {
-            b.n_tokens = 0;
-            chunk.clear();
-            for (; i0 < n && b.n_tokens < n_batch; ++i0) {
-                seq_state & s = seqs[i0];
-                if (!s.finish.empty()) continue;
-                s.out = batch_add(b, s.pending, s.pos, llama_seq_id(i0), true);
-                chunk.push_back(i0);
-            }
-            if (b.n_tokens == 0) break;
-            any = true;
-            decode_batch(st, b, b.n_tokens);
-            for (size_t i : chunk) {
-                seq_state & s = seqs[i];
-                ++s.pos;
-                if (i == 0) st.tokens.push_back(s.pending);
-                advance(st, s, max_tokens, ignore_eos, n_ctx_seq);
-            }
+        b.n_tokens = 0;
+        for (size_t i = 0; i < n; ++i) {
+            seq_state & s = seqs[i];
+            if (!s.finish.empty()) continue;
+            s.out = batch_add(b, s.pending, s.pos, llama_seq_id(i), true);
         }
-        if (!any) break;
+        if (b.n_tokens == 0) break;
+        decode_batch(st, b, b.n_tokens);
+        for (size_t i = 0; i < n; ++i) {
+            seq_state & s = seqs[i];
+            if (!s.finish.empty()) continue;
+            ++s.pos;
+            if (i == 0) st.tokens.push_back(s.pending);
+            advance(st, s, max_tokens, ignore_eos, n_ctx_seq);
+        }
     }
     int64_t t2 = llama_time_us();
     nb::list out;

@@ -6,7 +6,6 @@
 #include <nanobind/stl/shared_ptr.h>
 
 #include <algorithm>
-#include <thread>
 
 #include <pthread.h>
 #include <unistd.h>
