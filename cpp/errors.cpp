@@ -95,15 +95,18 @@ void init_errors(nb::module_ & m) {
     nb::exception<load_error> load(m, "LoadError", base.ptr());
     load.doc() = "The model file could not be loaded (not GGUF, truncated, unsupported architecture, ...).";
     nb::exception<model_format_error> fmt(m, "ModelFormatError", load.ptr());
-    fmt.doc() = "The model file holds a value llama.cpp would abort on.\n\n"
-                "field: the GGUF key; reason: what is wrong with its value.";
+    fmt.doc() = "The model file is malformed, or holds a value llama.cpp would abort on.\n\n"
+                "field: the GGUF key, tensor or header field; offset: the byte in the file where\n"
+                "it starts; reason: what is wrong with it.";
     fmt.attr("field") = nb::str("");
+    fmt.attr("offset") = nb::int_(0);
     fmt.attr("reason") = nb::str("");
     nb::register_exception_translator([](const std::exception_ptr & p, void * type) {
         try {
             std::rethrow_exception(p);
         } catch (const model_format_error & e) {
-            raise_with(type, e.what(), {{"field", nb::str(e.field.c_str())}, {"reason", nb::str(e.reason.c_str())}});
+            raise_with(type, e.what(), {{"field", nb::str(e.field.c_str())}, {"offset", nb::int_(e.offset)},
+                                        {"reason", nb::str(e.reason.c_str())}});
         }
     }, fmt.ptr());
     nb::exception<out_of_memory_error> oom(m, "OutOfMemoryError", base.ptr());

@@ -35,10 +35,11 @@ struct out_of_memory_error : lamina_error {
     out_of_memory_error(const std::string & msg, std::string dev, uint64_t n)
         : lamina_error(msg), device(std::move(dev)), bytes(n) {}
 };
-struct model_format_error : load_error {  // -> lamina.ModelFormatError(field, reason)
+struct model_format_error : load_error {  // -> lamina.ModelFormatError(field, offset, reason)
     std::string field, reason;
-    model_format_error(const std::string & msg, std::string f, std::string r)
-        : load_error(msg), field(std::move(f)), reason(std::move(r)) {}
+    uint64_t offset;  // the byte in the file where the bad field starts
+    model_format_error(const std::string & msg, std::string f, uint64_t off, std::string r)
+        : load_error(msg), field(std::move(f)), reason(std::move(r)), offset(off) {}
 };
 struct decode_error : lamina_error {
     int code;

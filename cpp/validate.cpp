@@ -1,92 +1,649 @@
-// Checks of a GGUF file before llama.cpp loads it: the values llama.cpp rejects with GGML_ASSERT
-// (an abort of the whole process) instead of an error. Parsed with ggml's own gguf reader
-// (no_alloc: metadata only), the one llama.cpp's loader uses. Each check names the class of
-// malformed file it covers (found by ci/fuzz.py):
-//   <arch>.block_count outside [1, LLAMA_MAX_LAYERS]     llama-model.cpp: GGML_ASSERT(n_layer_all ...)
-//   <arch>.attention.layer_norm[_rms]_epsilon negative,  ggml-cpu ops.cpp: GGML_ASSERT(eps >= 0.0f)
-//     zero, NaN or infinite                              at the first decode
-//   duplicate strings in tokenizer.ggml.tokens            llama-vocab.cpp: GGML_ASSERT(id_to_token.size()
-//                                                          == token_to_id.size())
-// This is a start, not the whole validator the hostile-files issue asks for.
+// The pre-load validator: a GGUF file is untrusted input, and llama.cpp rejects some malformed
+// values with GGML_ASSERT (an abort of the whole process) instead of an error. validate_gguf reads
+// the file's metadata once, before llama.cpp sees it, and raises model_format_error(field, offset,
+// reason) -> lamina.ModelFormatError for anything below.
+//
+// It walks the file itself rather than through ggml's gguf_init_from_file: that reader gives no
+// byte offsets, and on Gemma 3's 262k-token vocabulary it copies every token into a std::string
+// (about 30 ms, most of the validator's budget of 5% of a load). The structural rules are ggml's
+// own (gguf.cpp in the pin), so a file this walk accepts is one ggml's reader accepts too.
+//
+// What is checked, and why (llama.cpp's tests/test-gguf.cpp names the structural classes
+// HANDCRAFTED_HEADER_BAD_*, _KV_BAD_*, _TENSORS_BAD_*, _DATA_NOT_ENOUGH_DATA):
+//
+//   structure (ggml refuses these with an error; checked here for the offset and one message)
+//   magic "GGUF"; version 2..3, not byte-swapped           HEADER_BAD_MAGIC, HEADER_BAD_VERSION_*
+//   n_tensors, n_kv >= 0 and no more than the bytes left   HEADER_BAD_N_TENSORS, _BAD_N_KV
+//     can hold (a count of 2^63 must not size a vector)    (CVE-2024-25664/-25665/-25666 class)
+//   each key: non-empty, unique, length inside the file    KV_BAD_KEY_SIZE, duplicate keys
+//   each value type 0..12; arrays of arrays refused;       KV_BAD_TYPE
+//     array counts no more than the bytes left hold        (CVE-2024-21802 class: huge counts)
+//   every string length inside the file                    KV_BAD_VALUE_SIZE (CVE-2024-23496)
+//   general.alignment: a u32, a power of two               KV_BAD_ALIGN
+//   tensor names: < 64 bytes, unique                       TENSORS_BAD_NAME_SIZE, _DUPLICATE_NAME
+//   n_dims <= 4, dims >= 0, element count and byte size    TENSORS_BAD_N_DIMS, _BAD_SHAPE,
+//     representable (no int64 / size_t overflow)           _NE_TOO_BIG (CVE-2024-23605 class)
+//   tensor type a live ggml type, row divisible by block   TENSORS_BAD_TYPE, _BAD_BLOCK_SIZE
+//   offsets contiguous and aligned, the data in the file   TENSORS_BAD_OFFSET, DATA_NOT_ENOUGH_DATA
+//
+//   hyperparameters (llama_model::load_hparams asserts these: an abort, not an error)
+//   <arch>.block_count in [1, 512]                         GGML_ASSERT(n_layer_all <= LLAMA_MAX_LAYERS)
+//   <arch>.nextn_predict_layers <= block_count             GGML_ASSERT(n_layer_nextn <= n_layer_all)
+//   expert_count <= 1024, expert_used_count <= it, > 0     GGML_ASSERT(n_expert <= LLAMA_MAX_EXPERTS),
+//     with experts; expert groups divide the experts         n_expert_used_max <= n_expert, groups
+//   rope.scaling.type one of none/linear/yarn/longrope     GGML_ASSERT(!= ..._UNSPECIFIED)
+//   context_length, embedding_length >= 1                  a zero-sized context or embedding
+//   head_count_kv <= head_count and divides it (per layer) ggml_mul_mat's broadcast assert (GQA)
+//   key_length, value_length >= 1 with attention heads     zero-sized attention tensors
+//   rope.dimension_count even and <= the head size         ggml_rope: GGML_ASSERT(n_dims <= ne0)
+//   every <arch>.*_epsilon finite and > 0                  ggml-cpu norm ops: GGML_ASSERT(eps >= 0)
+//
+//   vocabulary (llama_vocab::load)
+//   tokenizer.ggml.tokens an array of < 2^31 strings       llama_token is int32
+//   scores (f32/i32) and token_type (i32) arrays cover     out-of-bounds reads of scores[i]
+//     every token                                            and toktypes[i] (llama.cpp checks too)
+//   no two tokens with the same text (an empty token       GGML_ASSERT(id_to_token.size() ==
+//     counts as "[EMPTY_<i>]", llama.cpp's rename)           token_to_id.size())
+//   SentencePiece / Unigram byte tokens (type 6) are       token_to_byte's substr(3, 2) and
+//     exactly "<0xNN>" (upper-case hex), unique per byte     byte_to_token's "<0x%02X>" lookup
+//
+// A file that passes is still only as safe as llama.cpp's own checks of everything else (tensor
+// shapes against the architecture are llama.cpp's, and raise LoadError); ci/fuzz.py is the test.
 #include "lamina.h"
 
-#include "gguf.h"
+#include "ggml.h"
 
-#include <cmath>
-#include <string_view>
 #include <algorithm>
-#include <functional>
-#include <utility>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <optional>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
+
+#if !defined(_WIN32)
+#include <cerrno>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 namespace lamina {
 namespace {
 
-constexpr int64_t k_max_layers = 512;  // LLAMA_MAX_LAYERS (src/llama-hparams.h)
+constexpr int64_t k_max_layers = 512;    // LLAMA_MAX_LAYERS (src/llama-hparams.h)
+constexpr int64_t k_max_experts = 1024;  // LLAMA_MAX_EXPERTS
+constexpr uint32_t k_max_name = 64;      // GGML_MAX_NAME
 
-[[noreturn]] void bad(const std::string & path, const std::string & field, const std::string & reason) {
-    throw model_format_error("'" + path + "' is malformed: " + field + ": " + reason, field, reason);
-}
+// GGUF value types (gguf.h's enum gguf_type) and their sizes; 0: string / array
+enum : uint32_t { U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64, N_TYPES };
+constexpr uint32_t k_type_size[N_TYPES] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+constexpr const char * k_type_name[N_TYPES] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string",
+                                               "array", "u64", "i64", "f64"};
 
-struct gguf_ptr {
-    gguf_context * p;
-    ~gguf_ptr() { if (p) gguf_free(p); }
+bool is_int(uint32_t t) { return t <= I32 || t == U64 || t == I64; }
+
+// The file, mapped read-only (POSIX) or its metadata read on demand in growing chunks (Windows):
+// only the pages the walk touches are read, never the tensor data.
+class meta_file {
+public:
+    explicit meta_file(const std::string & path) {
+        std::error_code ec;
+        size_ = std::filesystem::file_size(path, ec);
+        if (ec) throw load_error("cannot stat '" + path + "': " + ec.message());
+#if defined(_WIN32)
+        f_ = std::fopen(path.c_str(), "rb");
+        if (f_ == nullptr) throw load_error("cannot open '" + path + "'");
+#else
+        const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0) throw load_error("cannot open '" + path + "': " + std::strerror(errno));
+        if (size_ > 0) {
+            void * p = ::mmap(nullptr, size_t(size_), PROT_READ, MAP_PRIVATE, fd, 0);
+            if (p == MAP_FAILED) {
+                const int err = errno;
+                ::close(fd);
+                throw load_error("cannot map '" + path + "': " + std::strerror(err));
+            }
+            map_ = static_cast<const char *>(p);
+        }
+        ::close(fd);
+#endif
+    }
+    ~meta_file() {
+#if defined(_WIN32)
+        std::fclose(f_);
+#else
+        if (map_) ::munmap(const_cast<char *>(map_), size_t(size_));
+#endif
+    }
+    meta_file(const meta_file &) = delete;
+    meta_file & operator=(const meta_file &) = delete;
+
+    uint64_t size() const { return size_; }
+    // make [off, off + n) readable; false when the file is shorter
+    bool need(uint64_t off, uint64_t n) {
+        if (n > size_ || off > size_ - n) return false;
+#if defined(_WIN32)
+        const uint64_t end = off + n;
+        if (end <= buf_.size()) return true;
+        const uint64_t want = std::min<uint64_t>(size_, std::max<uint64_t>({end, uint64_t(2 * buf_.size()), uint64_t(1) << 20}));
+        const size_t have = buf_.size();
+        buf_.resize(size_t(want));
+        return _fseeki64(f_, int64_t(have), SEEK_SET) == 0 && std::fread(buf_.data() + have, 1, size_t(want - have), f_) == want - have;
+#else
+        return true;
+#endif
+    }
+#if defined(_WIN32)
+    const char * at(uint64_t off) const { return buf_.data() + off; }
+#else
+    const char * at(uint64_t off) const { return map_ + off; }
+#endif
+
+private:
+    uint64_t size_ = 0;
+#if defined(_WIN32)
+    std::FILE * f_ = nullptr;
+    std::string buf_;
+#else
+    const char * map_ = nullptr;
+#endif
 };
+
+struct kv_info {
+    uint32_t type = 0, arr_type = 0;  // arr_type: the item type when type == ARR
+    uint64_t n = 1;                   // items (1 for a scalar)
+    uint64_t off = 0;                 // the value (for arrays: the first item)
+};
+
+class validator {
+public:
+    explicit validator(const std::string & path) : path_(path), f_(path) {}
+
+    void run() {
+        header();
+        kv_pairs();
+        tensors();
+        hparams();
+        vocab();
+    }
+
+private:
+    [[noreturn]] void bad(const std::string & field, uint64_t off, const std::string & reason) const {
+        throw model_format_error("'" + path_ + "' is malformed at byte " + std::to_string(off) + ": " + field +
+                                     ": " + reason,
+                                 field, off, reason);
+    }
+
+    uint64_t left() const { return f_.size() - pos_; }
+
+    // a field's name, built only for an error: "key" or "key[i]"
+    struct name {
+        name(const char * b) : base(b), index(-1) {}  // NOLINT: implicit on purpose
+        name(const std::string & b, int64_t i = -1) : base(b), index(i) {}  // NOLINT
+        std::string_view base;
+        int64_t index;
+        std::string str() const {
+            return index < 0 ? std::string(base) : std::string(base) + "[" + std::to_string(index) + "]";
+        }
+    };
+
+    template <typename T>
+    T read(const name & field) {
+        if (!f_.need(pos_, sizeof(T))) {
+            bad(field.str(), pos_, "the file ends (" + std::to_string(f_.size()) + " bytes) inside this field");
+        }
+        T v;
+        std::memcpy(&v, f_.at(pos_), sizeof(T));
+        pos_ += sizeof(T);
+        return v;
+    }
+
+    // a GGUF string: u64 length, then the bytes; returns the offset of the bytes and the length
+    std::pair<uint64_t, uint64_t> read_str(const name & field) {
+        const uint64_t at = pos_;
+        const uint64_t n = read<uint64_t>(field);
+        if (n > left()) {
+            bad(field.str(), at, "a string of " + std::to_string(n) + " bytes, but " + std::to_string(left()) +
+                                     " bytes are left in the file");
+        }
+        if (!f_.need(pos_, n)) bad(field.str(), at, "cannot read the string");
+        const uint64_t start = pos_;
+        pos_ += n;
+        return {start, n};
+    }
+    std::string_view view(uint64_t off, uint64_t n) const { return std::string_view(f_.at(off), size_t(n)); }
+
+    void header() {
+        const uint32_t magic = read<uint32_t>("magic");
+        if (std::memcmp(&magic, "GGUF", 4) != 0) bad("magic", 0, "not a GGUF file (the first 4 bytes are not 'GGUF')");
+        const uint32_t version = read<uint32_t>("version");
+        if ((version & 0xFFFF) == 0 && version != 0) {
+            bad("version", 4, std::to_string(version) + ": a byte-swapped (big-endian) file; this build reads "
+                              "little-endian GGUF only");
+        }
+        if (version < 2 || version > 3) bad("version", 4, std::to_string(version) + "; llama.cpp reads GGUF v2 and v3");
+        n_tensors_ = read<int64_t>("n_tensors");
+        n_kv_ = read<int64_t>("n_kv");
+        // the smallest tensor info is 8+1+4+4+8 bytes, the smallest key/value 8+1+4+1
+        if (n_tensors_ < 0 || uint64_t(n_tensors_) > left() / 25) {
+            bad("n_tensors", 8, std::to_string(n_tensors_) + " tensors; the " + std::to_string(left()) +
+                                    " bytes left in the file cannot hold that many");
+        }
+        if (n_kv_ < 0 || uint64_t(n_kv_) > left() / 14) {
+            bad("n_kv", 16, std::to_string(n_kv_) + " key/value pairs; the " + std::to_string(left()) +
+                                " bytes left in the file cannot hold that many");
+        }
+    }
+
+    void kv_pairs() {
+        for (int64_t i = 0; i < n_kv_; ++i) {
+            const std::string where = "key/value pair " + std::to_string(i);
+            const uint64_t key_at = pos_;
+            auto [ko, kn] = read_str(where + " key");
+            std::string key(view(ko, kn));
+            if (key.empty()) bad(where, key_at, "an empty key");
+            if (kv_.count(key)) bad(key, key_at, "the key appears twice");
+            kv_info kv;
+            const uint64_t type_at = pos_;
+            kv.type = read<uint32_t>(key);
+            if (kv.type >= N_TYPES) bad(key, type_at, "value type " + std::to_string(kv.type) + " is not a GGUF type");
+            uint32_t item = kv.type;
+            if (kv.type == ARR) {
+                kv.arr_type = item = read<uint32_t>(key);
+                if (item >= N_TYPES || item == ARR) {
+                    bad(key, type_at + 4, "array item type " + std::to_string(item) + " is not a GGUF scalar type");
+                }
+                const uint64_t n_at = pos_;
+                kv.n = read<uint64_t>(key);
+                const uint64_t min_size = item == STR ? 8 : k_type_size[item];
+                if (kv.n > left() / min_size) {
+                    bad(key, n_at, "an array of " + std::to_string(kv.n) + " items, but " + std::to_string(left()) +
+                                       " bytes are left in the file");
+                }
+            }
+            kv.off = pos_;
+            if (item == STR) {
+                const bool keep = key == "tokenizer.ggml.tokens";
+                if (keep) token_off_.reserve(size_t(kv.n));
+                for (uint64_t j = 0; j < kv.n; ++j) {
+                    auto [so, sn] = read_str({key, kv.type == ARR ? int64_t(j) : -1});
+                    if (keep) token_off_.push_back({so, sn});
+                }
+            } else {
+                const uint64_t n = kv.n * k_type_size[item];
+                if (!f_.need(pos_, n)) bad(key, pos_, "the file ends inside the value");
+                pos_ += n;
+            }
+            kv_.emplace(std::move(key), kv);
+        }
+        if (const kv_info * a = find("general.alignment")) {
+            if (a->type != U32) bad("general.alignment", a->off, std::string("a ") + k_type_name[a->type] + ", not a u32");
+            align_ = get<uint32_t>(*a, 0);
+            if (align_ == 0 || (align_ & (align_ - 1)) != 0) {
+                bad("general.alignment", a->off, std::to_string(align_) + " is not a power of 2");
+            }
+        }
+    }
+
+    void tensors() {
+        struct info { std::string name; uint64_t nbytes, offset, at; };
+        std::vector<info> infos;
+        infos.reserve(size_t(n_tensors_));
+        std::unordered_set<std::string> names;
+        for (int64_t i = 0; i < n_tensors_; ++i) {
+            const uint64_t at = pos_;
+            auto [no, nn] = read_str("tensor " + std::to_string(i) + " name");
+            std::string name(view(no, nn));
+            const std::string t = "tensor '" + name + "'";
+            if (nn >= k_max_name) bad(t, at, "the name has " + std::to_string(nn) + " bytes; ggml allows 63");
+            if (!names.insert(name).second) bad(t, at, "two tensors have this name");
+            const uint64_t dims_at = pos_;
+            const uint32_t n_dims = read<uint32_t>(t);
+            if (n_dims > 4) bad(t, dims_at, std::to_string(n_dims) + " dimensions; ggml has at most 4");
+            int64_t ne[4] = {1, 1, 1, 1};
+            int64_t nel = 1;
+            for (uint32_t d = 0; d < n_dims; ++d) {
+                ne[d] = read<int64_t>(t);
+                if (ne[d] < 0) bad(t, pos_ - 8, "dimension " + std::to_string(d) + " is " + std::to_string(ne[d]));
+            }
+            for (int d = 0; d < 4; ++d) {
+                if (ne[d] != 0 && nel > INT64_MAX / ne[d]) bad(t, dims_at, "the element count overflows int64");
+                nel *= ne[d];
+            }
+            const uint64_t type_at = pos_;
+            const uint32_t type = read<uint32_t>(t);
+            if (type >= GGML_TYPE_COUNT || ggml_blck_size(ggml_type(type)) == 0) {
+                bad(t, type_at, "type " + std::to_string(type) + " is not a ggml tensor type");
+            }
+            const int64_t blck = ggml_blck_size(ggml_type(type));
+            const uint64_t tsize = ggml_type_size(ggml_type(type));
+            if (ne[0] % blck != 0) {
+                bad(t, dims_at, "rows of " + std::to_string(ne[0]) + " elements are not whole blocks of " +
+                                    std::to_string(blck) + " (" + ggml_type_name(ggml_type(type)) + ")");
+            }
+            if (uint64_t(nel / blck) > (UINT64_MAX - align_) / tsize) bad(t, dims_at, "the byte size overflows");
+            const uint64_t offset = read<uint64_t>(t);
+            infos.push_back({std::move(name), uint64_t(nel / blck) * tsize, offset, pos_ - 8});
+        }
+        const uint64_t data = n_tensors_ > 0 ? (pos_ + align_ - 1) / align_ * align_ : pos_;
+        uint64_t expect = 0;
+        for (const info & ti : infos) {
+            const std::string t = "tensor '" + ti.name + "'";
+            if (ti.offset != expect) {
+                bad(t, ti.at, "data offset " + std::to_string(ti.offset) + ", expected " + std::to_string(expect) +
+                                  " (tensors follow each other, each padded to " + std::to_string(align_) + " bytes)");
+            }
+            if (ti.nbytes > f_.size() || data + ti.offset > f_.size() - ti.nbytes) {
+                bad(t, ti.at, "its " + std::to_string(ti.nbytes) + " bytes at " + std::to_string(data + ti.offset) +
+                                  " end past the end of the file (" + std::to_string(f_.size()) + " bytes)");
+            }
+            const uint64_t padded = (ti.nbytes + align_ - 1) / align_ * align_;
+            if (padded > UINT64_MAX - expect) bad(t, ti.at, "the data section size overflows");
+            expect += padded;
+        }
+    }
+
+    const kv_info * find(const std::string & key) const {
+        auto it = kv_.find(key);
+        return it == kv_.end() ? nullptr : &it->second;
+    }
+
+    template <typename T>
+    T get(const kv_info & kv, uint64_t i) const {
+        T v;
+        std::memcpy(&v, f_.at(kv.off + i * sizeof(T)), sizeof(T));
+        return v;
+    }
+    // item i of an integer value or array, widened
+    int64_t get_int(const kv_info & kv, uint64_t i, uint32_t t) const {
+        switch (t) {
+            case U8: return get<uint8_t>(kv, i);
+            case I8: return get<int8_t>(kv, i);
+            case U16: return get<uint16_t>(kv, i);
+            case I16: return get<int16_t>(kv, i);
+            case U32: return get<uint32_t>(kv, i);
+            case I32: return get<int32_t>(kv, i);
+            case U64: return int64_t(std::min<uint64_t>(get<uint64_t>(kv, i), uint64_t(INT64_MAX)));
+            default: return get<int64_t>(kv, i);
+        }
+    }
+    // an integer key: nullopt when absent or not an integer (llama.cpp's typed getters refuse those)
+    std::optional<int64_t> int_key(const std::string & key) const {
+        const kv_info * kv = find(key);
+        if (kv == nullptr || !is_int(kv->type)) return std::nullopt;
+        return get_int(*kv, 0, kv->type);
+    }
+    // a per-layer key (a scalar, or an array of one value per layer, as get_key_or_arr reads it)
+    std::optional<std::vector<int64_t>> layer_key(const std::string & key, int64_t n_layer) const {
+        const kv_info * kv = find(key);
+        if (kv == nullptr) return std::nullopt;
+        if (is_int(kv->type)) return std::vector<int64_t>(size_t(n_layer), get_int(*kv, 0, kv->type));
+        if (kv->type != ARR || !is_int(kv->arr_type) || kv->n > uint64_t(n_layer)) return std::nullopt;
+        std::vector<int64_t> v(size_t(n_layer), 0);
+        for (uint64_t i = 0; i < kv->n; ++i) v[i] = get_int(*kv, i, kv->arr_type);
+        return v;
+    }
+    std::optional<std::string_view> str_key(const std::string & key) const {
+        const kv_info * kv = find(key);
+        if (kv == nullptr || kv->type != STR) return std::nullopt;
+        const uint64_t n = get<uint64_t>(*kv, 0);
+        return view(kv->off + 8, n);
+    }
+    // where a key's value starts; for a missing key, where the key that needs it does
+    uint64_t at(const std::string & key, const std::string & needed_by = "") const {
+        if (const kv_info * kv = find(key)) return kv->off;
+        return needed_by.empty() ? 0 : at(needed_by);
+    }
+
+    void range(const std::string & key, int64_t v, int64_t lo, int64_t hi, const std::string & why,
+               const std::string & needed_by = "") const {
+        if (v < lo || v > hi) {
+            const std::string shown = find(key) ? std::to_string(v) : "missing (" + std::to_string(v) + ")";
+            bad(key, at(key, needed_by), shown + "; " + why + " (" + std::to_string(lo) + " to " + std::to_string(hi) + ")");
+        }
+    }
+
+    void hparams() {
+        const kv_info * a = find("general.architecture");
+        if (a == nullptr || a->type != STR) return;  // llama.cpp raises "unknown model architecture"
+        const std::string arch(*str_key("general.architecture"));
+        const std::string p = arch + ".";
+
+        const auto n_layer = int_key(p + "block_count");
+        if (n_layer) range(p + "block_count", *n_layer, 1, k_max_layers, "llama.cpp supports this many layers");
+        const int64_t nl = n_layer.value_or(0);
+        if (auto v = int_key(p + "nextn_predict_layers")) range(p + "nextn_predict_layers", *v, 0, nl, "at most block_count");
+        if (auto v = int_key(p + "context_length")) range(p + "context_length", *v, 1, INT32_MAX, "a context length");
+        if (auto v = int_key(p + "embedding_length")) range(p + "embedding_length", *v, 1, INT32_MAX, "an embedding size");
+
+        // experts (load_hparams' asserts)
+        const int64_t n_expert = int_key(p + "expert_count").value_or(0);
+        range(p + "expert_count", n_expert, 0, k_max_experts, "llama.cpp supports this many experts");
+        int64_t used_max = 0;
+        if (nl > 0) {
+            if (auto used = layer_key(p + "expert_used_count", nl)) {
+                for (int64_t u : *used) used_max = std::max(used_max, u);
+                for (int64_t u : *used) range(p + "expert_used_count", u, 0, INT32_MAX, "an expert count");
+            }
+        }
+        const int64_t groups = int_key(p + "expert_group_count").value_or(0);
+        const int64_t group_used = int_key(p + "expert_group_used_count").value_or(0);
+        if (n_expert > 0) {
+            const std::string ec = p + "expert_count";
+            range(p + "expert_used_count", used_max, 1, n_expert, "experts used per token, at most expert_count", ec);
+            range(p + "expert_group_count", groups, 0, n_expert - 1, "fewer groups than experts", ec);
+            if (groups > 1) {
+                if (n_expert % groups != 0) bad(p + "expert_group_count", at(p + "expert_group_count"),
+                                                std::to_string(groups) + " groups do not divide " +
+                                                    std::to_string(n_expert) + " experts");
+                range(p + "expert_group_used_count", group_used, 1, groups - 1, "groups used, fewer than the groups",
+                      p + "expert_group_count");
+            }
+        } else {
+            range(p + "expert_used_count", used_max, 0, 0, "experts used without expert_count");
+            range(p + "expert_group_count", groups, 0, 0, "expert groups without expert_count");
+        }
+
+        if (auto s = str_key(p + "rope.scaling.type")) {
+            if (*s != "none" && *s != "linear" && *s != "yarn" && *s != "longrope") {
+                bad(p + "rope.scaling.type", at(p + "rope.scaling.type"),
+                    "'" + std::string(*s) + "'; llama.cpp knows none, linear, yarn and longrope");
+            }
+        }
+
+        // attention heads, per layer
+        if (nl > 0) {
+            const auto heads = layer_key(p + "attention.head_count", nl);
+            const auto heads_kv = layer_key(p + "attention.head_count_kv", nl);
+            if (heads) {
+                for (int64_t il = 0; il < nl; ++il) {
+                    const int64_t h = (*heads)[size_t(il)];
+                    range(p + "attention.head_count", h, 0, 1 << 20, "a head count");
+                    if (!heads_kv) continue;
+                    const int64_t hk = (*heads_kv)[size_t(il)];
+                    range(p + "attention.head_count_kv", hk, 0, h, "at most head_count");
+                    if (h > 0 && hk > 0 && h % hk != 0) {
+                        bad(p + "attention.head_count_kv", at(p + "attention.head_count_kv"),
+                            std::to_string(hk) + " KV heads do not divide " + std::to_string(h) +
+                                " heads (layer " + std::to_string(il) + ")");
+                    }
+                }
+                const int64_t h0 = (*heads)[0];
+                const auto n_embd = int_key(p + "embedding_length");
+                if (h0 > 0) {
+                    int64_t head_k = n_embd ? *n_embd / h0 : 0;
+                    if (auto k = int_key(p + "attention.key_length")) {
+                        range(p + "attention.key_length", *k, 1, 1 << 20, "a head size");
+                        head_k = *k;
+                    }
+                    if (auto v = int_key(p + "attention.value_length")) range(p + "attention.value_length", *v, 1, 1 << 20, "a head size");
+                    if (auto r = int_key(p + "rope.dimension_count"); r && head_k > 0) {
+                        range(p + "rope.dimension_count", *r, 0, head_k, "rotary dimensions, at most the head size");
+                        if (*r % 2 != 0) bad(p + "rope.dimension_count", at(p + "rope.dimension_count"),
+                                             std::to_string(*r) + " is odd; RoPE rotates pairs");
+                    }
+                }
+            }
+        }
+
+        // every epsilon under the architecture's prefix
+        for (const auto & [key, kv] : kv_) {
+            if (key.compare(0, p.size(), p) != 0 || key.size() < 8 || key.compare(key.size() - 8, 8, "_epsilon") != 0) continue;
+            if (kv.type != F32) continue;  // llama.cpp's typed getter refuses other types
+            const float eps = get<float>(kv, 0);
+            if (!std::isfinite(eps) || eps <= 0.0f) bad(key, kv.off, std::to_string(eps) + "; it must be finite and > 0");
+        }
+    }
+
+    void vocab() {
+        const std::string tokens = "tokenizer.ggml.tokens";
+        const kv_info * tk = find(tokens);
+        if (tk == nullptr) return;
+        if (tk->type != ARR || tk->arr_type != STR) bad(tokens, tk->off, "not an array of strings");
+        const uint64_t n = tk->n;
+        if (n > uint64_t(INT32_MAX)) bad(tokens, tk->off, std::to_string(n) + " tokens; llama_token is an int32");
+        for (const char * key : {"tokenizer.ggml.scores", "tokenizer.ggml.token_type"}) {
+            const kv_info * kv = find(key);
+            if (kv == nullptr) continue;
+            const bool scores = key[15] == 's';
+            const bool ok_type = kv->type == ARR && (kv->arr_type == I32 || (scores && kv->arr_type == F32));
+            if (!ok_type) bad(key, kv->off, scores ? "not an array of f32 or i32" : "not an array of i32");
+            if (kv->n < n) bad(key, kv->off, std::to_string(kv->n) + " items for " + std::to_string(n) + " tokens");
+        }
+
+        // byte tokens of SentencePiece ("llama") and Unigram ("t5") vocabularies
+        const auto model = str_key("tokenizer.ggml.model");
+        const kv_info * types = find("tokenizer.ggml.token_type");
+        if (model && (*model == "llama" || *model == "t5") && types != nullptr) {
+            bool seen[256] = {};
+            for (uint64_t i = 0; i < n; ++i) {
+                if (get<int32_t>(*types, i) != 6) continue;  // LLAMA_TOKEN_TYPE_BYTE
+                const std::string_view s = view(token_off_[i].first, token_off_[i].second);
+                auto hex = [](char c) { return (c >= '0' && c <= '9') ? c - '0' : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1; };
+                const bool ok = s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s[5] == '>' && hex(s[3]) >= 0 && hex(s[4]) >= 0;
+                const std::string field = tokens + "[" + std::to_string(i) + "]";
+                if (!ok) {
+                    bad(field, token_off_[i].first, "a byte token (type 6) must read <0xNN> with upper-case hex digits, not '" +
+                                                        printable(s) + "'");
+                }
+                const int b = hex(s[3]) * 16 + hex(s[4]);
+                if (seen[b]) bad(field, token_off_[i].first, "a second byte token for " + std::string(s));
+                seen[b] = true;
+            }
+        }
+        duplicates(tokens, n);
+    }
+
+    // No two token texts may be equal. Open addressing over FNV-1a hashes (the sort of hashes
+    // this replaced cost 20 ms on 262k tokens).
+    void duplicates(const std::string & tokens, uint64_t n) const {
+        if (n < 2) return;
+        size_t cap = 1;
+        while (cap < 2 * n) cap <<= 1;
+        std::vector<uint64_t> slot(cap, 0);  // (upper 32 bits of the hash) << 32 | (index + 1); 0: empty
+        auto text = [&](uint32_t i, std::string & tmp) -> std::string_view {
+            const std::string_view s = view(token_off_[i].first, token_off_[i].second);
+            if (!s.empty()) return s;
+            tmp = "[EMPTY_" + std::to_string(i) + "]";  // llama_vocab::load renames empty tokens so
+            return tmp;
+        };
+        // hash every text first (a sequential pass), then insert with the slot of a later token
+        // prefetched: the table is bigger than the cache, and a miss per token was most of the time
+        std::vector<uint64_t> hashes(n);
+        std::string ta, tb;
+        for (uint32_t i = 0; i < uint32_t(n); ++i) {
+            uint64_t h = 1469598103934665603ull;
+            for (unsigned char c : text(i, ta)) h = (h ^ c) * 1099511628211ull;
+            hashes[i] = h;
+        }
+        auto home = [&](uint64_t h) { return size_t(h ^ (h >> 29)) & (cap - 1); };
+        constexpr uint32_t ahead = 16;
+        for (uint32_t i = 0; i < uint32_t(n); ++i) {
+#if defined(__GNUC__)
+            if (i + ahead < n) __builtin_prefetch(&slot[home(hashes[i + ahead])], 1);
+#endif
+            const uint64_t h = hashes[i];
+            const uint64_t tag = h & 0xFFFFFFFF00000000ull;
+            for (size_t j = home(h);; j = (j + 1) & (cap - 1)) {
+                const uint64_t e = slot[j];
+                if (e == 0) {
+                    slot[j] = tag | (uint64_t(i) + 1);
+                    break;
+                }
+                const uint32_t k = uint32_t(e) - 1;
+                if ((e & 0xFFFFFFFF00000000ull) == tag && text(k, tb) == text(i, ta)) {
+                    const std::string_view s = text(i, ta);
+                    bad(tokens, token_off_[i].first, "tokens " + std::to_string(k) + " and " + std::to_string(i) +
+                                                         " have the same text '" + printable(s) + "'");
+                }
+            }
+        }
+    }
+
+    static std::string printable(std::string_view s) {
+        std::string out;
+        for (unsigned char c : s.substr(0, 32)) {
+            if (c >= 0x20 && c < 0x7f) {
+                out += char(c);
+            } else {
+                char b[5];
+                std::snprintf(b, sizeof b, "\\x%02x", c);
+                out += b;
+            }
+        }
+        return s.size() > 32 ? out + "..." : out;
+    }
+
+    std::string path_;
+    meta_file f_;
+    uint64_t pos_ = 0;
+    int64_t n_tensors_ = 0, n_kv_ = 0;
+    uint32_t align_ = 32;  // GGUF_DEFAULT_ALIGNMENT
+    std::unordered_map<std::string, kv_info> kv_;
+    std::vector<std::pair<uint64_t, uint64_t>> token_off_;  // offset and length of each token text
+};
+
+// Files validated in this process, by identity and modification time: Model() validates in
+// Python (before the memory fit reads the file) and again in the native constructor.
+struct seen_file {
+    std::string path;
+    uint64_t size;
+    int64_t mtime;
+};
+std::mutex g_seen_mu;
+std::vector<seen_file> g_seen;
+
+std::optional<seen_file> identity(const std::string & path) {
+    std::error_code ec;
+    const auto canon = std::filesystem::canonical(path, ec);
+    if (ec) return std::nullopt;
+    const uint64_t size = std::filesystem::file_size(canon, ec);
+    if (ec) return std::nullopt;
+    const auto mtime = std::filesystem::last_write_time(canon, ec);
+    if (ec) return std::nullopt;
+    return seen_file{canon.string(), size, int64_t(mtime.time_since_epoch().count())};
+}
 
 }  // namespace
 
 void validate_gguf(const std::string & path) {
-    gguf_init_params params{true, nullptr};
-    gguf_ptr g{gguf_init_from_file(path.c_str(), params)};
-    if (g.p == nullptr) return;  // the reader refused it: llama.cpp's load reports that as LoadError
-    const int64_t arch_id = gguf_find_key(g.p, "general.architecture");
-    if (arch_id < 0 || gguf_get_kv_type(g.p, arch_id) != GGUF_TYPE_STRING) return;
-    const std::string arch = gguf_get_val_str(g.p, arch_id);
-
-    const std::string blocks = arch + ".block_count";
-    if (int64_t id = gguf_find_key(g.p, blocks.c_str()); id >= 0) {
-        int64_t n = -1;
-        switch (gguf_get_kv_type(g.p, id)) {
-            case GGUF_TYPE_UINT32: n = gguf_get_val_u32(g.p, id); break;
-            case GGUF_TYPE_INT32: n = gguf_get_val_i32(g.p, id); break;
-            case GGUF_TYPE_UINT64: n = int64_t(std::min<uint64_t>(gguf_get_val_u64(g.p, id), uint64_t(INT64_MAX))); break;
-            case GGUF_TYPE_INT64: n = gguf_get_val_i64(g.p, id); break;
-            default: bad(path, blocks, "not an integer");
-        }
-        if (n < 1 || n > k_max_layers) {
-            bad(path, blocks, std::to_string(n) + " layers; llama.cpp supports 1 to " + std::to_string(k_max_layers));
+    const auto id = identity(path);
+    if (id) {
+        std::lock_guard<std::mutex> lock(g_seen_mu);
+        for (const seen_file & s : g_seen) {
+            if (s.path == id->path && s.size == id->size && s.mtime == id->mtime) return;
         }
     }
-    for (const char * suffix : {".attention.layer_norm_rms_epsilon", ".attention.layer_norm_epsilon"}) {
-        const std::string key = arch + suffix;
-        const int64_t id = gguf_find_key(g.p, key.c_str());
-        if (id < 0) continue;
-        if (gguf_get_kv_type(g.p, id) != GGUF_TYPE_FLOAT32) bad(path, key, "not a float32");
-        const float eps = gguf_get_val_f32(g.p, id);
-        if (!std::isfinite(eps) || eps <= 0.0f) bad(path, key, std::to_string(eps) + "; it must be finite and > 0");
-    }
-    if (int64_t id = gguf_find_key(g.p, "tokenizer.ggml.tokens"); id >= 0) {
-        if (gguf_get_kv_type(g.p, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(g.p, id) != GGUF_TYPE_STRING) {
-            bad(path, "tokenizer.ggml.tokens", "not an array of strings");
-        }
-        // duplicates: sort (hash, index) pairs and compare the texts of equal hashes (a hash set
-        // of 262k strings cost twice as much)
-        const size_t n = gguf_get_arr_n(g.p, id);
-        std::vector<std::pair<uint64_t, uint32_t>> keys(n);
-        for (size_t i = 0; i < n; ++i) {
-            keys[i] = {std::hash<std::string_view>{}(gguf_get_arr_str(g.p, id, i)), uint32_t(i)};
-        }
-        std::sort(keys.begin(), keys.end());
-        for (size_t i = 1; i < n; ++i) {
-            if (keys[i].first != keys[i - 1].first) continue;
-            for (size_t j = i; j-- > 0 && keys[j].first == keys[i].first;) {
-                if (std::string_view(gguf_get_arr_str(g.p, id, keys[j].second)) ==
-                    std::string_view(gguf_get_arr_str(g.p, id, keys[i].second))) {
-                    bad(path, "tokenizer.ggml.tokens", "tokens " + std::to_string(keys[j].second) + " and " +
-                                                           std::to_string(keys[i].second) + " have the same text");
-                }
-            }
-        }
+    validator(path).run();
+    if (id) {
+        std::lock_guard<std::mutex> lock(g_seen_mu);
+        if (g_seen.size() >= 16) g_seen.erase(g_seen.begin());
+        g_seen.push_back(*id);
     }
 }
 

@@ -44,17 +44,52 @@ def vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def vocab_bpe() -> tuple[list[str], list[int], list[str]]:
+    """A byte-level BPE ("gpt2") vocabulary: the 256 byte symbols, merges that build the words
+    (with the leading-space symbol), and <|endoftext|> as the control token. Tokens, types, merges."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):  # GPT-2's bytes_to_unicode
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    sym = {b: chr(c) for b, c in zip(bs, cs)}
+    tokens = [sym[b] for b in range(256)]
+    seen = set(tokens)
+    merges: list[str] = []
+    for w in WORDS:
+        s = "".join(sym[b] for b in (" " + w).encode())
+        for k in range(2, len(s) + 1):
+            if s[:k] not in seen:
+                seen.add(s[:k])
+                tokens.append(s[:k])
+                merges.append(f"{s[:k - 1]} {s[k - 1]}")
+    types = [1] * len(tokens) + [3]
+    tokens.append("<|endoftext|>")
+    return tokens, types, merges
+
+
 def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2,
                      n_ff: int = 128, n_ctx: int = 512, n_vocab: int | None = None, f16: bool = False,
-                     seed: int = 0, truncate_to: int | None = None, causal: bool = True) -> Path:
-    """Write a llama-architecture GGUF with random weights (f32, or f16 for big shapes).
+                     seed: int = 0, truncate_to: int | None = None, causal: bool = True,
+                     arch: str = "llama", tokenizer: str = "llama") -> Path:
+    """Write a GGUF with random weights (f32, or f16 for big shapes) of a llama architecture, or
+    with arch="gemma3" of Gemma 3's (QK norms, post norms, sliding-window layers).
 
     n_vocab pads the vocabulary with unused tokens to that size (e.g. 128256 for Llama 3 shapes).
     causal=False writes llama.attention.causal = false (bidirectional attention, as embedding models).
+    tokenizer="gpt2" writes a byte-level BPE vocabulary with merges instead of SentencePiece's.
     """
     import gguf
 
-    tokens, scores, types = vocab()
+    merges: list[str] = []
+    if tokenizer == "gpt2":
+        tokens, types, merges = vocab_bpe()
+        scores = [0.0] * len(tokens)
+    else:
+        tokens, scores, types = vocab()
     if n_vocab is not None and n_vocab > len(tokens):
         pad = n_vocab - len(tokens)
         tokens += [f"<unused{i}>" for i in range(pad)]
@@ -67,7 +102,7 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     def w(*shape: int, scale: float = 0.08) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("lamina-tiny")
     writer.add_context_length(n_ctx)
     writer.add_embedding_length(n_embd)
@@ -79,14 +114,25 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     if not causal:
         writer.add_causal_attention(False)
     writer.add_rope_dimension_count(n_embd // n_head)
+    if arch == "gemma3":
+        writer.add_key_length(n_embd // n_head)
+        writer.add_value_length(n_embd // n_head)
+        writer.add_sliding_window(16)
+        writer.add_rope_freq_base(10000.0)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_model(tokenizer)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_unk_token_id(0)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    if tokenizer == "gpt2":
+        writer.add_tokenizer_pre("default")
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(len(tokens) - 1)
+        writer.add_eos_token_id(len(tokens) - 1)
+    else:
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
 
@@ -102,6 +148,11 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(n_ff, n_embd))
         writer.add_tensor(f"blk.{i}.ffn_up.weight", w(n_ff, n_embd))
         writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, n_ff))
+        if arch == "gemma3":
+            writer.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.post_attention_norm.weight", np.ones(n_embd, dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.post_ffw_norm.weight", np.ones(n_embd, dtype=np.float32))
     writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     writer.add_tensor("output.weight", w(n_vocab, n_embd, scale=1.0))
 
