@@ -41,93 +41,136 @@ void resync_seq0(context_state & st, bool suffix_removed_at, size_t cut) {
     st.last_outputs = 0;
 }
 
-// The state's lamina header: what must match between the saving and the loading context.
-constexpr char k_magic[8] = {'L', 'A', 'M', 'I', 'N', 'A', 'S', '1'};
+// A saved state: an 8-byte magic ("LAMINAS2" whole context, "LAMINAQ2" one sequence), the header,
+// the token mirror (n_tokens int32 ids, -1 where unknown), then llama.cpp's own bytes
+// (llama_state_get_data / llama_state_seq_get_data), payload_size of them. Saved state is
+// untrusted input like a model file: parse_state checks all of it against this context before
+// llama.cpp sees the payload (whose parser has its own bounds checks; ci/fuzz.py --state).
+constexpr char k_magic[8] = {'L', 'A', 'M', 'I', 'N', 'A', 'S', '2'};
+constexpr char k_seq_magic[8] = {'L', 'A', 'M', 'I', 'N', 'A', 'Q', '2'};
 
 struct state_header {
-    int64_t n_vocab, n_layer, n_embd, n_ctx, n_seq_max, type_k, type_v, embeddings, last_outputs, n_tokens;
+    int64_t n_vocab, n_layer, n_embd, n_params, model_size;  // the model
+    int64_t n_ctx, n_seq_max, type_k, type_v, embeddings;     // the context's settings
+    int64_t last_outputs, n_tokens, src_seq, payload_size;    // this state
 };
 
 state_header header_of(const context_state & st) {
     const llama_model * m = st.model->model.get();
-    return {st.model->n_vocab, llama_model_n_layer(m), llama_model_n_embd(m), int64_t(llama_n_ctx(st.ctx.get())),
-            int64_t(llama_n_seq_max(st.ctx.get())), st.type_k, st.type_v, st.embeddings ? 1 : 0,
-            st.last_outputs, int64_t(st.tokens.size())};
+    return {st.model->n_vocab, llama_model_n_layer(m), llama_model_n_embd(m), int64_t(llama_model_n_params(m)),
+            int64_t(llama_model_size(m)), int64_t(llama_n_ctx(st.ctx.get())), int64_t(llama_n_seq_max(st.ctx.get())),
+            st.type_k, st.type_v, st.embeddings ? 1 : 0, st.last_outputs, int64_t(st.tokens.size()), -1, 0};
 }
 
-// One sequence's state: "LAMINAQ1", the header, the source sequence, its token mirror (known for
-// sequence 0 only), then llama.cpp's llama_state_seq_* data.
-constexpr char k_seq_magic[8] = {'L', 'A', 'M', 'I', 'N', 'A', 'Q', '1'};
+// magic, header, tokens, then llama.cpp's bytes from fill(dst, n) (which returns the bytes written)
+template <typename Size, typename Fill>
+nb::bytes state_blob(const char (&magic)[8], state_header h, const std::vector<llama_token> & toks, Size size, Fill fill) {
+    h.n_tokens = int64_t(toks.size());
+    const size_t head = sizeof(magic) + sizeof(h) + toks.size() * sizeof(llama_token);
+    std::string out;
+    {
+        nb::gil_scoped_release nogil;
+        const size_t n = size();
+        out.resize(head + n);
+        h.payload_size = int64_t(fill(reinterpret_cast<uint8_t *>(out.data() + head), n));
+        out.resize(head + size_t(h.payload_size));
+    }
+    if (h.payload_size == 0) {
+        std::string why = last_log_error();
+        throw lamina_error("llama.cpp could not save the state" + (why.empty() ? "" : ": " + why));
+    }
+    std::memcpy(out.data(), magic, sizeof(magic));
+    std::memcpy(out.data() + sizeof(magic), &h, sizeof(h));
+    std::memcpy(out.data() + sizeof(magic) + sizeof(h), toks.data(), toks.size() * sizeof(llama_token));
+    return nb::bytes(out.data(), out.size());
+}
 
-void check_same_model(const state_header & theirs, const state_header & mine) {
-    const char * names[] = {"n_vocab", "n_layer", "n_embd", "type_k", "type_v"};
-    const int64_t a[] = {theirs.n_vocab, theirs.n_layer, theirs.n_embd, theirs.type_k, theirs.type_v};
-    const int64_t b[] = {mine.n_vocab, mine.n_layer, mine.n_embd, mine.type_k, mine.type_v};
-    for (size_t i = 0; i < 5; ++i) {
-        if (a[i] != b[i]) {
-            throw std::invalid_argument(std::string("the sequence state was saved with ") + names[i] + "=" +
-                                        std::to_string(a[i]) + ", this context has " + std::to_string(b[i]));
+struct parsed_state {
+    state_header h;
+    std::vector<llama_token> tokens;
+    const uint8_t * payload;
+};
+
+parsed_state parse_state(const char * p, size_t size, bool seq, const context_state & st) {
+    const char * what = seq ? "sequence state" : "state";
+    const char (&magic)[8] = seq ? k_seq_magic : k_magic;
+    const char (&other)[8] = seq ? k_magic : k_seq_magic;
+    parsed_state r{};
+    auto fail = [&](const std::string & why) -> void {
+        throw std::invalid_argument(std::string("not a usable lamina ") + what + ": " + why);
+    };
+    if (size < sizeof(magic) || std::memcmp(p, magic, 6) != 0) fail("it does not start with LAMINA");
+    if (std::memcmp(p, other, sizeof(other)) == 0) {
+        throw std::invalid_argument(seq ? "this is a whole-context state: load it without seq="
+                                        : "this is a sequence state: load it with seq=");
+    }
+    if (std::memcmp(p, magic, sizeof(magic)) != 0) {
+        fail(std::string("format '") + std::string(p + 6, 2) + "'; this lamina reads '" + std::string(magic + 6, 2) +
+             "' (states from other lamina versions are not portable)");
+    }
+    if (size < sizeof(magic) + sizeof(r.h)) fail("it is shorter than its header");
+    std::memcpy(&r.h, p + sizeof(magic), sizeof(r.h));
+    const state_header mine = header_of(st);
+    // the model, then (whole-context states) the settings that shape llama.cpp's bytes
+    const char * names[] = {"n_vocab", "n_layer", "n_embd", "n_params", "model_size", "type_k", "type_v",
+                            "n_seq_max", "n_ctx", "embeddings"};
+    const int64_t theirs_v[] = {r.h.n_vocab, r.h.n_layer, r.h.n_embd, r.h.n_params, r.h.model_size, r.h.type_k,
+                                r.h.type_v, r.h.n_seq_max, r.h.n_ctx, r.h.embeddings};
+    const int64_t mine_v[] = {mine.n_vocab, mine.n_layer, mine.n_embd, mine.n_params, mine.model_size, mine.type_k,
+                              mine.type_v, mine.n_seq_max, mine.n_ctx, mine.embeddings};
+    const size_t n_checked = seq ? 8 : 10;  // a sequence fits a context of another size
+    for (size_t i = 0; i < n_checked; ++i) {
+        if (theirs_v[i] != mine_v[i]) {
+            throw std::invalid_argument(std::string("the ") + what + " was saved with " + names[i] + "=" +
+                                        std::to_string(theirs_v[i]) + ", this context has " + std::to_string(mine_v[i]) +
+                                        (i == 7 ? " (llama.cpp keeps one KV stream per sequence; their number must match)"
+                                                : ""));
         }
     }
+    const int64_t n_ctx = seq ? int64_t(llama_n_ctx_seq(st.ctx.get())) : mine.n_ctx;
+    if (r.h.n_tokens < 0 || r.h.n_tokens > (seq ? std::max(r.h.n_ctx, n_ctx) : n_ctx)) {
+        fail("n_tokens=" + std::to_string(r.h.n_tokens));
+    }
+    if (r.h.last_outputs < 0 || r.h.last_outputs > r.h.n_ctx) fail("last_outputs=" + std::to_string(r.h.last_outputs));
+    if (seq ? (r.h.src_seq < 0 || r.h.src_seq >= r.h.n_seq_max) : r.h.src_seq != -1) {
+        fail("source sequence " + std::to_string(r.h.src_seq));
+    }
+    const size_t head = sizeof(magic) + sizeof(r.h) + size_t(r.h.n_tokens) * sizeof(llama_token);
+    if (r.h.payload_size <= 0 || size < head || uint64_t(size - head) != uint64_t(r.h.payload_size)) {
+        fail(std::to_string(size) + " bytes where the header accounts for " +
+             std::to_string(head + uint64_t(std::max<int64_t>(r.h.payload_size, 0))) + " (truncated or extended)");
+    }
+    r.tokens.resize(size_t(r.h.n_tokens));
+    std::memcpy(r.tokens.data(), p + sizeof(magic) + sizeof(r.h), r.tokens.size() * sizeof(llama_token));
+    for (size_t i = 0; i < r.tokens.size(); ++i) {
+        if (r.tokens[i] < -1 || r.tokens[i] >= mine.n_vocab) {
+            fail("token " + std::to_string(i) + " is " + std::to_string(r.tokens[i]) + ", outside the vocabulary");
+        }
+    }
+    r.payload = reinterpret_cast<const uint8_t *>(p + head);
+    return r;
 }
 
 nb::bytes seq_state_get(nb::handle ctx, int32_t seq) {
     auto st = context_leased(ctx);
     check_seq(*st, seq, false);
     state_header h = header_of(*st);
+    h.src_seq = seq;
     const std::vector<llama_token> toks = seq == 0 ? st->tokens : std::vector<llama_token>{};
-    h.n_tokens = int64_t(toks.size());
-    int64_t src = seq;
-    std::string out(sizeof(k_seq_magic) + sizeof(h) + sizeof(src) + toks.size() * sizeof(llama_token), '\0');
-    char * p = out.data();
-    std::memcpy(p, k_seq_magic, sizeof(k_seq_magic));
-    std::memcpy(p + sizeof(k_seq_magic), &h, sizeof(h));
-    std::memcpy(p + sizeof(k_seq_magic) + sizeof(h), &src, sizeof(src));
-    std::memcpy(p + sizeof(k_seq_magic) + sizeof(h) + sizeof(src), toks.data(), toks.size() * sizeof(llama_token));
-    size_t head = out.size(), n;
-    {
-        nb::gil_scoped_release nogil;
-        n = llama_state_seq_get_size(st->ctx.get(), seq);
-        out.resize(head + n);
-        n = llama_state_seq_get_data(st->ctx.get(), reinterpret_cast<uint8_t *>(out.data() + head), n, seq);
-    }
-    out.resize(head + n);
-    return nb::bytes(out.data(), out.size());
+    llama_context * c = st->ctx.get();
+    return state_blob(k_seq_magic, h, toks, [&] { return llama_state_seq_get_size(c, seq); },
+                      [&](uint8_t * dst, size_t n) { return llama_state_seq_get_data(c, dst, n, seq); });
 }
 
 void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
     auto st = context_leased(ctx);
     check_seq(*st, seq, false);
-    const char * p = data.c_str();
-    const size_t size = data.size();
-    state_header h;
-    int64_t src;
-    size_t head = sizeof(k_seq_magic) + sizeof(h) + sizeof(src);
-    if (size < head || std::memcmp(p, k_seq_magic, sizeof(k_seq_magic)) != 0) {
-        throw std::invalid_argument(std::memcmp(p, k_magic, std::min(size, sizeof(k_magic))) == 0
-                                        ? "this is a whole-context state: load it without seq="
-                                        : "not a lamina sequence state");
-    }
-    std::memcpy(&h, p + sizeof(k_seq_magic), sizeof(h));
-    std::memcpy(&src, p + sizeof(k_seq_magic) + sizeof(h), sizeof(src));
-    check_same_model(h, header_of(*st));
-    const int64_t n_seq_max = int64_t(llama_n_seq_max(st->ctx.get()));
-    if (h.n_seq_max != n_seq_max) {
-        throw std::invalid_argument("the sequence state was saved with n_seq_max=" + std::to_string(h.n_seq_max) +
-                                    ", this context has " + std::to_string(n_seq_max) +
-                                    " (llama.cpp keeps one KV stream per sequence; their number must match)");
-    }
-    if (h.n_tokens < 0 || size < head + size_t(h.n_tokens) * sizeof(llama_token)) {
-        throw std::invalid_argument("the sequence state is truncated or corrupt");
-    }
-    std::vector<llama_token> toks(size_t(h.n_tokens));
-    std::memcpy(toks.data(), p + head, toks.size() * sizeof(llama_token));
-    head += toks.size() * sizeof(llama_token);
+    parsed_state r = parse_state(data.c_str(), data.size(), true, *st);
     llama_memory_seq_rm(mem_of(*st), seq, -1, -1);
     size_t got;
     {
         nb::gil_scoped_release nogil;
-        got = llama_state_seq_set_data(st->ctx.get(), reinterpret_cast<const uint8_t *>(p + head), size - head, seq);
+        got = llama_state_seq_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size), seq);
     }
     if (seq == 0) st->tokens.clear();
     if (got == 0) {
@@ -140,8 +183,8 @@ void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
         // the token mirror (prefix reuse) is known when the state came from sequence 0;
         // otherwise placeholders that never match, so the next prompt is evaluated in full
         llama_pos pmax = llama_memory_seq_pos_max(mem_of(*st), 0);
-        if (src == 0 && llama_pos(toks.size()) == pmax + 1) {
-            st->tokens = std::move(toks);
+        if (r.h.src_seq == 0 && llama_pos(r.tokens.size()) == pmax + 1) {
+            st->tokens = std::move(r.tokens);
         } else {
             st->tokens.assign(size_t(std::max<llama_pos>(pmax + 1, 0)), llama_token(-1));
         }
@@ -250,61 +293,22 @@ void init_memory(nb::module_ & m) {
 
     m.def("state_get", [](nb::handle ctx) {
         auto st = context_leased(ctx);
-        state_header h = header_of(*st);
-        std::string out(sizeof(k_magic) + sizeof(h) + st->tokens.size() * sizeof(llama_token), '\0');
-        char * p = out.data();
-        std::memcpy(p, k_magic, sizeof(k_magic));
-        std::memcpy(p + sizeof(k_magic), &h, sizeof(h));
-        std::memcpy(p + sizeof(k_magic) + sizeof(h), st->tokens.data(), st->tokens.size() * sizeof(llama_token));
-        size_t head = out.size();
-        size_t n;
-        {
-            nb::gil_scoped_release nogil;
-            n = llama_state_get_size(st->ctx.get());
-            out.resize(head + n);
-            n = llama_state_get_data(st->ctx.get(), reinterpret_cast<uint8_t *>(out.data() + head), n);
-        }
-        out.resize(head + n);
-        return nb::bytes(out.data(), out.size());
+        llama_context * c = st->ctx.get();
+        return state_blob(k_magic, header_of(*st), st->tokens, [&] { return llama_state_get_size(c); },
+                          [&](uint8_t * dst, size_t n) { return llama_state_get_data(c, dst, n); });
     }, nb::arg("ctx"), "The whole context (KV cache, logits, token list) as bytes with a settings header.");
 
     m.def("state_set", [](nb::handle ctx, nb::bytes data) {
         auto st = context_leased(ctx);
-        const char * p = data.c_str();
-        size_t size = data.size();
-        state_header h;
-        if (size < sizeof(k_magic) + sizeof(h) || std::memcmp(p, k_magic, sizeof(k_magic)) != 0) {
-            throw std::invalid_argument("not a lamina context state");
-        }
-        std::memcpy(&h, p + sizeof(k_magic), sizeof(h));
-        state_header mine = header_of(*st);
-        const char * names[] = {"n_vocab", "n_layer", "n_embd", "n_ctx", "n_seq_max", "type_k", "type_v", "embeddings"};
-        const int64_t theirs_v[] = {h.n_vocab, h.n_layer, h.n_embd, h.n_ctx, h.n_seq_max, h.type_k, h.type_v, h.embeddings};
-        const int64_t mine_v[] = {mine.n_vocab, mine.n_layer, mine.n_embd, mine.n_ctx, mine.n_seq_max, mine.type_k,
-                                  mine.type_v, mine.embeddings};
-        for (size_t i = 0; i < 8; ++i) {
-            if (theirs_v[i] != mine_v[i]) {
-                throw std::invalid_argument(std::string("the state was saved with ") + names[i] + "=" +
-                                            std::to_string(theirs_v[i]) + ", this context has " +
-                                            std::to_string(mine_v[i]));
-            }
-        }
-        size_t head = sizeof(k_magic) + sizeof(h);
-        if (h.n_tokens < 0 || h.n_tokens > h.n_ctx || h.last_outputs < 0 || h.last_outputs > h.n_ctx ||
-            size < head + size_t(h.n_tokens) * sizeof(llama_token)) {
-            throw std::invalid_argument("the state is truncated or corrupt");
-        }
+        parsed_state r = parse_state(data.c_str(), data.size(), false, *st);
         if (st->live_views.load() > 0) {
             throw lamina_error("numpy views of ctx.logits are alive; loading a state may reallocate them: "
                                "delete the views first");
         }
-        std::vector<llama_token> toks(size_t(h.n_tokens));
-        std::memcpy(toks.data(), p + head, toks.size() * sizeof(llama_token));
-        head += toks.size() * sizeof(llama_token);
         size_t got;
         {
             nb::gil_scoped_release nogil;
-            got = llama_state_set_data(st->ctx.get(), reinterpret_cast<const uint8_t *>(p + head), size - head);
+            got = llama_state_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size));
         }
         if (got == 0) {
             llama_memory_clear(mem_of(*st), true);
@@ -313,11 +317,17 @@ void init_memory(nb::module_ & m) {
             std::string why = last_log_error();
             throw lamina_error("llama.cpp rejected the state (the cache is now empty)" + (why.empty() ? "" : ": " + why));
         }
-        st->tokens = std::move(toks);
+        // the cache must hold exactly the mirrored tokens, or prefix reuse would skip real work
+        const llama_pos pmax = llama_memory_seq_pos_max(mem_of(*st), 0);
+        if (llama_pos(r.tokens.size()) == pmax + 1) {
+            st->tokens = std::move(r.tokens);
+        } else {
+            st->tokens.assign(size_t(std::max<llama_pos>(pmax + 1, 0)), llama_token(-1));
+        }
         st->last_outputs = 0;
         // llama.cpp's state holds the cache but no logits: evaluate the last token again for them
         // (the same computation, so the same values), when it is known and the cache allows it.
-        if (h.last_outputs > 0 && !st->tokens.empty() && st->tokens.back() >= 0) {
+        if (r.h.last_outputs > 0 && !st->tokens.empty() && st->tokens.back() >= 0) {
             llama_token last = st->tokens.back();
             if (llama_memory_seq_rm(mem_of(*st), 0, llama_pos(st->tokens.size() - 1), -1)) {
                 st->tokens.pop_back();

@@ -54,6 +54,33 @@ def test_state_into_other_settings_or_garbage_fails_clearly(tiny_model: lamina.M
     b.decode([1, 300])  # still usable
 
 
+def test_a_damaged_state_is_refused_before_llama_cpp_reads_it(tiny_model: lamina.Model) -> None:
+    # saved state is untrusted input: lamina's header accounts for every byte and every token
+    import struct
+
+    a = tiny_model.context(n_ctx=256)
+    a.decode([1, 300, 301])
+    blob = a.save_state()
+    b = tiny_model.context(n_ctx=256)
+    b.decode([1, 310, 311, 312])
+    logits = b.logits.copy()
+    head = 8 + 14 * 8
+    cases = {
+        f"{len(blob) - 1} bytes where the header accounts for {len(blob)}": blob[:-1],
+        f"{len(blob) + 1} bytes where the header accounts for {len(blob)}": blob + b"\0",
+        "outside the vocabulary": blob[:head] + struct.pack("<i", 10**6) + blob[head + 4:],
+        "this lamina reads 'S2'": b"LAMINAS1" + blob[8:],
+        "load it with seq=": a.save_state(seq=0),
+        "n_tokens": blob[:8 + 11 * 8] + struct.pack("<q", 10**9) + blob[8 + 12 * 8:],
+    }
+    for why, bad in cases.items():
+        with pytest.raises(ValueError, match=why):
+            b.load_state(bad)
+    # refused before llama.cpp saw it: b's own cache and logits are untouched
+    assert b.kv.pos_range(0) == (0, 3) and b.n_past == 4
+    np.testing.assert_array_equal(b.logits, logits)
+
+
 def test_seq_rm_suffix_then_redecode_equals_fresh(tiny_model: lamina.Model) -> None:
     ctx = tiny_model.context(n_ctx=256)
     ctx.decode([1, 300, 301, 302, 303, 304])
@@ -167,7 +194,7 @@ def test_one_sequence_saved_and_loaded_into_another_context(tiny_model: lamina.M
         np.testing.assert_allclose(b.logits[0], fresh_logits(tiny_model, [1, 300, 301, 302, 310]), rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="whole-context state"):
             b.load_state(whole, seq=0)
-        with pytest.raises(ValueError, match="not a lamina sequence state"):
+        with pytest.raises(ValueError, match="not a usable lamina sequence state"):
             b.load_state(b"garbage" * 10, seq=0)
         with pytest.raises(IndexError):
             b.load_state(blob, seq=3)  # this context has two sequences
