@@ -14,6 +14,7 @@
 #   diag    why the old build crashed: TLS segments, the old libllama-common after numpy, a TLS probe
 #   gpuoff  ci/gpu_off.py: a gpu=False process holds no GPU memory
 #   exports the dynamic symbols each shipped library exports, and which bind to other libraries
+#   leaks   ci/leaks.py on GPU 0: RSS and GPU free memory over load/generate/close cycles
 # usage: bash ci/gpu_run.sh stage ...
 set -uo pipefail
 OUT=${OUT:-/tmp/lamina-out}; mkdir -p "$OUT"
@@ -146,6 +147,11 @@ PYEOF
     echo "bindings into libllama-common.so from other libraries:"
     grep -h "to [^ ]*libllama-common.so" /tmp/bindc.* | grep -v "binding file [^ ]*libllama-common.so" | awk '{print $4, $NF}' | sed "s/[\`']//g" | c++filt | head -10
     echo "the same library run by a program: $("$pkg"/bin/llama-bench --help >/dev/null 2>&1; echo rc=$?)" ;;
+  leaks)
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+    CUDA_VISIBLE_DEVICES=0 $py ci/leaks.py --gpu --model /tmp/small.gguf --cycles 200 --warmup 5
+    CUDA_VISIBLE_DEVICES=0 $py ci/leaks.py --gpu --model /tmp/llama-1b.gguf --cycles 40 --warmup 3 --n-ctx 4096
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader ;;
   gpuoff)
     (cd /tmp && $py "$OLDPWD/ci/gpu_off.py" /tmp/llama-1b.gguf) ;;
   exports)
