@@ -24,7 +24,10 @@ std::string grouped(uint64_t n) {  // 98304000000 -> "98,304,000,000"
 }  // namespace
 
 void raise_failed(const std::string & what, failure fallback) {
-    const std::string why = last_log_error();
+    // llama.cpp logs the cause first ("error loading model: unknown model architecture: ...")
+    // and a generic line last ("failed to load model"): both, cause first
+    const std::string first = first_log_error(), last = last_log_error();
+    const std::string why = first == last ? last : first + "; " + last;
     const alloc_failure a = first_alloc_failure();
     if (!a.device.empty()) {
         char gib[32];

@@ -204,6 +204,7 @@ void check_gguf_file(const std::string & path);
 // Values in the file that llama.cpp would abort on (raises model_format_error; validate.cpp).
 void validate_gguf(const std::string & path);
 std::string last_log_error();
+std::string first_log_error();  // the first error-level line since clear_last_log_error()
 void clear_last_log_error();
 // The first buffer allocation that failed since clear_last_log_error(), from ggml's
 // "failed to allocate <device> buffer of size <bytes>" error line (empty device: none).

@@ -17,6 +17,7 @@ std::atomic<bool> g_enabled{false};
 PyObject * g_sink = nullptr;  // strong reference, owned while g_enabled
 std::mutex g_last_error_mutex;
 std::string g_last_error;
+std::string g_first_error;  // the first error since clear_last_log_error: usually the cause
 alloc_failure g_alloc_failure;  // guarded by g_last_error_mutex
 
 thread_local std::string t_line;
@@ -49,6 +50,7 @@ void log_callback(ggml_log_level level, const char * text, void *) {
     if (lvl >= GGML_LOG_LEVEL_ERROR) {
         std::lock_guard<std::mutex> lock(g_last_error_mutex);
         g_last_error = line;
+        if (g_first_error.empty()) g_first_error = line;
         // "alloc_tensor_range: failed to allocate CUDA0 buffer of size 1048576000" (and gallocr's)
         size_t at = line.find("failed to allocate ");
         size_t of = line.find(" buffer of size ");
@@ -85,9 +87,15 @@ std::string last_log_error() {
     return g_last_error;
 }
 
+std::string first_log_error() {
+    std::lock_guard<std::mutex> lock(g_last_error_mutex);
+    return g_first_error;
+}
+
 void clear_last_log_error() {
     std::lock_guard<std::mutex> lock(g_last_error_mutex);
     g_last_error.clear();
+    g_first_error.clear();
     g_alloc_failure = {};
 }
 
