@@ -42,10 +42,12 @@
 //   tokenizer.ggml.tokens an array of < 2^31 strings       llama_token is int32
 //   scores (f32/i32) and token_type (i32) arrays cover     out-of-bounds reads of scores[i]
 //     every token                                            and toktypes[i] (llama.cpp checks too)
-//   no two tokens with the same text (an empty token       GGML_ASSERT(id_to_token.size() ==
-//     counts as "[EMPTY_<i>]", llama.cpp's rename)           token_to_id.size())
-//   SentencePiece / Unigram byte tokens (type 6) are       token_to_byte's substr(3, 2) and
-//     exactly "<0xNN>" (upper-case hex), unique per byte     byte_to_token's "<0x%02X>" lookup
+//   no two tokens with the same text, read as llama.cpp    GGML_ASSERT(id_to_token.size() ==
+//     reads it: up to a NUL (a C string), an empty one as    token_to_id.size())
+//     "[EMPTY_<i>]" (llama.cpp's rename)
+//   byte tokens (type 6) of SentencePiece, Unigram and     token_to_byte's substr(3, 2) and
+//     BPE vocabularies are exactly "<0xNN>" (upper-case      byte_to_token's "<0x%02X>" lookup
+//     hex), one per byte; WordPiece (bert) has none          token_to_byte: GGML_ABORT for WPM
 //
 // A file that passes is still only as safe as llama.cpp's own checks of everything else (tensor
 // shapes against the architecture are llama.cpp's, and raise LoadError); ci/fuzz.py is the test.
@@ -516,17 +518,26 @@ private:
             if (kv->n < n) bad(key, kv->off, std::to_string(kv->n) + " items for " + std::to_string(n) + " tokens");
         }
 
-        // byte tokens of SentencePiece ("llama") and Unigram ("t5") vocabularies
+        // byte tokens (type 6), by what the declared tokenizer does with them: SentencePiece, Unigram
+        // and the BPE family parse "<0xNN>" (token_to_byte's substr(3, 2)); WordPiece aborts on any
         const auto model = str_key("tokenizer.ggml.model");
         const kv_info * types = find("tokenizer.ggml.token_type");
-        if (model && (*model == "llama" || *model == "t5") && types != nullptr) {
+        if (model && types != nullptr) {
+            const std::string_view m = *model;
+            const bool parses = m == "llama" || m == "t5" || m == "gpt2" || m == "hybriddna" || m == "whitespace" ||
+                                m == "gemma4";
             bool seen[256] = {};
             for (uint64_t i = 0; i < n; ++i) {
                 if (get<int32_t>(*types, i) != 6) continue;  // LLAMA_TOKEN_TYPE_BYTE
-                const std::string_view s = view(token_off_[i].first, token_off_[i].second);
+                const std::string_view s = token_text(i);
+                const std::string field = tokens + "[" + std::to_string(i) + "]";
+                if (m == "bert") {
+                    bad(field, token_off_[i].first, "a byte token (type 6) in a WordPiece (bert) vocabulary, which "
+                                                    "has none: llama.cpp aborts on it");
+                }
+                if (!parses) continue;
                 auto hex = [](char c) { return (c >= '0' && c <= '9') ? c - '0' : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1; };
                 const bool ok = s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s[5] == '>' && hex(s[3]) >= 0 && hex(s[4]) >= 0;
-                const std::string field = tokens + "[" + std::to_string(i) + "]";
                 if (!ok) {
                     bad(field, token_off_[i].first, "a byte token (type 6) must read <0xNN> with upper-case hex digits, not '" +
                                                         printable(s) + "'");
@@ -539,6 +550,12 @@ private:
         duplicates(tokens, n);
     }
 
+    // A token's text as llama.cpp reads it: gguf_get_arr_str returns a C string, so a NUL ends it.
+    std::string_view token_text(uint64_t i) const {
+        const std::string_view s = view(token_off_[i].first, token_off_[i].second);
+        return s.substr(0, s.find('\0'));
+    }
+
     // No two token texts may be equal. Open addressing over FNV-1a hashes (the sort of hashes
     // this replaced cost 20 ms on 262k tokens).
     void duplicates(const std::string & tokens, uint64_t n) const {
@@ -547,7 +564,7 @@ private:
         while (cap < 2 * n) cap <<= 1;
         std::vector<uint64_t> slot(cap, 0);  // (upper 32 bits of the hash) << 32 | (index + 1); 0: empty
         auto text = [&](uint32_t i, std::string & tmp) -> std::string_view {
-            const std::string_view s = view(token_off_[i].first, token_off_[i].second);
+            const std::string_view s = token_text(i);
             if (!s.empty()) return s;
             tmp = "[EMPTY_" + std::to_string(i) + "]";  // llama_vocab::load renames empty tokens so
             return tmp;

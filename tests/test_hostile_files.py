@@ -142,6 +142,19 @@ def test_an_empty_token_is_named_as_llama_cpp_renames_it(tmp_path: Path) -> None
     assert "tokens 300 and 301" in err.reason
 
 
+def test_a_nul_inside_a_token_ends_its_text_as_llama_cpp_reads_it(tmp_path: Path) -> None:
+    # gguf_get_arr_str returns a C string: "3\0" is "3", a second token "3" (found by ci/fuzz.py)
+    err = format_error(with_tokens(tmp_path, {300: "3\0x"}))
+    assert "same text '3'" in err.reason
+
+
+def test_a_byte_token_in_a_wordpiece_vocabulary_raises(tmp_path: Path) -> None:
+    # token_to_byte: GGML_ABORT("fatal error") for WPM (found by ci/fuzz.py)
+    model = kv_bytes("tokenizer.ggml.model", STR, "bert")
+    err = format_error(with_kv(tmp_path, {"tokenizer.ggml.model": model}))
+    assert err.field == "tokenizer.ggml.tokens[3]" and "WordPiece" in err.reason
+
+
 def test_a_truncated_file_names_the_tensor_that_ends_past_it(tmp_path: Path) -> None:
     path = write_tiny_llama(tmp_path / "tiny.gguf")
     size = path.stat().st_size
