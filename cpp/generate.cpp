@@ -46,6 +46,7 @@ public:
           max_tokens_(max_tokens), ignore_eos_(ignore_eos), shift_keep_(shift_keep) {
         if (max_tokens < 0) throw std::invalid_argument("max_tokens must be >= 0");
         context_lease lease(st_, this);  // the checks below read the context
+        require_vocab(*st_->model);     // generated tokens become text
         if (backend_sampling) {
             // llama.cpp's backend sampling (experimental in the pin): the argmax runs in the graph
             // on the device holding the output layer, and only the token id comes back instead of
@@ -138,8 +139,7 @@ public:
                 generated_.push_back(tok);
                 last_ = tok;
                 pending_ = true;
-                int32_t n = llama_token_to_piece(st.model->vocab, tok, buf, sizeof(buf), 0, false);
-                if (n > 0) bytes_.append(buf, size_t(n));
+                append_piece(*st.model, tok, false, bytes_);
                 if (int32_t(generated_.size()) >= max_tokens_) {
                     finish_reason_ = "length";
                     done_ = true;

@@ -187,6 +187,12 @@ void check_prompt_fits(const context_state & st, size_t n);
 // the logits of the prompt's last token are available at index -1. Returns the tokens evaluated.
 size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt);
 void check_tokens(const model_state & m, const llama_token * toks, size_t n);
+// Text needs a vocabulary: llama.cpp aborts on tokenize / detokenize / token_to_piece without one
+// (tokenizer.ggml.model "none"), and on add_special when a special token it asks for is missing.
+void require_vocab(const model_state & m);
+void require_specials(const model_state & m);
+// One token's text (grows the buffer for long pieces).
+void append_piece(const model_state & m, llama_token tok, bool special, std::string & out);
 // The shared model state behind a lamina._native.Model (raises ClosedError).
 std::shared_ptr<model_state> model_shared(nb::handle model);
 // The shared context state behind a lamina._native.Context (raises ClosedError).

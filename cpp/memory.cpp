@@ -127,15 +127,17 @@ parsed_state parse_state(const char * p, size_t size, bool seq, const context_st
                                                 : ""));
         }
     }
-    const int64_t n_ctx = seq ? int64_t(llama_n_ctx_seq(st.ctx.get())) : mine.n_ctx;
-    if (r.h.n_tokens < 0 || r.h.n_tokens > (seq ? std::max(r.h.n_ctx, n_ctx) : n_ctx)) {
-        fail("n_tokens=" + std::to_string(r.h.n_tokens));
+    // the token mirror is bounded by the bytes, not by n_ctx: positions shifted by kv.seq_add can
+    // make it longer than the context, and it is kept only when it matches the restored cache
+    const size_t fixed = sizeof(magic) + sizeof(r.h);
+    if (r.h.n_tokens < 0 || uint64_t(r.h.n_tokens) > (size - fixed) / sizeof(llama_token)) {
+        fail("n_tokens=" + std::to_string(r.h.n_tokens) + " does not fit its " + std::to_string(size) + " bytes");
     }
     if (r.h.last_outputs < 0 || r.h.last_outputs > r.h.n_ctx) fail("last_outputs=" + std::to_string(r.h.last_outputs));
     if (seq ? (r.h.src_seq < 0 || r.h.src_seq >= r.h.n_seq_max) : r.h.src_seq != -1) {
         fail("source sequence " + std::to_string(r.h.src_seq));
     }
-    const size_t head = sizeof(magic) + sizeof(r.h) + size_t(r.h.n_tokens) * sizeof(llama_token);
+    const size_t head = fixed + size_t(r.h.n_tokens) * sizeof(llama_token);
     if (r.h.payload_size <= 0 || size < head || uint64_t(size - head) != uint64_t(r.h.payload_size)) {
         fail(std::to_string(size) + " bytes where the header accounts for " +
              std::to_string(head + uint64_t(std::max<int64_t>(r.h.payload_size, 0))) + " (truncated or extended)");

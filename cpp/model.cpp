@@ -141,6 +141,8 @@ public:
 
     nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokenize(nb::bytes text, bool add_special, bool parse_special) {
         model_state & m = st();
+        require_vocab(m);
+        if (add_special) require_specials(m);
         const char * s = text.c_str();
         size_t len = text.size();
         if (len > size_t(INT32_MAX) / 2) {
@@ -167,6 +169,7 @@ public:
         model_state & m = st();
         const int32_t * t = tokens.data();
         size_t n = tokens.shape(0);
+        require_vocab(m);
         check_tokens(m, t, n);
         std::string out(n * 8 + 16, '\0');
         int32_t got;
@@ -186,15 +189,11 @@ public:
 
     nb::bytes token_to_piece(int32_t token, bool special) {
         model_state & m = st();
+        require_vocab(m);
         check_tokens(m, &token, 1);
-        char buf[256];
-        int32_t n = llama_token_to_piece(m.vocab, token, buf, sizeof(buf), 0, special);
-        if (n < 0) {
-            std::string big(size_t(-n), '\0');
-            n = llama_token_to_piece(m.vocab, token, big.data(), int32_t(big.size()), 0, special);
-            return nb::bytes(big.data(), size_t(std::max(n, 0)));
-        }
-        return nb::bytes(buf, size_t(n));
+        std::string piece;
+        append_piece(m, token, special, piece);
+        return nb::bytes(piece.data(), piece.size());
     }
 
     nb::dict metadata() const {
@@ -355,6 +354,39 @@ void check_tokens(const model_state & m, const llama_token * toks, size_t n) {
                                     " is out of range [0, " + std::to_string(m.n_vocab) + ")");
         }
     }
+}
+
+void require_vocab(const model_state & m) {
+    if (llama_vocab_type(m.vocab) == LLAMA_VOCAB_TYPE_NONE || m.n_vocab <= 0) {
+        throw lamina_error("this model has no vocabulary (tokenizer.ggml.model 'none' or no tokens): "
+                           "it takes and gives token ids, not text");
+    }
+}
+
+void require_specials(const model_state & m) {
+    const llama_vocab * v = m.vocab;
+    const bool wpm = llama_vocab_type(v) == LLAMA_VOCAB_TYPE_WPM;  // adds BOS (CLS) and SEP always
+    auto missing = [&](bool wanted, llama_token id, const char * name) {
+        if (wanted && id == LLAMA_TOKEN_NULL) {
+            throw std::invalid_argument(std::string("the model's vocabulary asks for a ") + name +
+                                        " token it does not have: tokenize with add_special=False");
+        }
+    };
+    missing(wpm || llama_vocab_get_add_bos(v), llama_vocab_bos(v), "BOS");
+    missing(llama_vocab_get_add_eos(v), llama_vocab_eos(v), "EOS");
+    missing(wpm, llama_vocab_sep(v), "SEP");
+}
+
+void append_piece(const model_state & m, llama_token tok, bool special, std::string & out) {
+    char buf[256];
+    int32_t n = llama_token_to_piece(m.vocab, tok, buf, sizeof(buf), 0, special);
+    if (n >= 0) {
+        out.append(buf, size_t(n));
+        return;
+    }
+    std::string big(size_t(-n), '\0');
+    n = llama_token_to_piece(m.vocab, tok, big.data(), int32_t(big.size()), 0, special);
+    out.append(big.data(), size_t(std::max(n, 0)));
 }
 
 std::shared_ptr<model_state> model_shared(nb::handle model) {

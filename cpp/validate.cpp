@@ -20,34 +20,48 @@
 //     array counts no more than the bytes left hold        (CVE-2024-21802 class: huge counts)
 //   every string length inside the file                    KV_BAD_VALUE_SIZE (CVE-2024-23496)
 //   general.alignment: a u32, a power of two               KV_BAD_ALIGN
+//   keys looked up as llama.cpp does: up to a NUL          gguf_find_key uses strcmp (first wins)
+//   strings < 1 GiB, arrays < 2^30 items                   GGUF_MAX_STRING_LENGTH / _ARRAY_ELEMENTS
 //   tensor names: < 64 bytes, unique                       TENSORS_BAD_NAME_SIZE, _DUPLICATE_NAME
 //   n_dims <= 4, dims >= 0, element count and byte size    TENSORS_BAD_N_DIMS, _BAD_SHAPE,
 //     representable (no int64 / size_t overflow)           _NE_TOO_BIG (CVE-2024-23605 class)
 //   tensor type a live ggml type, row divisible by block   TENSORS_BAD_TYPE, _BAD_BLOCK_SIZE
 //   offsets contiguous and aligned, the data in the file   TENSORS_BAD_OFFSET, DATA_NOT_ENOUGH_DATA
+//   each tensor's data 32-byte aligned in the file         ggml-backend: GGML_ASSERT(ptr % TENSOR_
+//     (general.alignment 8 passes ggml's reader)             ALIGNMENT == 0) on mmap'd data (fuzzer)
 //
 //   hyperparameters (llama_model::load_hparams asserts these: an abort, not an error)
 //   <arch>.block_count in [1, 512]                         GGML_ASSERT(n_layer_all <= LLAMA_MAX_LAYERS)
 //   <arch>.nextn_predict_layers <= block_count             GGML_ASSERT(n_layer_nextn <= n_layer_all)
 //   expert_count <= 1024, expert_used_count <= it, > 0     GGML_ASSERT(n_expert <= LLAMA_MAX_EXPERTS),
 //     with experts; expert groups divide the experts         n_expert_used_max <= n_expert, groups
+//     (HunYuan dense: one expert counts as none)
 //   rope.scaling.type one of none/linear/yarn/longrope     GGML_ASSERT(!= ..._UNSPECIFIED)
 //   context_length, embedding_length >= 1                  a zero-sized context or embedding
-//   head_count_kv <= head_count and divides it (per layer) ggml_mul_mat's broadcast assert (GQA)
-//   key_length, value_length >= 1 with attention heads     zero-sized attention tensors
-//   rope.dimension_count even and <= the head size         ggml_rope: GGML_ASSERT(n_dims <= ne0)
-//   every <arch>.*_epsilon finite and > 0                  ggml-cpu norm ops: GGML_ASSERT(eps >= 0)
+//   per layer (scalar, int or bool array): a layer with    ggml_mul_mat: GGML_ASSERT(a->ne[0] ==
+//     attention has 1 <= head_count_kv <= head_count,        b->ne[0]) and its broadcast (fuzzer)
+//     dividing it; llama/gemma* layers all have heads        gemma3 27B: n_embd / n_head(0)
+//   key_length, value_length (and _swa) >= 1 with heads    zero-sized attention tensors
+//   rope.dimension_count (and _swa) even, <= head size     ggml_rope: GGML_ASSERT(n_dims <= ne0)
+//   a sliding window's layer pattern leaves a sliding      llama_model: GGML_ASSERT(is_swa_any())
+//     layer (not period 1, not all false / empty)            at context creation (fuzzer)
+//   every <arch>.*epsilon finite and > 0                   ggml-cpu norm ops: GGML_ASSERT(eps >= 0)
 //
-//   vocabulary (llama_vocab::load)
+//   vocabulary (llama_vocab::load; skipped for tokenizer.ggml.model "none")
 //   tokenizer.ggml.tokens an array of < 2^31 strings       llama_token is int32
 //   scores (f32/i32) and token_type (i32) arrays cover     out-of-bounds reads of scores[i]
 //     every token                                            and toktypes[i] (llama.cpp checks too)
 //   no two tokens with the same text, read as llama.cpp    GGML_ASSERT(id_to_token.size() ==
-//     reads it: up to a NUL (a C string), an empty one as    token_to_id.size())
+//     reads it: up to a NUL (a C string), an empty one as    token_to_id.size()) (fuzzer: NUL)
 //     "[EMPTY_<i>]" (llama.cpp's rename)
 //   byte tokens (type 6) of SentencePiece, Unigram and     token_to_byte's substr(3, 2) and
 //     BPE vocabularies are exactly "<0xNN>" (upper-case      byte_to_token's "<0x%02X>" lookup
 //     hex), one per byte; WordPiece (bert) has none          token_to_byte: GGML_ABORT for WPM
+//   RWKV: a byte that starts a token is a token itself     the RWKV tokenizer loops forever
+//
+// At run time (model.cpp): text needs a vocabulary (tokenize, detokenize and token_to_piece abort
+// on a "none" one), and add_special needs the BOS / EOS / SEP tokens the vocabulary asks for
+// (GGML_ASSERT(special_bos_id != LLAMA_TOKEN_NULL) in tokenize).
 //
 // A file that passes is still only as safe as llama.cpp's own checks of everything else (tensor
 // shapes against the architecture are llama.cpp's, and raise LoadError); ci/fuzz.py is the test.
@@ -71,6 +85,7 @@
 #include <cerrno>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #endif
 
@@ -80,6 +95,9 @@ namespace {
 constexpr int64_t k_max_layers = 512;    // LLAMA_MAX_LAYERS (src/llama-hparams.h)
 constexpr int64_t k_max_experts = 1024;  // LLAMA_MAX_EXPERTS
 constexpr uint32_t k_max_name = 64;      // GGML_MAX_NAME
+constexpr uint64_t k_max_string = uint64_t(1) << 30;  // GGUF_MAX_STRING_LENGTH (gguf.cpp)
+constexpr uint64_t k_max_array = uint64_t(1) << 30;   // GGUF_MAX_ARRAY_ELEMENTS
+constexpr uint64_t k_tensor_alignment = 32;           // TENSOR_ALIGNMENT (ggml-backend-impl.h)
 
 // GGUF value types (gguf.h's enum gguf_type) and their sizes; 0: string / array
 enum : uint32_t { U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64, N_TYPES };
@@ -94,15 +112,26 @@ bool is_int(uint32_t t) { return t <= I32 || t == U64 || t == I64; }
 class meta_file {
 public:
     explicit meta_file(const std::string & path) {
+#if defined(_WIN32)
         std::error_code ec;
         size_ = std::filesystem::file_size(path, ec);
         if (ec) throw load_error("cannot stat '" + path + "': " + ec.message());
-#if defined(_WIN32)
         f_ = std::fopen(path.c_str(), "rb");
         if (f_ == nullptr) throw load_error("cannot open '" + path + "'");
 #else
         const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
         if (fd < 0) throw load_error("cannot open '" + path + "': " + std::strerror(errno));
+        struct stat sb {};
+        if (::fstat(fd, &sb) != 0) {  // the size of what is mapped, not of whatever the path names now
+            const int err = errno;
+            ::close(fd);
+            throw load_error("cannot stat '" + path + "': " + std::strerror(err));
+        }
+        size_ = uint64_t(sb.st_size);
+        if (size_ > uint64_t(SIZE_MAX)) {
+            ::close(fd);
+            throw load_error("'" + path + "' is larger than this process can map");
+        }
         if (size_ > 0) {
             void * p = ::mmap(nullptr, size_t(size_), PROT_READ, MAP_PRIVATE, fd, 0);
             if (p == MAP_FAILED) {
@@ -213,6 +242,7 @@ private:
             bad(field.str(), at, "a string of " + std::to_string(n) + " bytes, but " + std::to_string(left()) +
                                      " bytes are left in the file");
         }
+        if (n > k_max_string) bad(field.str(), at, "a string of " + std::to_string(n) + " bytes; GGUF allows 1 GiB");
         if (!f_.need(pos_, n)) bad(field.str(), at, "cannot read the string");
         const uint64_t start = pos_;
         pos_ += n;
@@ -243,13 +273,16 @@ private:
     }
 
     void kv_pairs() {
+        std::unordered_set<std::string> full_keys;
         for (int64_t i = 0; i < n_kv_; ++i) {
             const std::string where = "key/value pair " + std::to_string(i);
             const uint64_t key_at = pos_;
             auto [ko, kn] = read_str(where + " key");
-            std::string key(view(ko, kn));
-            if (key.empty()) bad(where, key_at, "an empty key");
-            if (kv_.count(key)) bad(key, key_at, "the key appears twice");
+            std::string full(view(ko, kn));
+            if (full.empty()) bad(where, key_at, "an empty key");
+            if (!full_keys.insert(full).second) bad(full, key_at, "the key appears twice");
+            // llama.cpp looks keys up with strcmp, so a NUL ends one, and the first match wins
+            std::string key = full.substr(0, full.find('\0'));
             kv_info kv;
             const uint64_t type_at = pos_;
             kv.type = read<uint32_t>(key);
@@ -263,6 +296,9 @@ private:
                 const uint64_t n_at = pos_;
                 kv.n = read<uint64_t>(key);
                 const uint64_t min_size = item == STR ? 8 : k_type_size[item];
+                if (kv.n > k_max_array) {
+                    bad(key, n_at, "an array of " + std::to_string(kv.n) + " items; GGUF allows 2^30");
+                }
                 if (kv.n > left() / min_size) {
                     bad(key, n_at, "an array of " + std::to_string(kv.n) + " items, but " + std::to_string(left()) +
                                        " bytes are left in the file");
@@ -281,7 +317,7 @@ private:
                 if (!f_.need(pos_, n)) bad(key, pos_, "the file ends inside the value");
                 pos_ += n;
             }
-            kv_.emplace(std::move(key), kv);
+            if (kv_.count(key) == 0) kv_.emplace(std::move(key), kv);
         }
         if (const kv_info * a = find("general.alignment")) {
             if (a->type != U32) bad("general.alignment", a->off, std::string("a ") + k_type_name[a->type] + ", not a u32");
@@ -295,7 +331,7 @@ private:
     void tensors() {
         struct info { std::string name; uint64_t nbytes, offset, at; };
         std::vector<info> infos;
-        infos.reserve(size_t(n_tensors_));
+        infos.reserve(size_t(std::min<int64_t>(n_tensors_, 1 << 16)));
         std::unordered_set<std::string> names;
         for (int64_t i = 0; i < n_tensors_; ++i) {
             const uint64_t at = pos_;
@@ -344,6 +380,11 @@ private:
                 bad(t, ti.at, "its " + std::to_string(ti.nbytes) + " bytes at " + std::to_string(data + ti.offset) +
                                   " end past the end of the file (" + std::to_string(f_.size()) + " bytes)");
             }
+            if ((data + ti.offset) % k_tensor_alignment != 0) {
+                bad(t, ti.at, "its data starts at byte " + std::to_string(data + ti.offset) + ", not a multiple of " +
+                                  std::to_string(k_tensor_alignment) + ": ggml maps tensor data in place and aborts on "
+                                  "unaligned data (general.alignment " + std::to_string(align_) + ")");
+            }
             const uint64_t padded = (ti.nbytes + align_ - 1) / align_ * align_;
             if (padded > UINT64_MAX - expect) bad(t, ti.at, "the data section size overflows");
             expect += padded;
@@ -385,16 +426,20 @@ private:
         const kv_info * kv = find(key);
         if (kv == nullptr) return std::nullopt;
         if (is_int(kv->type)) return std::vector<int64_t>(size_t(n_layer), get_int(*kv, 0, kv->type));
-        if (kv->type != ARR || !is_int(kv->arr_type) || kv->n > uint64_t(n_layer)) return std::nullopt;
+        // get_arr reads bool arrays into integer per-layer values too
+        const bool ints = is_int(kv->arr_type) || kv->arr_type == BOOL;
+        if (kv->type != ARR || !ints || kv->n > uint64_t(n_layer)) return std::nullopt;
         std::vector<int64_t> v(size_t(n_layer), 0);
-        for (uint64_t i = 0; i < kv->n; ++i) v[i] = get_int(*kv, i, kv->arr_type);
+        const uint32_t t = kv->arr_type == BOOL ? U8 : kv->arr_type;
+        for (uint64_t i = 0; i < kv->n; ++i) v[i] = get_int(*kv, i, t);
         return v;
     }
     std::optional<std::string_view> str_key(const std::string & key) const {
         const kv_info * kv = find(key);
         if (kv == nullptr || kv->type != STR) return std::nullopt;
         const uint64_t n = get<uint64_t>(*kv, 0);
-        return view(kv->off + 8, n);
+        const std::string_view s = view(kv->off + 8, n);
+        return s.substr(0, s.find('\0'));  // llama.cpp reads it as a C string
     }
     // where a key's value starts; for a missing key, where the key that needs it does
     uint64_t at(const std::string & key, const std::string & needed_by = "") const {
@@ -419,20 +464,23 @@ private:
         const auto n_layer = int_key(p + "block_count");
         if (n_layer) range(p + "block_count", *n_layer, 1, k_max_layers, "llama.cpp supports this many layers");
         const int64_t nl = n_layer.value_or(0);
-        if (auto v = int_key(p + "nextn_predict_layers")) range(p + "nextn_predict_layers", *v, 0, nl, "at most block_count");
+        const int64_t nextn = int_key(p + "nextn_predict_layers").value_or(0);
+        range(p + "nextn_predict_layers", nextn, 0, nl, "at most block_count");
         if (auto v = int_key(p + "context_length")) range(p + "context_length", *v, 1, INT32_MAX, "a context length");
         if (auto v = int_key(p + "embedding_length")) range(p + "embedding_length", *v, 1, INT32_MAX, "an embedding size");
 
-        // experts (load_hparams' asserts)
-        const int64_t n_expert = int_key(p + "expert_count").value_or(0);
+        // experts (load_hparams' asserts); HunYuan's dense models count one expert as none
+        int64_t n_expert = int_key(p + "expert_count").value_or(0);
         range(p + "expert_count", n_expert, 0, k_max_experts, "llama.cpp supports this many experts");
+        const bool hunyuan_dense = arch == "hunyuan-dense" || arch == "hunyuan_vl";
         int64_t used_max = 0;
-        if (nl > 0) {
+        if (nl > 0 && !(hunyuan_dense && n_expert <= 1)) {
             if (auto used = layer_key(p + "expert_used_count", nl)) {
                 for (int64_t u : *used) used_max = std::max(used_max, u);
                 for (int64_t u : *used) range(p + "expert_used_count", u, 0, INT32_MAX, "an expert count");
             }
         }
+        if (hunyuan_dense && n_expert <= 1) n_expert = 0;
         const int64_t groups = int_key(p + "expert_group_count").value_or(0);
         const int64_t group_used = int_key(p + "expert_group_used_count").value_or(0);
         if (n_expert > 0) {
@@ -458,47 +506,89 @@ private:
             }
         }
 
-        // attention heads, per layer
         if (nl > 0) {
-            const auto heads = layer_key(p + "attention.head_count", nl);
-            const auto heads_kv = layer_key(p + "attention.head_count_kv", nl);
-            if (heads) {
-                for (int64_t il = 0; il < nl; ++il) {
-                    const int64_t h = (*heads)[size_t(il)];
-                    range(p + "attention.head_count", h, 0, 1 << 20, "a head count");
-                    if (!heads_kv) continue;
-                    const int64_t hk = (*heads_kv)[size_t(il)];
-                    range(p + "attention.head_count_kv", hk, 0, h, "at most head_count");
-                    if (h > 0 && hk > 0 && h % hk != 0) {
-                        bad(p + "attention.head_count_kv", at(p + "attention.head_count_kv"),
-                            std::to_string(hk) + " KV heads do not divide " + std::to_string(h) +
-                                " heads (layer " + std::to_string(il) + ")");
-                    }
-                }
-                const int64_t h0 = (*heads)[0];
-                const auto n_embd = int_key(p + "embedding_length");
-                if (h0 > 0) {
-                    int64_t head_k = n_embd ? *n_embd / h0 : 0;
-                    if (auto k = int_key(p + "attention.key_length")) {
-                        range(p + "attention.key_length", *k, 1, 1 << 20, "a head size");
-                        head_k = *k;
-                    }
-                    if (auto v = int_key(p + "attention.value_length")) range(p + "attention.value_length", *v, 1, 1 << 20, "a head size");
-                    if (auto r = int_key(p + "rope.dimension_count"); r && head_k > 0) {
-                        range(p + "rope.dimension_count", *r, 0, head_k, "rotary dimensions, at most the head size");
-                        if (*r % 2 != 0) bad(p + "rope.dimension_count", at(p + "rope.dimension_count"),
-                                             std::to_string(*r) + " is odd; RoPE rotates pairs");
-                    }
-                }
-            }
+            heads(p, arch, nl);
+            sliding_window(p, nl - nextn);
         }
 
-        // every epsilon under the architecture's prefix
+        // every epsilon under the architecture's prefix (layer_norm_epsilon, ..._rms_epsilon,
+        // hyper_connection.epsilon, ...)
         for (const auto & [key, kv] : kv_) {
-            if (key.compare(0, p.size(), p) != 0 || key.size() < 8 || key.compare(key.size() - 8, 8, "_epsilon") != 0) continue;
+            if (key.compare(0, p.size(), p) != 0 || key.size() < 7 || key.compare(key.size() - 7, 7, "epsilon") != 0) continue;
             if (kv.type != F32) continue;  // llama.cpp's typed getter refuses other types
             const float eps = get<float>(kv, 0);
             if (!std::isfinite(eps) || eps <= 0.0f) bad(key, kv.off, std::to_string(eps) + "; it must be finite and > 0");
+        }
+    }
+
+    // attention heads, per layer (a scalar or one value per layer)
+    void heads(const std::string & p, const std::string & arch, int64_t nl) const {
+        const auto heads = layer_key(p + "attention.head_count", nl);
+        const auto heads_kv = layer_key(p + "attention.head_count_kv", nl);
+        if (!heads) return;
+        // dense transformers: every layer has attention (gemma3's 27B size divides by head_count)
+        const bool all_attention = arch == "llama" || arch == "gemma" || arch == "gemma2" || arch == "gemma3";
+        for (int64_t il = 0; il < nl; ++il) {
+            const int64_t h = (*heads)[size_t(il)];
+            range(p + "attention.head_count", h, all_attention ? 1 : 0, 1 << 20,
+                  all_attention ? "every layer of " + arch + " has attention heads" : "a head count");
+            if (!heads_kv || h == 0) continue;  // no attention in this layer (recurrent layers, RWKV)
+            const int64_t hk = (*heads_kv)[size_t(il)];
+            const std::string where = " (layer " + std::to_string(il) + ")";
+            range(p + "attention.head_count_kv", hk, 1, h, "KV heads of a layer with attention, at most head_count" + where);
+            if (h % hk != 0) {
+                bad(p + "attention.head_count_kv", at(p + "attention.head_count_kv"),
+                    std::to_string(hk) + " KV heads do not divide " + std::to_string(h) + " heads" + where);
+            }
+        }
+        const int64_t h0 = (*heads)[0];
+        if (h0 <= 0) return;
+        // head sizes and rotary dimensions, for full and sliding-window (_swa) layers
+        const auto n_embd = int_key(p + "embedding_length");
+        int64_t head_k = n_embd ? *n_embd / h0 : 0;
+        if (auto k = int_key(p + "attention.key_length")) {
+            range(p + "attention.key_length", *k, 1, 1 << 20, "a head size");
+            head_k = *k;
+        }
+        if (auto v = int_key(p + "attention.value_length")) range(p + "attention.value_length", *v, 1, 1 << 20, "a head size");
+        int64_t head_k_swa = head_k;
+        if (auto k = int_key(p + "attention.key_length_swa")) {
+            range(p + "attention.key_length_swa", *k, 1, 1 << 20, "a head size");
+            head_k_swa = *k;
+        }
+        if (auto v = int_key(p + "attention.value_length_swa")) {
+            range(p + "attention.value_length_swa", *v, 1, 1 << 20, "a head size");
+        }
+        for (const auto & [key, hk] : {std::make_pair(p + "rope.dimension_count", head_k),
+                                      std::make_pair(p + "rope.dimension_count_swa", head_k_swa)}) {
+            const auto r = int_key(key);
+            if (!r || hk <= 0) continue;
+            range(key, *r, 0, hk, "rotary dimensions, at most the head size");
+            if (*r % 2 != 0) bad(key, at(key), std::to_string(*r) + " is odd; RoPE rotates pairs");
+        }
+    }
+
+    // A sliding window with a layer pattern that leaves no sliding-window layer: context creation
+    // asserts is_swa_any(). The pattern is an array (per layer) or a period n, whose last layer of
+    // each n is a full one (n = 1: none slides).
+    void sliding_window(const std::string & p, int64_t n_layer) const {
+        const std::string key = p + "attention.sliding_window_pattern";
+        const auto window = int_key(p + "attention.sliding_window");
+        const kv_info * kv = find(key);
+        if (!window || *window <= 0 || kv == nullptr) return;
+        bool any = false;
+        if (kv->type == ARR) {
+            const auto v = layer_key(key, k_max_layers);
+            if (!v) return;
+            for (int64_t il = 0; il < std::min<int64_t>(n_layer, int64_t(kv->n)); ++il) any = any || (*v)[size_t(il)] != 0;
+        } else if (is_int(kv->type)) {
+            any = get_int(*kv, 0, kv->type) != 1 && n_layer > 0;
+        } else {
+            return;
+        }
+        if (!any) {
+            bad(key, kv->off, "a sliding window of " + std::to_string(*window) + " tokens, but this pattern makes none of the " +
+                                  std::to_string(n_layer) + " layers a sliding-window one");
         }
     }
 
@@ -509,6 +599,8 @@ private:
         if (tk->type != ARR || tk->arr_type != STR) bad(tokens, tk->off, "not an array of strings");
         const uint64_t n = tk->n;
         if (n > uint64_t(INT32_MAX)) bad(tokens, tk->off, std::to_string(n) + " tokens; llama_token is an int32");
+        const auto model = str_key("tokenizer.ggml.model");
+        if (model && (*model == "none" || *model == "no_vocab")) return;  // llama.cpp reads no tokens
         for (const char * key : {"tokenizer.ggml.scores", "tokenizer.ggml.token_type"}) {
             const kv_info * kv = find(key);
             if (kv == nullptr) continue;
@@ -520,7 +612,6 @@ private:
 
         // byte tokens (type 6), by what the declared tokenizer does with them: SentencePiece, Unigram
         // and the BPE family parse "<0xNN>" (token_to_byte's substr(3, 2)); WordPiece aborts on any
-        const auto model = str_key("tokenizer.ggml.model");
         const kv_info * types = find("tokenizer.ggml.token_type");
         if (model && types != nullptr) {
             const std::string_view m = *model;
@@ -547,7 +638,54 @@ private:
                 seen[b] = true;
             }
         }
+        if (model && *model == "rwkv") rwkv_bytes(tokens, n);
         duplicates(tokens, n);
+    }
+
+    // RWKV's greedy trie tokenizer restarts from the beginning when a byte starts some token but
+    // no token ends on the way (llm_tokenizer_rwkv_session: token_length stays 0): it loops forever,
+    // already at load (tokenize("\n")). A byte that starts a token must be a token of its own.
+    void rwkv_bytes(const std::string & tokens, uint64_t n) const {
+        auto first_byte = [](std::string_view t, int & b) {  // llama_unescape_rwkv_token's first byte
+            if (t.empty()) return false;
+            if (t[0] != '\\') { b = (unsigned char) t[0]; return true; }
+            if (t.size() < 2) return false;
+            switch (t[1]) {
+                case 't': b = '\t'; return true;
+                case 'n': b = '\n'; return true;
+                case 'r': b = '\r'; return true;
+                case 'x': {
+                    if (t.size() < 4) return false;
+                    auto v = [](char c) { return (c >= 'a') ? (c - 'a' + 10) : (c - '0'); };
+                    b = (v(t[2]) * 16 + v(t[3])) & 0xFF;
+                    return true;
+                }
+                default: b = (unsigned char) t[1]; return true;
+            }
+        };
+        auto unescaped_size = [](std::string_view t) {  // 1 for a one-byte token
+            size_t out = 0;
+            for (size_t i = 0; i < t.size(); ++i, ++out) {
+                if (t[i] == '\\' && i + 1 < t.size()) i += (t[i + 1] == 'x') ? 3 : 1;
+            }
+            return out;
+        };
+        bool starts[256] = {}, single[256] = {};
+        uint64_t where[256] = {};
+        for (uint64_t i = 0; i < n; ++i) {
+            const std::string_view t = token_text(i);
+            int b = 0;
+            if (!first_byte(t, b)) continue;
+            if (!starts[b]) where[b] = token_off_[i].first;
+            starts[b] = true;
+            if (unescaped_size(t) == 1) single[b] = true;
+        }
+        for (int b = 0; b < 256; ++b) {
+            if (starts[b] && !single[b]) {
+                bad(tokens, where[b], "an RWKV vocabulary where byte " + std::to_string(b) + " starts a token but is "
+                                      "not a token itself: llama.cpp's RWKV tokenizer never ends on such text");
+            }
+        }
     }
 
     // A token's text as llama.cpp reads it: gguf_get_arr_str returns a C string, so a NUL ends it.
@@ -560,6 +698,7 @@ private:
     // this replaced cost 20 ms on 262k tokens).
     void duplicates(const std::string & tokens, uint64_t n) const {
         if (n < 2) return;
+        if (n > SIZE_MAX / 32) bad(tokens, token_off_[0].first, "too many tokens for this process's address space");
         size_t cap = 1;
         while (cap < 2 * n) cap <<= 1;
         std::vector<uint64_t> slot(cap, 0);  // (upper 32 bits of the hash) << 32 | (index + 1); 0: empty
@@ -630,7 +769,11 @@ private:
 struct seen_file {
     std::string path;
     uint64_t size;
-    int64_t mtime;
+    int64_t mtime, ctime;
+    uint64_t inode;
+    bool operator==(const seen_file & o) const {
+        return path == o.path && size == o.size && mtime == o.mtime && ctime == o.ctime && inode == o.inode;
+    }
 };
 std::mutex g_seen_mu;
 std::vector<seen_file> g_seen;
@@ -639,11 +782,25 @@ std::optional<seen_file> identity(const std::string & path) {
     std::error_code ec;
     const auto canon = std::filesystem::canonical(path, ec);
     if (ec) return std::nullopt;
+#if defined(_WIN32)
     const uint64_t size = std::filesystem::file_size(canon, ec);
     if (ec) return std::nullopt;
     const auto mtime = std::filesystem::last_write_time(canon, ec);
     if (ec) return std::nullopt;
-    return seen_file{canon.string(), size, int64_t(mtime.time_since_epoch().count())};
+    return seen_file{canon.string(), size, int64_t(mtime.time_since_epoch().count()), 0, 0};
+#else
+    struct stat sb {};
+    if (::stat(canon.c_str(), &sb) != 0) return std::nullopt;
+    // the change time too: a restored modification time does not hide a rewrite
+#if defined(__APPLE__)
+    const int64_t m = int64_t(sb.st_mtimespec.tv_sec) * 1000000000 + sb.st_mtimespec.tv_nsec;
+    const int64_t c = int64_t(sb.st_ctimespec.tv_sec) * 1000000000 + sb.st_ctimespec.tv_nsec;
+#else
+    const int64_t m = int64_t(sb.st_mtim.tv_sec) * 1000000000 + sb.st_mtim.tv_nsec;
+    const int64_t c = int64_t(sb.st_ctim.tv_sec) * 1000000000 + sb.st_ctim.tv_nsec;
+#endif
+    return seen_file{canon.string(), uint64_t(sb.st_size), m, c, uint64_t(sb.st_ino)};
+#endif
 }
 
 }  // namespace
@@ -653,7 +810,7 @@ void validate_gguf(const std::string & path) {
     if (id) {
         std::lock_guard<std::mutex> lock(g_seen_mu);
         for (const seen_file & s : g_seen) {
-            if (s.path == id->path && s.size == id->size && s.mtime == id->mtime) return;
+            if (s == *id) return;
         }
     }
     validator(path).run();

@@ -11,13 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import lamina
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "ci"))
-from fuzz import ARR, F32, STR, U32, kv_bytes, layout, relayout, targets  # noqa: E402
+from fuzz import ARR, BOOL, F32, STR, U32, kv_bytes, layout, relayout, targets  # noqa: E402
 from tiny_gguf import write_tiny_llama  # noqa: E402
 
 
@@ -153,6 +154,90 @@ def test_a_byte_token_in_a_wordpiece_vocabulary_raises(tmp_path: Path) -> None:
     model = kv_bytes("tokenizer.ggml.model", STR, "bert")
     err = format_error(with_kv(tmp_path, {"tokenizer.ggml.model": model}))
     assert err.field == "tokenizer.ggml.tokens[3]" and "WordPiece" in err.reason
+
+
+@pytest.mark.parametrize("pattern", [[], [0, 0], 1])
+def test_a_sliding_window_pattern_without_sliding_layers_raises(tmp_path: Path, pattern: list[int] | int) -> None:
+    # context creation: GGML_ASSERT(hparams.is_swa_any()) (found by ci/fuzz.py)
+    key = "gemma3.attention.sliding_window_pattern"
+    value = kv_bytes(key, ARR, pattern, BOOL) if isinstance(pattern, list) else kv_bytes(key, U32, pattern)
+    err = format_error(with_kv(tmp_path, {key: value}, arch="gemma3"))
+    assert err.field == key and "none of the 2 layers" in err.reason
+
+
+def test_a_layer_without_kv_heads_raises(tmp_path: Path) -> None:
+    # ggml_mul_mat: GGML_ASSERT(a->ne[0] == b->ne[0]) at the first decode (found by ci/fuzz.py)
+    heads = kv_bytes("llama.attention.head_count_kv", ARR, [2, 0], U32)
+    err = format_error(with_kv(tmp_path, {"llama.attention.head_count_kv": heads}))
+    assert err.field == "llama.attention.head_count_kv" and "layer 1" in err.reason
+
+
+def test_tensor_data_ggml_cannot_map_aligned_raises(tmp_path: Path) -> None:
+    # general.alignment 8: mmap'd tensors at addresses ggml-backend asserts on (found by ci/fuzz.py)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path)
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    out = tmp_path / "align8.gguf"
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.data_alignment = 8
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        w.add_key_value(name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    w.add_uint32("general.alignment", 8)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data[:-1] if t.name == "output_norm.weight" else t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    err = format_error(out)
+    assert "multiple of 32" in err.reason and err.field.startswith("tensor '")
+
+
+def test_a_key_with_a_nul_is_checked_as_llama_cpp_finds_it(tmp_path: Path) -> None:
+    # gguf_find_key compares with strcmp: "llama.block_count\0x" is llama.block_count (reviewer)
+    key = "llama.block_count\0x"
+    err = format_error(with_kv(tmp_path, {key: kv_bytes(key, U32, 1000)}, drop=("llama.block_count",)))
+    assert err.field == "llama.block_count"
+
+
+def test_an_rwkv_vocabulary_the_tokenizer_would_loop_on_raises(tmp_path: Path) -> None:
+    # llm_tokenizer_rwkv_session: "\n\n" is a token but "\n" is not: tokenize("\n") at load never ends
+    from tiny_gguf import vocab
+
+    tokens, _, _ = vocab()
+    tokens[300] = "\\n\\n"  # RWKV escapes: the two bytes 0x0A 0x0A
+    add = {"tokenizer.ggml.model": kv_bytes("tokenizer.ggml.model", STR, "rwkv"),
+           "tokenizer.ggml.tokens": kv_bytes("tokenizer.ggml.tokens", ARR, tokens, STR)}
+    err = format_error(with_kv(tmp_path, add))
+    assert err.field == "tokenizer.ggml.tokens" and "RWKV" in err.reason
+
+
+def test_a_model_without_vocabulary_raises_on_text_not_aborts(tmp_path: Path, tiny_path: Path) -> None:
+    # llama.cpp asserts a tokenizer in tokenize/detokenize and aborts in token_to_piece; a
+    # tokenizer.ggml.model "none" file loads only vocab_only (its weights want n_vocab rows)
+    path = with_kv(tmp_path, {"tokenizer.ggml.model": kv_bytes("tokenizer.ggml.model", STR, "none")})
+    with lamina.Model(tiny_path, gpu=False) as tiny:
+        m = lamina._native.Model(str(path), tiny._placement, vocab_only=True)
+    for call in (lambda: m.tokenize(b"hello", True, False), lambda: m.detokenize(np.array([1, 2], dtype=np.int32)),
+                 lambda: m.token_to_piece(1, False)):
+        with pytest.raises(lamina.LaminaError, match="no vocabulary"):
+            call()
+    m.close()
+
+
+def test_a_missing_special_token_the_vocabulary_asks_for_raises(tmp_path: Path) -> None:
+    # Unigram (t5) with add_bos_token and no BOS id: GGML_ASSERT(special_bos_id != LLAMA_TOKEN_NULL)
+    add = {"tokenizer.ggml.model": kv_bytes("tokenizer.ggml.model", STR, "t5")}
+    path = with_kv(tmp_path, add, drop=("tokenizer.ggml.bos_token_id",))
+    with lamina.Model(path, gpu=False) as m:
+        with pytest.raises(ValueError, match="BOS"):
+            m.tokenize("hello")
+        assert len(m.tokenize("hello", add_special=False)) > 0
 
 
 def test_a_truncated_file_names_the_tensor_that_ends_past_it(tmp_path: Path) -> None:
