@@ -8,23 +8,27 @@
 // (about 30 ms, most of the validator's budget of 5% of a load). The structural rules are ggml's
 // own (gguf.cpp in the pin), so a file this walk accepts is one ggml's reader accepts too.
 //
-// What is checked, and why (llama.cpp's tests/test-gguf.cpp names the structural classes
-// HANDCRAFTED_HEADER_BAD_*, _KV_BAD_*, _TENSORS_BAD_*, _DATA_NOT_ENOUGH_DATA):
+// What is checked, and why. The structural classes are those of llama.cpp's tests/test-gguf.cpp
+// (HANDCRAFTED_HEADER_BAD_*, _KV_BAD_*, _TENSORS_BAD_*, _DATA_NOT_ENOUGH_DATA) and of the public
+// GGUF advisories: Cisco Talos' TALOS-2024-1912..1916 (CVE-2024-21802, -21825, -23496, -23605,
+// -25664..-25666: unchecked counts, lengths and sizes in gguf_init_from_file overflowing the heap),
+// and CVE-2026-7482 (Ollama: tensor shapes that claim more data than the file holds, read out of
+// bounds). The others are the values fuzzing (ci/fuzz.py) found to abort llama.cpp:
 //
 //   structure (ggml refuses these with an error; checked here for the offset and one message)
 //   magic "GGUF"; version 2..3, not byte-swapped           HEADER_BAD_MAGIC, HEADER_BAD_VERSION_*
 //   n_tensors, n_kv >= 0 and no more than the bytes left   HEADER_BAD_N_TENSORS, _BAD_N_KV
-//     can hold (a count of 2^63 must not size a vector)    (CVE-2024-25664/-25665/-25666 class)
+//     can hold (a count of 2^63 must not size a vector)
 //   each key: non-empty, unique, length inside the file    KV_BAD_KEY_SIZE, duplicate keys
 //   each value type 0..12; arrays of arrays refused;       KV_BAD_TYPE
-//     array counts no more than the bytes left hold        (CVE-2024-21802 class: huge counts)
-//   every string length inside the file                    KV_BAD_VALUE_SIZE (CVE-2024-23496)
+//     array counts no more than the bytes left hold
+//   every string length inside the file                    KV_BAD_VALUE_SIZE
 //   general.alignment: a u32, a power of two               KV_BAD_ALIGN
 //   keys looked up as llama.cpp does: up to a NUL          gguf_find_key uses strcmp (first wins)
 //   strings < 1 GiB, arrays < 2^30 items                   GGUF_MAX_STRING_LENGTH / _ARRAY_ELEMENTS
 //   tensor names: < 64 bytes, unique                       TENSORS_BAD_NAME_SIZE, _DUPLICATE_NAME
 //   n_dims <= 4, dims >= 0, element count and byte size    TENSORS_BAD_N_DIMS, _BAD_SHAPE,
-//     representable (no int64 / size_t overflow)           _NE_TOO_BIG (CVE-2024-23605 class)
+//     representable (no int64 / size_t overflow)           _NE_TOO_BIG
 //   tensor type a live ggml type, row divisible by block   TENSORS_BAD_TYPE, _BAD_BLOCK_SIZE
 //   offsets contiguous and aligned, the data in the file   TENSORS_BAD_OFFSET, DATA_NOT_ENOUGH_DATA
 //   each tensor's data 32-byte aligned in the file         ggml-backend: GGML_ASSERT(ptr % TENSOR_
