@@ -403,6 +403,20 @@ def mutate_state(blob: bytes, fields: list[Target], case: int, seed: int) -> tup
     return bytes(data), f"{t.what}: {old} -> {new}"
 
 
+def record(counts: Counter[str] | None, bad: list[str], outcome: str, line: str, save: Path | None | bool,
+           data: bytes) -> None:
+    """Count an outcome; a signal, odd exit or hang is printed, listed and (with --save) kept."""
+    if counts is not None:
+        counts[outcome.split()[0]] += 1
+    if outcome in ("loaded", "raised"):
+        return
+    bad.append(line)
+    print(line, flush=True)
+    if isinstance(save, Path):
+        save.parent.mkdir(parents=True, exist_ok=True)
+        save.write_bytes(data)
+
+
 def state_fuzz(a: argparse.Namespace, work: Path) -> int:
     """--state: mutate saved states (whole context and one sequence) and load them into a fresh context."""
     import lamina
@@ -429,14 +443,8 @@ def state_fuzz(a: argparse.Namespace, work: Path) -> int:
         k = case % 2
         data, what = mutate_state(blobs[k][1], fields[k], case, a.seed)
         outcome, tail = run_case(model_path, a.timeout, lambda: load(blobs[k][0], data))
-        counts[outcome.split()[0]] += 1
-        if outcome not in ("loaded", "raised"):
-            line = f"case {case} ({blobs[k][0]} state): {outcome}: {what} | {tail[:200]}"
-            bad.append(line)
-            print(line, flush=True)
-            if a.save:
-                a.save.mkdir(parents=True, exist_ok=True)
-                (a.save / f"state-seed{a.seed}-case{case}.bin").write_bytes(data)
+        record(counts, bad, outcome, f"case {case} ({blobs[k][0]} state): {outcome}: {what} | {tail[:200]}",
+               a.save and a.save / f"state-seed{a.seed}-case{case}.bin", data)
     print(f"fuzz --state: {a.cases} cases (seed {a.seed}, from {a.first}) in {time.monotonic() - t0:.0f} s: " +
           ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) +
           f"; {len(fields[0])} and {len(fields[1])} typed fields")
@@ -517,13 +525,8 @@ def main() -> int:
             tool_counts[tool_outcome] += 1
             if tool_outcome not in ("loaded", "raised"):
                 print(f"case {case} ({lay.arch}): {a.against.name}: {tool_outcome}: {what}", flush=True)
-        if outcome not in ("loaded", "raised"):
-            line = f"case {case} ({lay.arch}): {outcome}: {what} | {tail[:200]}"
-            bad.append(line)
-            print(line, flush=True)
-            if a.save:
-                a.save.mkdir(parents=True, exist_ok=True)
-                (a.save / f"seed{a.seed}-case{case}.gguf").write_bytes(data)
+        record(None, bad, outcome, f"case {case} ({lay.arch}): {outcome}: {what} | {tail[:200]}",
+               a.save and a.save / f"seed{a.seed}-case{case}.gguf", data)
     dt = time.monotonic() - t0
     print(f"fuzz: {a.cases} cases (seed {a.seed}, from {a.first}) in {dt:.0f} s: " +
           ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) +
