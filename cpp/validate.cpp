@@ -26,6 +26,7 @@
 //   general.alignment: a u32, a power of two               KV_BAD_ALIGN
 //   keys looked up as llama.cpp does: up to a NUL          gguf_find_key uses strcmp (first wins)
 //   strings < 1 GiB, arrays < 2^30 items                   GGUF_MAX_STRING_LENGTH / _ARRAY_ELEMENTS
+//   the other files of a split model: their structure     (mmap'd data alignment, as above)
 //   tensor names: < 64 bytes, unique                       TENSORS_BAD_NAME_SIZE, _DUPLICATE_NAME
 //   n_dims <= 4, dims >= 0, element count and byte size    TENSORS_BAD_N_DIMS, _BAD_SHAPE,
 //     representable (no int64 / size_t overflow)           _NE_TOO_BIG
@@ -200,11 +201,30 @@ public:
     explicit validator(const std::string & path) : path_(path), f_(path) {}
 
     void run() {
+        structure();
+        hparams();
+        vocab();
+    }
+    // the GGUF structure only: the other files of a split model (the first one holds the rest)
+    void structure() {
         header();
         kv_pairs();
         tensors();
-        hparams();
-        vocab();
+    }
+    // the other files of a split model ("name-00001-of-00003.gguf"), as llama.cpp names them
+    std::vector<std::string> other_splits() const {
+        const auto n = int_key("split.count");
+        if (!n || *n <= 1 || *n > 65535 || int_key("split.no").value_or(-1) != 0) return {};
+        std::vector<char> buf(path_.size() + 64, 0);
+        const int len = llama_split_prefix(buf.data(), buf.size(), path_.c_str(), 0, int(*n));
+        if (len <= 0) return {};  // not a split file name: llama.cpp refuses it
+        const std::string prefix(buf.data(), size_t(len));
+        std::vector<std::string> out;
+        for (int i = 1; i < int(*n); ++i) {
+            const int m = llama_split_path(buf.data(), buf.size(), prefix.c_str(), i, int(*n));
+            if (m > 0) out.emplace_back(buf.data(), size_t(m));
+        }
+        return out;
     }
 
 private:
@@ -817,8 +837,14 @@ void validate_gguf(const std::string & path) {
             if (s == *id) return;
         }
     }
-    validator(path).run();
-    if (id) {
+    validator v(path);
+    v.run();
+    const std::vector<std::string> splits = v.other_splits();
+    for (const std::string & split : splits) {
+        std::error_code ec;
+        if (std::filesystem::exists(split, ec)) validator(split).structure();  // missing: llama.cpp says so
+    }
+    if (id && splits.empty()) {  // a split model is validated every time: its other files may change
         std::lock_guard<std::mutex> lock(g_seen_mu);
         if (g_seen.size() >= 16) g_seen.erase(g_seen.begin());
         g_seen.push_back(*id);

@@ -295,3 +295,28 @@ def test_the_state_fuzz_seed_set_kills_nothing() -> None:
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
     assert out.returncode == 0, out.stdout[-2000:]
     assert summary.startswith("fuzz --state: 300 cases") and "signal" not in summary and "hang" not in summary
+
+
+def test_the_other_files_of_a_split_model_are_checked_too(tmp_path: Path, tiny_path: Path) -> None:
+    # llama.cpp maps every split's tensor data: a truncated second file is refused up front
+    import gguf
+
+    r = gguf.GGUFReader(str(tiny_path))
+    w = gguf.GGUFWriter(str(tmp_path / "split.gguf"), "llama", split_max_tensors=10)
+    for name, field in r.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            w.add_key_value(name, field.contents(), field.types[0],
+                            sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    files = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert len(files) >= 2
+    with lamina.Model(files[0], gpu=False) as m, m.context(n_ctx=64) as c:
+        assert len(c.complete([1, 5], max_tokens=2, ignore_eos=True).tokens) == 2  # the split model loads
+    files[1].write_bytes(files[1].read_bytes()[:-64])
+    err = format_error(files[0])
+    assert files[1].name in str(err) and "past the end of the file" in err.reason
