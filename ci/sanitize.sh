@@ -11,19 +11,25 @@ cd "$(dirname "$0")/.."
 san="${LAMINA_SANITIZE:-address,undefined}"
 venv=build/sanitize-venv
 log=build/sanitize.log
-[ -x "$venv/bin/python" ] || python3 -m venv --system-site-packages "$venv"
+# a venv of its own, without the system site-packages: an editable lamina installed there would be
+# imported instead of this build (its import hook runs before the venv's path)
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q numpy PyYAML pytest pytest-timeout gguf nanobind scikit-build-core
 export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
 # the build imports the module (stub generation) without the runtime preloaded
 ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0 \
 CMAKE_ARGS="-DLAMINA_SANITIZE=$san -DGGML_RPC=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo ${CMAKE_ARGS:-}" \
   "$venv/bin/pip" install -q --no-build-isolation --no-deps -Cbuild-dir=build/sanitize .
 
+# the ASan runtime first, and libstdc++ with it: Python itself is C, and without it ASan's
+# __cxa_throw interceptor finds no real function when the module throws its first exception
 preload=""
-case "$san" in *address*) preload="$(cc -print-file-name=libasan.so)";; esac
+case "$san" in *address*) preload="$(cc -print-file-name=libasan.so):$(cc -print-file-name=libstdc++.so)";; esac
 export LD_PRELOAD="$preload"
 export ASAN_OPTIONS="detect_leaks=0:exitcode=86:abort_on_error=0:allocator_may_return_null=1"
 export UBSAN_OPTIONS="print_stacktrace=1:report_error_type=1"
 cd build  # import the installed package, not python/lamina
+"../$venv/bin/python" -c "import lamina, sys; assert 'sanitize-venv' in lamina.__file__, lamina.__file__"
 set +e
 "../$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" --timeout=900 "${@:-../tests}" 2>&1 | tee "../$log"
 rc_tests=${PIPESTATUS[0]}

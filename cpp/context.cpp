@@ -214,12 +214,21 @@ void decode_tokens(context_state & st, const llama_token * toks, size_t n) {
         st.tokens.insert(st.tokens.end(), toks + done, toks + done + k);
         // the cache is the truth: a mirror that disagrees keeps only the positions (-1 ids never
         // match a prompt, so prefix reuse starts over but positions stay right)
-        const size_t held = size_t(llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0) + 1);
-        if (held != st.tokens.size()) st.tokens.assign(held, -1);
+        const llama_pos pmax = llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0);
+        if (size_t(pmax + 1) != st.tokens.size()) mirror_unknown(st, pmax);
         done += k;
         if (done < n) {
             check_signals();  // Ctrl-C between chunks of a long prompt
         }
+    }
+}
+
+void mirror_unknown(context_state & st, llama_pos pmax) {
+    const size_t n = size_t(std::max<llama_pos>(pmax + 1, 0));
+    if (n <= size_t(llama_n_ctx_seq(st.ctx.get()))) {
+        st.tokens.assign(n, llama_token(-1));
+    } else {
+        st.tokens.clear();
     }
 }
 
@@ -245,7 +254,8 @@ size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt) 
         --common;  // re-evaluate the last token to get its logits
     }
     llama_memory_t mem = llama_get_memory(st.ctx.get());
-    if (common < st.tokens.size()) {
+    // the cache may hold more than the mirror knows (a mirror dropped for far-shifted positions)
+    if (common < st.tokens.size() || llama_pos(common) <= llama_memory_seq_pos_max(mem, 0)) {
         bool ok = llama_memory_seq_rm(mem, 0, llama_pos(common), -1);
         // a sliding-window cache may have dropped what the kept prefix still needs
         int32_t n_swa = llama_model_n_swa(st.model->model.get());

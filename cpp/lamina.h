@@ -187,6 +187,10 @@ void check_prompt_fits(const context_state & st, size_t n);
 // the logits of the prompt's last token are available at index -1. Returns the tokens evaluated.
 size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt);
 void check_tokens(const model_state & m, const llama_token * toks, size_t n);
+// Set the token mirror of sequence 0 to unknown ids (-1) up to pmax. Positions beyond the
+// context's cells (shifted by kv.seq_add, or a hostile saved state) leave it empty instead of
+// allocating a mirror of billions: the next prompt then clears the cache and starts over.
+void mirror_unknown(context_state & st, llama_pos pmax);
 // Text needs a vocabulary: llama.cpp aborts on tokenize / detokenize / token_to_piece without one
 // (tokenizer.ggml.model "none"), and on add_special when a special token it asks for is missing.
 void require_vocab(const model_state & m);

@@ -36,7 +36,7 @@ void resync_seq0(context_state & st, bool suffix_removed_at, size_t cut) {
     if (suffix_removed_at && cut <= st.tokens.size() && n == cut) {
         st.tokens.resize(cut);
     } else {
-        st.tokens.assign(n, -1);
+        mirror_unknown(st, pmax);
     }
     st.last_outputs = 0;
 }
@@ -188,7 +188,7 @@ void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
         if (r.h.src_seq == 0 && llama_pos(r.tokens.size()) == pmax + 1) {
             st->tokens = std::move(r.tokens);
         } else {
-            st->tokens.assign(size_t(std::max<llama_pos>(pmax + 1, 0)), llama_token(-1));
+            mirror_unknown(*st, pmax);
         }
     }
     st->last_outputs = 0;
@@ -324,7 +324,7 @@ void init_memory(nb::module_ & m) {
         if (llama_pos(r.tokens.size()) == pmax + 1) {
             st->tokens = std::move(r.tokens);
         } else {
-            st->tokens.assign(size_t(std::max<llama_pos>(pmax + 1, 0)), llama_token(-1));
+            mirror_unknown(*st, pmax);
         }
         st->last_outputs = 0;
         // llama.cpp's state holds the cache but no logits: evaluate the last token again for them

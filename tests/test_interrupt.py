@@ -51,12 +51,13 @@ def test_ctrl_c_during_generation_in_a_subprocess(tiny_path: Path) -> None:
 import os, signal, threading, time, lamina
 m = lamina.Model({str(tiny_path)!r})
 ctx = m.context(n_ctx=512)
-threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
 n = 0
 try:
-    while True:   # generate until interrupted
+    while True:   # generate until interrupted, 0.2 s after the first piece (not before it on a busy machine)
         for piece in ctx.generate("the sky is", max_tokens=400, ignore_eos=True):
             n += 1
+            if n == 1:
+                threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
 except KeyboardInterrupt:
     print("interrupted", n > 0)
 print("again", len(ctx.complete("the sky is", max_tokens=5, ignore_eos=True).tokens))

@@ -219,3 +219,22 @@ def test_usage_and_capacity_per_sequence(tiny_model: lamina.Model) -> None:
         assert ctx.kv.used(1) == 3
     with tiny_model.context(512, n_seq_max=2, kv=lamina.KV(unified=True)) as ctx:
         assert ctx.kv.capacity == 512
+
+
+def test_positions_shifted_far_beyond_the_context_cost_no_memory(tiny_model: lamina.Model) -> None:
+    # the token mirror follows positions: a shift by 2e9 (or a saved state claiming such a
+    # position) once allocated 8 GB for it; now the mirror is dropped and the next prompt starts over
+    import resource
+
+    ctx = tiny_model.context(n_ctx=64)
+    ctx.decode([1, 300, 301])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ctx.kv.seq_add(0, 0, -1, 2_000_000_000)
+    assert ctx.kv.pos_range(0) == (2_000_000_000, 2_000_000_002)
+    blob = ctx.save_state()
+    fresh = tiny_model.context(n_ctx=64)
+    fresh.load_state(blob)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: no 8 GB mirror
+    for c in (ctx, fresh):
+        out = c.complete([1, 300, 301, 302], max_tokens=3, ignore_eos=True)
+        assert len(out.tokens) == 3 and c.kv.pos_range(0)[0] == 0  # started over at position 0
