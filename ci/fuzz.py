@@ -115,7 +115,7 @@ def numeric_values(fmt: str, old: float, rng: random.Random) -> float:
     signed = fmt[1].islower() and fmt[1] != "?"
     choices = [0, 1, 2, top, top - 1, top >> 1, (top >> 1) + 1, int(old) * 2 + 1, int(old) + 1,
                max(0, int(old) - 1), rng.randrange(0, top + 1), 1 << (bits // 2), 1 << (bits - 8)]
-    v = rng.choice(choices)
+    v = rng.choice(choices) & top  # wrapped to the field's width (old * 2 + 1 may not fit)
     if signed and v > (top >> 1):
         v -= top + 1
     return v
