@@ -27,7 +27,7 @@ preload=""
 case "$san" in *address*) preload="$(cc -print-file-name=libasan.so):$(cc -print-file-name=libstdc++.so)";; esac
 export LD_PRELOAD="$preload"
 export ASAN_OPTIONS="detect_leaks=0:exitcode=86:abort_on_error=0:allocator_may_return_null=1"
-export UBSAN_OPTIONS="print_stacktrace=1:report_error_type=1"
+export UBSAN_OPTIONS="print_stacktrace=1:report_error_type=1:suppressions=$PWD/ci/ubsan.supp"
 cd build  # import the installed package, not python/lamina
 "../$venv/bin/python" -c "import lamina, sys; assert 'sanitize-venv' in lamina.__file__, lamina.__file__"
 set +e
