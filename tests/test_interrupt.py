@@ -50,6 +50,9 @@ def test_ctrl_c_during_generation_in_a_subprocess(tiny_path: Path) -> None:
     code = f"""
 import faulthandler, os, signal, threading, time, lamina
 faulthandler.dump_traceback_later(60, exit=True)  # a hang shows where every thread is, then ends
+# Python leaves SIGINT ignored when it starts that way (a background job of a shell without job
+# control: how CI scripts and nohup'd runs start): the program asks for KeyboardInterrupt itself
+signal.signal(signal.SIGINT, signal.default_int_handler)
 m = lamina.Model({str(tiny_path)!r})
 ctx = m.context(n_ctx=512)
 n = 0
@@ -65,7 +68,7 @@ print("again", len(ctx.complete("the sky is", max_tokens=5, ignore_eos=True).tok
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.split() == ["interrupted", "True", "again", "5"]
+    assert out.stdout.split()[-4:] == ["interrupted", "True", "again", "5"], out.stdout
 
 
 def _wide(tmp_path: Path) -> lamina.Model:
