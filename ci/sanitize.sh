@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build lamina and llama.cpp with sanitizers (default address,undefined) into a venv of their own,
-# then run the fast test suite and the CI fuzz seeds under them.
+# then run the fast test suite and the CI fuzz seeds (model files and saved states) under them.
 #   bash ci/sanitize.sh [pytest args...]       LAMINA_SANITIZE=address bash ci/sanitize.sh
 # A finding fails the run: an ASan report ends the process (exit 86), a UBSan one is counted
 # from the log (pytest, recovering, so one run lists them all) or ends a fuzz child (exit 87).
@@ -36,6 +36,9 @@ rc_tests=${PIPESTATUS[0]}
 UBSAN_OPTIONS="$UBSAN_OPTIONS:halt_on_error=1:exitcode=87" \
   "../$venv/bin/python" ../ci/fuzz.py --cases 1000 --seed 0 --timeout 120 2>&1 | tee -a "../$log"
 rc_fuzz=${PIPESTATUS[0]}
+UBSAN_OPTIONS="$UBSAN_OPTIONS:halt_on_error=1:exitcode=87" \
+  "../$venv/bin/python" ../ci/fuzz.py --state --cases 300 --seed 0 --timeout 120 2>&1 | tee -a "../$log"
+[ "${PIPESTATUS[0]}" = 0 ] || rc_fuzz=1
 set -e
 cd ..
 ubsan=$(grep -c "runtime error:" "$log" || true)
