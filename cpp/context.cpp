@@ -128,8 +128,9 @@ void decode_failed(context_state & st, int rc) {
     // the cache holds exactly the token list again (a cache that cannot cut them is cleared)
     llama_memory_t mem = llama_get_memory(st.ctx.get());
     llama_pos pmax = llama_memory_seq_pos_max(mem, 0);
-    st.tokens.resize(std::min(st.tokens.size(), size_t(pmax + 1)));
-    if (size_t(pmax + 1) > st.tokens.size() && !llama_memory_seq_rm(mem, 0, llama_pos(st.tokens.size()), -1)) {
+    const size_t held = size_t(int64_t(pmax) + 1);
+    st.tokens.resize(std::min(st.tokens.size(), held));
+    if (held > st.tokens.size() && !llama_memory_seq_rm(mem, 0, llama_pos(st.tokens.size()), -1)) {
         llama_memory_seq_rm(mem, 0, -1, -1);
         st.tokens.clear();
     }
@@ -153,6 +154,14 @@ int decode_checked(context_state & st, const llama_batch & batch, bool sync) {
         throw std::invalid_argument("this model's attention is non-causal, so all " + std::to_string(batch.n_tokens) +
                                     " tokens of a text must fit one ubatch: raise n_ubatch (and n_batch) to at least " +
                                     std::to_string(batch.n_tokens) + " (now " + std::to_string(n_ubatch) + ")");
+    }
+    // positions are int32: llama.cpp numbers a batch without positions from the sequence's last
+    // one, and past 2^31-1 that overflows inside it (a state or kv.seq_add can put a cell there)
+    const int64_t last = batch.pos ? int64_t(batch.pos[std::max(batch.n_tokens - 1, 0)])
+                                   : int64_t(llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0)) + batch.n_tokens;
+    if (batch.n_tokens > 0 && last >= int64_t(INT32_MAX)) {
+        throw std::invalid_argument("this decode would place tokens at position " + std::to_string(last) +
+                                    ", past llama.cpp's int32 positions: clear the cache or shift it back first");
     }
     int rc = llama_decode(st.ctx.get(), batch);
     if (rc == 0) {
@@ -215,7 +224,7 @@ void decode_tokens(context_state & st, const llama_token * toks, size_t n) {
         // the cache is the truth: a mirror that disagrees keeps only the positions (-1 ids never
         // match a prompt, so prefix reuse starts over but positions stay right)
         const llama_pos pmax = llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0);
-        if (size_t(pmax + 1) != st.tokens.size()) mirror_unknown(st, pmax);
+        if (size_t(int64_t(pmax) + 1) != st.tokens.size()) mirror_unknown(st, pmax);
         done += k;
         if (done < n) {
             check_signals();  // Ctrl-C between chunks of a long prompt
@@ -224,7 +233,7 @@ void decode_tokens(context_state & st, const llama_token * toks, size_t n) {
 }
 
 void mirror_unknown(context_state & st, llama_pos pmax) {
-    const size_t n = size_t(std::max<llama_pos>(pmax + 1, 0));
+    const size_t n = size_t(std::max<int64_t>(int64_t(pmax) + 1, 0));
     if (n <= size_t(llama_n_ctx_seq(st.ctx.get()))) {
         st.tokens.assign(n, llama_token(-1));
     } else {
@@ -411,8 +420,8 @@ public:
         if (logits == 2 && n > n_batch) {
             throw std::invalid_argument("logits for every token need all tokens in one batch (n_batch)");
         }
-        llama_pos pos = llama_memory_seq_pos_max(llama_get_memory(s.ctx.get()), seq) + 1;
-        if (size_t(pos) + n > llama_n_ctx_seq(s.ctx.get())) {
+        const int64_t pos = int64_t(llama_memory_seq_pos_max(llama_get_memory(s.ctx.get()), seq)) + 1;
+        if (uint64_t(pos) + n > llama_n_ctx_seq(s.ctx.get())) {
             throw std::invalid_argument("decoding " + std::to_string(n) + " tokens after position " +
                                         std::to_string(pos) + " exceeds the context of sequence " + std::to_string(seq));
         }

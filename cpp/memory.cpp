@@ -32,7 +32,7 @@ void check_range(llama_pos p0, llama_pos p1) {
 // never match a prompt, so prefix reuse starts over but positions stay right).
 void resync_seq0(context_state & st, bool suffix_removed_at, size_t cut) {
     llama_pos pmax = llama_memory_seq_pos_max(mem_of(st), 0);
-    size_t n = size_t(pmax + 1);
+    const size_t n = size_t(int64_t(pmax) + 1);
     if (suffix_removed_at && cut <= st.tokens.size() && n == cut) {
         st.tokens.resize(cut);
     } else {
@@ -185,7 +185,7 @@ void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
         // the token mirror (prefix reuse) is known when the state came from sequence 0;
         // otherwise placeholders that never match, so the next prompt is evaluated in full
         llama_pos pmax = llama_memory_seq_pos_max(mem_of(*st), 0);
-        if (r.h.src_seq == 0 && llama_pos(r.tokens.size()) == pmax + 1) {
+        if (r.h.src_seq == 0 && int64_t(r.tokens.size()) == int64_t(pmax) + 1) {
             st->tokens = std::move(r.tokens);
         } else {
             mirror_unknown(*st, pmax);
@@ -246,6 +246,12 @@ void init_memory(nb::module_ & m) {
         check_range(p0, p1);
         if (!llama_memory_can_shift(mem_of(*st))) {
             throw lamina_error("this KV cache cannot shift positions (e.g. a recurrent model or quantized cache)");
+        }
+        // llama.cpp adds delta to each cell's int32 position: keep the largest inside int32
+        const int64_t pmax = llama_memory_seq_pos_max(mem_of(*st), seq);
+        if (delta > 0 && pmax + int64_t(delta) >= int64_t(INT32_MAX)) {
+            throw std::invalid_argument("shifting by " + std::to_string(delta) + " moves position " +
+                                        std::to_string(pmax) + " past llama.cpp's int32 positions");
         }
         llama_memory_seq_add(mem_of(*st), seq, p0, p1, delta);
         if (seq == 0) resync_seq0(*st, false, 0);
@@ -321,7 +327,7 @@ void init_memory(nb::module_ & m) {
         }
         // the cache must hold exactly the mirrored tokens, or prefix reuse would skip real work
         const llama_pos pmax = llama_memory_seq_pos_max(mem_of(*st), 0);
-        if (llama_pos(r.tokens.size()) == pmax + 1) {
+        if (int64_t(r.tokens.size()) == int64_t(pmax) + 1) {
             st->tokens = std::move(r.tokens);
         } else {
             mirror_unknown(*st, pmax);

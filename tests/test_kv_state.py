@@ -231,6 +231,8 @@ def test_positions_shifted_far_beyond_the_context_cost_no_memory(tiny_model: lam
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ctx.kv.seq_add(0, 0, -1, 2_000_000_000)
     assert ctx.kv.pos_range(0) == (2_000_000_000, 2_000_000_002)
+    with pytest.raises(ValueError, match="int32"):  # llama.cpp's positions are int32
+        ctx.kv.seq_add(0, 0, -1, 200_000_000)
     blob = ctx.save_state()
     fresh = tiny_model.context(n_ctx=64)
     fresh.load_state(blob)
