@@ -15,6 +15,23 @@ namespace {
 
 llama_memory_t mem_of(context_state & st) { return llama_get_memory(st.ctx.get()); }
 
+// A restored cell at position 2^31-1 would overflow llama.cpp's next-position arithmetic (every
+// decode computes pos_max + 1 for every sequence): such a state is refused. llama.cpp's seq_rm
+// cannot remove that cell (its ranges end before INT32_MAX), so the whole cache is cleared.
+void check_restored_positions(context_state & st, int32_t seq) {
+    const int32_t first = seq < 0 ? 0 : seq, end = seq < 0 ? int32_t(llama_n_seq_max(st.ctx.get())) : seq + 1;
+    for (int32_t s = first; s < end; ++s) {
+        if (llama_memory_seq_pos_max(mem_of(st), s) == INT32_MAX) {
+            llama_memory_clear(mem_of(st), true);
+            st.tokens.clear();
+            st.last_outputs = 0;
+            throw std::invalid_argument("the state holds a cell at position 2147483647, the end of llama.cpp's int32 "
+                                        "positions: refused, and the whole cache was cleared (llama.cpp cannot "
+                                        "remove that cell alone)");
+        }
+    }
+}
+
 void check_seq(const context_state & st, int32_t seq, bool allow_all) {
     const int32_t n = int32_t(llama_n_seq_max(st.ctx.get()));
     if ((allow_all && seq == -1) || (seq >= 0 && seq < n)) return;
@@ -181,6 +198,7 @@ void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
         throw lamina_error("llama.cpp rejected the sequence state (sequence " + std::to_string(seq) +
                            " is now empty)" + (why.empty() ? "" : ": " + why));
     }
+    check_restored_positions(*st, seq);
     if (seq == 0) {
         // the token mirror (prefix reuse) is known when the state came from sequence 0;
         // otherwise placeholders that never match, so the next prompt is evaluated in full
@@ -325,6 +343,7 @@ void init_memory(nb::module_ & m) {
             std::string why = last_log_error();
             throw lamina_error("llama.cpp rejected the state (the cache is now empty)" + (why.empty() ? "" : ": " + why));
         }
+        check_restored_positions(*st, -1);
         // the cache must hold exactly the mirrored tokens, or prefix reuse would skip real work
         const llama_pos pmax = llama_memory_seq_pos_max(mem_of(*st), 0);
         if (int64_t(r.tokens.size()) == int64_t(pmax) + 1) {
