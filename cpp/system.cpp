@@ -1,6 +1,11 @@
 // What was built and what is loaded: llama.cpp version, backends, CPU features.
 #include "lamina.h"
 
+#include <filesystem>
+#if !defined(_WIN32)
+#include <dlfcn.h>
+#endif
+
 #include "ggml-backend.h"
 
 #include <nanobind/stl/pair.h>
@@ -23,6 +28,56 @@ nb::dict backend_features(ggml_backend_reg_t reg) {
 
 }  // namespace
 
+#if LAMINA_BACKEND_DL && !defined(_WIN32)
+// Portable builds ship every CPU variant as libggml-cpu-<variant>.so; ggml loads the one with the
+// best score. LAMINA_CPU_VARIANT picks another (a lower one, to prove a variant runs here, or to
+// compare): its score function says whether this CPU has its instructions, so a variant the CPU
+// lacks is refused instead of dying with an illegal instruction. The other backends load as usual.
+std::string load_with_cpu_variant(const std::string & dir, const std::string & variant) {
+    namespace fs = std::filesystem;
+#if defined(_WIN32)
+    const std::string prefix = "ggml-cpu-", ext = ".dll";
+#else
+    const std::string prefix = "libggml-cpu-", ext = ".so";
+#endif
+    const fs::path want = fs::path(dir) / (prefix + variant + ext);
+    std::string warning;
+    bool cpu_loaded = false;
+    std::error_code ec;
+    if (!fs::exists(want, ec)) {
+        warning = "LAMINA_CPU_VARIANT=" + variant + ": no " + want.filename().string() + " in this package";
+    } else {
+        void * h = dlopen(want.c_str(), RTLD_NOW | RTLD_LOCAL);
+        using score_fn = int (*)();
+        auto score = h ? reinterpret_cast<score_fn>(dlsym(h, "ggml_backend_score")) : nullptr;
+        const int sc = score ? score() : 0;
+        if (h) dlclose(h);
+        if (sc <= 0) {
+            warning = "LAMINA_CPU_VARIANT=" + variant + ": this CPU lacks instructions that variant needs";
+        } else {
+            nb::gil_scoped_release nogil;
+            cpu_loaded = ggml_backend_load(want.c_str()) != nullptr;
+        }
+    }
+    if (!cpu_loaded) {  // the best CPU variant, and everything else, as without the variable
+        nb::gil_scoped_release nogil;
+        ggml_backend_load_all_from_path(dir.c_str());
+        return warning + "; using the best variant for this CPU instead";
+    }
+    // every other backend library in the folder (RPC, GPU add-ons)
+    for (const auto & e : fs::directory_iterator(dir, ec)) {
+        const std::string name = e.path().filename().string();
+        const bool lib = name.size() > ext.size() && name.compare(name.size() - ext.size(), ext.size(), ext) == 0;
+        const bool backend = name.rfind(prefix.substr(0, prefix.size() - 4), 0) == 0;  // "libggml-"
+        if (!lib || !backend || name.rfind(prefix, 0) == 0) continue;  // CPU variants: below
+        if (name == prefix.substr(0, prefix.size() - 4) + "base" + ext) continue;
+        nb::gil_scoped_release nogil;
+        ggml_backend_load(e.path().c_str());
+    }
+    return warning;
+}
+#endif
+
 void init_system(nb::module_ & m) {
     llama_backend_init();
 
@@ -32,15 +87,33 @@ void init_system(nb::module_ & m) {
     m.attr("PORTABLE") = bool(LAMINA_PORTABLE);
     m.attr("BACKEND_DL") = bool(LAMINA_BACKEND_DL);
 
-    m.def("backends_load", [](const std::string & dir) {
+    m.def("backends_load", [](const std::string & dir, const std::string & cpu_variant) {
 #if LAMINA_BACKEND_DL
-        nb::gil_scoped_release nogil;
-        ggml_backend_load_all_from_path(dir.c_str());
+        if (cpu_variant.empty()) {
+            nb::gil_scoped_release nogil;
+            ggml_backend_load_all_from_path(dir.c_str());
+            return std::string();
+        }
+#if defined(_WIN32)
+        {
+            nb::gil_scoped_release nogil;
+            ggml_backend_load_all_from_path(dir.c_str());
+        }
+        return std::string("LAMINA_CPU_VARIANT is not supported on Windows yet: using the best variant");
+#else
+        return load_with_cpu_variant(dir, cpu_variant);
+#endif
 #else
         (void) dir;  // backends are linked in
+        if (!cpu_variant.empty()) {
+            return std::string("LAMINA_CPU_VARIANT is ignored: this build links one CPU backend (not portable)");
+        }
+        return std::string();
 #endif
-    }, nb::arg("dir"),
-    "Load the backend libraries shipped in ``dir`` (portable builds); a no-op when linked in.");
+    }, nb::arg("dir"), nb::arg("cpu_variant") = "",
+    "Load the backend libraries shipped in ``dir`` (portable builds; a no-op when linked in). With\n"
+    "cpu_variant, the CPU backend is that variant (libggml-cpu-<variant>) instead of the best one, if\n"
+    "this CPU can run it. Returns a warning to show, or ''.");
 
     m.def("backends", []() {
         nb::list out;

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import atexit
+import os
+import warnings
 import logging
 from pathlib import Path
 
@@ -26,7 +28,10 @@ def sync_log_level() -> None:
 
 
 PACKAGE_DIR = Path(_native.__file__).resolve().parent
-_native.backends_load(str(PACKAGE_DIR))
+# LAMINA_CPU_VARIANT=haswell (a libggml-cpu-<variant> of a portable build) replaces the best CPU variant
+_warning = _native.backends_load(str(PACKAGE_DIR), os.environ.get("LAMINA_CPU_VARIANT", ""))
+if _warning:
+    warnings.warn(_warning, RuntimeWarning, stacklevel=2)
 _native.log_set_sink(_sink, 3)
 sync_log_level()
 # No Python callbacks from llama.cpp threads once the interpreter is going away.
