@@ -99,3 +99,25 @@ def test_failed_load_explains_why(tiny_path: Path, tmp_path: Path) -> None:
         lamina.Model(p)
     assert not isinstance(err.value, lamina.ModelFormatError)
     assert "failed to load model" in str(err.value) and "nosucharch" in str(err.value), str(err.value)
+
+
+@pytest.mark.skipif(not lamina._native.PORTABLE, reason="a portable build (LAMINA_PORTABLE=ON) ships the CPU variants")
+def test_a_forced_lower_cpu_variant_runs_and_an_unusable_one_is_refused(tiny_path: Path) -> None:
+    # every variant this CPU can run gives the same tokens; one it cannot (or that does not exist)
+    # is refused with a warning and the best variant is used: never an illegal instruction
+    code = f"""
+import warnings, lamina
+with lamina.Model({str(tiny_path)!r}, gpu=False) as m, m.context(n_ctx=64) as c:
+    print(lamina.system_info().cpu_variant, list(c.complete([1, 5, 6], max_tokens=4, ignore_eos=True).tokens))
+"""
+    runs = {}
+    for variant in ("", "sse42", "x64", "nosuch"):
+        env = dict(os.environ, LAMINA_CPU_VARIANT=variant)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[variant] = (out.stdout.strip(), out.stderr)
+    best = runs[""][0]
+    assert "variant sse42" in runs["sse42"][0] and "variant x64" in runs["x64"][0]
+    tokens = {v: r[0].split(" [", 1)[1] for v, r in runs.items()}
+    assert len(set(tokens.values())) == 1, runs
+    assert runs["nosuch"][0] == best and "LAMINA_CPU_VARIANT=nosuch" in runs["nosuch"][1]
