@@ -35,12 +35,8 @@ nb::dict backend_features(ggml_backend_reg_t reg) {
 // lacks is refused instead of dying with an illegal instruction. The other backends load as usual.
 std::string load_with_cpu_variant(const std::string & dir, const std::string & variant) {
     namespace fs = std::filesystem;
-#if defined(_WIN32)
-    const std::string prefix = "ggml-cpu-", ext = ".dll";
-#else
-    const std::string prefix = "libggml-cpu-", ext = ".so";
-#endif
-    const fs::path want = fs::path(dir) / (prefix + variant + ext);
+    const std::string lib = "libggml-", cpu = "libggml-cpu-", ext = ".so";  // (POSIX only, see the caller)
+    const fs::path want = fs::path(dir) / (cpu + variant + ext);
     std::string warning;
     bool cpu_loaded = false;
     std::error_code ec;
@@ -64,17 +60,15 @@ std::string load_with_cpu_variant(const std::string & dir, const std::string & v
         ggml_backend_load_all_from_path(dir.c_str());
         return warning + "; using the best variant for this CPU instead";
     }
-    // every other backend library in the folder (RPC, GPU add-ons)
+    // every other backend library in the folder (RPC, GPU add-ons): not the CPU variants, not ggml-base
     for (const auto & e : fs::directory_iterator(dir, ec)) {
         const std::string name = e.path().filename().string();
-        const bool lib = name.size() > ext.size() && name.compare(name.size() - ext.size(), ext.size(), ext) == 0;
-        const bool backend = name.rfind(prefix.substr(0, prefix.size() - 4), 0) == 0;  // "libggml-"
-        if (!lib || !backend || name.rfind(prefix, 0) == 0) continue;  // CPU variants: below
-        if (name == prefix.substr(0, prefix.size() - 4) + "base" + ext) continue;
+        const bool so = name.size() > ext.size() && name.compare(name.size() - ext.size(), ext.size(), ext) == 0;
+        if (!so || name.rfind(lib, 0) != 0 || name.rfind(cpu, 0) == 0 || name == lib + "base" + ext) continue;
         nb::gil_scoped_release nogil;
         ggml_backend_load(e.path().c_str());
     }
-    return warning;
+    return warning;  // empty: the variant asked for is in use
 }
 #endif
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import warnings
-import logging
 from pathlib import Path
 
 from . import _native
