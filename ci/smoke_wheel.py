@@ -24,12 +24,28 @@ def main() -> None:
     ap.add_argument("--backend", default="CPU", help="the ggml backend the wheel must bring")
     ap.add_argument("--model", type=Path, help="a GGUF file (default: the tiny test model, written here)")
     ap.add_argument("--tiny-gguf", type=Path, help="tests/tiny_gguf.py of the source tree")
+    ap.add_argument("--import-first", action="append", default=[], help="modules imported before lamina (torch)")
+    ap.add_argument("--expect-no-addons", action="store_true", help="fail if any GPU add-on is reported")
     a = ap.parse_args()
+    seen: dict[str, object] = {}
+    for name in a.import_first:
+        mod = __import__(name)
+        seen[f"imported {name}"] = getattr(mod, "__version__", "?")
+    if "torch" in a.import_first:  # torch's CUDA context first, as in a user's training process
+        import torch
+
+        seen["torch cuda"] = torch.cuda.is_available() and float(torch.ones(4, device="cuda").sum())
     import lamina
 
     info = lamina.system_info()
-    seen: dict[str, object] = {"lamina": lamina.__file__, "version": lamina.__version__,
-                               "backends": [b["name"] for b in info.backends], "cpu_variant": info.cpu_variant}
+    seen.update({"lamina": lamina.__file__, "version": lamina.__version__,
+                 "backends": [b["name"] for b in info.backends], "cpu_variant": info.cpu_variant,
+                 "addons": [str(x) for x in info.addons]})
+    if a.expect_no_addons and info.addons:
+        fail("add-ons are still reported", seen)
+    broken = [x for x in info.addons if not x.loaded]
+    if broken:
+        fail(f"an installed add-on did not load: {broken[0]}", seen)
     if a.model is None:
         sys.path.insert(0, str(a.tiny_gguf.parent))
         from tiny_gguf import write_tiny_llama

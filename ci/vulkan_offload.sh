@@ -1,21 +1,14 @@
 #!/usr/bin/env bash
-# Offload through a real Vulkan device without a GPU: Mesa's lavapipe (llvmpipe) on this CPU.
-# Builds a Vulkan wheel into build/vulkan, installs it into a private folder and checks, for a
-# tiny random model, that n_gpu_layers=k puts exactly k layers' bytes on Vulkan0, that greedy
-# tokens do not change with placement, and that gpu=False leaves the device empty.
-#   usage: bash ci/vulkan_offload.sh        (about 6 min cold on 2 cores; apt needs root)
-# When the machine cannot get lavapipe or the headers (apt fails), it says so and exits 0: that is
-# the environment, not lamina. Any failure after that (build, offload checks) exits non-zero.
+# Offload through a real Vulkan device without a GPU: Mesa's lavapipe (llvmpipe) on this CPU, with
+# lamina as users install it: the lamina wheel and the lamina-vulkan add-on (ci/build-wheel), put in
+# a private folder. For a tiny random model it checks that n_gpu_layers=k puts exactly k layers'
+# bytes on Vulkan0, that greedy tokens do not change with placement, and that gpu=False leaves the
+# device empty; then lamina next to numpy, torch, jax, ... with every layer on Vulkan0.
+#   usage: bash ci/vulkan_offload.sh LAMINA_WHEEL LAMINA_VULKAN_WHEEL   (ci/wheels.sh builds them)
+# The caller has installed lavapipe and the headers (ci/vulkan-headers.sh).
 set -euo pipefail
-if ! inc=$(bash ci/vulkan-headers.sh 2>/dev/null | tail -1) || [ ! -f "$inc/vulkan/vulkan.hpp" ]; then
-  echo "vulkan_offload: SKIPPED: could not install lavapipe and the Vulkan headers (apt)"
-  exit 0
-fi
-# CMAKE_ARGS of the caller (CI's RPC build) would apply here too: this wheel needs only Vulkan
-rm -rf /tmp/lamina-vk-wheel
-CMAKE_ARGS= pip wheel -q --no-deps . -w /tmp/lamina-vk-wheel -Cbuild-dir=build/vulkan \
-  -Ccmake.define.GGML_VULKAN=ON -Ccmake.define.Vulkan_INCLUDE_DIR="$inc" -Ccmake.define.LAMINA_BUILD_TOOLS=OFF
-rm -rf /tmp/lamina-vk-site && pip install -q --no-deps --target /tmp/lamina-vk-site /tmp/lamina-vk-wheel/lamina-*.whl
+[ $# -eq 2 ] || { echo "usage: bash ci/vulkan_offload.sh LAMINA_WHEEL LAMINA_VULKAN_WHEEL" >&2; exit 2; }
+rm -rf /tmp/lamina-vk-site && pip install -q --no-deps --target /tmp/lamina-vk-site "$1" "$2"
 site=$(python3 -c "import site; print(site.getsitepackages()[0])")
 # -S: an editable lamina in site-packages would otherwise shadow the wheel through its import hook
 GGML_VK_VISIBLE_DEVICES=0 PYTHONPATH="/tmp/lamina-vk-site:$PWD/tests:$site" python3 -S - <<'PY'
@@ -26,6 +19,8 @@ import lamina
 from gguf import GGUFReader
 from tiny_gguf import write_tiny_llama
 
+(addon,) = lamina.addons()
+assert addon.loaded and addon.backend == "Vulkan", addon
 (dev,) = [d for d in lamina.devices() if d.backend == "Vulkan"]
 print("device:", dev.name, dev.description, f"{dev.memory_total >> 20} MiB")
 path = write_tiny_llama(Path(tempfile.mkdtemp()) / "tiny.gguf")

@@ -75,6 +75,7 @@ std::string load_with_cpu_variant(const std::string & dir, const std::string & v
 void init_system(nb::module_ & m) {
     llama_backend_init();
 
+    m.attr("VERSION") = LAMINA_VERSION;  // lamina's (pyproject.toml), which add-ons must match
     m.attr("LLAMA_CPP_VERSION") = LAMINA_LLAMA_CPP_VERSION;
     m.attr("LLAMA_CPP_COMMIT") = LAMINA_LLAMA_CPP_COMMIT;
     m.attr("LLAMA_CPP_SOURCE") = LAMINA_LLAMA_CPP_SOURCE;
@@ -108,6 +109,55 @@ void init_system(nb::module_ & m) {
     "Load the backend libraries shipped in ``dir`` (portable builds; a no-op when linked in). With\n"
     "cpu_variant, the CPU backend is that variant (libggml-cpu-<variant>) instead of the best one, if\n"
     "this CPU can run it. Returns a warning to show, or ''.");
+
+    m.def("backend_load_file", [](const std::string & path) {
+        // One GPU add-on's backend library (lamina-cuda13, lamina-vulkan, ...). ggml's loader only
+        // logs why a library failed, and returns null: the reason comes back here instead, so lamina
+        // can say it (a missing libcudart or driver, an API mismatch, a backend with no device).
+        nb::dict out;
+        std::string error, name;
+        size_t n_devices = 0;
+#if LAMINA_BACKEND_DL
+        {
+            nb::gil_scoped_release nogil;
+#if !defined(_WIN32)
+            void * h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // the loader's own words on failure
+            if (h == nullptr) {
+                const char * e = dlerror();
+                error = e ? e : "dlopen failed";
+            }
+#endif
+            if (error.empty()) {
+                clear_last_log_error();
+                ggml_backend_reg_t reg = ggml_backend_load(path.c_str());
+                if (reg == nullptr) {
+                    error = first_log_error();
+                    if (error.empty()) error = "ggml could not load it (see the 'lamina' log)";
+                } else {
+                    name = ggml_backend_reg_name(reg);
+                    n_devices = ggml_backend_reg_dev_count(reg);
+                    if (n_devices == 0) {  // registered, but its runtime found nothing (no driver, no GPU)
+                        error = first_log_error();
+                        if (error.empty()) error = "the backend loaded but found no device";
+                    }
+                }
+            }
+#if !defined(_WIN32)
+            if (h != nullptr) dlclose(h);  // ggml holds its own handle when it loaded the library
+#endif
+        }
+#else
+        error = "this lamina links its backends in (a build without GGML_BACKEND_DL): add-ons need the "
+                "lamina wheel or a LAMINA_PORTABLE=ON build";
+        (void) path;
+#endif
+        out["name"] = name;
+        out["n_devices"] = n_devices;
+        out["error"] = error;
+        return out;
+    }, nb::arg("path"),
+    "Load one backend library (a GPU add-on's) into ggml's registry. Returns {name, n_devices, error}:\n"
+    "error is '' when the backend is registered with at least one device, else the reason.");
 
     m.def("backends", []() {
         nb::list out;

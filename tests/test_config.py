@@ -36,7 +36,8 @@ def test_precedence_and_sources(tmp_path: Path, tiny_path: Path) -> None:
 def test_stale_ngl_with_gpu_off_is_inert_and_says_where_it_came_from(tmp_path: Path, tiny_path: Path) -> None:
     yml = write(tmp_path, f"files: [{tiny_path.name}]\nngl: 99\ngpu: false\n")
     (tmp_path / tiny_path.name).write_bytes(tiny_path.read_bytes())  # a path relative to the model.yml
-    model = lamina.Model.from_config(lamina.load_config(yml, env={}))
+    with pytest.warns(lamina.InertSettingWarning, match="n_gpu_layers=99 is inert: gpu=False"):
+        model = lamina.Model.from_config(lamina.load_config(yml, env={}))
     off = model.offload
     assert off.gpu is False and off.layers_effective == 0 and off.devices == []
     assert any("n_gpu_layers=99" in r and "model.yml" in r and "inert" in r for r in off.reasons), off.reasons

@@ -114,7 +114,8 @@ def test_threads_default_and_change(tiny_model: lamina.Model) -> None:
 
 
 def test_gpu_off_is_cpu_only_and_reports_inert_ngl(tiny_path: Path) -> None:
-    m = lamina.Model(tiny_path, gpu=False, n_gpu_layers=99)
+    with pytest.warns(lamina.InertSettingWarning, match="n_gpu_layers=99 is inert: gpu=False"):
+        m = lamina.Model(tiny_path, gpu=False, n_gpu_layers=99)
     assert m.offload.gpu is False and m.offload.layers_effective == 0 and m.offload.devices == []
     assert any("inert" in r for r in m.offload.reasons)
 

@@ -76,7 +76,8 @@ def test_rpc_device_is_listed(rpc_device: lamina.Device) -> None:
 
 
 def test_gpu_off_puts_nothing_on_the_device_and_ngl_is_inert(tiny_path: Path, rpc_device: lamina.Device) -> None:
-    model = lamina.Model(tiny_path, gpu=False, n_gpu_layers=99)
+    with pytest.warns(lamina.InertSettingWarning, match="n_gpu_layers=99 is inert: gpu=False"):
+        model = lamina.Model(tiny_path, gpu=False, n_gpu_layers=99)
     assert model.offload.gpu is False and model.offload.layers_effective == 0
     assert any("inert" in r for r in model.offload.reasons)
     remote, host, _ = placement(model, rpc_device)

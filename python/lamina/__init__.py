@@ -10,13 +10,14 @@ from ._core import logger
 from .config import Config, load_config
 from .context import KV, Completion, Context, Generation
 from .threads import Threads
-from .errors import (BusyError, ClosedError, DecodeError, ForkError, LaminaError, LoadError, ModelFormatError,
-                     OutOfMemoryError)
+from .errors import (BusyError, ClosedError, DecodeError, ForkError, InertSettingWarning, LaminaError, LoadError,
+                     ModelFormatError, OutOfMemoryError)
 from .memory import DeviceMemory, MemoryEstimate, Offload
 from .model import Model, ModelInfo
 from .models import default_model_path
 from .sampling import Sampler
-from .system import Device, SystemInfo, default_threads, devices, rpc_connect, system_info
+from .addons import AddOn
+from .system import Device, SystemInfo, addons, default_threads, devices, rpc_connect, system_info
 from . import _native as _n
 from . import bench
 
@@ -26,10 +27,10 @@ def chat_templates() -> list[str]:
     return list(_n.chat_builtin_templates())
 
 
-__version__ = "0.1.0"
+__version__: str = _n.VERSION  # pyproject.toml's, compiled in
 
 __all__ = [
     "Config", "load_config", "Model", "ModelInfo", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
-    "Device", "SystemInfo", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
-    "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "ModelFormatError", "logger", "__version__",
+    "Device", "SystemInfo", "AddOn", "addons", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
+    "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "ModelFormatError", "InertSettingWarning", "logger", "__version__",
 ]

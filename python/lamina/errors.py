@@ -4,4 +4,8 @@ from ._native import (BusyError, ClosedError, DecodeError, ForkError, LaminaErro
                       OutOfMemoryError)
 
 __all__ = ["LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError",
-           "ModelFormatError"]
+           "ModelFormatError", "InertSettingWarning"]
+
+
+class InertSettingWarning(UserWarning):
+    """A setting given explicitly that cannot take effect (n_gpu_layers with no GPU to offload to)."""

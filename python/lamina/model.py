@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Union
@@ -12,7 +13,8 @@ import numpy.typing as npt
 from . import _core, _native
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
-from .system import Device
+from .errors import InertSettingWarning
+from .system import Device, gpu_absent_reason
 from .system import devices as list_devices
 
 if TYPE_CHECKING:
@@ -158,13 +160,13 @@ class Model:
                 raise ValueError(f"devices lists a device twice: {list(devices)!r}")
 
         reasons: list[str] = []
-        if not gpu:
-            reasons.append("gpu=False: everything stays on the CPU")
-        elif not gpu_devices:
-            reasons.append("no GPU device found (or no GPU backend compiled): everything stays on the CPU")
-        use_gpu = gpu and bool(gpu_devices)
+        no_gpu = "gpu=False" if not gpu else "" if gpu_devices else gpu_absent_reason()
+        if no_gpu:
+            reasons.append(f"{no_gpu}: everything stays on the CPU")
+        use_gpu = not no_gpu
         if not use_gpu and n_gpu_layers not in ("auto", 0):
             reasons.append(f"n_gpu_layers={n_gpu_layers!r} is inert without a GPU")
+            warnings.warn(f"n_gpu_layers={n_gpu_layers!r} is inert: {no_gpu}", InertSettingWarning, stacklevel=2)
 
         if use_gpu and split_mode == "row":
             unsupported = [d.name for d in gpu_devices if not _native.supports_row_split(d.index)]

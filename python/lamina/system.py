@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _native
+from . import _core, _native
 from ._core import PACKAGE_DIR
+from .addons import AddOn
 
 # x86 /proc/cpuinfo flags -> ggml's names for the same features
 _X86_FLAGS = {
@@ -61,6 +62,27 @@ def rpc_connect(endpoint: str) -> list[Device]:
         raise ValueError(f"RPC endpoint must be 'host:port', got {endpoint!r}")
     indices = set(_native.rpc_add_server(endpoint))
     return [d for d in devices() if d.index in indices]
+
+
+def addons() -> list[AddOn]:
+    """The GPU add-ons installed (lamina-cuda12, lamina-cuda13, lamina-vulkan, ...): each loaded at
+    import, or not, with the reason."""
+    return list(_core.ADDONS)
+
+
+def gpu_absent_reason() -> str:
+    """Why this process has no GPU device to offload to, in words a user can act on."""
+    failed = [a for a in _core.ADDONS if not a.loaded]
+    if failed:
+        return "; ".join(f"GPU add-on {a.distribution} did not load: {a.error}" for a in failed)
+    empty = [b["name"] for b in _native.backends() if b["name"].upper() not in ("CPU", "RPC", "BLAS")]
+    if empty:
+        return f"the {', '.join(empty)} backend found no device"
+    if _native.BACKEND_DL:
+        return ("no GPU backend is installed: this lamina carries the CPU backend only "
+                "(pip install \"lamina[cuda13]\", \"lamina[cuda12]\" or \"lamina[vulkan]\" adds one)")
+    return ("this lamina was built without a GPU backend (build it with -Ccmake.define.GGML_CUDA=ON or "
+            "GGML_VULKAN=ON: see the README)")
 
 
 def _read(path: str) -> str | None:
@@ -189,6 +211,7 @@ class SystemInfo:
     memory_total: int
     memory_available: int
     supports: dict[str, Any] = field(default_factory=dict)
+    addons: list[AddOn] = field(default_factory=list)
 
     def __str__(self) -> str:
         gib = 1024 ** 3
@@ -207,6 +230,9 @@ class SystemInfo:
             "backends: " + ", ".join(f"{b['name']} ({b['n_devices']} device{'s' if b['n_devices'] != 1 else ''})"
                                      for b in self.backends),
         ]
+        lines += [f"add-on: {a}" for a in self.addons]
+        if not any(d.kind in ("gpu", "igpu") for d in self.devices):
+            lines.append(f"gpu: none: {gpu_absent_reason()}")
         for d in self.devices:
             mem = "" if d.memory_free is None or d.memory_total is None else \
                 f", {d.memory_free / gib:.1f}/{d.memory_total / gib:.1f} GiB free"
@@ -216,8 +242,6 @@ class SystemInfo:
 
 def system_info() -> SystemInfo:
     """CPU features present / compiled / in use, cores, memory, backends and devices."""
-    from . import __version__
-
     backends = _native.backends()
     cpu: dict[str, Any] = next((b for b in backends if b["name"].upper() == "CPU"), {"features": {}})
     compiled = {k: v for k, v in cpu["features"].items()}
@@ -231,7 +255,7 @@ def system_info() -> SystemInfo:
     cpus = allowed_cpus()
     total, avail = host_memory()
     return SystemInfo(
-        lamina_version=__version__,
+        lamina_version=_native.VERSION,
         llama_cpp={"version": _native.LLAMA_CPP_VERSION, "commit": _native.LLAMA_CPP_COMMIT,
                    "source": _native.LLAMA_CPP_SOURCE, "portable": _native.PORTABLE,
                    "backend_dl": _native.BACKEND_DL, "package_dir": str(PACKAGE_DIR),
@@ -251,4 +275,5 @@ def system_info() -> SystemInfo:
         memory_total=total,
         memory_available=avail,
         supports=_native.supports(),
+        addons=addons(),
     )

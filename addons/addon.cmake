@@ -1,0 +1,70 @@
+# A GPU add-on (LAMINA_ADDON=cuda12|cuda13|vulkan|rocm): the one ggml backend library that lamina's
+# wheel lacks, built from the same pinned llama.cpp with GGML_BACKEND_DL, installed into a package of
+# its own (lamina_<addon>/) so that its files never overlap lamina's. lamina finds it through the
+# "lamina.backends" entry point and loads it into its ggml (cpp/system.cpp: backend_load_file); the
+# library's libggml-base.so dependency resolves to the copy lamina has already loaded.
+# Built through addons/<addon>/pyproject.toml (ci/build-wheel); the addon's version is lamina's.
+set(_addon "${LAMINA_ADDON}")
+if(_addon MATCHES "^cuda(12|13)$")
+  set(_major "${CMAKE_MATCH_1}")
+  if(NOT GGML_CUDA)
+    message(FATAL_ERROR "LAMINA_ADDON=${_addon} needs -DGGML_CUDA=ON")
+  endif()
+  find_package(CUDAToolkit REQUIRED)
+  if(NOT CUDAToolkit_VERSION_MAJOR EQUAL _major)
+    message(FATAL_ERROR "LAMINA_ADDON=${_addon} needs a CUDA ${_major} toolkit; nvcc here is ${CUDAToolkit_VERSION}")
+  endif()
+  set(_target ggml-cuda)
+  set(_backend CUDA)
+  # looked up in the nvidia-* pip packages (nvidia/*/lib/) and loaded first; cuBLAS's major is CUDA's
+  set(_preload "libcudart.so.${_major}" "libcublasLt.so.${_major}" "libcublas.so.${_major}")
+  set(_runtime_env LAMINA_CUDA_RUNTIME)
+  get_property(_archs TARGET ggml-cuda PROPERTY CUDA_ARCHITECTURES)
+  string(REPLACE ";" " " _archs "${_archs}")
+  set(_detail "CUDA ${CUDAToolkit_VERSION}, architectures ${_archs}")
+  string(CONCAT _hint "needs an NVIDIA driver for CUDA ${_major} (libcuda.so.1) and the CUDA ${_major} runtime and cuBLAS: the "
+            "nvidia-* pip packages lamina-${_addon} depends on, or a CUDA ${_major} toolkit on the library path "
+            "with LAMINA_CUDA_RUNTIME=system")
+elseif(_addon STREQUAL "vulkan")
+  if(NOT GGML_VULKAN)
+    message(FATAL_ERROR "LAMINA_ADDON=vulkan needs -DGGML_VULKAN=ON")
+  endif()
+  set(_target ggml-vulkan)
+  set(_backend Vulkan)
+  set(_preload)
+  set(_runtime_env "")
+  set(_detail "Vulkan ${Vulkan_VERSION}")
+  set(_hint "needs the Vulkan loader (libvulkan.so.1, e.g. Debian's libvulkan1) and a Vulkan driver (ICD) for the GPU")
+elseif(_addon STREQUAL "rocm")
+  if(NOT GGML_HIP)
+    message(FATAL_ERROR "LAMINA_ADDON=rocm needs -DGGML_HIP=ON")
+  endif()
+  set(_target ggml-hip)
+  set(_backend ROCm)
+  set(_preload)
+  set(_runtime_env "")
+  set(_detail "ROCm/HIP")
+  set(_hint "needs ROCm's runtime (libamdhip64, hipBLAS, rocBLAS) on the library path and the amdgpu driver")
+else()
+  message(FATAL_ERROR "LAMINA_ADDON must be one of cuda12, cuda13, vulkan, rocm; got '${_addon}'")
+endif()
+
+if(NOT TARGET ${_target})
+  message(FATAL_ERROR "LAMINA_ADDON=${_addon}: llama.cpp defined no ${_target} target")
+endif()
+set(_pkg "lamina_${_addon}")
+set(_library "${CMAKE_SHARED_MODULE_PREFIX}${_target}${CMAKE_SHARED_MODULE_SUFFIX}")
+string(REPLACE ";" "\", \"" _preload_py "${_preload}")
+if(_preload)
+  set(_preload_py "(\"${_preload_py}\",)")
+else()
+  set(_preload_py "()")
+endif()
+set(LAMINA_ADDON_VERSION "${SKBUILD_PROJECT_VERSION}")
+configure_file("${CMAKE_CURRENT_LIST_DIR}/addon_init.py.in" "${CMAKE_BINARY_DIR}/addon/__init__.py" @ONLY)
+
+add_custom_target(lamina_addon ALL DEPENDS ${_target})
+install(TARGETS ${_target}
+        LIBRARY DESTINATION ${_pkg} COMPONENT lamina_addon
+        RUNTIME DESTINATION ${_pkg} COMPONENT lamina_addon)
+install(FILES "${CMAKE_BINARY_DIR}/addon/__init__.py" DESTINATION ${_pkg} COMPONENT lamina_addon)
