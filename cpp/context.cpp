@@ -54,6 +54,13 @@ context_lease::context_lease(std::shared_ptr<context_state> st, const void * own
     if (st_->backend_sampler && st_->backend_owner.load() != owner) {
         backend_sampler_detach(*st_);
     }
+    // ctx.abort() stops the operation running when it is called. One that arrives just after a
+    // decode finished must not stop the next, unrelated call; a generation between two tokens is
+    // still running, and its next token stops.
+    if (owner == nullptr || st_->op_owner.load() != owner) {
+        st_->abort = false;
+        st_->op_owner.store(owner);
+    }
 }
 
 context_lease::~context_lease() {

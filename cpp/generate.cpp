@@ -179,6 +179,8 @@ public:
     ~generator() {
         const void * self = this;
         st_->backend_owner.compare_exchange_strong(self, nullptr);
+        self = this;  // a later generator at this address is another operation
+        st_->op_owner.compare_exchange_strong(self, nullptr);
     }
 
     nb::dict stats() const {

@@ -129,6 +129,9 @@ struct context_state {
     // decode (threadpools_release_retired) or with the context.
     std::vector<ggml_threadpool *> retired_pools;
     std::atomic<bool> abort{false};
+    // the operation the abort flag belongs to: a generator between two tokens (its next() goes on
+    // with it), or nullptr for any other; a new operation starts with the flag cleared
+    std::atomic<const void *> op_owner{nullptr};
     uint32_t abort_calls = 0;
     // Ctrl-C during a decode: the abort callback polls Python's signal handlers (see context.cpp)
     int64_t last_signal_check_us = 0;

@@ -117,6 +117,24 @@ def test_failed_multi_ubatch_decode_leaves_cache_and_tokens_agreeing(wide_model:
         assert len(greedy(ctx, 4)) == 4
 
 
+def test_an_abort_when_nothing_runs_never_stops_a_later_call(tiny_model: lamina.Model) -> None:
+    # the race the timer test above can hit on a fast machine: abort() lands after the decode ended
+    with tiny_model.context(n_ctx=256) as ctx:
+        ctx.decode(PROMPT)
+        ctx.abort()
+        ctx.decode([5, 6, 7])
+        ctx.abort()
+        assert len(greedy(ctx, 4)) == 4
+        # a generation between two tokens is running: its next token stops
+        gen = ctx.generate(PROMPT, max_tokens=8, ignore_eos=True)
+        next(gen)
+        ctx.abort()
+        with pytest.raises(lamina.DecodeError, match="aborted"):
+            for _ in gen:
+                pass
+        assert len(greedy(ctx, 4)) == 4
+
+
 def test_a_logits_view_blocks_backend_sampling_from_reallocating_it(tiny_model: lamina.Model) -> None:
     with tiny_model.context(n_ctx=128) as ctx:
         ctx.decode(PROMPT)

@@ -13,21 +13,20 @@ import pytest
 import lamina
 
 
-def tool(name: str) -> Path:
-    p = Path(lamina.system_info().llama_cpp["package_dir"]) / "bin" / name
-    if not p.exists():
+def tool(name: str) -> str:
+    if lamina.tools.path(name) is None:
         if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
-            raise FileNotFoundError(f"{p} missing: build with -DLAMINA_EXTRA_TOOLS={name}")
+            raise FileNotFoundError(f"{name} missing: build with -DLAMINA_EXTRA_TOOLS={name}")
         pytest.skip(f"{name} not shipped in this build")
-    return p
+    return name
 
 
 @pytest.mark.model
 @pytest.mark.parametrize("prompt", ["The three primary colors are", "Once upon a time, in a small village,"])
 def test_greedy_64_tokens_equal_llama_completion(real_model: lamina.Model, prompt: str) -> None:
-    cmd = [str(tool("llama-completion")), "-m", str(real_model.path), "-p", prompt, "-n", "64", "--temp", "0",
+    cmd = ["-m", str(real_model.path.resolve()), "-p", prompt, "-n", "64", "--temp", "0",
            "--ignore-eos", "-no-cnv", "--no-display-prompt", "--simple-io", "-t", "2", "-c", "4096"]
-    ref = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    ref = lamina.tools.run(tool("llama-completion"), cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
     assert ref.returncode == 0, ref.stderr[-2000:]
     with real_model.context(n_ctx=4096, threads=2) as ctx:
         ours = ctx.complete(prompt, max_tokens=64, ignore_eos=True)

@@ -21,10 +21,9 @@ from tiny_gguf import write_tiny_llama
 
 @pytest.fixture(scope="session")
 def rpc_device() -> Iterator[lamina.Device]:
-    server = Path(lamina.system_info().llama_cpp["package_dir"]) / "bin" / "ggml-rpc-server"
-    if not server.exists():
+    if lamina.tools.path("ggml-rpc-server") is None:
         if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
-            raise FileNotFoundError(f"{server} missing: build with -Ccmake.define.GGML_RPC=ON")
+            raise FileNotFoundError("ggml-rpc-server missing: build with -Ccmake.define.GGML_RPC=ON")
         pytest.skip("built without GGML_RPC")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -32,8 +31,9 @@ def rpc_device() -> Iterator[lamina.Device]:
     # The server outlives the tests and dies with this process (PR_SET_PDEATHSIG): a context that
     # a failing test's traceback keeps alive until interpreter exit still finds it there (ggml's
     # RPC client aborts the process when its server is gone).
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    # the server as lamina runs it: with the same backends (a portable build's are not in bin/)
+    proc = lamina.tools.popen("ggml-rpc-server", ["-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     for _ in range(100):  # up to 10 s for the server to listen
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

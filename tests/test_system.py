@@ -55,12 +55,16 @@ def test_import_prints_nothing_and_cli_doctor_runs() -> None:
 
 
 def test_tools_from_the_same_source_ship_with_the_package() -> None:
-    bench = Path(lamina.system_info().llama_cpp["package_dir"]) / "bin" / "llama-bench"
-    if not bench.exists():  # built with -DLAMINA_BUILD_TOOLS=OFF, or a development tree
+    if lamina.tools.path("llama-bench") is None:  # built with -DLAMINA_BUILD_TOOLS=OFF, or a development tree
         import pytest
         pytest.skip("llama-bench not shipped in this build")
-    out = subprocess.run([str(bench), "--help"], capture_output=True, text=True, timeout=60)
+    out = lamina.tools.run("llama-bench", ["--help"], capture_output=True, timeout=60)
     assert out.returncode == 0 and "usage" in out.stdout.lower()
+    # and it runs on the backends lamina has (a portable build's live outside bin/): the CPU at least
+    out = lamina.tools.run("llama-bench", ["--list-devices"], capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = {d.name for d in lamina.devices(memory=False) if d.kind in ("gpu", "igpu")}
+    assert all(n in out.stdout for n in names), (names, out.stdout)
 
 
 def test_installed_package_is_self_contained() -> None:

@@ -19,7 +19,7 @@ from .sampling import Sampler
 from .addons import AddOn
 from .system import Device, SystemInfo, addons, default_threads, devices, rpc_connect, system_info
 from . import _native as _n
-from . import bench
+from . import bench, tools
 
 
 def chat_templates() -> list[str]:

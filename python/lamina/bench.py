@@ -24,7 +24,7 @@ import numpy as np
 from .context import KV
 from .threads import Threads
 from .model import Model
-from ._core import PACKAGE_DIR
+from . import tools
 
 
 # llama-bench's context settings (its to_llama_cparams): f16 K/V, sliding-window caches at window size.
@@ -65,8 +65,7 @@ class Result:
 
 
 def llama_bench_path() -> Path | None:
-    p = PACKAGE_DIR / "bin" / "llama-bench"
-    return p if p.exists() else None
+    return tools.path("llama-bench")
 
 
 def lamina_tg(model: Model, n_gen: int, threads: int, reps: int, backend_sampling: bool = False) -> list[float]:
@@ -103,11 +102,15 @@ def lamina_pp(model: Model, n_prompt: int, threads: int, reps: int) -> list[floa
     return out
 
 
-def run_llama_bench(bench: Path, model_path: Path, test: str, n: int, threads: int, reps: int,
+def run_llama_bench(bench: Path | None, model_path: Path, test: str, n: int, threads: int, reps: int,
                     extra: list[str]) -> list[float]:
+    """llama-bench's samples (tokens/s): the shipped one (bench=None) with lamina's backends, or yours."""
     args = ["-p", "0", "-n", str(n)] if test == "tg" else ["-p", str(n), "-n", "0"]
-    cmd = [str(bench), "-m", str(model_path), "-t", str(threads), "-r", str(reps), "-o", "json", *args, *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = ["-m", str(Path(model_path).resolve()), "-t", str(threads), "-r", str(reps), "-o", "json", *args, *extra]
+    if bench is None:
+        res = tools.run("llama-bench", cmd, capture_output=True)
+    else:
+        res = subprocess.run([str(bench), *cmd], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({res.returncode}): {res.stderr.strip()[-500:]}")
     return [float(x) for t in json.loads(res.stdout) for x in t["samples_ts"]]
@@ -125,13 +128,11 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
         backend_sampling: bool = False) -> list[Result]:
     tests = [t for t in (("pp", n_prompt), ("tg", n_gen)) if t[1] > 0]
     results = {(t, n, th): Result(f"{t}{n}", th) for t, n in tests for th in threads}
-    if compare and bench is None:
-        bench = llama_bench_path()
-        if bench is None:
-            raise FileNotFoundError("llama-bench is not shipped in this build (LAMINA_BUILD_TOOLS=OFF): pass its path")
+    if compare and bench is None and llama_bench_path() is None:
+        raise FileNotFoundError("llama-bench is not shipped in this build (LAMINA_BUILD_TOOLS=OFF): pass its path")
     for _ in range(rounds):
         for (t, n, th), res in results.items():
-            if compare and bench is not None:
+            if compare:
                 extra = llama_bench_placement(model) if bench_args is None else bench_args
                 res.llama_bench += run_llama_bench(bench, model.path, t, n, th, reps, extra)
             if t == "pp":

@@ -331,8 +331,9 @@ class Context:
         self.native.kv_clear()
 
     def abort(self) -> None:
-        """Stop the decode running on this context in another thread (it raises DecodeError).
-        Safe from any thread; the context stays usable."""
+        """Stop the decode running on this context in another thread (it raises DecodeError), or
+        the generation (its next token). Safe from any thread; the context stays usable. Called
+        when nothing runs, it does nothing: it never stops a later call."""
         self.native.abort()
 
     @property
