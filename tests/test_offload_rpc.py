@@ -31,8 +31,10 @@ def rpc_device() -> Iterator[lamina.Device]:
     # The server outlives the tests and dies with this process (PR_SET_PDEATHSIG): a context that
     # a failing test's traceback keeps alive until interpreter exit still finds it there (ggml's
     # RPC client aborts the process when its server is gone).
-    # the server as lamina runs it: with the same backends (a portable build's are not in bin/)
-    proc = lamina.tools.popen("ggml-rpc-server", ["-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+    # the server as lamina runs it: with the same backends (a portable build's are not in bin/), and
+    # serving the CPU: byte-exact against local CPU runs, and on a GPU machine no remote CUDA device,
+    # to which ggml's RPC client sends ops it cannot run (its supports_op says yes to all: open)
+    proc = lamina.tools.popen("ggml-rpc-server", ["-H", "127.0.0.1", "-p", str(port), "-t", "1", "-d", "CPU"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     for _ in range(100):  # up to 10 s for the server to listen
         try:
