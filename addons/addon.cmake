@@ -60,7 +60,7 @@ if(_preload)
 else()
   set(_preload_py "()")
 endif()
-set(LAMINA_ADDON_VERSION "${SKBUILD_PROJECT_VERSION}")
+set(LAMINA_ADDON_VERSION "${LAMINA_FULL_VERSION}")
 configure_file("${CMAKE_CURRENT_LIST_DIR}/addon_init.py.in" "${CMAKE_BINARY_DIR}/addon/__init__.py" @ONLY)
 
 add_custom_target(lamina_addon ALL DEPENDS ${_target})

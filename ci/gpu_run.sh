@@ -166,7 +166,8 @@ PYEOF
     $py -m pip list 2>/dev/null | grep -E "^(nvidia-cuda-runtime|nvidia-cublas|torch) "
     for first in "" torch; do
       CUDA_VISIBLE_DEVICES=0 ci/smoke-wheel --python $py --backend CUDA --no-index --find-links /tmp/links \
-        --extra-site "$site" ${first:+--import-first $first} --with "$base" "$addon" 2>&1 | grep -v "^WARNING: Location"
+        --extra-site "$site" ${first:+--import-first $first} --with "$base" "$addon" > "$OUT/smoke.txt" 2>&1
+      rc=$?; grep -v "^WARNING: Location" "$OUT/smoke.txt"; [ $rc -eq 0 ] || exit 1
     done ;;
   leaks)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader

@@ -13,7 +13,7 @@ log=build/wheels-ci; mkdir -p "$log"
 t0=$(date +%s)
 base=$(ci/build-wheel cpu --out build/wheels-ci/dist 2> "$log/cpu.log") || { tail -40 "$log/cpu.log"; exit 1; }
 echo "wheels: $(basename "$base"), $(du -k "$base" | cut -f1) KiB, built in $(( $(date +%s) - t0 )) s"
-grep -A1 "is consistent" "$log/cpu.log" | tr -s ' \n' ' '; echo
+{ grep -A1 "is consistent" "$log/cpu.log" || true; } | tr -s ' \n' ' '; echo
 ci/smoke-wheel "$base"
 # a variant below the best one for this CPU (every x86-64 CPU has SSE4.2): must run, never SIGILL
 LAMINA_CPU_VARIANT=sse42 ci/smoke-wheel "$base" | tee "$log/variant.txt"

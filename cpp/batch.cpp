@@ -45,6 +45,7 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
                         int32_t max_tokens, bool ignore_eos) {
     context_lease lease = context_leased(ctx);
     context_state & st = *lease;
+    begin_operation(st);
     llama_context * c = st.ctx.get();
     const size_t n = prompts.size();
     if (n == 0) throw std::invalid_argument("no prompts");

@@ -54,13 +54,18 @@ context_lease::context_lease(std::shared_ptr<context_state> st, const void * own
     if (st_->backend_sampler && st_->backend_owner.load() != owner) {
         backend_sampler_detach(*st_);
     }
-    // ctx.abort() stops the operation running when it is called. One that arrives just after a
-    // decode finished must not stop the next, unrelated call; a generation between two tokens is
-    // still running, and its next token stops.
-    if (owner == nullptr || st_->op_owner.load() != owner) {
-        st_->abort = false;
-        st_->op_owner.store(owner);
+}
+
+void begin_operation(context_state & st, uint64_t op) {
+    if (op == 0 || st.op_id != op) {
+        st.abort = false;
+        st.op_id = op;
     }
+}
+
+uint64_t new_operation_id() {
+    static std::atomic<uint64_t> next{1};
+    return next.fetch_add(1);
 }
 
 context_lease::~context_lease() {
@@ -386,6 +391,7 @@ public:
     void decode(tokens_in tokens, int logits, int32_t seq) {
         context_lease l = lease();
         context_state & s = *l;
+        begin_operation(s);
         const int32_t * t = tokens.data();
         size_t n = tokens.shape(0);
         if (n == 0) throw std::invalid_argument("no tokens to decode");

@@ -73,6 +73,7 @@ public:
         if (done_) throw nb::stop_iteration();
         context_lease lease(st_, this);  // BusyError for a second thread, or a re-entrant call
         context_state & st = *lease;
+        begin_operation(st, op_);  // an abort between two tokens stops the next one
         if (!started_) {
             if (backend_wanted_) attach_backend(st);  // may refuse (live views): next() can be retried
             started_ = true;
@@ -179,8 +180,6 @@ public:
     ~generator() {
         const void * self = this;
         st_->backend_owner.compare_exchange_strong(self, nullptr);
-        self = this;  // a later generator at this address is another operation
-        st_->op_owner.compare_exchange_strong(self, nullptr);
     }
 
     nb::dict stats() const {
@@ -203,6 +202,7 @@ public:
     }
 
 private:
+    const uint64_t op_ = new_operation_id();
     // The context is full: keep the first shift_keep_ tokens, drop half of the rest, and move the
     // remainder down (llama.cpp's context shift; RoPE positions are corrected by the cache).
     void shift_context(context_state & st) {

@@ -129,9 +129,9 @@ struct context_state {
     // decode (threadpools_release_retired) or with the context.
     std::vector<ggml_threadpool *> retired_pools;
     std::atomic<bool> abort{false};
-    // the operation the abort flag belongs to: a generator between two tokens (its next() goes on
-    // with it), or nullptr for any other; a new operation starts with the flag cleared
-    std::atomic<const void *> op_owner{nullptr};
+    // the compute operation the abort flag belongs to (begin_operation): a generation's number while
+    // it runs (between two tokens too), 0 for a decode call
+    uint64_t op_id = 0;
     uint32_t abort_calls = 0;
     // Ctrl-C during a decode: the abort callback polls Python's signal handlers (see context.cpp)
     int64_t last_signal_check_us = 0;
@@ -158,6 +158,12 @@ public:
 private:
     std::shared_ptr<context_state> st_;
 };
+// A compute operation starts on a leased context: a decode call (op 0), or a generation's step (op:
+// its number from new_operation_id(), the same for every token). ctx.abort() stops the operation
+// running when it is called; one that arrived after the last operation ended (or while only
+// read-only calls ran) is dropped here, so it never stops a later, unrelated call.
+void begin_operation(context_state & st, uint64_t op = 0);
+uint64_t new_operation_id();
 // Detach a generator's backend sampler (under a lease).
 void backend_sampler_detach(context_state & st);
 // Raise fork_error when an object made in generation `gen` is used in a forked child.

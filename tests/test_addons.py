@@ -156,3 +156,21 @@ def test_a_missing_runtime_library_is_named(tmp_path: Path, tiny_path: Path) -> 
     # the local-toolkit mode skips the pip packages: the system's library path has no libghost
     (a,) = probe(tmp_path, tiny_path, LAMINA_FAKE_RUNTIME="system")["addons"]
     assert "libghost.so.1: cannot open shared object file" in a["error"]
+
+
+def test_every_addon_distribution_pins_this_exact_lamina() -> None:
+    """lamina-cuda13==X requires lamina==X and lamina[cuda13] names lamina-cuda13==X: one version
+    everywhere, since an add-on's library is only compatible with the lamina it was built with."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    version = project["version"]
+    names = sorted(p.parent.name for p in (root / "addons").glob("*/pyproject.toml"))
+    assert names == ["cuda12", "cuda13", "rocm", "vulkan"]
+    for name in names:
+        assert project["optional-dependencies"][name] == [f"lamina-{name}=={version}"]
+        addon = tomllib.loads((root / "addons" / name / "pyproject.toml").read_text())
+        assert addon["project"]["name"] == f"lamina-{name}" and addon["project"]["version"] == version
+        assert f"lamina=={version}" in addon["project"]["dependencies"]
+        assert addon["project"]["entry-points"]["lamina.backends"] == {name: f"lamina_{name}"}
+        assert addon["tool"]["scikit-build"]["cmake"]["define"]["LAMINA_ADDON"] == name

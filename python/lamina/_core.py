@@ -33,13 +33,13 @@ PACKAGE_DIR = Path(_native.__file__).resolve().parent
 _warning = _native.backends_load(str(PACKAGE_DIR), os.environ.get("LAMINA_CPU_VARIANT", ""))
 if _warning:
     warnings.warn(_warning, RuntimeWarning, stacklevel=2)
+_native.log_set_sink(_sink, 3)
+sync_log_level()
 # GPU add-ons (lamina-cuda13, lamina-vulkan, ...): one that is installed but cannot load says why
 ADDONS: list[AddOn] = load_all()
 for _addon in ADDONS:
     if not _addon.loaded:
         logger.warning("%s", _addon)
         warnings.warn(f"lamina: GPU add-on {_addon}", RuntimeWarning, stacklevel=2)
-_native.log_set_sink(_sink, 3)
-sync_log_level()
 # No Python callbacks from llama.cpp threads once the interpreter is going away.
 atexit.register(_native.log_set_sink, None, 5)

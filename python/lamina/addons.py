@@ -79,7 +79,7 @@ def _preload(mod: ModuleType) -> tuple[tuple[str, ...], list[str]]:
             continue
         try:
             # RTLD_LOCAL: the backend library finds it by its soname, nothing else in the process binds to it
-            _handles.append(ctypes.CDLL(path, mode=os.RTLD_LOCAL | os.RTLD_NOW))
+            _handles.append(ctypes.CDLL(path, mode=getattr(os, "RTLD_LOCAL", 0) | getattr(os, "RTLD_NOW", 0)))
             loaded.append(path)
         except OSError as exc:
             missing.append(f"{soname} ({exc})")
@@ -87,6 +87,14 @@ def _preload(mod: ModuleType) -> tuple[tuple[str, ...], list[str]]:
 
 
 def _load_one(ep: object) -> AddOn:
+    try:
+        return _try_load(ep)
+    except Exception as exc:  # a broken add-on must not break `import lamina`
+        name = getattr(ep, "name", "?")
+        return AddOn(name, f"lamina-{name}", "?", "", "", 0, (), f"could not be loaded: {type(exc).__name__}: {exc}")
+
+
+def _try_load(ep: object) -> AddOn:
     name = getattr(ep, "name", "?")
     dist = getattr(ep, "dist", None)
     dist_name = dist.name if dist is not None else f"lamina-{name}"

@@ -251,7 +251,9 @@ def system_info() -> SystemInfo:
         maps = _read("/proc/self/maps") or ""
         loaded = {ln.rsplit("/", 1)[-1] for ln in maps.splitlines() if "libggml-cpu-" in ln}
         names = sorted(n[len("libggml-cpu-"):-3] for n in loaded if n.endswith(".so"))
-        variant = f"portable, variant {', '.join(names) or 'unknown'} (picked at run time)"
+        forced = os.environ.get("LAMINA_CPU_VARIANT", "")
+        how = "LAMINA_CPU_VARIANT" if forced and names == [forced] else "picked at run time"
+        variant = f"portable, variant {', '.join(names) or 'unknown'} ({how})"
     cpus = allowed_cpus()
     total, avail = host_memory()
     return SystemInfo(
