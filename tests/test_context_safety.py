@@ -129,9 +129,15 @@ def test_an_abort_when_nothing_runs_never_stops_a_later_call(tiny_model: lamina.
         gen = ctx.generate(PROMPT, max_tokens=8, ignore_eos=True)
         next(gen)
         ctx.abort()
+        assert ctx.n_past > 0 and len(ctx.tokens) > 0  # read-only calls between tokens keep the request
         with pytest.raises(lamina.DecodeError, match="aborted"):
             for _ in gen:
                 pass
+        assert len(greedy(ctx, 4)) == 4
+        # a generation refused before it ran, then an abort while nothing runs, then a generation
+        with pytest.raises(ValueError):
+            ctx.generate(list(range(1, 400)), max_tokens=4)
+        ctx.abort()
         assert len(greedy(ctx, 4)) == 4
 
 
