@@ -3,36 +3,46 @@
 
 #include "ggml-backend.h"
 
+#include "ggml-rpc.h"
+
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 
+#ifndef MSG_NOSIGNAL  // macOS: no SIGPIPE flag per call (a closed peer makes send() fail with EPIPE there
+#define MSG_NOSIGNAL 0  // only when SIGPIPE is ignored, which Python does)
+#endif
+
 namespace lamina {
 namespace {
 
-// ggml's RPC client aborts the process when it cannot connect. Before the first connection to a
-// server, probe "host:port" with a non-blocking connect (timeout_ms) and raise instead. (Not a
-// liveness check for later: the server serves one client at a time, so probes then queue.)
-bool endpoint_reachable(const std::string & endpoint, int timeout_ms) {
+// ggml's RPC client aborts the process when it cannot connect, and when the server's handshake
+// fails (another protocol version). Before the first connection to a server, lamina connects
+// itself (timeout_ms), says HELLO the way ggml does and checks the version, and raises instead.
+// (Not a liveness check for later: the server serves one client at a time, so probes then queue.)
+int connect_timeout(const std::string & endpoint, int timeout_ms) {
     size_t colon = endpoint.rfind(':');
-    if (colon == std::string::npos) return false;
+    if (colon == std::string::npos) return -1;
     std::string host = endpoint.substr(0, colon), port = endpoint.substr(colon + 1);
     addrinfo hints{};
     hints.ai_socktype = SOCK_STREAM;
     addrinfo * res = nullptr;
-    if (getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || res == nullptr) return false;
-    bool ok = false;
-    for (addrinfo * a = res; a != nullptr && !ok; a = a->ai_next) {
-        int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK, a->ai_protocol);
+    if (getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || res == nullptr) return -1;
+    int ok_fd = -1;
+    for (addrinfo * a = res; a != nullptr && ok_fd < 0; a = a->ai_next) {
+        int fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
         if (fd < 0) continue;
+        const int flags = fcntl(fd, F_GETFL, 0);
+        fcntl(fd, F_SETFL, flags | O_NONBLOCK);  // (portable: SOCK_NONBLOCK is Linux-only)
         int rc = connect(fd, a->ai_addr, a->ai_addrlen);
-        if (rc == 0) {
-            ok = true;
-        } else if (errno == EINPROGRESS) {
+        bool ok = rc == 0;
+        if (!ok && errno == EINPROGRESS) {
             pollfd p{fd, POLLOUT, 0};
             if (poll(&p, 1, timeout_ms) == 1) {
                 int err = 0;
@@ -40,10 +50,64 @@ bool endpoint_reachable(const std::string & endpoint, int timeout_ms) {
                 ok = getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0;
             }
         }
-        close(fd);
+        if (ok) {
+            fcntl(fd, F_SETFL, flags);  // blocking again, with time limits on each send and receive
+            timeval tv{timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+            ok_fd = fd;
+        } else {
+            close(fd);
+        }
     }
     freeaddrinfo(res);
-    return ok;
+    return ok_fd;
+}
+
+bool io_all(int fd, void * data, size_t n, bool sending) {
+    auto * p = static_cast<uint8_t *>(data);
+    while (n > 0) {
+        ssize_t k = sending ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
+        if (k <= 0) return false;
+        p += k;
+        n -= size_t(k);
+    }
+    return true;
+}
+
+// "" when a server that speaks this build's RPC protocol answers at endpoint, else why not.
+// The wire format is ggml-rpc.cpp's: | cmd (1 byte) | size (8 bytes) | request |, then
+// | size (8 bytes) | response |; HELLO is command 14 in every version (ggml asserts it), its
+// request 24 bytes of transport capabilities (zeros: plain TCP), its response major, minor, patch.
+std::string rpc_handshake(const std::string & endpoint, int timeout_ms) {
+    int fd = connect_timeout(endpoint, timeout_ms);
+    if (fd < 0) {
+        return "nothing answers there (connection refused, or no answer within " + std::to_string(timeout_ms) + " ms)";
+    }
+    uint8_t cmd = 14;
+    uint64_t size = 24;
+    uint8_t caps[24] = {};
+    std::string why;
+    if (!io_all(fd, &cmd, 1, true) || !io_all(fd, &size, 8, true) || !io_all(fd, caps, sizeof(caps), true)) {
+        why = "the connection broke during the RPC handshake";
+    } else if (!io_all(fd, &size, 8, false)) {
+        why = "no RPC handshake answer within " + std::to_string(timeout_ms) +
+              " ms: not a ggml RPC server, or one whose protocol predates version " +
+              std::to_string(RPC_PROTO_MAJOR_VERSION) + " (it closed the connection or said nothing)";
+    } else {
+        uint8_t rsp[64] = {};
+        const size_t take = size_t(std::min<uint64_t>(size, sizeof(rsp)));
+        if (size < 3 || !io_all(fd, rsp, take, false)) {
+            why = "a malformed RPC handshake answer (" + std::to_string(size) + " bytes)";
+        } else if (rsp[0] != RPC_PROTO_MAJOR_VERSION || rsp[1] > RPC_PROTO_MINOR_VERSION) {
+            why = "the server speaks RPC protocol " + std::to_string(rsp[0]) + "." + std::to_string(rsp[1]) + "." +
+                  std::to_string(rsp[2]) + ", this lamina " + std::to_string(RPC_PROTO_MAJOR_VERSION) + "." +
+                  std::to_string(RPC_PROTO_MINOR_VERSION) + "." + std::to_string(RPC_PROTO_PATCH_VERSION) +
+                  ": start it from the same lamina (lamina rpc-server), or the same llama.cpp build";
+        }
+    }
+    close(fd);
+    return why;
 }
 
 
@@ -70,7 +134,7 @@ ggml_backend_dev_t device_named(const std::string & name) {
 }
 
 void init_devices(nb::module_ & m) {
-    m.def("rpc_add_server", [](const std::string & endpoint) {
+    m.def("rpc_add_server", [](const std::string & endpoint, int timeout_ms) {
         static std::vector<std::string> added;  // ggml returns the same registry again: register once
         ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
         if (rpc == nullptr) {
@@ -80,13 +144,13 @@ void init_devices(nb::module_ & m) {
             ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server"));
         if (add == nullptr) throw lamina_error("the RPC backend has no ggml_backend_rpc_add_server");
         if (std::find(added.begin(), added.end(), endpoint) == added.end()) {
-            bool up;
+            std::string why;
             {
                 nb::gil_scoped_release nogil;
-                up = endpoint_reachable(endpoint, 3000);
+                why = rpc_handshake(endpoint, timeout_ms);
             }
-            if (!up) {
-                PyErr_SetString(PyExc_ConnectionError, ("no RPC server answered at " + endpoint).c_str());
+            if (!why.empty()) {
+                PyErr_SetString(PyExc_ConnectionError, ("RPC server " + endpoint + ": " + why).c_str());
                 throw nb::python_error();
             }
             ggml_backend_reg_t reg;
@@ -95,7 +159,7 @@ void init_devices(nb::module_ & m) {
                 reg = add(endpoint.c_str());
             }
             if (reg == nullptr) {
-                PyErr_SetString(PyExc_ConnectionError, ("no RPC server answered at " + endpoint).c_str());
+                PyErr_SetString(PyExc_ConnectionError, ("RPC server " + endpoint + " offers no device").c_str());
                 throw nb::python_error();
             }
             ggml_backend_register(reg);
@@ -106,7 +170,9 @@ void init_devices(nb::module_ & m) {
             if (ggml_backend_dev_description(ggml_backend_dev_get(i)) == endpoint) idx.push_back(i);
         }
         return idx;
-    }, nb::arg("endpoint"), "Connect an RPC server (host:port) and register its devices; returns their indices.");
+    }, nb::arg("endpoint"), nb::arg("timeout_ms") = 3000,
+    "Connect an RPC server (host:port) and register its devices; returns their indices. ConnectionError\n"
+    "(naming the endpoint) when nothing answers within timeout_ms or it speaks another protocol version.");
 
     m.def("supports_row_split", [](size_t index) {
         if (index >= ggml_backend_dev_count()) throw std::out_of_range("no device " + std::to_string(index));

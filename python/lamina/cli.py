@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -144,6 +145,52 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_rpc_server(args: argparse.Namespace) -> int:
+    """ggml-rpc-server from this package's build: its protocol version is the one lamina speaks."""
+    from . import tools
+    from ._core import PACKAGE_DIR
+
+    if tools.path("ggml-rpc-server") is None:
+        print("lamina rpc-server: this lamina has no ggml-rpc-server (built with -DGGML_RPC=OFF or "
+              "LAMINA_BUILD_TOOLS=OFF)", file=sys.stderr)
+        return 2
+    if not _loopback(args.host):
+        print(f"lamina rpc-server: WARNING: ggml's RPC protocol has no authentication and no encryption: anyone who "
+              f"can reach {args.host}:{args.port} can run computations on this machine's devices and read what they "
+              "hold. Use it only on a trusted network.", file=sys.stderr)
+    argv = ["-H", args.host, "-p", str(args.port)]
+    if args.device:
+        argv += ["-d", args.device]
+    if args.threads:
+        argv += ["-t", str(args.threads)]
+    env = dict(os.environ)
+    if args.cache:  # ggml's server keeps tensors it received in LLAMA_CACHE/rpc
+        argv.append("-c")
+        env["LLAMA_CACHE"] = str(args.cache)
+    if os.name == "posix":  # this process becomes the server: signals reach it, nothing is left behind
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.chdir(PACKAGE_DIR)  # where a portable build's backends are (see lamina.tools)
+        server = str(tools.path("ggml-rpc-server"))
+        os.execve(server, [server, *argv], tools.environment(env))
+    proc = tools.popen("ggml-rpc-server", argv, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return 130
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     print(system_info())
     return 0
@@ -176,6 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.add_argument("--temp", type=float, default=0.0)
     chat.add_argument("--seed", type=int, default=0)
     chat.set_defaults(func=cmd_chat)
+
+    rpcs = sub.add_parser("rpc-server", help="serve this machine's devices to other processes (ggml RPC)")
+    rpcs.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    rpcs.add_argument("--port", type=int, default=50052)
+    rpcs.add_argument("--device", default=None, help="ggml device names to serve, e.g. CUDA0,CPU (default: ggml's choice)")
+    rpcs.add_argument("--threads", type=int, default=None, help="threads for the CPU device")
+    rpcs.add_argument("--cache", default=None, help="folder where the server caches tensors it received")
+    rpcs.set_defaults(func=cmd_rpc_server)
 
     bench = sub.add_parser("bench", help="pp/tg throughput (like llama-bench); --compare runs llama-bench too")
     _add_model_args(bench)

@@ -87,6 +87,18 @@ def _cpus(v: Any) -> str | list[int]:
     raise ValueError(f"expected a CPU list, range or mask, got {v!r}")
 
 
+def _endpoints(v: Any) -> list[str]:
+    """RPC servers: a list, or "host:port,host:port" (LAMINA_RPC)."""
+    items = [x.strip() for x in v.split(",")] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+        raise ValueError(f"expected a list of 'host:port', got {v!r}")
+    for x in items:
+        host, sep, port = x.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected 'host:port', got {x!r}")
+    return list(items)
+
+
 # lamina name -> (parser, default, model.yml aliases)
 SETTINGS: dict[str, tuple[Callable[[Any], Any], Any, tuple[str, ...]]] = {
     "model": (_path, None, ("model_path", "files", "path")),
@@ -109,6 +121,7 @@ SETTINGS: dict[str, tuple[Callable[[Any], Any], Any, tuple[str, ...]]] = {
     "kv_offload": (_bool, True, ()),
     "use_mmap": (_bool, True, ("mmap",)),
     "use_mlock": (_bool, False, ("mlock",)),
+    "rpc": (_endpoints, None, ("rpc_servers",)),
 }
 # model.yml keys that set two settings at once
 COMBINED = {"cache_type": ("type_k", "type_v")}
@@ -145,7 +158,7 @@ class Config:
         """Settings that have no effect with the other values, and why."""
         out = []
         if not self["gpu"]:
-            for name in ("n_gpu_layers", "main_gpu", "kv_offload"):
+            for name in ("n_gpu_layers", "main_gpu", "kv_offload", "rpc"):
                 if self.source(name) != "default":
                     out.append(f"{name}={self[name]!r} ({self.source(name)}) is inert: gpu is off "
                                f"({self.source('gpu')})")
@@ -153,7 +166,8 @@ class Config:
 
     def model_kwargs(self) -> dict[str, Any]:
         return dict(gpu=self["gpu"], n_gpu_layers=self["n_gpu_layers"], main_gpu=self["main_gpu"],
-                    n_ctx=self["n_ctx"], kv=self.kv(), use_mmap=self["use_mmap"], use_mlock=self["use_mlock"])
+                    n_ctx=self["n_ctx"], kv=self.kv(), use_mmap=self["use_mmap"], use_mlock=self["use_mlock"],
+                    rpc=self["rpc"])
 
     def kv(self) -> KV:
         return KV(type_k=self["type_k"], type_v=self["type_v"], offload=self["kv_offload"])

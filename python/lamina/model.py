@@ -14,7 +14,7 @@ from . import _core, _native
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
 from .errors import InertSettingWarning
-from .system import Device, gpu_absent_reason
+from .system import Device, gpu_absent_reason, rpc_connect
 from .system import devices as list_devices
 
 if TYPE_CHECKING:
@@ -96,7 +96,11 @@ class Model:
             the most layers that fit each device's free memory minus ``fit_margin`` (or within
             ``memory_limit``) together with a context of ``n_ctx`` tokens, computed by llama.cpp's
             common_fit_params without allocating.
-        devices: GPU/remote devices to use, by name or ggml index (default: all of them).
+        devices: GPU/remote devices to use, by name or ggml index (default: every local GPU, and the
+            devices of the servers in ``rpc``).
+        rpc: ggml RPC servers ("host:port") whose devices join this model (lamina.rpc_connect for
+            each; start one with ``lamina rpc-server``). Remote devices are used only when named
+            here or in ``devices``, never because another model connected them.
         split_mode: "layer" (whole layers per device), "tensor" (tensor parallelism: each matrix
             across the devices; needs flash attention), "row" (backends with split buffers only) or
             "none" (everything on ``main_gpu``). tensor_split: share per chosen device.
@@ -127,6 +131,7 @@ class Model:
         use_mmap: bool = True,
         use_mlock: bool = False,
         progress: Callable[[float], bool | None] | None = None,
+        rpc: Sequence[str] | None = None,
     ) -> None:
         from .context import KV, context_settings
 
@@ -152,9 +157,13 @@ class Model:
 
         # values llama.cpp would abort on (its memory fit below reads the file too): ModelFormatError
         _native.validate_gguf(os.fspath(self.path))
+        if isinstance(rpc, str):
+            raise TypeError("rpc is a list of 'host:port' strings: rpc=['host:50052']")
+        remote = {d.index for ep in (rpc if gpu else None) or () for d in rpc_connect(ep)}
         all_devices = list_devices(memory=False)  # opens no device: gpu=False never touches a GPU
-        gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu", "remote")]
+        gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu") or d.index in remote]
         if devices is not None:
+            gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu", "remote")]
             gpu_devices = [_find_device(gpu_devices, sel, "devices") for sel in devices]
             if len({d.index for d in gpu_devices}) != len(gpu_devices):
                 raise ValueError(f"devices lists a device twice: {list(devices)!r}")
@@ -164,6 +173,9 @@ class Model:
         if no_gpu:
             reasons.append(f"{no_gpu}: everything stays on the CPU")
         use_gpu = not no_gpu
+        if rpc and not gpu:
+            reasons.append(f"rpc={list(rpc)!r} is inert without a GPU")
+            warnings.warn(f"rpc={list(rpc)!r} is inert: gpu=False", InertSettingWarning, stacklevel=2)
         if not use_gpu and n_gpu_layers not in ("auto", 0):
             reasons.append(f"n_gpu_layers={n_gpu_layers!r} is inert without a GPU")
             warnings.warn(f"n_gpu_layers={n_gpu_layers!r} is inert: {no_gpu}", InertSettingWarning, stacklevel=2)

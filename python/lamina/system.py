@@ -50,17 +50,22 @@ def devices(memory: bool = True) -> list[Device]:
     return out
 
 
-def rpc_connect(endpoint: str) -> list[Device]:
-    """Register the devices of a ggml RPC server ("host:port"; needs a GGML_RPC build).
+def rpc_connect(endpoint: str, timeout: float = 3.0) -> list[Device]:
+    """Register the devices of a ggml RPC server ("host:port"; start one with ``lamina rpc-server``).
 
-    They appear in devices() with kind "remote" and take offloaded layers like any GPU.
-    Raises ConnectionError when nothing answers there. Keep the server running while the
-    process uses it: ggml's RPC client aborts the process if its server goes away.
+    They appear in devices() with kind "remote" and take offloaded layers like any GPU (a Model
+    uses them when its ``rpc`` or ``devices`` names them). Raises ConnectionError naming the
+    endpoint when nothing answers within ``timeout`` seconds, or when the server speaks another
+    RPC protocol version (checked with ggml's own HELLO before ggml connects: ggml would abort).
+    Keep the server running while the process uses it: ggml's RPC client aborts the process if
+    its server goes away during a decode.
     """
     host, sep, port = endpoint.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"RPC endpoint must be 'host:port', got {endpoint!r}")
-    indices = set(_native.rpc_add_server(endpoint))
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    indices = set(_native.rpc_add_server(endpoint, max(1, int(timeout * 1000))))
     return [d for d in devices() if d.index in indices]
 
 
@@ -75,9 +80,14 @@ def gpu_absent_reason() -> str:
     failed = [a for a in _core.ADDONS if not a.loaded]
     if failed:
         return "; ".join(f"GPU add-on {a.distribution} did not load: {a.error}" for a in failed)
-    empty = [b["name"] for b in _native.backends() if b["name"].upper() not in ("CPU", "RPC", "BLAS")]
+    empty = [b["name"] for b in _native.backends()
+             if b["name"].upper() not in ("CPU", "BLAS") and not b["name"].upper().startswith("RPC")]
     if empty:
         return f"the {', '.join(empty)} backend found no device"
+    remote = [f"{d.name} ({d.description})" for d in devices(memory=False) if d.kind == "remote"]
+    if remote:
+        return (f"no local GPU, and no RPC server named in rpc= or devices= (connected: {', '.join(remote)}; "
+                "a model uses only the servers it names)")
     if _native.BACKEND_DL:
         return ("no GPU backend is installed: this lamina carries the CPU backend only "
                 "(pip install \"lamina[cuda13]\", \"lamina[cuda12]\" or \"lamina[vulkan]\" adds one)")

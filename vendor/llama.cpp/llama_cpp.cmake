@@ -60,6 +60,9 @@ lamina_default(LLAMA_BUILD_COMMIT ${LAMINA_LLAMA_CPP_COMMIT})
 # OpenMP's process-wide threads, which every context then shares, so two contexts cannot each
 # keep their own pinning (see cpp/threadpool.cpp). Decode speed: see the thread-pinning issue note.
 lamina_default(GGML_OPENMP OFF)
+# RPC: remote devices (lamina rpc-server), and on 127.0.0.1 a real offload device for the tests on
+# any machine. Cost measured in the RPC issue's note; -DGGML_RPC=OFF leaves it out.
+lamina_default(GGML_RPC ON)
 
 if(LAMINA_PORTABLE)
   # Wheels: every CPU variant as a loadable backend, the best one picked at run time.

@@ -1,0 +1,189 @@
+"""llama.cpp's RPC backend as part of lamina: `lamina rpc-server`, Model(rpc=[...]) over several
+servers, the config's rpc key, and clean ConnectionErrors naming host:port for servers that do not
+answer, answer too slowly, or speak another protocol version (ggml's client would abort)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import lamina
+from tiny_gguf import write_tiny_llama
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """`lamina rpc-server` as a user starts it; returns it once it listens, with its endpoint."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lamina", "rpc-server", "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_die_with_parent)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"lamina rpc-server exited: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("lamina rpc-server did not listen within 10 s")
+
+
+@pytest.fixture(scope="module")
+def two_servers() -> Iterator[list[str]]:
+    if lamina.tools.path("ggml-rpc-server") is None:
+        if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
+            raise FileNotFoundError("ggml-rpc-server missing: GGML_RPC is on by default, was it turned off?")
+        pytest.skip("built without GGML_RPC")
+    servers = [start_server("--device", "CPU", "--threads", "1") for _ in range(2)]
+    yield [ep for _, ep in servers]
+    # the servers stay up until the process ends (PR_SET_PDEATHSIG): a model a failing test keeps
+    # alive must still find them (ggml's RPC client aborts the process if its server goes away)
+
+
+def local_gpus() -> list[lamina.Device]:
+    return [d for d in lamina.devices(memory=False) if d.kind in ("gpu", "igpu")]
+
+
+@contextlib.contextmanager
+def _no_warning() -> Iterator[None]:
+    yield
+
+
+def greedy(model: lamina.Model) -> list[int]:
+    with model.context(n_ctx=256) as ctx:
+        return [int(t) for t in ctx.complete("the sky is", max_tokens=16, ignore_eos=True).tokens]
+
+
+def test_a_model_split_over_the_cpu_and_two_servers_gives_the_local_tokens(tmp_path: Path,
+                                                                          two_servers: list[str]) -> None:
+    path = write_tiny_llama(tmp_path / "four.gguf", n_layer=4)
+    local = greedy(lamina.Model(path, gpu=False))
+    model = lamina.Model(path, rpc=two_servers, n_gpu_layers=3, split_mode="layer", tensor_split=[1, 1])
+    remote = [d for d in model.offload.devices if d.startswith("RPC")]
+    assert len(remote) == 2, model.offload
+    on = {d: model.offload.layers_on(d) for d in remote}
+    assert all(n >= 1 for n in on.values()) and sum(on.values()) == 3, (on, str(model.offload))
+    assert model.offload.layers_on("CPU") + sum(on.values()) >= 4 or "host" in str(model.offload)
+    assert greedy(model) == local
+    # remote devices serve only the models that name them
+    with pytest.warns(lamina.InertSettingWarning) if not local_gpus() else _no_warning():
+        plain = lamina.Model(path, n_gpu_layers="all")
+    assert not [d for d in plain.offload.devices if d.startswith("RPC")], plain.offload
+    if not local_gpus():
+        assert "no RPC server named in rpc= or devices=" in plain.offload.reasons[0], plain.offload.reasons
+
+
+def test_the_config_and_lamina_rpc_name_the_servers(tmp_path: Path, two_servers: list[str]) -> None:
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    yml = tmp_path / "model.yml"
+    yml.write_text(f"model: {path}\nngl: all\nrpc: [{two_servers[0]}]\n")
+    model = lamina.Model.from_config(lamina.load_config(yml, env={}))
+    assert [d for d in model.offload.devices if d.startswith("RPC")] and model.offload.layers_effective == 3
+    cfg = lamina.load_config(yml, env={"LAMINA_RPC": ",".join(two_servers)})
+    assert cfg["rpc"] == two_servers and cfg.source("rpc") == "env LAMINA_RPC"
+    with pytest.raises(ValueError, match="host:port"):
+        lamina.load_config(yml, env={"LAMINA_RPC": "nohost"})
+
+
+class FakeServer:
+    """A TCP server on 127.0.0.1 that answers ggml's HELLO its own way."""
+
+    def __init__(self, answer: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.endpoint = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    self.answer(conn)
+                except OSError:
+                    pass
+
+
+def hello_from(version: tuple[int, int, int]) -> Callable[[socket.socket], None]:
+    def answer(conn: socket.socket) -> None:
+        conn.recv(1 + 8 + 24, socket.MSG_WAITALL)
+        conn.sendall(struct.pack("<Q", 28) + bytes([*version, 0]) + bytes(24))
+        conn.recv(1)  # until the client hangs up
+    return answer
+
+
+def test_a_server_of_another_protocol_version_raises_naming_it() -> None:
+    old = FakeServer(hello_from((6, 1, 0)))
+    with pytest.raises(ConnectionError, match=rf"RPC server {old.endpoint}: the server speaks RPC protocol 6\.1\.0, "
+                                              r"this lamina 7\.\d+\.\d+"):
+        lamina.rpc_connect(old.endpoint)
+    newer = FakeServer(hello_from((7, 99, 0)))
+    with pytest.raises(ConnectionError, match="protocol 7.99.0"):
+        lamina.rpc_connect(newer.endpoint)
+
+
+def test_a_server_that_says_nothing_or_hangs_up_raises_within_the_timeout() -> None:
+    silent = FakeServer(lambda conn: (conn.recv(64), time.sleep(5)))
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"RPC server {silent.endpoint}: no RPC handshake answer within 500 ms"):
+        lamina.rpc_connect(silent.endpoint, timeout=0.5)
+    assert time.monotonic() - t0 < 2.0
+    rude = FakeServer(lambda conn: None)  # accepts and closes
+    with pytest.raises(ConnectionError, match=f"RPC server {rude.endpoint}: .*closed the connection"):
+        lamina.rpc_connect(rude.endpoint)
+    with pytest.raises(ConnectionError, match="nothing answers there"):
+        lamina.rpc_connect(f"127.0.0.1:{free_port()}", timeout=0.5)
+    # an address nobody routes (TEST-NET-1): the connect itself times out, bounded by timeout
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="192.0.2.1:50052"):
+        lamina.rpc_connect("192.0.2.1:50052", timeout=0.5)
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_rpc_server_binds_loopback_and_warns_for_any_other_address() -> None:
+    if lamina.tools.path("ggml-rpc-server") is None:
+        pytest.skip("built without GGML_RPC")
+    proc, endpoint = start_server("--device", "CPU", "--threads", "1")
+    proc.terminate()  # the command is the server itself (exec): nothing outlives it
+    _, err = proc.communicate(timeout=30)
+    assert endpoint.startswith("127.0.0.1:") and "WARNING" not in err
+    proc, _ = start_server("--host", "0.0.0.0", "--device", "CPU", "--threads", "1")
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert "WARNING: ggml's RPC protocol has no authentication" in err and "trusted network" in err
+
+
+def test_rpc_with_gpu_off_is_inert_and_connects_nothing(tiny_path: Path) -> None:
+    with pytest.warns(lamina.InertSettingWarning, match="rpc=.* is inert: gpu=False"):
+        model = lamina.Model(tiny_path, gpu=False, rpc=["192.0.2.1:50052"])  # never contacted
+    assert model.offload.gpu is False
+    with pytest.raises(TypeError, match="list"):
+        lamina.Model(tiny_path, rpc="127.0.0.1:50052")  # type: ignore[arg-type]
