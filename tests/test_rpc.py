@@ -187,3 +187,73 @@ def test_rpc_with_gpu_off_is_inert_and_connects_nothing(tiny_path: Path) -> None
     assert model.offload.gpu is False
     with pytest.raises(TypeError, match="list"):
         lamina.Model(tiny_path, rpc="127.0.0.1:50052")  # type: ignore[arg-type]
+
+
+def test_auto_fits_across_both_servers_with_their_reported_memory(tmp_path: Path, two_servers: list[str]) -> None:
+    path = write_tiny_llama(tmp_path / "four.gguf", n_layer=4)
+    local = greedy(lamina.Model(path, gpu=False))
+    model = lamina.Model(path, rpc=two_servers, n_gpu_layers="auto", n_ctx=256)
+    remote = [d for d in model.offload.devices if d.startswith("RPC")]
+    assert model.offload.layers_effective == 5 and len(remote) == 2, str(model.offload)
+    assert all(model.offload.layers_on(d) >= 1 for d in remote), str(model.offload)
+    assert any("auto: llama.cpp's memory fit chose" in r for r in model.offload.reasons), model.offload.reasons
+    assert greedy(model) == local
+
+
+NETNS = ("lamina-rpc-a", "lamina-rpc-b")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def two_hosts() -> Iterator[list[str]]:
+    """Two RPC servers in network namespaces of their own, each joined to this one by a veth pair:
+    separate hosts on 10.201.{1,2}.0/24 as far as the network stack goes (needs root and iproute2)."""
+    if lamina.tools.path("ggml-rpc-server") is None:
+        pytest.skip("built without GGML_RPC")
+    try:
+        for i, ns in enumerate(NETNS, 1):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            subprocess.run(["ip", "link", "del", f"lrpc{i}h"], capture_output=True, timeout=30)
+            _ip("netns", "add", ns)
+            _ip("link", "add", f"lrpc{i}h", "type", "veth", "peer", "name", f"lrpc{i}n")
+            _ip("link", "set", f"lrpc{i}n", "netns", ns)
+            _ip("addr", "add", f"10.201.{i}.1/24", "dev", f"lrpc{i}h")
+            _ip("link", "set", f"lrpc{i}h", "up")
+            _ip("netns", "exec", ns, "ip", "addr", "add", f"10.201.{i}.2/24", "dev", f"lrpc{i}n")
+            _ip("netns", "exec", ns, "ip", "link", "set", f"lrpc{i}n", "up")
+            _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"network namespaces are not available here ({exc})")
+    endpoints = []
+    for i, ns in enumerate(NETNS, 1):
+        port = free_port()
+        subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "lamina", "rpc-server",
+                          "--host", f"10.201.{i}.2", "--port", str(port), "--device", "CPU", "--threads", "1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        endpoints.append(f"10.201.{i}.2:{port}")
+    for ep in endpoints:
+        host, port = ep.rsplit(":", 1)
+        for _ in range(100):
+            try:
+                socket.create_connection((host, int(port)), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+    yield endpoints
+    # the names go now; the namespaces (and their veths) go when the servers exit with this process
+    for ns in NETNS:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def test_two_hosts_behind_veth_pairs_serve_a_split_model(tmp_path: Path, two_hosts: list[str]) -> None:
+    path = write_tiny_llama(tmp_path / "four.gguf", n_layer=4)
+    local = greedy(lamina.Model(path, gpu=False))
+    model = lamina.Model(path, rpc=two_hosts, n_gpu_layers=3, tensor_split=[1, 1])
+    remote = [d for d in model.offload.devices if d.startswith("RPC")]
+    assert len(remote) == 2 and all(model.offload.layers_on(d) >= 1 for d in remote), str(model.offload)
+    descs = {d.description for d in lamina.devices(memory=False) if d.kind == "remote"}
+    assert set(two_hosts) <= descs
+    assert greedy(model) == local
