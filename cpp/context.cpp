@@ -45,6 +45,11 @@ context_state::~context_state() {
 
 context_lease::context_lease(std::shared_ptr<context_state> st, const void * owner) : st_(std::move(st)) {
     check_fork(st_->fork_gen, "context");
+    if (st_->model->lost.load()) {
+        const std::string why = st_->model->lost_why;
+        st_.reset();
+        throw closed_error(why);
+    }
     bool expected = false;
     if (!st_->busy.compare_exchange_strong(expected, true, std::memory_order_acquire)) {
         st_.reset();
@@ -125,6 +130,7 @@ std::string decode_message(int rc, const context_state & st) {
         case 1: return "no KV cache slot for the batch (the context is full: n_ctx=" +
                        std::to_string(llama_n_ctx(st.ctx.get())) + ")";
         case 2: return "decode aborted";
+        case decode_rc_rpc_lost: return st.model->lost_why;
         case -1: return "invalid input batch";
         default: {
             std::string why = last_log_error();
@@ -182,6 +188,8 @@ int decode_checked(context_state & st, const llama_batch & batch, bool sync) {
         if (sync) llama_synchronize(st.ctx.get());
         threadpools_release_retired(st);
     }
+    // a server holding part of the model went away: what came back from it was zeros
+    if (!st.model->rpc_endpoints.empty() && rpc_lost(*st.model)) return decode_rc_rpc_lost;
     return rc;
 }
 
@@ -347,6 +355,7 @@ public:
                    const pool_args & batch_pool) {
         auto ms = model_shared(model);
         check_fork(ms->fork_gen, "model");
+        if (!ms->rpc_endpoints.empty() && rpc_lost(*ms)) throw closed_error(ms->lost_why);
         threadpool_config gen = pool_config(gen_pool), batch = pool_config(batch_pool);
         llama_context_params p = build_context_params(args);
         p.n_threads = gen.n_threads;
@@ -367,6 +376,7 @@ public:
             nb::gil_scoped_release nogil;
             raw = llama_init_from_model(ms->model.get(), p);
         }
+        if (raw == nullptr && !ms->rpc_endpoints.empty() && rpc_lost(*ms)) throw closed_error(ms->lost_why);
         if (raw == nullptr) raise_failed("failed to create the context (n_ctx=" + std::to_string(n_ctx) + ")", failure::other);
         st->ctx.reset(raw);
         st->embeddings = embeddings;

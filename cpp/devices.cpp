@@ -122,7 +122,40 @@ const char * dev_type_name(enum ggml_backend_dev_type t) {
     return "unknown";
 }
 
+using rpc_failures_fn = int (*)(const char ** lost_endpoints);
+std::atomic<rpc_failures_fn> g_rpc_failures{nullptr};  // lamina's ggml-rpc patch, found at first connect
+
 }  // namespace
+
+std::vector<std::string> rpc_endpoints_of(const std::vector<ggml_backend_dev_t> & devs) {
+    std::vector<std::string> out;
+    for (ggml_backend_dev_t d : devs) {
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(d);
+        if (reg != nullptr && std::string(ggml_backend_reg_name(reg)).rfind("RPC", 0) == 0) {
+            out.emplace_back(ggml_backend_dev_description(d));
+        }
+    }
+    return out;
+}
+
+bool rpc_lost(model_state & model) {
+    if (model.lost.load()) return true;
+    rpc_failures_fn fn = g_rpc_failures.load();
+    if (fn == nullptr) return false;
+    const char * lost = nullptr;
+    const int n = fn(&lost);
+    if (n == 0 || lost == nullptr) return false;
+    const std::string all = lost;  // "host:port;host:port;"
+    for (const std::string & ep : model.rpc_endpoints) {
+        if (all.find(ep + ";") != std::string::npos) {
+            model.lost_why = "RPC server " + ep + " went away (it crashed, exited or sent a malformed answer); "
+                             "the model " + model.path + " held layers there and is closed: load it again";
+            model.lost.store(true);
+            return true;
+        }
+    }
+    return false;
+}
 
 ggml_backend_dev_t device_named(const std::string & name) {
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
@@ -164,6 +197,10 @@ void init_devices(nb::module_ & m) {
             }
             ggml_backend_register(reg);
             added.push_back(endpoint);
+            if (g_rpc_failures.load() == nullptr) {  // absent when llama.cpp is a user tree without the patch
+                g_rpc_failures.store(reinterpret_cast<rpc_failures_fn>(
+                    ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_failures")));
+            }
         }
         std::vector<size_t> idx;
         for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {

@@ -64,6 +64,11 @@ struct model_state {
     const llama_vocab * vocab = nullptr;
     int32_t n_vocab = 0;
     std::string path;
+    // RPC servers holding part of the model ("host:port"), and whether one of them went away: then
+    // every context of the model is closed (rpc_lost, devices.cpp)
+    std::vector<std::string> rpc_endpoints;
+    std::atomic<bool> lost{false};
+    std::string lost_why;  // set once, before lost
     uint32_t fork_gen = fork_generation();
     ~model_state();
 };
@@ -158,6 +163,11 @@ public:
 private:
     std::shared_ptr<context_state> st_;
 };
+// Whether an RPC server holding part of the model went away (ggml's RPC client with lamina's patch
+// marks it instead of aborting): sets model.lost. Cheap when no RPC server ever failed.
+bool rpc_lost(model_state & model);
+// The RPC endpoints among ggml devices (descriptions of devices whose backend is RPC).
+std::vector<std::string> rpc_endpoints_of(const std::vector<ggml_backend_dev_t> & devs);
 // A compute operation starts on a leased context: a decode call (op 0), or a generation's step (op:
 // its number from new_operation_id(), the same for every token). ctx.abort() stops the operation
 // running when it is called; one that arrived after the last operation ended (or while only
@@ -186,6 +196,8 @@ inline int32_t batch_add(llama_batch & b, llama_token t, llama_pos pos, llama_se
 // thread pools a set_threads replaced. Returns llama.cpp's status (decode_failed turns it into
 // an exception, with the GIL).
 int decode_checked(context_state & st, const llama_batch & batch, bool sync);
+// decode_checked's status when an RPC server holding part of the model went away
+constexpr int decode_rc_rpc_lost = -100;
 // Decode a batch with the GIL released; converts llama.cpp's status codes into exceptions.
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs);
 // Evaluate tokens for sequence 0 starting at st.tokens.size(); logits for the last token only.

@@ -124,6 +124,14 @@ public:
         st_->vocab = llama_model_get_vocab(raw);
         st_->n_vocab = llama_vocab_n_tokens(st_->vocab);
         st_->path = path;
+        {
+            std::vector<ggml_backend_dev_t> used;
+            for (size_t i = 0; i + 1 < mp.devs.size(); ++i) used.push_back(mp.devs[i]);
+            if (mp.devs.empty()) {  // llama.cpp's choice: every device
+                for (size_t i = 0; i < ggml_backend_dev_count(); ++i) used.push_back(ggml_backend_dev_get(i));
+            }
+            st_->rpc_endpoints = rpc_endpoints_of(used);
+        }
         layers_ = std::move(layers);
     }
 

@@ -257,3 +257,51 @@ def test_two_hosts_behind_veth_pairs_serve_a_split_model(tmp_path: Path, two_hos
     descs = {d.description for d in lamina.devices(memory=False) if d.kind == "remote"}
     assert set(two_hosts) <= descs
     assert greedy(model) == local
+
+
+def test_a_server_killed_mid_generation_raises_and_the_process_survives(tmp_path: Path) -> None:
+    """ggml's RPC client aborted the process when its server went away; with lamina's patch
+    (vendor/llama.cpp/patches) the decode raises DecodeError naming host:port, the model is closed
+    (ClosedError from then on), and the process, other models and other servers go on."""
+    if lamina.tools.path("ggml-rpc-server") is None:
+        pytest.skip("built without GGML_RPC")
+    if lamina.system_info().llama_cpp["source"] != "pin":
+        pytest.skip("a user llama.cpp tree does not carry lamina's RPC patch")
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import lamina
+from test_rpc import start_server, greedy
+from tiny_gguf import write_tiny_llama
+path = write_tiny_llama({str(tmp_path / 'four.gguf')!r}, n_layer=4)
+(doomed, ep), (kept, ep2) = start_server("--device", "CPU", "--threads", "1"), start_server("--device", "CPU", "--threads", "1")
+model = lamina.Model(path, rpc=[ep], n_gpu_layers="all")
+other = lamina.Model(path, rpc=[ep2], n_gpu_layers="all")
+ctx = model.context(n_ctx=256)
+gen = ctx.generate("the sky is", max_tokens=200, ignore_eos=True)
+next(gen)
+doomed.kill(); doomed.wait()
+t0 = time.monotonic()
+try:
+    for _ in gen:
+        pass
+    print("NO ERROR")
+except lamina.DecodeError as exc:
+    print("DecodeError", round(time.monotonic() - t0, 3), exc)
+try:
+    ctx.decode([1, 2, 3])
+except lamina.ClosedError as exc:
+    print("ClosedError", exc)
+try:
+    model.context(n_ctx=64).decode([1])
+except lamina.ClosedError as exc:
+    print("ClosedError new context")
+print("other model", greedy(other) == greedy(lamina.Model(path, gpu=False)))
+print("survived")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = r.stdout
+    assert r.returncode == 0 and "survived" in out, (r.returncode, out, r.stderr[-3000:])
+    assert "DecodeError" in out and "went away" in out and "127.0.0.1:" in out, out
+    assert "ClosedError RPC server 127.0.0.1:" in out and "ClosedError new context" in out, out
+    assert "other model True" in out, out

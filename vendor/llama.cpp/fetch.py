@@ -7,6 +7,10 @@ its exact version and the sha256 of the downloaded file. The file is fetched wit
 URL is written here. The unpacked tree lives in the user cache (stable path: ccache hits
 across clean checkouts), never in the source tree.
 
+lamina's own patches (patches/*.patch beside this file, code written for llama.cpp, never
+llama.cpp's code) are applied to the unpacked tree; the cache folder's name carries their hash.
+A tree given with LAMINA_LLAMA_CPP_DIR is never patched.
+
 Environment:
   LAMINA_LLAMA_CPP_ARCHIVE  use this already-downloaded file (still verified by sha256)
   LAMINA_CACHE_DIR          cache root (default: $XDG_CACHE_HOME/lamina or ~/.cache/lamina)
@@ -84,6 +88,31 @@ def download(pin: dict, dest_dir: Path) -> Path:
     return target
 
 
+PATCHES = sorted((HERE / "patches").glob("*.patch"))
+
+
+def patches_hash() -> str:
+    h = hashlib.sha256()
+    for p in PATCHES:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:8]
+
+
+def apply_patches(tree: Path) -> None:
+    """Apply lamina's patches with `patch` (or `git apply`); a patch that does not apply stops the build."""
+    for p in PATCHES:
+        if shutil.which("patch"):
+            cmd = ["patch", "-p1", "--forward", "--batch", "--silent", "-d", str(tree), "-i", str(p)]
+        elif shutil.which("git"):
+            cmd = ["git", "-C", str(tree), "apply", "-p1", str(p)]
+        else:
+            fail(f"applying {p.name} needs 'patch' or 'git' on PATH")
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+        if proc.returncode != 0:
+            fail(f"lamina's patch {p.name} does not apply to this llama.cpp (exit {proc.returncode}): "
+                 "update it with the pin (vendor/llama.cpp/README.md)")
+
+
 def unpack(pin: dict, archive: Path, dest: Path) -> None:
     prefix = pin["subdir"].rstrip("/") + "/"
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
@@ -100,7 +129,8 @@ def unpack(pin: dict, archive: Path, dest: Path) -> None:
                 fail(f"{archive} holds no {prefix}: not the expected carrier")
             kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tar.extractall(tmp, members=members, **kwargs)
-        (tmp / ".lamina-pin").write_text(pin["sha256"] + "\n")
+        apply_patches(tmp)
+        (tmp / ".lamina-pin").write_text(stamp_text(pin))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -109,15 +139,21 @@ def unpack(pin: dict, archive: Path, dest: Path) -> None:
         raise
 
 
+def stamp_text(pin: dict) -> str:
+    return pin["sha256"] + "\n" + "".join(f"{p.name}\n" for p in PATCHES) + (f"patches {patches_hash()}\n" if PATCHES else "")
+
+
 def main() -> None:
     pin = json.loads((HERE / "pin.json").read_text())
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     dest = root / f"llama.cpp-{pin['llama_cpp_commit']}-{pin['sha256'][:12]}"
+    if PATCHES:
+        dest = dest.with_name(dest.name + f"-p{patches_hash()}")
     stamp = dest / ".lamina-pin"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (stamp.exists() and stamp.read_text().strip() == pin["sha256"]):
+        if not (stamp.exists() and stamp.read_text() == stamp_text(pin)):
             given = os.environ.get("LAMINA_LLAMA_CPP_ARCHIVE")
             archive = Path(given).expanduser() if given else download(pin, root / "downloads")
             if not archive.is_file():
