@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 
 #ifndef MSG_NOSIGNAL  // macOS: no SIGPIPE flag per call (a closed peer makes send() fail with EPIPE there
 #define MSG_NOSIGNAL 0  // only when SIGPIPE is ignored, which Python does)
@@ -122,7 +123,7 @@ const char * dev_type_name(enum ggml_backend_dev_type t) {
     return "unknown";
 }
 
-using rpc_failures_fn = int (*)(const char ** lost_endpoints);
+using rpc_failures_fn = int (*)(char * lost_endpoints, size_t size);
 std::atomic<rpc_failures_fn> g_rpc_failures{nullptr};  // lamina's ggml-rpc patch, found at first connect
 
 }  // namespace
@@ -142,10 +143,10 @@ bool rpc_lost(model_state & model) {
     if (model.lost.load()) return true;
     rpc_failures_fn fn = g_rpc_failures.load();
     if (fn == nullptr) return false;
-    const char * lost = nullptr;
-    const int n = fn(&lost);
-    if (n == 0 || lost == nullptr) return false;
-    const std::string all = lost;  // "host:port;host:port;"
+    if (fn(nullptr, 0) == 0) return false;  // the common case: no server was ever lost
+    std::string all(64 * 1024, '\0');       // "host:port;host:port;", copied under ggml's lock
+    fn(all.data(), all.size());
+    all.resize(std::strlen(all.c_str()));
     for (const std::string & ep : model.rpc_endpoints) {
         if (all.find(ep + ";") != std::string::npos) {
             model.lost_why = "RPC server " + ep + " went away (it crashed, exited or sent a malformed answer); "
@@ -158,6 +159,18 @@ bool rpc_lost(model_state & model) {
 }
 
 ggml_backend_dev_t device_named(const std::string & name) {
+    // RPC buffers are named "RPC<k>[host:port]": the k-th device of that server, whose global name
+    // ("RPC<n>") is another number once several servers are connected
+    const size_t open = name.find('['), close = name.rfind(']');
+    if (name.rfind("RPC", 0) == 0 && open != std::string::npos && close != std::string::npos && close > open) {
+        const std::string endpoint = name.substr(open + 1, close - open - 1);
+        const int k = std::atoi(name.c_str() + 3);
+        int seen = 0;
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            if (endpoint == ggml_backend_dev_description(dev) && seen++ == k) return dev;
+        }
+    }
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);
         const std::string dn = ggml_backend_dev_name(dev);
