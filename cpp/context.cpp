@@ -188,8 +188,12 @@ int decode_checked(context_state & st, const llama_batch & batch, bool sync) {
         if (sync) llama_synchronize(st.ctx.get());
         threadpools_release_retired(st);
     }
-    // a server holding part of the model went away: what came back from it was zeros
-    if (!st.model->rpc_endpoints.empty() && rpc_lost(*st.model)) return decode_rc_rpc_lost;
+    // a server holding part of the model went away: what came back from it was zeros. The RPC
+    // client queues its commands: wait for them first, or a lost server shows only after sampling
+    if (!st.model->rpc_endpoints.empty()) {
+        if (!sync) llama_synchronize(st.ctx.get());
+        if (rpc_lost(*st.model)) return decode_rc_rpc_lost;
+    }
     return rc;
 }
 

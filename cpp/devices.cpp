@@ -139,6 +139,16 @@ std::vector<std::string> rpc_endpoints_of(const std::vector<ggml_backend_dev_t> 
     return out;
 }
 
+// Whether this endpoint ("host:port") was lost in this process (lamina's ggml-rpc patch).
+bool rpc_endpoint_lost(const std::string & endpoint) {
+    rpc_failures_fn fn = g_rpc_failures.load();
+    if (fn == nullptr || fn(nullptr, 0) == 0) return false;
+    std::string all(64 * 1024, '\0');
+    fn(all.data(), all.size());
+    all.resize(std::strlen(all.c_str()));
+    return (";" + all).find(";" + endpoint + ";") != std::string::npos;
+}
+
 bool rpc_lost(model_state & model) {
     if (model.lost.load()) return true;
     rpc_failures_fn fn = g_rpc_failures.load();
@@ -147,11 +157,15 @@ bool rpc_lost(model_state & model) {
     std::string all(64 * 1024, '\0');       // "host:port;host:port;", copied under ggml's lock
     fn(all.data(), all.size());
     all.resize(std::strlen(all.c_str()));
+    all.insert(0, ";");  // ";host:port;host:port;": whole endpoints match, never a suffix
     for (const std::string & ep : model.rpc_endpoints) {
-        if (all.find(ep + ";") != std::string::npos) {
-            model.lost_why = "RPC server " + ep + " went away (it crashed, exited or sent a malformed answer); "
-                             "the model " + model.path + " held layers there and is closed: load it again";
-            model.lost.store(true);
+        if (all.find(";" + ep + ";") != std::string::npos) {
+            std::lock_guard<std::mutex> lock(model.lost_mutex);
+            if (!model.lost.load()) {
+                model.lost_why = "RPC server " + ep + " went away (it crashed, exited or sent a malformed answer); "
+                                 "the model " + model.path + " held layers there and is closed";
+                model.lost.store(true);
+            }
             return true;
         }
     }
@@ -240,7 +254,11 @@ void init_devices(nb::module_ & m) {
             d["description"] = ggml_backend_dev_description(dev);
             d["backend"] = ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev));
             d["type"] = dev_type_name(ggml_backend_dev_type(dev));
-            if (memory) {
+            if (memory && rpc_endpoint_lost(ggml_backend_dev_description(dev))) {
+                // asking a lost server opens a new connection, and ggml aborts when that fails
+                d["memory_free"] = nb::none();
+                d["memory_total"] = nb::none();
+            } else if (memory) {
                 size_t free = 0, total = 0;
                 {
                     nb::gil_scoped_release nogil;  // opens the device (a CUDA context) or asks a server

@@ -15,6 +15,7 @@
 #include "ggml.h"
 
 #include <atomic>
+#include <mutex>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -68,7 +69,8 @@ struct model_state {
     // every context of the model is closed (rpc_lost, devices.cpp)
     std::vector<std::string> rpc_endpoints;
     std::atomic<bool> lost{false};
-    std::string lost_why;  // set once, before lost
+    std::mutex lost_mutex;  // guards the one write of lost_why (read once lost is true)
+    std::string lost_why;
     uint32_t fork_gen = fork_generation();
     ~model_state();
 };

@@ -175,7 +175,7 @@ def cmd_rpc_server(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.cache:  # ggml's server keeps tensors it received in LLAMA_CACHE/rpc
         argv.append("-c")
-        env["LLAMA_CACHE"] = str(args.cache)
+        env["LLAMA_CACHE"] = os.path.abspath(args.cache)  # before the chdir below
     if os.name == "posix":  # this process becomes the server: signals reach it, nothing is left behind
         sys.stdout.flush()
         sys.stderr.flush()

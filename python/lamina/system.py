@@ -57,8 +57,8 @@ def rpc_connect(endpoint: str, timeout: float = 3.0) -> list[Device]:
     uses them when its ``rpc`` or ``devices`` names them). Raises ConnectionError naming the
     endpoint when nothing answers within ``timeout`` seconds, or when the server speaks another
     RPC protocol version (checked with ggml's own HELLO before ggml connects: ggml would abort).
-    Keep the server running while the process uses it: ggml's RPC client aborts the process if
-    its server goes away during a decode.
+    A server that goes away later makes the decode using it raise DecodeError, and the models
+    holding layers there are closed (lamina's patch to ggml's RPC client, which aborted).
     """
     host, sep, port = endpoint.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -66,6 +66,7 @@ def rpc_connect(endpoint: str, timeout: float = 3.0) -> list[Device]:
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     indices = set(_native.rpc_add_server(endpoint, max(1, int(timeout * 1000))))
+    # with their memory (a server that went away earlier is not asked: ggml would abort reconnecting)
     return [d for d in devices() if d.index in indices]
 
 
