@@ -68,6 +68,17 @@ def test_cli_bench_json(tiny_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_cli_bench_uses_the_config(tiny_path: Path, tmp_path: Path) -> None:
+    yml = tmp_path / "model.yml"
+    yml.write_text(f"model: {tiny_path}\ncpu_threads: 1\ngpu: false\n")
+    out = run_cli("bench", "--config", str(yml), "-p", "0", "-n", "8", "-r", "1", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["threads"] for r in rows] == [1], rows  # the file's thread count (the default is the cores)
+    out = run_cli("bench", "--config", str(yml), "-p", "0", "-n", "8", "-r", "1", "-t", "2", "-o", "json")
+    assert [r["threads"] for r in json.loads(out.stdout)] == [2]  # a flag wins over the file
+
+
 def test_cli_bench_compare_runs_llama_bench(tiny_path: Path) -> None:
     if lamina.bench.llama_bench_path() is None:
         pytest.skip("llama-bench not shipped in this build")

@@ -116,9 +116,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    model = Model(args.model, gpu=not args.no_gpu,
-                  n_gpu_layers="auto" if args.n_gpu_layers is None else args.n_gpu_layers)
-    threads = [int(t) for t in str(args.threads).split(",")] if args.threads else [Threads().resolve()[0]]
+    # the model and its placement as run/chat load it: --config, LAMINA_* and the flags (-t here is
+    # a list of thread counts to sweep, so it stays out of the config)
+    sweep, args.threads = args.threads, None
+    try:
+        model = _load(args)
+    finally:
+        args.threads = sweep
+    config_threads = model.config.threads() if model.config is not None else Threads()
+    threads = [int(t) for t in str(sweep).split(",")] if sweep else [config_threads.resolve()[0]]
     results = bench.run(model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads, reps=args.reps,
                         compare=args.compare, rounds=args.rounds)
     if args.output == "json":
