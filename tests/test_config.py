@@ -73,3 +73,14 @@ def test_cli_config_prints_sources(tmp_path: Path, tiny_path: Path, capsys: pyte
     assert main(["config", str(yml)]) == 0
     out = capsys.readouterr().out
     assert "n_gpu_layers" in out and "model.yml" in out and "inert" in out
+
+
+def test_an_explicit_context_argument_wins_even_when_it_equals_the_default(tmp_path: Path, tiny_path: Path) -> None:
+    yml = write(tmp_path, f"model: {tiny_path}\nn_batch: 512\nn_ubatch: 128\n")
+    model = lamina.Model.from_config(lamina.load_config(yml, env={}))
+    with model.context(n_ctx=256) as ctx:  # nothing given: the file's values
+        assert (ctx.params["n_batch"], ctx.params["n_ubatch"]) == (256, 128)  # n_batch is capped at n_ctx
+    with model.context(n_ctx=4096) as ctx:
+        assert (ctx.params["n_batch"], ctx.params["n_ubatch"]) == (512, 128)
+    with model.context(n_ctx=4096, n_batch=2048, n_ubatch=512) as ctx:  # Context's defaults, given explicitly
+        assert (ctx.params["n_batch"], ctx.params["n_ubatch"]) == (2048, 512)

@@ -423,27 +423,26 @@ class Model:
         self,
         n_ctx: int | None = None,
         *,
-        n_batch: int = 2048,
-        n_ubatch: int = 512,
-        n_seq_max: int = 1,
+        n_batch: int | None = None,
+        n_ubatch: int | None = None,
+        n_seq_max: int | None = None,
         threads: "int | Threads | None" = None,
         kv: "KV | None" = None,
-        flash_attn: bool | Literal["auto"] = "auto",
+        flash_attn: bool | Literal["auto"] | None = None,
         embeddings: bool = False,
     ) -> "Context":
-        """Create a context (see lamina.Context); n_ctx defaults to the model's planned n_ctx,
-        and, for a model from a config, threads, batch sizes and flash attention to the config's."""
+        """Create a context (see lamina.Context). An argument given wins, even one equal to
+        lamina.Context's default; then, for a model from a config, the config's value; then
+        Context's defaults (n_batch 2048, n_ubatch 512, n_seq_max 1, flash_attn "auto"). n_ctx
+        defaults to the model's planned n_ctx."""
         from .context import Context
 
-        if self.config is not None:
-            cfg = self.config.context_kwargs()
-            threads = cfg["threads"] if threads is None else threads
-            flash_attn = cfg["flash_attn"] if flash_attn == "auto" else flash_attn
-            n_batch = cfg["n_batch"] if n_batch == 2048 else n_batch
-            n_ubatch = cfg["n_ubatch"] if n_ubatch == 512 else n_ubatch
-            n_seq_max = cfg["n_seq_max"] if n_seq_max == 1 else n_seq_max
-        return Context(self, n_ctx=self.n_ctx if n_ctx is None else n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
-                       threads=threads, kv=kv or self.kv, flash_attn=flash_attn, embeddings=embeddings)
+        cfg: dict[str, Any] = self.config.context_kwargs() if self.config is not None else {}
+        given = {"n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": n_seq_max, "threads": threads,
+                 "flash_attn": flash_attn}
+        kw: dict[str, Any] = {k: v if v is not None else cfg[k] for k, v in given.items() if v is not None or k in cfg}
+        return Context(self, n_ctx=self.n_ctx if n_ctx is None else n_ctx, kv=kv or self.kv, embeddings=embeddings,
+                       **kw)
 
     def __repr__(self) -> str:
         return f"<lamina.Model {self.info.desc!r} from {str(self.path)!r}>"
