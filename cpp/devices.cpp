@@ -140,24 +140,27 @@ std::vector<std::string> rpc_endpoints_of(const std::vector<ggml_backend_dev_t> 
 }
 
 // Whether this endpoint ("host:port") was lost in this process (lamina's ggml-rpc patch).
-bool rpc_endpoint_lost(const std::string & endpoint) {
+namespace {
+// ";host:port;host:port;" of every server lost in this process ("" when none or unpatched), copied
+// under the patch's lock: whole endpoints match (";a:1;"), never a suffix
+std::string lost_endpoints() {
     rpc_failures_fn fn = g_rpc_failures.load();
-    if (fn == nullptr || fn(nullptr, 0) == 0) return false;
+    if (fn == nullptr || fn(nullptr, 0) == 0) return std::string();  // the common case
     std::string all(64 * 1024, '\0');
     fn(all.data(), all.size());
     all.resize(std::strlen(all.c_str()));
-    return (";" + all).find(";" + endpoint + ";") != std::string::npos;
+    return ";" + all;
+}
+}  // namespace
+
+bool rpc_endpoint_lost(const std::string & endpoint) {
+    return lost_endpoints().find(";" + endpoint + ";") != std::string::npos;
 }
 
 bool rpc_lost(model_state & model) {
     if (model.lost.load()) return true;
-    rpc_failures_fn fn = g_rpc_failures.load();
-    if (fn == nullptr) return false;
-    if (fn(nullptr, 0) == 0) return false;  // the common case: no server was ever lost
-    std::string all(64 * 1024, '\0');       // "host:port;host:port;", copied under ggml's lock
-    fn(all.data(), all.size());
-    all.resize(std::strlen(all.c_str()));
-    all.insert(0, ";");  // ";host:port;host:port;": whole endpoints match, never a suffix
+    const std::string all = lost_endpoints();
+    if (all.empty()) return false;
     for (const std::string & ep : model.rpc_endpoints) {
         if (all.find(";" + ep + ";") != std::string::npos) {
             std::lock_guard<std::mutex> lock(model.lost_mutex);
