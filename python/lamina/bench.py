@@ -12,6 +12,7 @@ drifts by 10-30% within minutes, that is the figure to quote. Results are never 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -162,3 +163,40 @@ def markdown(model: Model, results: list[Result]) -> str:
     lines.append(f"medians of {len(results[0].lamina) if results else 0} runs; device: "
                  + (", ".join(model.offload.devices) if model.offload.gpu else "CPU"))
     return "\n".join(lines)
+
+
+# -- `lamina bench` ----------------------------------------------------------------------
+def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from . import cli
+
+    p = sub.add_parser("bench", help="pp/tg throughput (like llama-bench); --compare runs llama-bench too")
+    cli.add_model_args(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=512)
+    p.add_argument("-n", "--n-gen", type=int, default=128)
+    p.add_argument("-r", "--reps", type=int, default=5)
+    p.add_argument("-t", "--threads", default=None, help="comma list, e.g. 1,2,4 (a sweep)")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--compare", action="store_true", help="run llama-bench from the same source in the same run")
+    p.add_argument("-o", "--output", choices=("md", "json"), default="md")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: "argparse.Namespace") -> int:
+    from . import cli
+
+    # the model and its placement as run/chat load it: --config, LAMINA_* and the flags (-t here is
+    # a list of thread counts to sweep, so it stays out of the config)
+    sweep, args.threads = args.threads, None
+    try:
+        model = cli.load_model(args)
+    finally:
+        args.threads = sweep
+    config_threads = model.config.threads() if model.config is not None else Threads()
+    threads = [int(t) for t in str(sweep).split(",")] if sweep else [config_threads.resolve()[0]]
+    results = run(model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads, reps=args.reps,
+                  compare=args.compare, rounds=args.rounds)
+    if args.output == "json":
+        print(json.dumps([r.as_dict() for r in results], indent=1))
+    else:
+        print(markdown(model, results))
+    return 0

@@ -13,9 +13,7 @@ from .config import Config, load_config
 from .errors import LaminaError
 from .model import Model
 from .models import default_model_path
-from .threads import Threads
 from .sampling import Sampler
-from .system import system_info
 
 
 def _ngl(value: str) -> int | str:
@@ -27,7 +25,7 @@ def _ngl(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an int, 'all' or 'auto', got {value!r}") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF file (default: the Gemma 3 270M package)")
     p.add_argument("--config", default=None, help="model.yml with settings (then LAMINA_* env, then these flags)")
     p.add_argument("--no-gpu", action="store_true", help="keep everything on the CPU")
@@ -59,7 +57,7 @@ def _config(args: argparse.Namespace, **extra: Any) -> Config:
     return load_config(getattr(args, "config", None), **flags)
 
 
-def _load(args: argparse.Namespace) -> Model:
+def load_model(args: argparse.Namespace) -> Model:
     cfg = _config(args)
     if cfg["model"] is None:
         cfg = _config(args, model=str(default_model_path()))
@@ -67,7 +65,7 @@ def _load(args: argparse.Namespace) -> Model:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = load_model(args)
     ctx = model.context()
     sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
     gen = ctx.generate(args.prompt, max_tokens=args.n_predict, sampler=sampler, stop=args.stop or ())
@@ -85,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = load_model(args)
     ctx = model.context()
     sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
     messages: list[dict[str, str]] = []
@@ -113,31 +111,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-
-    # the model and its placement as run/chat load it: --config, LAMINA_* and the flags (-t here is
-    # a list of thread counts to sweep, so it stays out of the config)
-    sweep, args.threads = args.threads, None
-    try:
-        model = _load(args)
-    finally:
-        args.threads = sweep
-    config_threads = model.config.threads() if model.config is not None else Threads()
-    threads = [int(t) for t in str(sweep).split(",")] if sweep else [config_threads.resolve()[0]]
-    results = bench.run(model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads, reps=args.reps,
-                        compare=args.compare, rounds=args.rounds)
-    if args.output == "json":
-        import json
-
-        print(json.dumps([r.as_dict() for r in results], indent=1))
-    else:
-        print(bench.markdown(model, results))
-    return 0
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    model = _load(args)
+    model = load_model(args)
     for k, v in vars(model.info).items():
         if k == "chat_template" and v:
             v = f"<{len(v)} chars>"
@@ -197,11 +172,6 @@ def cmd_rpc_server(args: argparse.Namespace) -> int:
         return 130
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
-    print(system_info())
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lamina", description="llama.cpp with exact offload, threads and KV control")
     parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
@@ -209,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run = sub.add_parser("run", help="generate text for a prompt")
     run.add_argument("prompt", nargs="?", default="The three primary colors are")
-    _add_model_args(run)
+    add_model_args(run)
     run.add_argument("-n", "--n-predict", type=int, default=128)
     run.add_argument("-c", "--ctx-size", type=int, default=None, help="context tokens (default 4096)")
     _add_thread_args(run)
@@ -220,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
 
     chat = sub.add_parser("chat", help="chat on stdin/stdout with the model's chat template")
-    _add_model_args(chat)
+    add_model_args(chat)
     chat.add_argument("--template", default=None, help="template string or built-in name (default: the model's)")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("-n", "--n-predict", type=int, default=512)
@@ -238,19 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rpcs.add_argument("--cache", default=None, help="folder where the server caches tensors it received")
     rpcs.set_defaults(func=cmd_rpc_server)
 
-    bench = sub.add_parser("bench", help="pp/tg throughput (like llama-bench); --compare runs llama-bench too")
-    _add_model_args(bench)
-    bench.add_argument("-p", "--n-prompt", type=int, default=512)
-    bench.add_argument("-n", "--n-gen", type=int, default=128)
-    bench.add_argument("-r", "--reps", type=int, default=5)
-    bench.add_argument("-t", "--threads", default=None, help="comma list, e.g. 1,2,4 (a sweep)")
-    bench.add_argument("--rounds", type=int, default=1)
-    bench.add_argument("--compare", action="store_true", help="run llama-bench from the same source in the same run")
-    bench.add_argument("-o", "--output", choices=("md", "json"), default="md")
-    bench.set_defaults(func=cmd_bench)
+    from . import bench, doctor  # their subcommands live next to what they run
 
+    bench.add_cli(sub)
     info = sub.add_parser("info", help="model facts and where its layers went")
-    _add_model_args(info)
+    add_model_args(info)
     info.set_defaults(func=cmd_info)
 
     config = sub.add_parser("config", help="effective settings: model.yml < LAMINA_* env < flags, with sources")
@@ -258,8 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.add_argument("--no-gpu", action="store_true")
     config.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default=None)
     config.set_defaults(func=cmd_config)
-    doctor = sub.add_parser("doctor", help="what this machine has and what lamina uses")
-    doctor.set_defaults(func=cmd_doctor)
+    doctor.add_cli(sub)
 
     args = parser.parse_args(argv)
     if args.verbose:
