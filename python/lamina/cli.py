@@ -13,6 +13,7 @@ from .config import Config, load_config
 from .errors import LaminaError
 from .model import Model
 from .models import default_model_path
+from .progress import load_bar
 from .sampling import Sampler
 
 
@@ -61,7 +62,7 @@ def load_model(args: argparse.Namespace) -> Model:
     cfg = _config(args)
     if cfg["model"] is None:
         cfg = _config(args, model=str(default_model_path()))
-    return Model.from_config(cfg)
+    return Model.from_config(cfg, progress=load_bar(f"loading {os.path.basename(cfg['model'])}"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
