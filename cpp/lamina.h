@@ -323,5 +323,6 @@ void init_chat(nb::module_ & m);
 void init_memory(nb::module_ & m);
 void init_fit(nb::module_ & m);
 void init_batch(nb::module_ & m);
+void init_bandwidth(nb::module_ & m);
 
 }  // namespace lamina

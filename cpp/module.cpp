@@ -15,4 +15,5 @@ NB_MODULE(_native, m) {
     lamina::init_memory(m);
     lamina::init_fit(m);
     lamina::init_batch(m);
+    lamina::init_bandwidth(m);
 }
