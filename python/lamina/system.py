@@ -123,18 +123,115 @@ def allowed_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def cgroup_cpu_limit() -> float | None:
-    """CPUs granted by the cgroup v2 / v1 quota, or None when unlimited."""
-    text = _read("/sys/fs/cgroup/cpu.max")
-    if text:
-        quota, _, period = text.strip().partition(" ")
-        if quota != "max" and period:
-            return int(quota) / int(period)
+@dataclass(frozen=True)
+class CgroupLevel:
+    """One cgroup on the path from this process's cgroup up to the root, with its own limits."""
+
+    version: int  # 1 or 2
+    path: str  # the cgroup's path ("/" is the root of the hierarchy as mounted here)
+    cpu_limit: float | None  # CPUs its quota grants (quota / period), None when unlimited
+    memory_limit: int | None  # bytes, None when unlimited
+
+
+_UNLIMITED_BYTES = 1 << 62  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path field: spaces, tabs and backslashes are written as octal escapes."""
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+
+
+def _mounts(mountinfo: str) -> list[tuple[str, str, str, str, str]]:
+    """(root, mount point, fs type, source, super options) of each line of /proc/self/mountinfo."""
+    out = []
+    for line in mountinfo.splitlines():
+        pre, sep, post = line.partition(" - ")
+        f, g = pre.split(), post.split()
+        if sep and len(f) >= 5 and len(g) >= 2:
+            out.append((_unescape(f[3]), _unescape(f[4]), g[0], g[1], g[2] if len(g) > 2 else ""))
+    return out
+
+
+def _cgroup_dirs(controller: str, proc_cgroup: str, mountinfo: str) -> tuple[int, list[tuple[str, str]]]:
+    """(version, [(cgroup path, directory)]) from this process's cgroup up to the mount's root, for a
+    v1 controller ("cpu", "memory") or the v2 unified hierarchy; (0, []) when neither is mounted."""
+    mounts = _mounts(mountinfo)
+    for line in proc_cgroup.splitlines():
+        hid, _, rest = line.partition(":")
+        ctrls, _, path = rest.partition(":")
+        if hid == "0" and ctrls == "":
+            version, mount = 2, next((m for m in mounts if m[2] == "cgroup2"), None)
+        elif controller in ctrls.split(","):
+            version = 1
+            mount = next((m for m in mounts if m[2] == "cgroup" and controller in m[4].split(",")), None)
+        else:
+            continue
+        if mount is None:
+            continue
+        root, point = mount[0], mount[1]
+        rel = path[len(root):] if root != "/" and path.startswith(root) else path
+        if root != "/" and not path.startswith(root):
+            rel = "/"  # a namespaced cgroup path: only the mount's own directory is visible
+        parts = [p for p in rel.split("/") if p]
+        dirs = []
+        for i in range(len(parts), -1, -1):
+            sub = "/".join(parts[:i])
+            directory = f"{point}/{sub}" if sub else point
+            if os.path.isdir(directory):
+                dirs.append(("/" + "/".join(parts[:i]), directory))
+        if dirs and (version == 1 or controller in (_read(f"{point}/cgroup.controllers") or "").split()):
+            return version, dirs
+    return 0, []
+
+
+def _cpu_quota(version: int, directory: str) -> float | None:
+    if version == 2:
+        text = _read(f"{directory}/cpu.max")
+        if text:
+            quota, _, period = text.strip().partition(" ")
+            if quota != "max" and period:
+                return int(quota) / int(period)
         return None
-    q, p = _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-    if q and p and int(q) > 0:
+    q, p = _read(f"{directory}/cpu.cfs_quota_us"), _read(f"{directory}/cpu.cfs_period_us")
+    if q and p and int(q) > 0 and int(p) > 0:
         return int(q) / int(p)
     return None
+
+
+def _memory_max(version: int, directory: str) -> int | None:
+    text = _read(f"{directory}/{'memory.max' if version == 2 else 'memory.limit_in_bytes'}")
+    if not text or text.strip() == "max":
+        return None
+    n = int(text.strip())
+    return None if n >= _UNLIMITED_BYTES else n
+
+
+def cgroup_levels() -> list[CgroupLevel]:
+    """Every cgroup from this process's own up to the root, each with its CPU quota and memory
+    limit (the effective limit is the smallest along the path: a parent's quota binds its children)."""
+    proc, mountinfo = _read("/proc/self/cgroup") or "", _read("/proc/self/mountinfo") or ""
+    cpu_v, cpu_dirs = _cgroup_dirs("cpu", proc, mountinfo)
+    mem_v, mem_dirs = _cgroup_dirs("memory", proc, mountinfo)
+    levels: dict[str, CgroupLevel] = {}
+    for path, d in cpu_dirs:
+        levels[path] = CgroupLevel(cpu_v, path, _cpu_quota(cpu_v, d), None)
+    for path, d in mem_dirs:
+        prev = levels.get(path)
+        levels[path] = CgroupLevel(mem_v, path, prev.cpu_limit if prev else None, _memory_max(mem_v, d))
+    return sorted(levels.values(), key=lambda lv: -len([p for p in lv.path.split("/") if p]))  # leaf first
+
+
+def cgroup_cpu_limit() -> float | None:
+    """CPUs granted by the cgroup v2 / v1 quota (the smallest along this process's cgroup path),
+    or None when unlimited."""
+    limits = [lv.cpu_limit for lv in cgroup_levels() if lv.cpu_limit is not None]
+    return min(limits) if limits else None
+
+
+def cgroup_memory_limit() -> int | None:
+    """Bytes the cgroup lets this process use (the smallest limit on its path), or None."""
+    limits = [lv.memory_limit for lv in cgroup_levels() if lv.memory_limit is not None]
+    return min(limits) if limits else None
 
 
 def performance_cpus(cpus: list[int]) -> list[int]:
@@ -199,6 +296,89 @@ def host_memory() -> tuple[int, int]:
         if parts:
             info[key] = int(parts[0]) * 1024
     return info.get("MemTotal", 0), info.get("MemAvailable", 0)
+
+
+def swap_memory() -> tuple[int, int]:
+    """(total, free) bytes of swap, from /proc/meminfo."""
+    info = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and key in ("SwapTotal", "SwapFree"):
+            info[key] = int(parts[0]) * 1024
+    return info.get("SwapTotal", 0), info.get("SwapFree", 0)
+
+
+def cache_sizes() -> dict[str, int]:
+    """CPU caches of cpu0 in bytes: {"L1d", "L1i", "L2", "L3"} as the kernel lists them."""
+    out: dict[str, int] = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")) if base.is_dir() else []:
+        level, kind, size = (_read(str(idx / n)) for n in ("level", "type", "size"))
+        if not (level and kind and size):
+            continue
+        size = size.strip()
+        mult = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(size[-1:], 1)
+        try:
+            n = int(size.rstrip("KMG")) * mult
+        except ValueError:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind.strip(), "")
+        out[f"L{level.strip()}{suffix}"] = n
+    return out
+
+
+# file systems whose reads go over a network (or a VM's host share): mmap'd weights page in slowly
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "afs", "gpfs", "beegfs",
+    "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.glusterfs", "fuse.ceph", "fuse.juicefs",
+})
+# file systems held in memory, whose pages go to swap under pressure
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+def filesystem_of(path: str | os.PathLike[str]) -> tuple[str, str, str]:
+    """(fs type, mount point, source) of the mount holding ``path`` (("", "", "") when unknown)."""
+    real = os.path.realpath(path)
+    best: tuple[str, str, str] = ("", "", "")
+    for _, point, fstype, source, _ in _mounts(_read("/proc/self/mountinfo") or ""):
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[1]):
+            best = (fstype, point, source)
+    return best
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """memory_bandwidth(): GB/s (1e9 bytes/s) read and copied by ``threads`` threads over ``bytes``."""
+
+    read_gbs: float  # sum of uint64 words over the buffer
+    copy_gbs: float  # memcpy, counted as bytes read + bytes written (the STREAM convention)
+    bytes: int
+    threads: int
+    seconds: float
+
+
+def memory_bandwidth(seconds: float = 1.0, threads: int | None = None, size: int | None = None) -> Bandwidth:
+    """Measure memory bandwidth natively for about ``seconds`` (half read, half copy).
+
+    threads: default the physical cores this process may use (default_threads()). size: the buffer,
+    default 8x the last-level cache, at least 256 MiB, at most 1 GiB and a quarter of available memory.
+    Raises MemoryError when the buffer cannot be allocated.
+    """
+    n = default_threads() if threads is None else threads
+    if size is None:
+        llc = max(cache_sizes().values(), default=32 * 1024 ** 2)
+        size = min(max(8 * llc, 256 * 1024 ** 2), 1024 ** 3)
+        avail = host_memory()[1]
+        limit = cgroup_memory_limit()
+        if limit is not None:
+            avail = min(avail, limit)
+        if avail:
+            size = max(16 * 1024 ** 2, min(size, avail // 4))
+    d = _native.memory_bandwidth(size, n, seconds)
+    return Bandwidth(float(d["read_gbs"]), float(d["copy_gbs"]), int(d["bytes"]), int(d["threads"]),
+                     float(d["seconds"]))
 
 
 @dataclass(frozen=True)
