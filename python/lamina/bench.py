@@ -5,6 +5,9 @@ tg<N>: llama-bench decodes BOS plus N-1 random tokens, one per decode. lamina st
        ctx.generate([BOS], max_tokens=N, ignore_eos=True): the same N decodes plus real greedy
        sampling and UTF-8 detokenization, timed by the Python wall clock around the iteration.
 pp<P>: P random tokens (BOS first) in one decode, from an empty cache, both sides.
+-ngl 0,4,8,all loads the model once per value (the previous one closed first) and measures each;
+the table says where the layers went, so with no GPU (the values inert) it shows every row on the CPU.
+--plot FILE.png draws t/s against threads or layers (lamina.plot, needs `lamina[plot]`).
 With --compare, rounds alternate llama-bench and lamina so drift hits both; medians of all
 repetitions. With one repetition per round (-r 1 --rounds N) the samples are pairs run back to
 back, and the median of the paired ratios is reported too: on a shared machine whose speed
@@ -16,14 +19,17 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from .context import KV
 from .threads import Threads
+from .memory import NGL
 from .model import Model
 from . import tools
 
@@ -38,6 +44,9 @@ class Result:
     threads: int
     lamina: list[float] = field(default_factory=list)
     llama_bench: list[float] = field(default_factory=list)
+    n_gpu_layers: NGL | None = None  # what was asked (-ngl, model.yml or LAMINA_N_GPU_LAYERS)
+    layers_offloaded: int = 0  # what llama.cpp placed on devices (model.offload.layers_effective)
+    devices: list[str] = field(default_factory=list)  # devices in use; empty: gpu off, everything on the CPU
 
     @staticmethod
     def _stats(xs: list[float]) -> tuple[float, float, float]:
@@ -48,7 +57,9 @@ class Result:
     def as_dict(self) -> dict[str, object]:
         med, mean, sd = self._stats(self.lamina)
         d: dict[str, object] = {"test": self.test, "threads": self.threads, "lamina_median_ts": med,
-                                "lamina_mean_ts": mean, "lamina_sd_ts": sd, "lamina_samples_ts": self.lamina}
+                                "lamina_mean_ts": mean, "lamina_sd_ts": sd, "lamina_samples_ts": self.lamina,
+                                "n_gpu_layers": self.n_gpu_layers, "layers_offloaded": self.layers_offloaded,
+                                "devices": self.devices}
         if self.llama_bench:
             bmed, bmean, bsd = self._stats(self.llama_bench)
             d.update({"llama_bench_median_ts": bmed, "llama_bench_mean_ts": bmean, "llama_bench_sd_ts": bsd,
@@ -57,6 +68,14 @@ class Result:
             if self.paired:
                 d["paired_ratio_median"] = statistics.median(a / b for a, b in zip(self.lamina, self.llama_bench))
         return d
+
+    @property
+    def placement(self) -> str:
+        """The -ngl asked and what happened, for tables: '4 (inert: CPU only)', 'all (19 layers on RPC0)'."""
+        asked = "config" if self.n_gpu_layers is None else str(self.n_gpu_layers)
+        if not self.devices:
+            return f"{asked} (CPU only)" if self.n_gpu_layers in (None, 0, "auto") else f"{asked} (inert: CPU only)"
+        return f"{asked} ({self.layers_offloaded} layers on {'+'.join(self.devices)})"
 
     @property
     def paired(self) -> bool:
@@ -128,7 +147,13 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
         compare: bool = False, rounds: int = 1, bench: Path | None = None, bench_args: list[str] | None = None,
         backend_sampling: bool = False) -> list[Result]:
     tests = [t for t in (("pp", n_prompt), ("tg", n_gen)) if t[1] > 0]
-    results = {(t, n, th): Result(f"{t}{n}", th) for t, n in tests for th in threads}
+    off = model.offload
+    # what was asked: the config's value (an inert one is left out of the load, so not off.layers_requested)
+    asked = model.config["n_gpu_layers"] if model.config is not None else off.layers_requested
+    results = {(t, n, th): Result(f"{t}{n}", th, n_gpu_layers=asked,
+                                  layers_offloaded=off.layers_effective if off.gpu else 0,
+                                  devices=list(off.devices) if off.gpu else [])
+               for t, n in tests for th in threads}
     if compare and bench is None and llama_bench_path() is None:
         raise FileNotFoundError("llama-bench is not shipped in this build (LAMINA_BUILD_TOOLS=OFF): pass its path")
     for _ in range(rounds):
@@ -146,13 +171,15 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
 def markdown(model: Model, results: list[Result]) -> str:
     compare = any(r.llama_bench for r in results)
     paired = compare and all(r.paired for r in results)
-    head = "| model | test | threads | lamina t/s |" + (" llama-bench t/s | ratio | overhead/token |" if compare else "") \
-        + (" paired ratio |" if paired else "")
-    sep = "|---|---|---|---|" + ("---|---|---|" if compare else "") + ("---|" if paired else "")
+    head = ("| model | test | threads | ngl (placed) | lamina t/s |"
+            + (" llama-bench t/s | ratio | overhead/token |" if compare else "")
+            + (" paired ratio |" if paired else ""))
+    sep = "|---|---|---|---|---|" + ("---|---|---|" if compare else "") + ("---|" if paired else "")
     lines = [head, sep]
     for r in results:
         d = r.as_dict()
-        row = f"| {model.info.desc} | {r.test} | {r.threads} | {d['lamina_median_ts']:.2f} ± {d['lamina_sd_ts']:.2f} |"
+        row = (f"| {model.info.desc} | {r.test} | {r.threads} | {r.placement} |"
+               f" {d['lamina_median_ts']:.2f} ± {d['lamina_sd_ts']:.2f} |")
         if compare:
             row += (f" {d['llama_bench_median_ts']:.2f} ± {d['llama_bench_sd_ts']:.2f} | {d['ratio']:.3f} |"
                     f" {d['overhead_us_per_token']:+.1f} µs |")
@@ -160,43 +187,106 @@ def markdown(model: Model, results: list[Result]) -> str:
                 row += f" {d['paired_ratio_median']:.3f} |"
         lines.append(row)
     lines.append("")
+    devices = sorted({d for r in results for d in r.devices})
     lines.append(f"medians of {len(results[0].lamina) if results else 0} runs; device: "
-                 + (", ".join(model.offload.devices) if model.offload.gpu else "CPU"))
+                 + (", ".join(devices) if devices else "CPU"))
+    if any(r.n_gpu_layers not in (None, 0, "auto") for r in results) and not devices:
+        lines.append("no GPU: every layer stayed on the CPU; the -ngl values were inert")
     return "\n".join(lines)
 
 
 # -- `lamina bench` ----------------------------------------------------------------------
+def _int_list(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of ints, e.g. 1,2,4, got {value!r}") from None
+    if any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"thread counts are >= 1, got {value!r}")
+    return out
+
+
+def _ngl_list(value: str) -> list[NGL]:
+    out: list[NGL] = []
+    for v in value.split(","):
+        if v in ("all", "auto"):
+            out.append(v)
+        elif v.isdigit():
+            out.append(int(v))
+        else:
+            raise argparse.ArgumentTypeError(f"expected a comma list of layer counts >= 0, 'all' or 'auto' "
+                                             f"(e.g. 0,4,8,all), got {v!r} in {value!r}")
+    return out
+
+
 def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from . import cli
 
-    p = sub.add_parser("bench", help="pp/tg throughput (like llama-bench); --compare runs llama-bench too")
+    # "resolve": bench's -t and -ngl are sweep lists and replace the single values of add_model_args
+    p = sub.add_parser("bench", help="pp/tg throughput (like llama-bench); --compare runs llama-bench too",
+                       conflict_handler="resolve")
     cli.add_model_args(p)
+    p.add_argument("-ngl", "--n-gpu-layers", type=_ngl_list, default=None,
+                   help="comma list, e.g. 0,4,8,all (a sweep: one model load per value); int, 'all' or 'auto'")
     p.add_argument("-p", "--n-prompt", type=int, default=512)
     p.add_argument("-n", "--n-gen", type=int, default=128)
     p.add_argument("-r", "--reps", type=int, default=5)
-    p.add_argument("-t", "--threads", default=None, help="comma list, e.g. 1,2,4 (a sweep)")
+    p.add_argument("-t", "--threads", type=_int_list, default=None, help="comma list, e.g. 1,2,4 (a sweep)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--compare", action="store_true", help="run llama-bench from the same source in the same run")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw t/s against threads or -ngl layers (needs matplotlib: pip install \"lamina[plot]\")")
     p.set_defaults(func=cmd_bench)
 
 
-def cmd_bench(args: "argparse.Namespace") -> int:
+def models(args: "argparse.Namespace") -> Iterator[Model]:
+    """The model as run/chat load it (--config, LAMINA_* and the flags), once per -ngl value, each
+    closed before the next loads. -t stays out of the config: here it is a list to sweep."""
     from . import cli
 
-    # the model and its placement as run/chat load it: --config, LAMINA_* and the flags (-t here is
-    # a list of thread counts to sweep, so it stays out of the config)
-    sweep, args.threads = args.threads, None
-    try:
-        model = cli.load_model(args)
-    finally:
-        args.threads = sweep
-    config_threads = model.config.threads() if model.config is not None else Threads()
-    threads = [int(t) for t in str(sweep).split(",")] if sweep else [config_threads.resolve()[0]]
-    results = run(model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads, reps=args.reps,
-                  compare=args.compare, rounds=args.rounds)
+    sweep, ngls = args.threads, args.n_gpu_layers
+    for ngl in ngls or [None]:
+        args.threads, args.n_gpu_layers = None, ngl
+        try:
+            model = cli.load_model(args)
+        finally:
+            args.threads, args.n_gpu_layers = sweep, ngls
+        try:
+            yield model
+        finally:
+            model.close()
+
+
+def plot_title(model: Model) -> str:
+    from .system import system_info
+
+    return f"lamina bench: {model.info.desc} ({model.path.name})\n{system_info().cpu_model or 'unknown CPU'}"
+
+
+def cmd_bench(args: "argparse.Namespace") -> int:
+    if args.plot:
+        from . import plot
+
+        plot.require()  # before minutes of measuring, not after
+    results: list[Result] = []
+    first: Model | None = None  # names the model in the table and the plot (info outlives close())
+    for model in models(args):
+        first = first or model
+        config_threads = model.config.threads() if model.config is not None else Threads()
+        threads = args.threads or [config_threads.resolve()[0]]
+        results += run(model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads, reps=args.reps,
+                       compare=args.compare, rounds=args.rounds)
+    assert first is not None
+    results.sort(key=lambda r: r.test[:2] != "pp")  # pp rows first, as for one load
     if args.output == "json":
         print(json.dumps([r.as_dict() for r in results], indent=1))
     else:
-        print(markdown(model, results))
+        print(markdown(first, results))
+    if args.plot:
+        from . import plot
+
+        x = "n_gpu_layers" if args.n_gpu_layers and len(args.n_gpu_layers) > 1 else "threads"
+        sys.stdout.flush()  # the table before the note, also when both go to one pipe
+        print(f"plot: {plot.render(results, args.plot, x=x, title=plot_title(first))}", file=sys.stderr)
     return 0
