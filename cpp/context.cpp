@@ -1,6 +1,8 @@
 // Context: a llama_context over a model; decode batches, expose logits without copying.
 #include "lamina.h"
 
+#include <cmath>
+
 #include "ggml.h"
 
 #include <nanobind/stl/shared_ptr.h>
@@ -308,9 +310,19 @@ size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt) 
 
 llama_context_params build_context_params(const context_args & a) {
     llama_context_params p = llama_context_default_params();
-    int flash_attn, type_k, type_v, pooling_type;
+    int flash_attn, type_k, type_v, pooling_type, rope_scaling;
     std::tie(p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, flash_attn, type_k, type_v, p.offload_kqv, p.op_offload,
-             p.embeddings, p.swa_full, p.kv_unified, pooling_type) = a;
+             p.embeddings, p.swa_full, p.kv_unified, pooling_type, rope_scaling, p.rope_freq_base,
+             p.rope_freq_scale) = a;
+    // -1 unspecified (the model's), 0 none, 1 linear, 2 yarn, 3 longrope; 0 frequencies: the model's
+    if (rope_scaling < -1 || rope_scaling > LLAMA_ROPE_SCALING_TYPE_MAX_VALUE) {
+        throw std::invalid_argument("rope_scaling_type must be -1 (the model's) or 0..3");
+    }
+    if (!std::isfinite(p.rope_freq_base) || p.rope_freq_base < 0.0f ||
+        !std::isfinite(p.rope_freq_scale) || p.rope_freq_scale < 0.0f) {
+        throw std::invalid_argument("rope_freq_base and rope_freq_scale must be finite and >= 0 (0: the model's)");
+    }
+    p.rope_scaling_type = static_cast<llama_rope_scaling_type>(rope_scaling);
     if (p.n_batch < 1 || p.n_ubatch < 1) throw std::invalid_argument("n_batch and n_ubatch must be >= 1");
     p.n_ubatch = std::min(p.n_ubatch, p.n_batch);
     if (p.n_seq_max < 1 || p.n_seq_max > llama_max_parallel_sequences()) {

@@ -305,7 +305,8 @@ struct model_params {
 void build_model_params(const model_args & a, model_params & out);
 // Python's context settings: (n_ctx, n_batch, n_ubatch, n_seq_max, flash_attn, type_k, type_v,
 // offload_kqv, op_offload, embeddings, swa_full, kv_unified, pooling_type)
-using context_args = std::tuple<uint32_t, uint32_t, uint32_t, uint32_t, int, int, int, bool, bool, bool, bool, bool, int>;
+using context_args = std::tuple<uint32_t, uint32_t, uint32_t, uint32_t, int, int, int, bool, bool, bool, bool, bool, int,
+                                int, float, float>;  // ..., rope_scaling_type, rope_freq_base, rope_freq_scale
 llama_context_params build_context_params(const context_args & a);
 // Collect llama.cpp's "layer N assigned to device X" lines logged by this thread (null: stop).
 void capture_layer_devices(std::vector<std::pair<int, std::string>> * out);

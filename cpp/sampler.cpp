@@ -6,6 +6,8 @@
 
 #include <cmath>
 
+#include "json-schema-to-grammar.h"
+
 namespace lamina {
 namespace {
 
@@ -42,6 +44,12 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
     require(o.dry_allowed_length >= 0 && o.dry_penalty_last_n >= -1, "dry lengths must be >= 0 (last_n >= -1)");
     require(o.xtc_probability >= 0.0f && o.xtc_probability <= 1.0f, "xtc_probability must be in [0, 1]");
     require(o.xtc_threshold >= 0.0f && o.xtc_threshold <= 1.0f, "xtc_threshold must be in [0, 1]");
+    require(std::isfinite(o.dynatemp_range) && o.dynatemp_range >= 0.0f, "dynatemp_range must be >= 0");
+    require(std::isfinite(o.dynatemp_exponent) && o.dynatemp_exponent > 0.0f, "dynatemp_exponent must be > 0");
+    require(o.mirostat >= 0 && o.mirostat <= 2, "mirostat must be 0 (off), 1 or 2");
+    require(std::isfinite(o.mirostat_tau) && o.mirostat_tau > 0.0f, "mirostat_tau must be > 0");
+    require(std::isfinite(o.mirostat_eta) && o.mirostat_eta > 0.0f, "mirostat_eta must be > 0");
+    require(o.min_keep >= 0, "min_keep must be >= 0");
     for (const auto & [tok, bias] : o.logit_bias) {
         if (tok < 0 || tok >= n_vocab) {
             throw std::out_of_range("logit_bias token " + std::to_string(tok) + " is out of range [0, " +
@@ -68,6 +76,17 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
         add(c, llama_sampler_init_logit_bias(n_vocab, int32_t(lb.size()), lb.data()), "logit_bias");
         shaped = true;
     }
+    if (o.mirostat != 0) {  // as llama.cpp's common_sampler: no penalties, DRY or truncation with mirostat
+        if (o.temperature == 0.0f) {
+            greedy_ = !shaped;
+            llama_sampler_chain_add(c, llama_sampler_init_greedy());
+            return;
+        }
+        add(c, llama_sampler_init_temp(o.temperature), "temperature");
+        add(c, o.mirostat == 1 ? llama_sampler_init_mirostat(n_vocab, o.seed, o.mirostat_tau, o.mirostat_eta, 100)
+                               : llama_sampler_init_mirostat_v2(o.seed, o.mirostat_tau, o.mirostat_eta), "mirostat");
+        return;
+    }
     bool penalties = o.repeat_penalty != 1.0f || o.frequency_penalty != 0.0f || o.presence_penalty != 0.0f;
     if (penalties && penalty_last_n != 0) {
         add(c, llama_sampler_init_penalties(n_vocab, penalty_last_n, o.repeat_penalty, o.frequency_penalty,
@@ -86,15 +105,17 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
         llama_sampler_chain_add(c, llama_sampler_init_greedy());
         return;
     }
+    const size_t keep = size_t(o.min_keep);
     if (o.top_n_sigma > 0.0f) add(c, llama_sampler_init_top_n_sigma(o.top_n_sigma), "top_n_sigma");
     if (o.top_k > 0) add(c, llama_sampler_init_top_k(o.top_k), "top_k");
-    if (o.typical_p < 1.0f) add(c, llama_sampler_init_typical(o.typical_p, 1), "typical_p");
-    if (o.top_p < 1.0f) add(c, llama_sampler_init_top_p(o.top_p, 1), "top_p");
-    if (o.min_p > 0.0f) add(c, llama_sampler_init_min_p(o.min_p, 1), "min_p");
+    if (o.typical_p < 1.0f) add(c, llama_sampler_init_typical(o.typical_p, keep), "typical_p");
+    if (o.top_p < 1.0f) add(c, llama_sampler_init_top_p(o.top_p, keep), "top_p");
+    if (o.min_p > 0.0f) add(c, llama_sampler_init_min_p(o.min_p, keep), "min_p");
     if (o.xtc_probability > 0.0f) {
-        add(c, llama_sampler_init_xtc(o.xtc_probability, o.xtc_threshold, 1, o.seed), "xtc");
+        add(c, llama_sampler_init_xtc(o.xtc_probability, o.xtc_threshold, keep, o.seed), "xtc");
     }
-    add(c, llama_sampler_init_temp(o.temperature), "temperature");
+    add(c, o.dynatemp_range > 0.0f ? llama_sampler_init_temp_ext(o.temperature, o.dynatemp_range, o.dynatemp_exponent)
+                                   : llama_sampler_init_temp(o.temperature), "temperature");
     add(c, llama_sampler_init_dist(o.seed), "dist");
 }
 
@@ -107,7 +128,8 @@ void init_sampler(nb::module_ & m) {
                             int32_t dry_penalty_last_n, std::vector<std::string> dry_sequence_breakers,
                             float xtc_probability, float xtc_threshold, std::map<int32_t, float> logit_bias,
                             std::optional<std::string> grammar, std::string grammar_root, uint32_t seed,
-                            int32_t n_ctx) {
+                            int32_t n_ctx, float dynatemp_range, float dynatemp_exponent, int32_t mirostat,
+                            float mirostat_tau, float mirostat_eta, int32_t min_keep) {
             sampler_options o;
             o.temperature = temperature; o.top_k = top_k; o.top_p = top_p; o.min_p = min_p;
             o.typical_p = typical_p; o.top_n_sigma = top_n_sigma; o.repeat_penalty = repeat_penalty;
@@ -117,6 +139,8 @@ void init_sampler(nb::module_ & m) {
             o.dry_sequence_breakers = std::move(dry_sequence_breakers); o.xtc_probability = xtc_probability;
             o.xtc_threshold = xtc_threshold; o.logit_bias = std::move(logit_bias); o.grammar = std::move(grammar);
             o.grammar_root = std::move(grammar_root); o.seed = seed; o.n_ctx = n_ctx;
+            o.dynatemp_range = dynatemp_range; o.dynatemp_exponent = dynatemp_exponent; o.mirostat = mirostat;
+            o.mirostat_tau = mirostat_tau; o.mirostat_eta = mirostat_eta; o.min_keep = min_keep;
             new (self) sampler_handle(model_shared(model), o);
         },
         nb::arg("model"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f,
@@ -128,8 +152,11 @@ void init_sampler(nb::module_ & m) {
         nb::arg("xtc_probability") = 0.0f, nb::arg("xtc_threshold") = 0.1f,
         nb::arg("logit_bias") = std::map<int32_t, float>{}, nb::arg("grammar").none() = nb::none(),
         nb::arg("grammar_root") = "root", nb::arg("seed") = 0, nb::arg("n_ctx") = 0,
+        nb::arg("dynatemp_range") = 0.0f, nb::arg("dynatemp_exponent") = 1.0f, nb::arg("mirostat") = 0,
+        nb::arg("mirostat_tau") = 5.0f, nb::arg("mirostat_eta") = 0.1f, nb::arg("min_keep") = 0,
         R"(Build the chain: grammar, logit bias, penalties, DRY, top-n-sigma, top-k, typical, top-p,
-min-p, XTC, temperature, seeded draw. temperature 0 ends the chain with greedy (argmax).)")
+min-p, XTC, temperature (dynamic with dynatemp_range), seeded draw; with mirostat 1/2 (as
+llama.cpp): grammar, logit bias, temperature, mirostat. temperature 0 ends with greedy (argmax).)")
         .def_prop_ro("greedy", &sampler_handle::greedy, "True when the chain is a plain argmax of the logits.")
         .def("describe", [](const sampler_handle & s) {
             std::vector<std::string> names;
@@ -145,6 +172,20 @@ min-p, XTC, temperature, seeded draw. temperature 0 ends the chain with greedy (
             return sample_token(*st, s, use_chain);
         }, nb::arg("ctx"), nb::arg("use_chain") = false,
         "Sample from the context's last logits (use_chain forces llama.cpp's chain even for greedy).");
+
+    m.def("json_schema_to_grammar", [](const std::string & schema) {
+        common_json json;
+        try {
+            json = common_json::parse(schema);
+        } catch (const std::exception & e) {
+            throw std::invalid_argument(std::string("not valid JSON: ") + e.what());
+        }
+        try {
+            return json_schema_to_grammar(json, true);
+        } catch (const std::exception & e) {  // the converter names the part it could not convert
+            throw std::invalid_argument(e.what());
+        }
+    }, nb::arg("schema"), "GBNF grammar for a JSON schema (text), by llama.cpp's own converter.");
 }
 
 }  // namespace lamina

@@ -20,6 +20,10 @@ struct sampler_options {
     int32_t dry_allowed_length = 2, dry_penalty_last_n = -1;
     std::vector<std::string> dry_sequence_breakers;
     float xtc_probability = 0.0f, xtc_threshold = 0.1f;
+    float dynatemp_range = 0.0f, dynatemp_exponent = 1.0f;  // temperature +- range, by entropy
+    int32_t mirostat = 0;                                   // 1, 2: mirostat v1/v2 replaces the truncation samplers
+    float mirostat_tau = 5.0f, mirostat_eta = 0.1f;
+    int32_t min_keep = 0;                                   // top-p, min-p, typical, XTC keep at least this many
     std::map<int32_t, float> logit_bias;
     std::optional<std::string> grammar;
     std::string grammar_root = "root";

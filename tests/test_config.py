@@ -1,86 +1,291 @@
-"""Settings from model.yml < LAMINA_* environment < arguments, each with its source; a stale
-n_gpu_layers with the GPU off is inert and reported as such."""
+"""Settings from model.yml < LAMINA_* environment < arguments, each with its source (path:line);
+inert settings warned once, unknown keys with a suggestion, errors with a position."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 
 import lamina
+from lamina.config import SETTINGS, Config
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "model.yml"
+def write(tmp_path: Path, text: str, name: str = "model.yml") -> Path:
+    p = tmp_path / name
     p.write_text(text)
     return p
 
 
-def test_precedence_and_sources(tmp_path: Path, tiny_path: Path) -> None:
-    yml = write(tmp_path, f"model: {tiny_path}\nngl: 12\nctx_len: 1024\ncpu_threads: 1\ncache_type: q8_0\n"
-                          "engine: llama-cpp\nfrobnicate: 3\n")
-    cfg = lamina.load_config(yml, env={})
-    assert cfg["n_gpu_layers"] == 12 and cfg.source("n_gpu_layers").startswith("model.yml")
-    assert (cfg["n_ctx"], cfg["threads"], cfg["type_k"], cfg["type_v"]) == (1024, 1, "q8_0", "q8_0")
-    assert cfg["n_batch"] == 2048 and cfg.source("n_batch") == "default"
-    assert cfg.ignored == ["engine"] and cfg.unknown == ["frobnicate"]
-    env = lamina.load_config(yml, env={"LAMINA_N_GPU_LAYERS": "3", "LAMINA_GPU": "0"})
-    assert env["n_gpu_layers"] == 3 and env.source("n_gpu_layers") == "env LAMINA_N_GPU_LAYERS"
-    arg = lamina.load_config(yml, env={"LAMINA_N_GPU_LAYERS": "3"}, n_gpu_layers="all")
-    assert arg["n_gpu_layers"] == "all" and arg.source("n_gpu_layers") == "argument"
-    text = str(env)
-    assert "inert" in text and "frobnicate" in text and "LAMINA_GPU" in text
-    with pytest.raises(ValueError, match="unknown keys"):
+def quiet_load(path: Path | None, **kw: Any) -> Config:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lamina.load_config(path, **kw)
+
+
+def test_each_layer_overrides_the_one_below_and_says_where_from(tmp_path: Path, tiny_path: Path) -> None:
+    yml = write(tmp_path, f"model: {tiny_path}\nctx_len: 1024\ncpu_threads: 1\ncache_type: q8_0\n"
+                          "engine: llama-cpp\nbatch_size: 256\n")
+    cfg = quiet_load(yml, env={})
+    assert (cfg["n_ctx"], cfg["threads"], cfg["type_k"], cfg["type_v"], cfg["n_batch"]) == (1024, 1, "q8_0", "q8_0", 256)
+    assert cfg.source("n_ctx") == f"{yml}:2" and cfg.source("n_batch") == f"{yml}:6"
+    assert cfg["n_ubatch"] == 512 and cfg.source("n_ubatch") == "default"
+    assert cfg.ignored == ["engine"]
+    env = quiet_load(yml, env={"LAMINA_N_CTX": "2048", "LAMINA_N_UBATCH": "64"})
+    assert (env["n_ctx"], env.source("n_ctx"), env["n_ubatch"]) == (2048, "env LAMINA_N_CTX", 64)
+    assert env.source("threads") == f"{yml}:3"  # the file's values the environment leaves alone stay
+    arg = quiet_load(yml, env={"LAMINA_N_CTX": "2048"}, n_ctx=512)
+    assert (arg["n_ctx"], arg.source("n_ctx")) == (512, "argument")
+    text = env.explain()
+    assert f"{yml}:2" not in text.split("n_ctx")[1].splitlines()[0]  # n_ctx comes from the environment now
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("threads "))
+    assert line.split()[1] == "1" and line.rstrip().endswith(f"{yml}:3"), line
+    assert "env LAMINA_N_UBATCH" in text and "temperature" in text and "default" in text
+
+
+def test_jan_style_file_with_ngl_and_the_gpu_off_warns_once_and_puts_nothing_on_a_device(tmp_path: Path,
+                                                                                         tiny_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.gguf").write_bytes(tiny_path.read_bytes())
+    yml = write(tmp_path, "id: tiny\nname: Tiny\nengine: llama-cpp\nversion: 1\nfiles:\n  - models/tiny.gguf\n"
+                          "ngl: 33\nctx_len: 512\ncpu_threads: 1\nprompt_template: '{prompt}'\ntemperature: 0.7\n"
+                          "top_p: 0.9\nstop: ['</s>']\nmax_tokens: 8\nstream: true\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = lamina.load_config(yml, env={"LAMINA_GPU": "0"})
+        model = lamina.Model.from_config(cfg)
+        with model.context() as ctx:
+            mem = ctx.kv.memory()
+            text = "".join(ctx.generate("Hello", **cfg.generate_kwargs()))
+    inert = [w for w in caught if issubclass(w.category, lamina.InertSettingWarning)]
+    assert len(inert) == 1, [str(w.message) for w in caught]
+    assert "n_gpu_layers=33" in str(inert[0].message) and f"{yml}:7" in str(inert[0].message)
+    assert "LAMINA_GPU" in str(inert[0].message)
+    assert not [w for w in caught if issubclass(w.category, lamina.ConfigWarning)]
+    off = model.offload
+    assert off.gpu is False and off.layers_effective == 0 and off.devices == [] and off.per_device == []
+    assert all(m["host"] for m in mem if m["model"] or m["context"] or m["compute"]), mem
+    assert any("n_gpu_layers=33" in r for r in off.reasons) and cfg.inert == [str(inert[0].message)]
+    assert "inert" in cfg.explain() and isinstance(text, str)
+
+
+def test_an_unknown_key_names_its_line_with_a_suggestion_and_strict_makes_it_an_error(tmp_path: Path) -> None:
+    yml = write(tmp_path, "ctx_len: 512\ntemprature: 0.5\nngll: 3\nmmproj: x.gguf\n")
+    with pytest.warns(lamina.ConfigWarning) as caught:
+        cfg = lamina.load_config(yml, env={})
+    messages = [str(w.message) for w in caught]
+    assert f"{yml}:2: unknown key 'temprature' (did you mean 'temperature'?)" in messages
+    assert f"{yml}:3: unknown key 'ngll' (did you mean 'ngl'?)" in messages
+    assert any(f"{yml}:4: mmproj" in m and "not supported" in m for m in messages)
+    assert len(cfg.unknown) == 2 and cfg["temperature"] == 0.8  # the misspelt key changed nothing
+    with pytest.raises(ValueError, match=r"model.yml:2: unknown key 'temprature' \(did you mean 'temperature'\?\)"):
         lamina.load_config(yml, env={}, strict=True)
 
 
-def test_stale_ngl_with_gpu_off_is_inert_and_says_where_it_came_from(tmp_path: Path, tiny_path: Path) -> None:
-    yml = write(tmp_path, f"files: [{tiny_path.name}]\nngl: 99\ngpu: false\n")
-    (tmp_path / tiny_path.name).write_bytes(tiny_path.read_bytes())  # a path relative to the model.yml
-    with pytest.warns(lamina.InertSettingWarning, match="n_gpu_layers=99 is inert: gpu=False"):
-        model = lamina.Model.from_config(lamina.load_config(yml, env={}))
-    off = model.offload
-    assert off.gpu is False and off.layers_effective == 0 and off.devices == []
-    assert any("n_gpu_layers=99" in r and "model.yml" in r and "inert" in r for r in off.reasons), off.reasons
-    with model.context() as ctx:
-        mem = ctx.kv.memory()
-        assert all(m["host"] for m in mem if m["model"] or m["context"] or m["compute"])
-        assert ctx.n_ctx == 4096 and ctx.threads_config == lamina.load_config(yml, env={}).threads()
-
-
 @pytest.mark.parametrize("text, match", [
-    ("ngl: lots\n", "n_gpu_layers .*model.yml"),
-    ("gpu: maybe\n", "gpu .*expected a boolean"),
-    ("cache_type: q3\n", "type_k .*expected one of"),
-    ("- a\n- b\n", "expected a mapping"),
-    ("ngl: [\n", "not valid YAML"),
+    ("ctx_len: 512\nngl: lots\n", r"model.yml:2: n_gpu_layers: expected an int"),
+    ("gpu: maybe\n", r"model.yml:1: gpu: expected a boolean"),
+    ("cache_type: q3\n", r"model.yml:1: type_k: expected one of"),
+    ("\n\ntop_p: 1.5\n", r"model.yml:3: top_p: expected a probability in \[0.0, 1.0\]"),
+    ("cpu_threads: 0\n", r"model.yml:1: threads: expected a count"),
+    ("seed: -5\n", r"model.yml:1: seed: expected -1"),
+    ("ctx_len: [1, 2]\n", r"model.yml:1: n_ctx: expected an integer"),
+    ("- a\n- b\n", r"model.yml:1: expected a mapping of settings"),
+    ("ngl: 3\nctx_len: [\n", r"model.yml:3:1: not valid YAML"),
+    ("a: 1\n  b: 2\n", r"model.yml:2:4: not valid YAML"),
+    ("ngl: 3\nngl: 4\n", r"model.yml:2: ngl is given twice \(first on line 1\)"),
+    ("grammar: 'root ::= \"a\"'\njson_schema: {type: integer}\n", "give one of grammar"),
 ])
-def test_bad_config_values_name_the_key_and_file(tmp_path: Path, text: str, match: str) -> None:
+def test_bad_values_and_malformed_yaml_give_the_position(tmp_path: Path, text: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        lamina.load_config(write(tmp_path, text), env={})
+        quiet_load(write(tmp_path, text), env={})
 
 
-def test_bad_environment_value_names_the_variable() -> None:
-    with pytest.raises(ValueError, match="LAMINA_THREADS"):
+def test_relative_paths_resolve_next_to_the_file_and_a_missing_one_names_its_line(tmp_path: Path,
+                                                                                  tiny_path: Path) -> None:
+    sub = tmp_path / "cfg"
+    sub.mkdir()
+    (sub / "m.gguf").write_bytes(tiny_path.read_bytes())
+    (sub / "g.gbnf").write_text('root ::= "yes" | "no"\n')
+    cfg = quiet_load(write(sub, "ctx_len: 64\nmodel: m.gguf\ngrammar_file: g.gbnf\n"), env={})
+    assert cfg["model"] == str(sub / "m.gguf") and cfg.grammar() == 'root ::= "yes" | "no"\n'
+    with pytest.raises(FileNotFoundError, match=r"model.yml:2: model: 'nope.gguf' does not exist \(looked in "):
+        quiet_load(write(sub, "ctx_len: 64\nmodel: nope.gguf\n"), env={})
+
+
+def test_environment_and_argument_errors_name_their_source() -> None:
+    with pytest.raises(ValueError, match="threads \\(env LAMINA_THREADS\\): expected an integer"):
         lamina.load_config(env={"LAMINA_THREADS": "many"})
-    with pytest.raises(TypeError, match="unknown setting"):
+    with pytest.raises(ValueError, match="top_k \\(argument\\)"):
+        lamina.load_config(env={}, top_k=-1)
+    with pytest.raises(TypeError, match="unknown setting 'ngll' \\(did you mean 'n_gpu_layers'\\?\\)|unknown setting 'ngll'"):
         lamina.load_config(env={}, ngll=3)
 
 
-def test_cli_config_prints_sources(tmp_path: Path, tiny_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lamina.cli import main
+def test_jan_llama_cpp_keys_map_to_lamina_settings(tmp_path: Path, tiny_path: Path) -> None:
+    yml = write(tmp_path, f"model: {tiny_path}\nthreads_batch: 1\nbatch_size: 256\nubatch_size: 64\n"
+                          "flash_attn: 'off'\nno_kv_offload: true\nno_mmap: true\nmlock: false\ncache_type_k: q8_0\n"
+                          "cache_type_v: f16\nrope_freq_base: 20000\nrope_freq_scale: 0.5\nrope_scaling: linear\n"
+                          "fit: off\nfit_target: 512\nfit_ctx: 2048\nsplit_mode: layer\ndevice: none\n"
+                          "ctx_shift: true\nn_parallel: 2\nctx_len: 256\n")
+    cfg = quiet_load(yml, env={})
+    expect = {"threads_batch": 1, "n_batch": 256, "n_ubatch": 64, "flash_attn": False, "kv_offload": False,
+              "use_mmap": False, "use_mlock": False, "type_k": "q8_0", "type_v": "f16", "rope_freq_base": 20000.0,
+              "rope_freq_scale": 0.5, "rope_scaling": "linear", "fit": False, "fit_target": 512 * 2**20,
+              "fit_ctx": 2048, "split_mode": "layer", "devices": [], "ctx_shift": True, "n_seq_max": 2}
+    assert {k: cfg[k] for k in expect} == expect
+    kw = cfg.model_kwargs()
+    assert (kw["fit_margin"], kw["fit_ctx"], kw["use_mmap"], kw["gpu"]) == (512 * 2**20, 2048, False, True)
+    model = lamina.Model.from_config(cfg)
+    assert model.offload.gpu is False  # device: none
+    with model.context() as ctx:
+        p = ctx.params
+        assert (p["n_batch"], p["n_ubatch"], p["n_seq_max"]) == (256, 64, 2)
+        assert ctx.threads_config.batch == 1
+    assert cfg.generate_kwargs()["context_full"] == "shift"
 
-    yml = write(tmp_path, f"model: {tiny_path}\nngl: 7\ngpu: false\n")
-    assert main(["config", str(yml)]) == 0
-    out = capsys.readouterr().out
-    assert "n_gpu_layers" in out and "model.yml" in out and "inert" in out
+
+def test_rope_settings_reach_llama_cpp(tmp_path: Path, real_path: Path) -> None:
+    logits = {}
+    for base in ("", "rope_freq_base: 20000\n", "rope_freq_base: 1000000\n"):  # Gemma 3's own base is 1e6
+        cfg = quiet_load(write(tmp_path, f"model: {real_path}\nctx_len: 128\n{base}"), env={})
+        model = lamina.Model.from_config(cfg)
+        with model.context() as ctx:
+            ctx.decode(model.tokenize("The quick brown fox jumps over the lazy dog and then"))
+            logits[base] = np.array(ctx.logits)
+    other, same = logits["rope_freq_base: 20000\n"], logits["rope_freq_base: 1000000\n"]
+    assert not np.allclose(other, logits[""]) and np.array_equal(same, logits[""])
+
+
+def test_inert_settings_each_warn_once_and_are_explained(tmp_path: Path) -> None:
+    n_cpus = len(os.sched_getaffinity(0))
+    yml = write(tmp_path, f"cpu_threads: {n_cpus + 3}\nflash_attn: false\ncache_type_v: q8_0\nn_keep: 4\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = lamina.load_config(yml, env={})
+    inert = sorted(str(w.message).split("=")[0] for w in caught if issubclass(w.category, lamina.InertSettingWarning))
+    assert inert == ["n_keep", "threads", "type_v"], [str(w.message) for w in caught]
+    assert cfg["type_v"] == "f16" and "inert" in cfg.source("type_v")  # the V cache stays f16
+    assert [ln.split()[1].split("=")[0] for ln in cfg.explain().splitlines() if ln.startswith("  inert:")] == \
+        ["threads", "type_v", "n_keep"]
+    # a context-dependent one: ctx_shift on a model whose cache cannot shift
+    cfg2 = quiet_load(write(tmp_path, "ctx_shift: true\n", "shift.yml"), env={})
+    fake = SimpleNamespace(kv=SimpleNamespace(can_shift=False), model=SimpleNamespace(info=SimpleNamespace(arch="mamba")))
+    with pytest.warns(lamina.InertSettingWarning, match="ctx_shift=True .* cannot shift"):
+        cfg2.check_context(fake)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg2.check_context(fake)  # type: ignore[arg-type]  # once per load
+    assert len(cfg2.inert) == 1
+
+
+def test_sampling_keys_reach_the_sampler(tmp_path: Path, real_path: Path) -> None:
+    yml = write(tmp_path, f"model: {real_path}\nctx_len: 512\ntemperature: 1.3\ntop_k: 20\ntop_p: 0.9\nmin_p: 0.02\n"
+                          "repeat_penalty: 1.2\nrepeat_last_n: 32\nseed: 1234\nmax_tokens: 24\n"
+                          "frequency_penalty: 0.1\n")
+    cfg = quiet_load(yml, env={})
+    smp = cfg.sampler()
+    assert (smp.temperature, smp.top_k, smp.top_p, smp.min_p, smp.repeat_penalty, smp.penalty_last_n, smp.seed,
+            smp.frequency_penalty) == (1.3, 20, 0.9, 0.02, 1.2, 32, 1234, 0.1)
+    model = lamina.Model.from_config(cfg)
+    prompt = "Once upon a time"
+    with model.context() as ctx:
+        from_file = ctx.complete(prompt, **cfg.generate_kwargs())
+        by_hand = ctx.complete(prompt, max_tokens=24, sampler=lamina.Sampler(
+            temperature=1.3, top_k=20, top_p=0.9, min_p=0.02, repeat_penalty=1.2, penalty_last_n=32,
+            frequency_penalty=0.1, seed=1234))
+        other_seed = ctx.complete(prompt, max_tokens=24, sampler=lamina.Sampler(
+            temperature=1.3, top_k=20, top_p=0.9, min_p=0.02, repeat_penalty=1.2, penalty_last_n=32,
+            frequency_penalty=0.1, seed=1235))
+        greedy = ctx.complete(prompt, max_tokens=24)
+    assert len(from_file.tokens) == 24
+    assert np.array_equal(from_file.tokens, by_hand.tokens)
+    assert not np.array_equal(from_file.tokens, greedy.tokens) or not np.array_equal(from_file.tokens, other_seed.tokens)
+    # unset or -1: a random seed per sampler, recorded on it
+    seeds = {quiet_load(None, env={}).sampler().seed for _ in range(4)}
+    assert len(seeds) > 1
+
+
+def test_a_json_schema_file_constrains_the_output(tmp_path: Path, real_path: Path) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    cfg = quiet_load(write(tmp_path, f"model: {real_path}\nctx_len: 256\njson_schema_file: s.json\nseed: 7\n"
+                                     "max_tokens: 40\n"), env={})
+    model = lamina.Model.from_config(cfg)
+    with model.context() as ctx:
+        text = ctx.complete("A JSON object:", **cfg.generate_kwargs()).text
+    value = json.loads(text)
+    assert list(value) == ["n"] and isinstance(value["n"], int)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        lamina._native.json_schema_to_grammar("{nope")
+
+
+def test_mirostat_and_dynatemp_build_llama_cpp_chains(tiny_model: lamina.Model) -> None:
+    chain = lamina.Sampler(temperature=0.8, mirostat=2, repeat_penalty=1.3).native(tiny_model).describe()
+    assert chain == ["temp", "mirostat-v2"]  # as llama.cpp's common_sampler: no penalties with mirostat
+    chain = lamina.Sampler(temperature=0.8, dynatemp_range=0.5).native(tiny_model).describe()
+    assert chain[-2:] == ["temp-ext", "dist"]
+    with pytest.raises(ValueError, match="mirostat must be"):
+        lamina.Sampler(mirostat=3).native(tiny_model)
+
+
+def test_context_and_model_context_default_the_same_way(tmp_path: Path, tiny_path: Path) -> None:
+    cfg = quiet_load(write(tmp_path, f"model: {tiny_path}\nctx_len: 768\nn_batch: 128\ncpu_threads: 1\n"
+                                     "cache_type: bf16\n"), env={})
+    model = lamina.Model.from_config(cfg)
+    with model.context() as a, lamina.Context(model) as b:
+        assert a.params == b.params and a.threads_config == b.threads_config
+        assert (a.n_ctx, a.params["n_batch"], a.threads[0]) == (768, 128, 1)
+    plain = lamina.Model(tiny_path, n_ctx=1280)
+    with plain.context() as a, lamina.Context(plain) as b:
+        assert a.params == b.params and a.n_ctx == 1280
 
 
 def test_an_explicit_context_argument_wins_even_when_it_equals_the_default(tmp_path: Path, tiny_path: Path) -> None:
     yml = write(tmp_path, f"model: {tiny_path}\nn_batch: 512\nn_ubatch: 128\n")
-    model = lamina.Model.from_config(lamina.load_config(yml, env={}))
+    model = lamina.Model.from_config(quiet_load(yml, env={}))
     with model.context(n_ctx=256) as ctx:  # nothing given: the file's values
         assert (ctx.params["n_batch"], ctx.params["n_ubatch"]) == (256, 128)  # n_batch is capped at n_ctx
     with model.context(n_ctx=4096) as ctx:
         assert (ctx.params["n_batch"], ctx.params["n_ubatch"]) == (512, 128)
     with model.context(n_ctx=4096, n_batch=2048, n_ubatch=512) as ctx:  # Context's defaults, given explicitly
         assert (ctx.params["n_batch"], ctx.params["n_ubatch"]) == (2048, 512)
+
+
+def lamina_cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lamina", *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_config_check_and_show_exit_codes(tmp_path: Path, tiny_path: Path) -> None:
+    good = write(tmp_path, f"model: {tiny_path}\nngl: 3\n", "good.yml")
+    typo = write(tmp_path, f"model: {tiny_path}\nctx_lenn: 3\n", "typo.yml")
+    bad = write(tmp_path, "ctx_len: -4\n", "bad.yml")
+    r = lamina_cli("config", "check", str(good))
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    r = lamina_cli("config", "check", str(typo))
+    assert r.returncode == 0 and "typo.yml:2: unknown key 'ctx_lenn' (did you mean 'ctx_len'?)" in r.stderr
+    r = lamina_cli("config", "check", "--strict", str(typo))
+    assert r.returncode == 1 and "typo.yml:2" in r.stderr
+    r = lamina_cli("config", "check", str(bad))
+    assert r.returncode == 1 and "bad.yml:1: n_ctx:" in r.stderr
+    r = lamina_cli("config", "check", str(tmp_path / "missing.yml"))
+    assert r.returncode == 1
+    assert lamina_cli("config", "check").returncode == 2
+    r = lamina_cli("config", "show", str(good), "-t", "1")
+    assert r.returncode == 0 and f"{good}:2" in r.stdout and "argument" in r.stdout
+    r = lamina_cli("config", str(good))  # `show` is the default
+    assert r.returncode == 0 and "n_gpu_layers" in r.stdout
+
+
+def test_every_setting_has_a_default_its_parser_accepts() -> None:
+    for name, spec in SETTINGS.items():
+        if spec.default is not None and name != "fit_target":
+            assert spec.parse(spec.default) == spec.default, name

@@ -10,7 +10,7 @@ from ._core import logger
 from .config import Config, load_config
 from .context import KV, Completion, Context, Generation
 from .threads import Threads
-from .errors import (BusyError, ClosedError, DecodeError, ForkError, InertSettingWarning, LaminaError, LoadError,
+from .errors import (BusyError, ClosedError, ConfigWarning, DecodeError, ForkError, InertSettingWarning, LaminaError, LoadError,
                      ModelFormatError, OutOfMemoryError)
 from .memory import DeviceMemory, MemoryEstimate, Offload
 from .model import Model, ModelInfo
@@ -32,5 +32,5 @@ __version__: str = _n.VERSION  # pyproject.toml's, compiled in
 __all__ = [
     "Config", "load_config", "Model", "ModelInfo", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
     "Device", "SystemInfo", "AddOn", "addons", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
-    "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "ModelFormatError", "InertSettingWarning", "logger", "__version__",
+    "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "ModelFormatError", "InertSettingWarning", "ConfigWarning", "logger", "__version__",
 ]

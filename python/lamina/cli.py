@@ -5,16 +5,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from dataclasses import replace
+from typing import Any, Sequence
 
-from typing import Any
-
-from .config import Config, load_config
+from .config import Config, Setting, load_config
 from .errors import LaminaError
 from .model import Model
 from .models import default_model_path
 from .progress import load_bar
-from .sampling import Sampler
 
 
 def _ngl(value: str) -> int | str:
@@ -42,51 +40,80 @@ def _add_thread_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=int, default=None, help="0 (sleep) .. 100 (spin) while waiting for work (50)")
 
 
-def _config(args: argparse.Namespace, **extra: Any) -> Config:
+def _add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
+    g = p.add_argument_group("generation (default: the config's, else llama.cpp's CLI defaults)")
+    g.add_argument("-n", "--n-predict", type=int, default=None, help=f"tokens to generate (-1: no limit; {n_predict})")
+    g.add_argument("--temp", type=float, default=None, help="temperature (0.8); 0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="(40; 0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="(0.95; 1 = off)")
+    g.add_argument("--min-p", type=float, default=None, help="(0.05; 0 = off)")
+    g.add_argument("--repeat-penalty", type=float, default=None, help="(1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="(-1: random; the seed used is printed)")
+    g.add_argument("--ignore-eos", action="store_true", default=None, help="generate past end-of-generation tokens")
+    g.add_argument("--ctx-shift", action="store_true", default=None, help="when the context fills, drop the older "
+                   "half and go on (models whose cache can shift)")
+
+
+# command-line flag -> lamina setting name
+_FLAGS = {"n_gpu_layers": "n_gpu_layers", "threads": "threads", "threads_batch": "threads_batch", "cpus": "cpus",
+          "ctx_size": "n_ctx", "prio": "priority", "poll": "poll", "n_predict": "max_tokens", "temp": "temperature",
+          "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repeat_penalty": "repeat_penalty", "seed": "seed",
+          "stop": "stop", "ignore_eos": "ignore_eos", "ctx_shift": "ctx_shift"}
+
+
+def config_from_args(args: argparse.Namespace, *, strict: bool = False) -> Config:
     """model.yml < LAMINA_* environment < the flags given on the command line."""
-    flags: dict[str, Any] = dict(extra)
+    flags: dict[str, Any] = {}
     if getattr(args, "model", None):
         flags["model"] = args.model
     if getattr(args, "no_gpu", False):
         flags["gpu"] = False
-    for flag, name in (("n_gpu_layers", "n_gpu_layers"), ("threads", "threads"), ("threads_batch", "threads_batch"),
-                       ("cpus", "cpus"), ("ctx_size", "n_ctx"), ("prio", "priority"), ("poll", "poll")):
+    for flag, name in _FLAGS.items():
         if getattr(args, flag, None) is not None:
             flags[name] = getattr(args, flag)
     if getattr(args, "cpu_strict", False):
         flags["cpu_strict"] = True
-    return load_config(getattr(args, "config", None), **flags)
+    cfg = load_config(getattr(args, "config", None), strict=strict, **flags)
+    if cfg["model"] is None:  # the default model, without reading (and warning about) the file again
+        cfg = replace(cfg, settings={**cfg.settings, "model": Setting(str(default_model_path()), "default")})
+    return cfg
 
 
 def load_model(args: argparse.Namespace) -> Model:
-    cfg = _config(args)
-    if cfg["model"] is None:
-        cfg = _config(args, model=str(default_model_path()))
+    cfg = config_from_args(args)
     return Model.from_config(cfg, progress=load_bar(f"loading {os.path.basename(cfg['model'])}"))
+
+
+def _generate_kwargs(model: Model, n_predict: int) -> dict[str, Any]:
+    assert model.config is not None
+    kw = model.config.generate_kwargs()
+    kw.setdefault("max_tokens", n_predict)
+    return kw
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     model = load_model(args)
     ctx = model.context()
-    sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
-    gen = ctx.generate(args.prompt, max_tokens=args.n_predict, sampler=sampler, stop=args.stop or ())
+    kw = _generate_kwargs(model, 128)
+    gen = ctx.generate(args.prompt, **kw)
     if args.echo:
         sys.stdout.write(args.prompt)
     for piece in gen:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    s = gen.stats
+    s, smp = gen.stats, kw["sampler"]
+    how = "greedy" if smp.temperature == 0 else f"temperature {smp.temperature:g}, seed {smp.seed}"
     print(f"[{s['finish_reason']}] prompt: {s['n_prompt']} tokens ({s['n_prompt_eval']} evaluated, "
           f"{s['prompt_tokens_per_s']:.1f} t/s); generated: {s['n_generated']} tokens, {s['tokens_per_s']:.1f} t/s; "
-          f"threads: {ctx.threads_config.describe()}", file=sys.stderr)
+          f"{how}; threads: {ctx.threads_config.describe()}", file=sys.stderr)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model = load_model(args)
     ctx = model.context()
-    sampler = Sampler(temperature=args.temp, seed=args.seed) if args.temp > 0 else None
+    kw = _generate_kwargs(model, 512)
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -103,7 +130,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         reply = []
-        for piece in ctx.chat(messages, template=args.template, max_tokens=args.n_predict, sampler=sampler):
+        for piece in ctx.chat(messages, template=args.template, **kw):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -123,7 +150,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(_config(args))
+    """show: every effective value and its source. check: exit 1 on an error (bad value, bad YAML,
+    missing file), and with --strict on unknown or unsupported keys too; 0 otherwise."""
+    import warnings
+
+    action = args.action
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cfg = config_from_args(args, strict=args.strict)
+        except (ValueError, OSError) as exc:
+            print(f"lamina config {action}: error: {exc}", file=sys.stderr)
+            return 1
+    if action == "show":  # the warnings are in the explanation
+        print(cfg.explain())
+        return 0
+    for w in caught:
+        print(f"lamina config {action}: warning: {w.message}", file=sys.stderr)
+    if action == "check":
+        print(f"{args.config}: ok ({len(caught)} warning{'s' if len(caught) != 1 else ''})")
     return 0
 
 
@@ -181,11 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("run", help="generate text for a prompt")
     run.add_argument("prompt", nargs="?", default="The three primary colors are")
     add_model_args(run)
-    run.add_argument("-n", "--n-predict", type=int, default=128)
     run.add_argument("-c", "--ctx-size", type=int, default=None, help="context tokens (default 4096)")
     _add_thread_args(run)
-    run.add_argument("--temp", type=float, default=0.0, help="0 = greedy")
-    run.add_argument("--seed", type=int, default=0)
+    _add_sampling_args(run, 128)
     run.add_argument("--stop", action="append", help="stop string (repeatable)")
     run.add_argument("--echo", action="store_true", help="print the prompt first")
     run.set_defaults(func=cmd_run)
@@ -194,11 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_model_args(chat)
     chat.add_argument("--template", default=None, help="template string or built-in name (default: the model's)")
     chat.add_argument("--system", default=None, help="system message")
-    chat.add_argument("-n", "--n-predict", type=int, default=512)
     chat.add_argument("-c", "--ctx-size", type=int, default=None, help="context tokens (default 4096)")
     _add_thread_args(chat)
-    chat.add_argument("--temp", type=float, default=0.0)
-    chat.add_argument("--seed", type=int, default=0)
+    _add_sampling_args(chat, 512)
     chat.set_defaults(func=cmd_chat)
 
     rpcs = sub.add_parser("rpc-server", help="serve this machine's devices to other processes (ggml RPC)")
@@ -216,13 +257,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_model_args(info)
     info.set_defaults(func=cmd_info)
 
-    config = sub.add_parser("config", help="effective settings: model.yml < LAMINA_* env < flags, with sources")
-    config.add_argument("config", nargs="?", default=None, help="model.yml")
-    config.add_argument("--no-gpu", action="store_true")
-    config.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default=None)
-    config.set_defaults(func=cmd_config)
+    config = sub.add_parser("config", help="model.yml < LAMINA_* env < flags: `show` every value and its source "
+                            "(path:line), `check` for CI (exit 1 on errors)")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    for action, text in (("show", "every effective value and where it came from (default)"),
+                         ("check", "exit 1 on errors (bad values, bad YAML, missing files), with --strict on "
+                                   "unknown keys too; 0 otherwise")):
+        c = config_sub.add_parser(action, help=text)
+        c.add_argument("config", nargs="?" if action == "show" else None, default=None, help="model.yml")
+        c.add_argument("--strict", action="store_true", help="unknown or unsupported keys are errors")
+        c.add_argument("-m", "--model", help="GGUF file")
+        c.add_argument("--no-gpu", action="store_true")
+        c.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default=None)
+        c.add_argument("-t", "--threads", type=int, default=None)
+        c.add_argument("-c", "--ctx-size", type=int, default=None)
+        c.set_defaults(func=cmd_config)
     doctor.add_cli(sub)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is not None and argv[at] == "config" and (at + 1 == len(argv) or argv[at + 1] not in
+                                                     ("show", "check", "-h", "--help")):
+        argv.insert(at + 1, "show")  # `lamina config [model.yml]` shows it
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

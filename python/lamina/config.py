@@ -1,21 +1,37 @@
 """lamina.load_config: settings from a model.yml, LAMINA_* environment variables and arguments.
 
 Precedence: defaults < model.yml < environment < explicit arguments. Every effective value
-records where it came from; keys lamina does not know are reported, never silently used.
-model.yml files written for Jan/Cortex work as they are: their keys (ngl, ctx_len,
-cpu_threads, n_parallel, cache_type, files, ...) map to lamina's names below.
+records where it came from ("default", "path:line", "env LAMINA_X", "argument"); keys lamina
+does not know are reported with a suggestion, never silently used; settings that cannot take
+effect with the others (a stale ngl with the GPU off, ...) raise lamina.InertSettingWarning,
+each once per load, and cfg.explain() lists them. model.yml files written for Jan/Cortex work as
+they are: their keys (ngl, ctx_len, cpu_threads, n_parallel, cache_type, files, and Jan's
+llama.cpp keys batch_size, no_kv_offload, fit_target, ...) map to lamina's names in SETTINGS.
 """
 from __future__ import annotations
 
+import difflib
+import json
 import os
+import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import yaml
 
 from .context import KV, KV_TYPES
+from .errors import ConfigWarning, InertSettingWarning
+from .params import INT32_MAX, UINT32_MAX
+from .sampling import Sampler
 from .threads import PRIORITIES, Threads
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .model import Model
+
+_TRUE, _FALSE = ("1", "true", "yes", "on", "enabled"), ("0", "false", "no", "off", "disabled")
 
 
 def _bool(v: Any) -> bool:
@@ -23,9 +39,9 @@ def _bool(v: Any) -> bool:
         return v
     if isinstance(v, (int, float)) and v in (0, 1):
         return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    raise ValueError(f"expected a boolean, got {v!r}")
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ValueError(f"expected a boolean (true/false, on/off), got {v!r}")
 
 
 def _int(v: Any) -> int:
@@ -40,13 +56,42 @@ def _int(v: Any) -> int:
     raise ValueError(f"expected an integer, got {v!r}")
 
 
+def _float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got {v!r}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {v!r}") from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {v!r}")
+    return x
+
+
+def _ranged(parse: Callable[[Any], Any], lo: float, hi: float | None = None, what: str = "") -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        x = parse(v)
+        if x < lo or (hi is not None and x > hi):
+            raise ValueError(f"expected {what or 'a value'} in [{lo}, {'inf' if hi is None else hi}], got {v!r}")
+        return x
+    return check
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or v.strip().lower() not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
+        return v.strip().lower()
+    return check
+
+
 def _ngl(v: Any) -> int | str:
     if isinstance(v, str) and v.strip().lower() in ("all", "auto"):
         return v.strip().lower()
     n = _int(v)
-    if n < 0:  # llama.cpp's -1 means every layer
-        if n == -1:
-            return "all"
+    if n == -1:  # llama.cpp's -1: every layer
+        return "all"
+    if n < 0:
         raise ValueError(f"expected an int >= 0, 'all' or 'auto', got {v!r}")
     return n
 
@@ -57,26 +102,25 @@ def _flash(v: Any) -> bool | str:
     return _bool(v)
 
 
-def _cache_type(v: Any) -> str:
-    if v not in KV_TYPES:
-        raise ValueError(f"expected one of {', '.join(KV_TYPES)}, got {v!r}")
-    return str(v)
-
-
-def _priority(v: Any) -> str:
-    if v not in PRIORITIES:
-        raise ValueError(f"expected one of {', '.join(PRIORITIES)}, got {v!r}")
-    return str(v)
-
-
 def _path(v: Any) -> str:
     if isinstance(v, list):  # Jan/Cortex: files: [path, ...]
         if not v:
-            raise ValueError("files is empty")
+            raise ValueError("expected a path, got an empty list")
         v = v[0]
     if not isinstance(v, str) or not v:
         raise ValueError(f"expected a path, got {v!r}")
     return v
+
+
+def _list(v: Any) -> list[Any]:
+    """A YAML list, or a comma (or slash) separated string as llama.cpp's flags take it."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [v]
+    if isinstance(v, str):
+        return [x.strip() for x in v.replace("/", ",").split(",") if x.strip()]
+    if isinstance(v, list):
+        return v
+    raise ValueError(f"expected a list, got {v!r}")
 
 
 def _cpus(v: Any) -> str | list[int]:
@@ -89,8 +133,8 @@ def _cpus(v: Any) -> str | list[int]:
 
 def _endpoints(v: Any) -> list[str]:
     """RPC servers: a list, or "host:port,host:port" (LAMINA_RPC)."""
-    items = [x.strip() for x in v.split(",")] if isinstance(v, str) else v
-    if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+    items = _list(v)
+    if not all(isinstance(x, str) and x for x in items):
         raise ValueError(f"expected a list of 'host:port', got {v!r}")
     for x in items:
         host, sep, port = x.rpartition(":")
@@ -99,43 +143,180 @@ def _endpoints(v: Any) -> list[str]:
     return list(items)
 
 
-# lamina name -> (parser, default, model.yml aliases)
-SETTINGS: dict[str, tuple[Callable[[Any], Any], Any, tuple[str, ...]]] = {
-    "model": (_path, None, ("model_path", "files", "path")),
-    "gpu": (_bool, True, ()),
-    "n_gpu_layers": (_ngl, "auto", ("ngl",)),
-    "main_gpu": (_int, 0, ()),
-    "n_ctx": (_int, 4096, ("ctx_len", "context_length")),
-    "n_batch": (_int, 2048, ()),
-    "n_ubatch": (_int, 512, ()),
-    "n_seq_max": (_int, 1, ("n_parallel",)),
-    "threads": (_int, None, ("cpu_threads", "n_threads")),
-    "threads_batch": (_int, None, ()),
-    "cpus": (_cpus, None, ("cpu_mask",)),
-    "cpu_strict": (_bool, False, ()),
-    "priority": (_priority, "normal", ("prio",)),
-    "poll": (_int, 50, ()),
-    "flash_attn": (_flash, "auto", ()),
-    "type_k": (_cache_type, "f16", ("cache_type_k",)),
-    "type_v": (_cache_type, "f16", ("cache_type_v",)),
-    "kv_offload": (_bool, True, ()),
-    "use_mmap": (_bool, True, ("mmap",)),
-    "use_mlock": (_bool, False, ("mlock",)),
-    "rpc": (_endpoints, None, ("rpc_servers",)),
+def _devices(v: Any) -> list[int | str]:
+    """GPU/remote devices by ggml name or index; "none" (llama.cpp's --device none): no device."""
+    items = _list(v)
+    if items == ["none"]:
+        return []
+    out: list[int | str] = []
+    for x in items:
+        if isinstance(x, int) and not isinstance(x, bool) or isinstance(x, str) and x.isdigit():
+            out.append(int(x))
+        elif isinstance(x, str) and x:
+            out.append(x)
+        else:
+            raise ValueError(f"expected device names or indexes, got {v!r}")
+    return out
+
+
+def _tensor_split(v: Any) -> list[float]:
+    values = [_float(x) for x in _list(v)]
+    if not values or any(x < 0 for x in values) or not any(values):
+        raise ValueError(f"expected shares >= 0 per device, not all zero, got {v!r}")
+    return values
+
+
+def _mib_list(v: Any) -> int | list[int]:
+    """fit_target: MiB, one for every device or one per device; in bytes."""
+    values = [_ranged(_int, 0, what="MiB")(x) for x in _list(v)]
+    if not values:
+        raise ValueError(f"expected MiB per device, got {v!r}")
+    return values[0] * 2**20 if len(values) == 1 else [x * 2**20 for x in values]
+
+
+def _seed(v: Any) -> int | None:
+    n = _int(v)
+    if n == -1 or n == UINT32_MAX:  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per run
+        return None
+    if not 0 <= n < UINT32_MAX:
+        raise ValueError(f"expected -1 (random) or an int in [0, {UINT32_MAX}), got {v!r}")
+    return n
+
+
+def _max_tokens(v: Any) -> int | None:
+    n = _int(v)
+    if n == -1:  # llama.cpp's n_predict -1: until the end of generation or of the context
+        return INT32_MAX
+    if not 0 <= n <= INT32_MAX:
+        raise ValueError(f"expected -1 (no limit) or an int >= 0, got {v!r}")
+    return n
+
+
+def _stop(v: Any) -> list[str]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ValueError(f"expected a string or a list of strings, got {v!r}")
+    return [s for s in items if s]
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Spec:
+    parse: Callable[[Any], Any]
+    default: Any
+    aliases: tuple[str, ...] = ()
+
+
+_count = _ranged(_int, 1, INT32_MAX, "a count")
+_prob = _ranged(_float, 0.0, 1.0, "a probability")
+_nonneg = _ranged(_float, 0.0, None, "a number")
+
+# lamina name -> how to read it, its default, and the keys other tools (Jan, Cortex, llama.cpp) use
+SETTINGS: dict[str, Spec] = {
+    # the model and where it goes
+    "model": Spec(_path, None, ("model_path", "llama_model_path", "files", "path")),
+    "gpu": Spec(_bool, True),
+    "n_gpu_layers": Spec(_ngl, "auto", ("ngl", "gpu_layers")),
+    "main_gpu": Spec(_ranged(_int, 0, INT32_MAX, "a device index"), 0),
+    "split_mode": Spec(_choice("none", "layer", "row", "tensor"), "layer", ("sm",)),
+    "tensor_split": Spec(_tensor_split, None, ("ts",)),
+    "devices": Spec(_devices, None, ("device", "dev")),
+    "rpc": Spec(_endpoints, None, ("rpc_servers",)),
+    "fit": Spec(_bool, True),
+    "fit_target": Spec(_mib_list, 1024 * 2**20),
+    "fit_ctx": Spec(_ranged(_int, 0, INT32_MAX, "tokens"), 4096),
+    "use_mmap": Spec(_bool, True, ("mmap",)),
+    "use_mlock": Spec(_bool, False, ("mlock",)),
+    # the context
+    "n_ctx": Spec(_ranged(_int, 0, UINT32_MAX, "tokens"), 4096, ("ctx_len", "context_length", "ctx_size")),
+    "n_batch": Spec(_ranged(_int, 1, UINT32_MAX, "tokens"), 2048, ("batch_size",)),
+    "n_ubatch": Spec(_ranged(_int, 1, UINT32_MAX, "tokens"), 512, ("ubatch_size",)),
+    "n_seq_max": Spec(_ranged(_int, 1, 256, "sequences"), 1, ("n_parallel", "parallel")),
+    "flash_attn": Spec(_flash, "auto", ("flash_attention",)),
+    "type_k": Spec(_choice(*KV_TYPES), "f16", ("cache_type_k",)),
+    "type_v": Spec(_choice(*KV_TYPES), "f16", ("cache_type_v",)),
+    "kv_offload": Spec(_bool, True),
+    "rope_scaling": Spec(_choice("none", "linear", "yarn", "longrope"), None, ("rope_scaling_type",)),
+    "rope_freq_base": Spec(_nonneg, 0.0),
+    "rope_freq_scale": Spec(_nonneg, 0.0),
+    # threads
+    "threads": Spec(_count, None, ("cpu_threads", "n_threads")),
+    "threads_batch": Spec(_count, None, ("n_threads_batch",)),
+    "cpus": Spec(_cpus, None, ("cpu_mask",)),
+    "cpu_strict": Spec(_bool, False),
+    "priority": Spec(_choice(*PRIORITIES), "normal", ("prio",)),
+    "poll": Spec(_ranged(_int, 0, 100, "a percentage"), 50),
+    # generation (defaults: llama.cpp's CLI)
+    "max_tokens": Spec(_max_tokens, None, ("n_predict",)),
+    "stop": Spec(_stop, None),
+    "ignore_eos": Spec(_bool, False),
+    "ctx_shift": Spec(_bool, False, ("context_shift",)),
+    "n_keep": Spec(_ranged(_int, 0, INT32_MAX, "tokens"), 0, ("keep",)),
+    # sampling (defaults: llama.cpp's CLI; Sampler() itself defaults to greedy)
+    "temperature": Spec(_nonneg, 0.8, ("temp",)),
+    "top_k": Spec(_ranged(_int, 0, INT32_MAX, "a count"), 40),
+    "top_p": Spec(_prob, 0.95),
+    "min_p": Spec(_prob, 0.05),
+    "typical_p": Spec(_prob, 1.0, ("typ_p", "typical")),
+    "top_n_sigma": Spec(_float, -1.0),
+    "repeat_penalty": Spec(_ranged(_float, 1e-9, None, "a factor"), 1.0),
+    "repeat_last_n": Spec(_ranged(_int, -1, INT32_MAX, "tokens"), 64, ("penalty_last_n",)),
+    "frequency_penalty": Spec(_float, 0.0),
+    "presence_penalty": Spec(_float, 0.0),
+    "dry_multiplier": Spec(_nonneg, 0.0),
+    "dry_base": Spec(_ranged(_float, 1.0, None, "a base"), 1.75),
+    "dry_allowed_length": Spec(_ranged(_int, 0, INT32_MAX, "tokens"), 2),
+    "dry_penalty_last_n": Spec(_ranged(_int, -1, INT32_MAX, "tokens"), -1),
+    "xtc_probability": Spec(_prob, 0.0),
+    "xtc_threshold": Spec(_prob, 0.1),
+    "dynatemp_range": Spec(_nonneg, 0.0),
+    "dynatemp_exponent": Spec(_ranged(_float, 1e-9, None, "an exponent"), 1.0),
+    "mirostat": Spec(_ranged(_int, 0, 2, "a version"), 0),
+    "mirostat_tau": Spec(_ranged(_float, 1e-9, None, "a target entropy"), 5.0, ("mirostat_ent",)),
+    "mirostat_eta": Spec(_ranged(_float, 1e-9, None, "a learning rate"), 0.1, ("mirostat_lr",)),
+    "min_keep": Spec(_ranged(_int, 0, INT32_MAX, "a count"), 0),
+    "seed": Spec(_seed, None),
+    "grammar": Spec(_text, None),
+    "grammar_file": Spec(_path, None),
+    "json_schema": Spec(lambda v: v if isinstance(v, dict) else json.loads(_text(v)), None),
+    "json_schema_file": Spec(_path, None),
 }
-# model.yml keys that set two settings at once
+# model.yml keys that set two settings at once, and booleans named the other way round
 COMBINED = {"cache_type": ("type_k", "type_v")}
-# model.yml keys of other tools that describe the model but configure nothing here
+NEGATED = {"no_kv_offload": "kv_offload", "no_mmap": "use_mmap", "no_context_shift": "ctx_shift"}
+# keys of other tools that describe the model, or run its server: they configure nothing here
 IGNORED = {"id", "name", "version", "engine", "object", "owned_by", "created", "size", "stream", "prompt_template",
-           "system_template", "user_template", "ai_template", "description", "tags", "stop", "max_tokens",
-           "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty", "seed"}
+           "system_template", "user_template", "ai_template", "description", "tags", "model_type", "author",
+           "os", "gpu_arch", "quantization_method", "metadata", "sources", "settings", "parameters", "format"}
+# keys other tools act on that lamina does not: a warning says why
+UNSUPPORTED = {
+    "mmproj": "multimodal projectors are not supported by lamina yet",
+    "tfs_z": "tail-free sampling was removed from llama.cpp",
+    "penalize_nl": "llama.cpp removed penalize_nl; the penalties apply to every token",
+    "n_probs": "token probabilities are a server response field; use ctx.logits",
+    "caching_enabled": "lamina always reuses the cached prompt prefix",
+    "embedding": "use Model.embed()",
+    "cont_batching": "continuous batching is not in lamina yet",
+}
 ENV_PREFIX = "LAMINA_"
+PATH_SETTINGS = ("model", "grammar_file", "json_schema_file")
 
 
 @dataclass(frozen=True)
 class Setting:
     value: Any
-    source: str  # "default", "model.yml (path)", "env LAMINA_X", "argument"
+    source: str  # "default", "path:line", "env LAMINA_X", "argument"
+
+
+def _err(source: str, name: str, why: str) -> str:
+    """An error message that starts with where the value came from: path:line, env X or argument."""
+    return f"{name} ({source}): {why}" if source == "argument" or source.startswith("env ") else \
+        f"{source}: {name}: {why}"
 
 
 @dataclass(frozen=True)
@@ -144,8 +325,11 @@ class Config:
 
     settings: dict[str, Setting]
     path: Path | None = None
-    unknown: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # "path:line: unknown key 'x' (did you mean 'y'?)"
     ignored: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    gpu_off: str = ""  # why no layer can go to a device with these settings on this machine ("" if one can)
+    _inert: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> Any:
         return self.settings[name].value
@@ -153,21 +337,38 @@ class Config:
     def source(self, name: str) -> str:
         return self.settings[name].source
 
+    def is_set(self, name: str) -> bool:
+        return self.settings[name].source != "default"
+
     @property
     def inert(self) -> list[str]:
-        """Settings that have no effect with the other values, and why."""
-        out = []
-        if not self["gpu"]:
-            for name in ("n_gpu_layers", "main_gpu", "kv_offload", "rpc"):
-                if self.source(name) != "default":
-                    out.append(f"{name}={self[name]!r} ({self.source(name)}) is inert: gpu is off "
-                               f"({self.source('gpu')})")
-        return out
+        """Settings that have no effect with the other values (or on this machine), and why."""
+        return list(self._inert.values())
 
+    def note_inert(self, name: str, why: str, stacklevel: int = 3) -> None:
+        """Record ``name`` as inert and warn (InertSettingWarning), once per loaded config."""
+        if name in self._inert:
+            return
+        msg = f"{name}={self[name]!r} ({self.source(name)}) is inert: {why}"
+        self._inert[name] = msg
+        warnings.warn(msg, InertSettingWarning, stacklevel=stacklevel)
+
+    # -- what the settings configure ---------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
-        return dict(gpu=self["gpu"], n_gpu_layers=self["n_gpu_layers"], main_gpu=self["main_gpu"],
-                    n_ctx=self["n_ctx"], kv=self.kv(), use_mmap=self["use_mmap"], use_mlock=self["use_mlock"],
-                    rpc=self["rpc"])
+        """Keyword arguments for lamina.Model (inert settings left out: they were reported)."""
+        kw: dict[str, Any] = dict(gpu=self["gpu"], n_ctx=self["n_ctx"], kv=self.kv(), use_mmap=self["use_mmap"],
+                                  use_mlock=self["use_mlock"], fit_ctx=self["fit_ctx"])
+        target = self["fit_target"]
+        kw["fit_margin"] = target
+        ngl = self["n_gpu_layers"]
+        if not self["fit"] and not self.is_set("n_gpu_layers") and not self.gpu_off:
+            ngl = "all"  # llama.cpp without --fit: every layer on the GPU
+        for name, value in (("n_gpu_layers", ngl), ("main_gpu", self["main_gpu"]), ("split_mode", self["split_mode"]),
+                            ("tensor_split", self["tensor_split"]), ("devices", self["devices"]),
+                            ("rpc", self["rpc"])):
+            if name not in self._inert:
+                kw[name] = value
+        return kw
 
     def kv(self) -> KV:
         return KV(type_k=self["type_k"], type_v=self["type_v"], offload=self["kv_offload"])
@@ -177,82 +378,248 @@ class Config:
                        priority=self["priority"], poll=self["poll"])
 
     def context_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for lamina.Context / Model.context."""
         return dict(n_ctx=self["n_ctx"], n_batch=self["n_batch"], n_ubatch=self["n_ubatch"],
-                    n_seq_max=self["n_seq_max"], threads=self.threads(), kv=self.kv(), flash_attn=self["flash_attn"])
+                    n_seq_max=self["n_seq_max"], threads=self.threads(), kv=self.kv(), flash_attn=self["flash_attn"],
+                    rope_scaling=self["rope_scaling"], rope_freq_base=self["rope_freq_base"],
+                    rope_freq_scale=self["rope_freq_scale"])
 
-    def __str__(self) -> str:
-        lines = [f"config{f' from {self.path}' if self.path else ''}:"]
+    def grammar(self) -> str | None:
+        """The GBNF grammar from grammar, grammar_file, json_schema or json_schema_file (one of them)."""
+        from . import _native
+
+        if self["grammar"] is not None:
+            return str(self["grammar"])
+        if self["grammar_file"] is not None:
+            return Path(self["grammar_file"]).read_text(encoding="utf-8")
+        schema = self["json_schema"]
+        if schema is None and self["json_schema_file"] is not None:
+            schema = json.loads(Path(self["json_schema_file"]).read_text(encoding="utf-8"))
+        return None if schema is None else str(_native.json_schema_to_grammar(json.dumps(schema)))
+
+    def sampler(self) -> Sampler:
+        """A lamina.Sampler with the file's sampling settings (llama.cpp's CLI defaults for the
+        rest: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). seed -1 or unset: a random seed,
+        drawn here (sampler.seed says which)."""
+        seed = self["seed"]
+        return Sampler(
+            temperature=self["temperature"], top_k=self["top_k"], top_p=self["top_p"], min_p=self["min_p"],
+            typical_p=self["typical_p"], top_n_sigma=self["top_n_sigma"], repeat_penalty=self["repeat_penalty"],
+            frequency_penalty=self["frequency_penalty"], presence_penalty=self["presence_penalty"],
+            penalty_last_n=self["repeat_last_n"], dry_multiplier=self["dry_multiplier"], dry_base=self["dry_base"],
+            dry_allowed_length=self["dry_allowed_length"], dry_penalty_last_n=self["dry_penalty_last_n"],
+            xtc_probability=self["xtc_probability"], xtc_threshold=self["xtc_threshold"],
+            dynatemp_range=self["dynatemp_range"], dynatemp_exponent=self["dynatemp_exponent"],
+            mirostat=self["mirostat"], mirostat_tau=self["mirostat_tau"], mirostat_eta=self["mirostat_eta"],
+            min_keep=self["min_keep"], grammar=self.grammar(),
+            seed=random.randrange(UINT32_MAX) if seed is None else seed)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for Context.generate/chat: sampler, stop, ignore_eos, context_full and
+        n_keep, and max_tokens when the file sets it."""
+        kw: dict[str, Any] = dict(sampler=self.sampler(), stop=self["stop"] or (), ignore_eos=self["ignore_eos"],
+                                  context_full="shift" if self["ctx_shift"] else "stop", n_keep=self["n_keep"])
+        if self["max_tokens"] is not None:
+            kw["max_tokens"] = self["max_tokens"]
+        return kw
+
+    # -- checks that need the model or a context --------------------------------------------
+    def check_model(self, model: "Model") -> None:
+        """Inert settings that depend on the loaded model (called by Model.from_config)."""
+        ngl = self["n_gpu_layers"]
+        if self.is_set("n_gpu_layers") and isinstance(ngl, int) and model.offload.gpu and ngl > model.info.n_layer + 1:
+            self.note_inert("n_gpu_layers", f"the model has {model.info.n_layer} layers (+1 output): "
+                            f"{model.info.n_layer + 1} are offloaded", stacklevel=4)
+
+    def check_context(self, ctx: "Context") -> None:
+        """Inert settings that depend on a context (called when a context of a configured model opens)."""
+        if self["ctx_shift"] and not ctx.kv.can_shift:
+            self.note_inert("ctx_shift", f"{ctx.model.info.arch}'s KV cache cannot shift positions: a full "
+                            "context ends the generation", stacklevel=5)
+
+    # -- reports -------------------------------------------------------------------------
+    def explain(self) -> str:
+        """Every effective value with its source, then inert, unknown, unsupported and ignored keys."""
+        lines = [f"config{f' from {self.path}' if self.path else ''} (defaults < model.yml < LAMINA_* env < arguments):"]
+        width = max(len(n) for n in self.settings)
         for name, s in self.settings.items():
-            lines.append(f"  {name:14} {s.value!r:24} {s.source}")
+            value = "(random)" if name == "seed" and s.value is None else \
+                "(none)" if s.value is None else s.value
+            text = value if isinstance(value, str) else repr(value)
+            if name in ("grammar", "json_schema") and len(text) > 40:
+                text = text[:37] + "..."
+            lines.append(f"  {name:{width}} {text:40} {s.source}")
         lines += [f"  inert: {r}" for r in self.inert]
+        lines += [f"  unknown: {u}" for u in self.unknown]
+        lines += [f"  unsupported: {u}" for u in self.unsupported]
         if self.ignored:
-            lines.append(f"  ignored (not lamina settings): {', '.join(self.ignored)}")
-        if self.unknown:
-            lines.append(f"  unknown keys: {', '.join(self.unknown)}")
+            lines.append(f"  ignored (describe the model, configure nothing here): {', '.join(self.ignored)}")
         return "\n".join(lines)
+
+    __str__ = explain
 
 
 def _alias_table() -> dict[str, str]:
     table = {}
-    for name, (_, _, aliases) in SETTINGS.items():
+    for name, spec in SETTINGS.items():
         table[name] = name
-        for a in aliases:
+        for a in spec.aliases:
             table[a] = name
     return table
+
+
+def _read_yaml(file: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The top-level mapping of a YAML file and the line of each key, from PyYAML's node marks."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}, {}
+        if not isinstance(node, yaml.MappingNode):
+            raise ValueError(f"{file}:{node.start_mark.line + 1}: expected a mapping of settings (key: value), "
+                             f"got {node.tag.rsplit(':', 1)[-1]}")
+        data: dict[str, Any] = {}
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(loader.construct_object(key_node, deep=True))
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ValueError(f"{file}:{line}: {key} is given twice (first on line {lines[key]})")
+            data[key] = loader.construct_object(value_node, deep=True)
+            lines[key] = line
+        return data, lines
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+        raise ValueError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{file}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        close = [k for k in known if (len(key) > 3 and key in k) or (len(k) > 3 and k in key)][:1]
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
                 strict: bool = False, **overrides: Any) -> Config:
     """Settings from ``path`` (a model.yml), then LAMINA_* variables of ``env`` (default
-    os.environ), then ``overrides`` (lamina names). Bad values raise ValueError naming the key and
-    where it came from; unknown keys are listed in Config.unknown (strict=True: ValueError)."""
+    os.environ), then ``overrides`` (lamina names). Bad values raise ValueError naming
+    ``path:line`` (or the variable, or the argument); a model, grammar or schema file named
+    relative to the model.yml is found next to it, and one that does not exist raises
+    FileNotFoundError with ``path:line``. Unknown keys warn (lamina.ConfigWarning) with a
+    suggestion; strict=True raises ValueError instead. Inert settings warn
+    (lamina.InertSettingWarning), each once."""
     env = os.environ if env is None else env
-    values: dict[str, Setting] = {name: Setting(default, "default") for name, (_, default, _) in SETTINGS.items()}
+    values: dict[str, Setting] = {name: Setting(spec.default, "default") for name, spec in SETTINGS.items()}
     aliases = _alias_table()
 
-    def put(name: str, raw: Any, source: str) -> None:
-        parse = SETTINGS[name][0]
+    def put(name: str, raw: Any, source: str, negate: bool = False) -> None:
         try:
-            value = None if raw is None else parse(raw)
-        except ValueError as exc:
-            raise ValueError(f"{name} ({source}): {exc}") from None
-        values[name] = Setting(value, source)
+            value = None if raw is None else SETTINGS[name].parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(_err(source, name, str(exc))) from None
+        values[name] = Setting(not value if negate else value, source)
 
     unknown: list[str] = []
     ignored: list[str] = []
+    unsupported: list[str] = []
     file = Path(path) if path is not None else None
     if file is not None:
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{file}: not valid YAML: {exc}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{file}: expected a mapping of settings, got {type(data).__name__}")
-        source = f"model.yml ({file})"
+        data, lines = _read_yaml(file)
+        known = sorted(set(aliases) | set(COMBINED) | set(NEGATED) | IGNORED | set(UNSUPPORTED))
         for key, raw in data.items():
-            key = str(key)
+            source = f"{file}:{lines[key]}"
             if key in COMBINED:
                 for name in COMBINED[key]:
                     put(name, raw, source)
+            elif key in NEGATED:
+                put(NEGATED[key], raw, source, negate=True)
             elif key in aliases:
                 put(aliases[key], raw, source)
             elif key in IGNORED:
                 ignored.append(key)
+            elif key in UNSUPPORTED:
+                unsupported.append(f"{source}: {key}: {UNSUPPORTED[key]}")
             else:
-                unknown.append(key)
-        model = values["model"]
-        if model.value is not None and not Path(model.value).is_absolute():
-            values["model"] = Setting(str(file.parent / model.value), model.source)  # relative to the file
+                unknown.append(f"{source}: unknown key {key!r}{_suggest(key, known)}")
+        for name in PATH_SETTINGS:  # relative to the file's folder, and there
+            s = values[name]
+            if s.value is None or s.source == "default":
+                continue
+            p = Path(s.value).expanduser()
+            p = p if p.is_absolute() else file.parent / p
+            if not p.exists():
+                raise FileNotFoundError(f"{s.source}: {name}: {s.value!r} does not exist"
+                                        + ("" if Path(s.value).is_absolute() else f" (looked in {file.parent})"))
+            values[name] = Setting(str(p), s.source)
     for name in SETTINGS:
         var = ENV_PREFIX + name.upper()
         if var in env:
             put(name, env[var], f"env {var}")
     for name, raw in overrides.items():
         if name not in SETTINGS:
-            raise TypeError(f"load_config() got an unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+            raise TypeError(f"load_config() got an unknown setting {name!r}{_suggest(name, list(SETTINGS))}")
         put(name, raw, "argument")
-    if strict and unknown:
-        raise ValueError(f"{file}: unknown keys {unknown}")
-    return Config(settings=values, path=file, unknown=unknown, ignored=ignored)
+    grammars = [n for n in ("grammar", "grammar_file", "json_schema", "json_schema_file") if values[n].value is not None]
+    if len(grammars) > 1:
+        raise ValueError(f"give one of grammar, grammar_file, json_schema, json_schema_file; got "
+                         + ", ".join(f"{n} ({values[n].source})" for n in grammars))
+    if strict and (unknown or unsupported):
+        raise ValueError("; ".join(unknown + unsupported))
+    for msg in unknown + unsupported:
+        warnings.warn(msg, ConfigWarning, stacklevel=2)
+    cfg = Config(settings=values, path=file, unknown=unknown, ignored=ignored, unsupported=unsupported,
+                 gpu_off=_gpu_off(values))
+    _check_inert(cfg)
+    return cfg
+
+
+def _gpu_off(values: dict[str, Setting]) -> str:
+    from .system import gpu_absent_reason
+
+    if not values["gpu"].value:
+        return f"gpu is off ({values['gpu'].source})"
+    if values["devices"].value == []:
+        return f"devices=none ({values['devices'].source}): no device is chosen"
+    if values["rpc"].value:
+        return ""  # the servers' devices take layers
+    why = gpu_absent_reason()
+    return f"no GPU: {why}" if why else ""
+
+
+def _check_inert(cfg: Config) -> None:
+    """Settings that cannot take effect with the others or on this machine (warned once each)."""
+    from .system import allowed_cpus, devices
+
+    gpu_settings = ("n_gpu_layers", "main_gpu", "tensor_split", "split_mode", "devices")
+    why = cfg.gpu_off
+    if why:
+        for name in gpu_settings + ("rpc",):
+            if cfg.is_set(name) and not (name == "devices" and cfg[name] == []):
+                cfg.note_inert(name, why, stacklevel=4)
+        if cfg.is_set("kv_offload") and not cfg["kv_offload"]:
+            cfg.note_inert("kv_offload", f"{why}: the KV cache is in host memory anyway", stacklevel=4)
+    elif cfg.is_set("main_gpu") and cfg["split_mode"] != "none" and not cfg["rpc"] and cfg["devices"] is None:
+        gpus = [d for d in devices(memory=False) if d.kind in ("gpu", "igpu")]
+        if len(gpus) == 1:
+            cfg.note_inert("main_gpu", f"there is one GPU ({gpus[0].name})", stacklevel=4)
+    cpus = len(allowed_cpus())
+    for name in ("threads", "threads_batch"):
+        if cfg.is_set(name) and cfg[name] > cpus:
+            cfg.note_inert(name, f"this process may use {cpus} CPUs: threads beyond them share CPUs and slow "
+                           "each other down", stacklevel=4)
+    if cfg["flash_attn"] is False and KV(type_v=cfg["type_v"]).quantized_v:
+        cfg.note_inert("type_v", "a quantized V cache needs flash attention (flash_attn is off, "
+                       f"{cfg.source('flash_attn')}): the V cache stays f16", stacklevel=4)
+        cfg.settings["type_v"] = Setting("f16", f"{cfg.source('type_v')}, inert: f16")
+    if cfg.is_set("n_keep") and not cfg["ctx_shift"]:
+        cfg.note_inert("n_keep", "it applies when the context shifts (ctx_shift is off)", stacklevel=4)

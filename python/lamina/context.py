@@ -203,9 +203,13 @@ def _as_threads(threads: int | Threads | None) -> Threads:
     raise TypeError(f"threads must be an int or lamina.Threads, got {threads!r}")
 
 
+_ROPE_SCALING = {None: -1, "none": 0, "linear": 1, "yarn": 2, "longrope": 3}
+
+
 def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv: KV,
                      flash_attn: bool | Literal["auto"], on_gpu: bool, *, embeddings: bool = False,
-                     pooling: str | None = None) -> tuple[Any, ...]:
+                     pooling: str | None = None, rope_scaling: str | None = None, rope_freq_base: float = 0.0,
+                     rope_freq_scale: float = 0.0) -> tuple[Any, ...]:
     """Validated native context settings (see lamina.h: context_args)."""
     for name, value, lo in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1),
                             ("n_seq_max", n_seq_max, 1)):
@@ -218,9 +222,15 @@ def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv
         raise TypeError(f"kv must be a lamina.KV, got {kv!r}")
     if kv.quantized_v and flash_attn is False:
         raise ValueError(f"a quantized V cache ({kv.type_v}) needs flash attention: use flash_attn='auto' or True")
+    if rope_scaling not in _ROPE_SCALING:
+        raise ValueError(f"rope_scaling must be None (the model's), 'none', 'linear', 'yarn' or 'longrope', "
+                         f"got {rope_scaling!r}")
+    for rope_name, rope_value in (("rope_freq_base", rope_freq_base), ("rope_freq_scale", rope_freq_scale)):
+        if isinstance(rope_value, bool) or not isinstance(rope_value, (int, float)) or not 0 <= rope_value < 1e30:
+            raise ValueError(f"{rope_name} must be a number >= 0 (0: the model's), got {rope_value!r}")
     return (n_ctx, n_batch, n_ubatch, n_seq_max, _FLASH[flash_attn], _native.ggml_type_from_name(kv.type_k),
             _native.ggml_type_from_name(kv.type_v), kv.offload and on_gpu, on_gpu, embeddings, kv.swa_full,
-            kv.unified, POOLING[pooling])
+            kv.unified, POOLING[pooling], _ROPE_SCALING[rope_scaling], float(rope_freq_base), float(rope_freq_scale))
 
 
 def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max: int,
@@ -253,39 +263,63 @@ def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max
 
 
 class Context:
-    """A llama.cpp context: KV cache, batch decoding and generation. Use Model.context()."""
+    """A llama.cpp context: KV cache, batch decoding and generation.
+
+    ``Context(model, ...)`` and ``model.context(...)`` are the same call. An argument given wins
+    (even one equal to the default); then, for a model loaded from a config, the config's value;
+    then the defaults: n_ctx the model's planned n_ctx (Model(n_ctx=...), 4096), kv the model's
+    KV, n_batch 2048, n_ubatch 512, n_seq_max 1, threads lamina.Threads() (physical cores),
+    flash_attn "auto", rope from the model's metadata (rope_scaling None, frequencies 0).
+    """
+
+    DEFAULTS: dict[str, Any] = {"n_batch": 2048, "n_ubatch": 512, "n_seq_max": 1, "threads": None,
+                                "flash_attn": "auto", "rope_scaling": None, "rope_freq_base": 0.0,
+                                "rope_freq_scale": 0.0}
 
     def __init__(
         self,
         model: "Model",
         *,
-        n_ctx: int = 4096,
-        n_batch: int = 2048,
-        n_ubatch: int = 512,
-        n_seq_max: int = 1,
+        n_ctx: int | None = None,
+        n_batch: int | None = None,
+        n_ubatch: int | None = None,
+        n_seq_max: int | None = None,
         threads: int | Threads | None = None,
         kv: KV | None = None,
-        flash_attn: bool | Literal["auto"] = "auto",
+        flash_attn: bool | Literal["auto"] | None = None,
         embeddings: bool = False,
         pooling: Literal["none", "mean", "cls", "last"] | None = None,
+        rope_scaling: Literal["none", "linear", "yarn", "longrope"] | None = None,
+        rope_freq_base: float | None = None,
+        rope_freq_scale: float | None = None,
     ) -> None:
         self._native: _native.Context | None = None
         if pooling not in POOLING:
             raise ValueError(f"pooling must be None (the model's), 'none', 'mean', 'cls' or 'last', got {pooling!r}")
-        self.threads_config = _as_threads(threads)
+        given: dict[str, Any] = {"n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": n_seq_max, "threads": threads,
+                 "flash_attn": flash_attn, "rope_scaling": rope_scaling, "rope_freq_base": rope_freq_base,
+                 "rope_freq_scale": rope_freq_scale}
+        cfg: dict[str, Any] = model.config.context_kwargs() if model.config is not None else {}
+        o: dict[str, Any] = {k: v if v is not None else cfg.get(k, self.DEFAULTS[k]) for k, v in given.items()}
+        n_ctx = model.n_ctx if n_ctx is None else n_ctx
+        kv = kv or model.kv
+        self.threads_config = _as_threads(o["threads"])
         self.threads = self.threads_config.resolve()
-        kv = kv or KV()
         self.model = model
-        settings = context_settings(n_ctx, n_batch, n_ubatch, n_seq_max, kv, flash_attn, model.offload.gpu,
-                                    embeddings=embeddings, pooling=pooling)
+        settings = context_settings(n_ctx, o["n_batch"], o["n_ubatch"], o["n_seq_max"], kv, o["flash_attn"],
+                                    model.offload.gpu, embeddings=embeddings, pooling=pooling,
+                                    rope_scaling=o["rope_scaling"], rope_freq_base=o["rope_freq_base"],
+                                    rope_freq_scale=o["rope_freq_scale"])
         if model.offload.gpu:
             model.check_kv_tensors(n_ctx, kv)
         if n_ctx == 0:
-            _check_memory(model, kv, n_batch, n_ubatch, n_seq_max, flash_attn)
+            _check_memory(model, kv, o["n_batch"], o["n_ubatch"], o["n_seq_max"], o["flash_attn"])
         _core.sync_log_level()
         self._native = _native.Context(model.native, settings, *self.threads_config.pools())
         self.params = self._native.params()
         self.n_ctx = int(self.params["n_ctx"])
+        if model.config is not None:
+            model.config.check_context(self)
 
     # -- lifetime ------------------------------------------------------------------------
     @property

@@ -4,8 +4,12 @@ from ._native import (BusyError, ClosedError, DecodeError, ForkError, LaminaErro
                       OutOfMemoryError)
 
 __all__ = ["LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError",
-           "ModelFormatError", "InertSettingWarning"]
+           "ModelFormatError", "InertSettingWarning", "ConfigWarning"]
 
 
 class InertSettingWarning(UserWarning):
     """A setting given explicitly that cannot take effect (n_gpu_layers with no GPU to offload to)."""
+
+
+class ConfigWarning(UserWarning):
+    """A model.yml key lamina does not know (with a suggestion), or one it knows but cannot act on."""

@@ -107,8 +107,10 @@ class Model:
         tensor_overrides: [(regex, device)]: tensors whose name matches go to that device name or
             index, or "cpu" (e.g. ("ffn_.*_exps", "cpu") keeps MoE experts on the CPU).
         n_ctx, kv: the context you plan to use, for "auto" and for the per-device report; n_ctx=0
-            lets "auto" pick the largest context (>= 4096 tokens) that fits.
+            lets "auto" pick the largest context (>= fit_ctx tokens) that fits.
         memory_limit: {device: bytes} the most "auto" may use on a device.
+        fit_margin: bytes "auto" leaves free on each device (one value, or one per device);
+            fit_ctx: the smallest context "auto" may choose when n_ctx=0 (llama.cpp's --fit-ctx).
         use_mmap, use_mlock: as llama.cpp.
         progress: called with a float in [0, 1] while loading; return False to cancel.
     """
@@ -127,7 +129,8 @@ class Model:
         n_ctx: int = 4096,
         kv: "KV | None" = None,
         memory_limit: Mapping[int | str | Device, int] | None = None,
-        fit_margin: int = 1024 * MiB,
+        fit_margin: int | Sequence[int] = 1024 * MiB,
+        fit_ctx: int = 4096,
         use_mmap: bool = True,
         use_mlock: bool = False,
         progress: Callable[[float], bool | None] | None = None,
@@ -148,8 +151,12 @@ class Model:
             raise ValueError(f"n_gpu_layers must be >= 0 (or 'all'), got {n_gpu_layers}")
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 0:
             raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
-        if not isinstance(fit_margin, int) or fit_margin < 0:
-            raise ValueError(f"fit_margin must be bytes >= 0, got {fit_margin!r}")
+        margins_given = [fit_margin] if isinstance(fit_margin, int) else list(fit_margin)
+        if not margins_given or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
+                                        for m in margins_given):
+            raise ValueError(f"fit_margin must be bytes >= 0 (one value, or one per device), got {fit_margin!r}")
+        if not isinstance(fit_ctx, int) or isinstance(fit_ctx, bool) or fit_ctx < 0:
+            raise ValueError(f"fit_ctx must be an int >= 0, got {fit_ctx!r}")
         self.path = Path(path)
         self.gpu_requested = gpu
         self.config: "Config | None" = None
@@ -169,7 +176,8 @@ class Model:
                 raise ValueError(f"devices lists a device twice: {list(devices)!r}")
 
         reasons: list[str] = []
-        no_gpu = "gpu=False" if not gpu else "" if gpu_devices else gpu_absent_reason()
+        no_gpu = "gpu=False" if not gpu else "" if gpu_devices else \
+            "devices=[] chooses no device" if devices is not None else gpu_absent_reason()
         if no_gpu:
             reasons.append(f"{no_gpu}: everything stays on the CPU")
         use_gpu = not no_gpu
@@ -229,9 +237,11 @@ class Model:
             if refused:
                 raise kv_tensor_error(refused[0], n_ctx)
         if use_gpu and n_gpu_layers == "auto":
+            if len(margins_given) not in (1, len(gpu_devices)):
+                raise ValueError(f"fit_margin has {len(margins_given)} values for {len(gpu_devices)} devices")
             margins = [max(0, _native.device_memory(d.index)[0] - limits[d.index]) if d.index in limits
-                       else fit_margin for d in gpu_devices]
-            n_ctx_min = 4096 if n_ctx == 0 else n_ctx
+                       else margins_given[i if len(margins_given) > 1 else 0] for i, d in enumerate(gpu_devices)]
+            n_ctx_min = fit_ctx if n_ctx == 0 else n_ctx
             fit = _native.fit(os.fspath(self.path), placement, settings, margins, n_ctx_min)
             if fit["status"] == "fits":
                 ngl = int(fit["n_gpu_layers"])
@@ -290,6 +300,7 @@ class Model:
         kw.update(kwargs)
         model = cls(config["model"], **kw)
         model.config = config
+        config.check_model(model)
         if config.inert:
             model.offload = replace(model.offload, reasons=model.offload.reasons + config.inert)
         return model
@@ -430,19 +441,14 @@ class Model:
         kv: "KV | None" = None,
         flash_attn: bool | Literal["auto"] | None = None,
         embeddings: bool = False,
+        **kwargs: Any,
     ) -> "Context":
-        """Create a context (see lamina.Context). An argument given wins, even one equal to
-        lamina.Context's default; then, for a model from a config, the config's value; then
-        Context's defaults (n_batch 2048, n_ubatch 512, n_seq_max 1, flash_attn "auto"). n_ctx
-        defaults to the model's planned n_ctx."""
+        """A context of this model: lamina.Context(model, ...), whose docstring says how the
+        arguments default (an argument given wins, then the model's config, then the defaults)."""
         from .context import Context
 
-        cfg: dict[str, Any] = self.config.context_kwargs() if self.config is not None else {}
-        given = {"n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": n_seq_max, "threads": threads,
-                 "flash_attn": flash_attn}
-        kw: dict[str, Any] = {k: v if v is not None else cfg[k] for k, v in given.items() if v is not None or k in cfg}
-        return Context(self, n_ctx=self.n_ctx if n_ctx is None else n_ctx, kv=kv or self.kv, embeddings=embeddings,
-                       **kw)
+        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max, threads=threads,
+                       kv=kv, flash_attn=flash_attn, embeddings=embeddings, **kwargs)
 
     def __repr__(self) -> str:
         return f"<lamina.Model {self.info.desc!r} from {str(self.path)!r}>"

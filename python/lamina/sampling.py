@@ -15,8 +15,10 @@ class Sampler:
     """Sampling settings; the default (temperature 0) is greedy and deterministic.
 
     Chain order: grammar, logit_bias, penalties, DRY, top-n-sigma, top-k, typical, top-p,
-    min-p, XTC, temperature, seeded draw. A fresh llama.cpp chain is built for every
-    generation, so a seeded sampler gives the same text for the same prompt and settings.
+    min-p, XTC, temperature (dynamic when dynatemp_range > 0), seeded draw. mirostat=1 or 2
+    replaces everything after the logit bias with temperature + mirostat (v1/v2), as llama.cpp
+    does. min_keep: the fewest candidates typical, top-p, min-p and XTC leave. A fresh
+    llama.cpp chain is built for every generation, so a seeded sampler gives the same text for the same prompt and settings.
     Greedy without penalties, bias or grammar takes an exact argmax fast path instead of
     the chain's vocab-sized candidate array.
     """
@@ -38,6 +40,12 @@ class Sampler:
     dry_sequence_breakers: Sequence[str] = ("\n", ":", '"', "*")
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    min_keep: int = 0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: str | None = None
     grammar_root: str = "root"
@@ -46,7 +54,7 @@ class Sampler:
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
-        for name in ("top_k", "penalty_last_n", "dry_allowed_length", "dry_penalty_last_n"):
+        for name in ("top_k", "penalty_last_n", "dry_allowed_length", "dry_penalty_last_n", "mirostat", "min_keep"):
             if not isinstance(getattr(self, name), int):
                 raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
         if isinstance(self.dry_sequence_breakers, str):
@@ -63,4 +71,6 @@ class Sampler:
             dry_allowed_length=self.dry_allowed_length, dry_penalty_last_n=self.dry_penalty_last_n,
             dry_sequence_breakers=list(self.dry_sequence_breakers), xtc_probability=self.xtc_probability,
             xtc_threshold=self.xtc_threshold, logit_bias={int(k): float(v) for k, v in self.logit_bias.items()},
-            grammar=self.grammar, grammar_root=self.grammar_root, seed=self.seed, n_ctx=n_ctx)
+            grammar=self.grammar, grammar_root=self.grammar_root, seed=self.seed, n_ctx=n_ctx,
+            dynatemp_range=self.dynatemp_range, dynatemp_exponent=self.dynatemp_exponent, mirostat=self.mirostat,
+            mirostat_tau=self.mirostat_tau, mirostat_eta=self.mirostat_eta, min_keep=self.min_keep)
