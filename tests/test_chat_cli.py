@@ -95,3 +95,53 @@ def test_bench_pairs_single_repetition_rounds() -> None:
     assert paired["paired_ratio_median"] == 1.0  # ratios 1.0, 2.0, 0.75
     assert paired["ratio"] == 2.0  # medians 20 / 10: what drift between rounds does to unpaired figures
     assert "paired_ratio_median" not in Result("pp512", 2, lamina=[1.0, 2.0], llama_bench=[1.0]).as_dict()
+
+
+def test_cli_run_samples_as_llama_cpp_does_and_temp_0_is_greedy(real_path: Path) -> None:
+    """lamina run defaults to llama.cpp's CLI sampling (temperature 0.8, top-k 40, top-p 0.95,
+    min-p 0.05); --temp 0 is greedy. The text must equal the API's with the same settings."""
+    model = lamina.Model(real_path, n_ctx=4096)
+    prompt = "The three primary colors are"
+    with model.context() as ctx:
+        sampled = ctx.complete(prompt, max_tokens=24, sampler=lamina.Sampler(
+            temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, seed=42)).text
+        greedy = ctx.complete(prompt, max_tokens=24).text
+    out = run_cli("run", prompt, "-m", str(real_path), "-n", "24", "--seed", "42")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == sampled + "\n" and "temperature 0.8, seed 42" in out.stderr
+    out = run_cli("run", prompt, "-m", str(real_path), "-n", "24", "--temp", "0")
+    assert out.returncode == 0 and out.stdout == greedy + "\n" and "greedy" in out.stderr
+    assert sampled != greedy
+    # unset seed: random per run, and printed so a run can be repeated
+    seeds = {run_cli("run", prompt, "-m", str(real_path), "-n", "2").stderr.split("seed ")[1].split(";")[0]
+             for _ in range(2)}
+    assert len(seeds) == 2
+
+
+def _run_in_pty(*args: str) -> bytes:
+    import os
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdin/stdout/stderr are the terminal
+        os.execv(sys.executable, [sys.executable, "-m", "lamina", *args])
+    out = b""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        out += data
+    os.waitpid(pid, 0)
+    os.close(fd)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_load_progress_bar_on_a_terminal_and_not_in_a_pipe(real_path: Path) -> None:
+    tty = _run_in_pty("info", "-m", str(real_path))
+    assert b"loading gemma-3-270m-q4_k_m.gguf [" in tty and b"100%" in tty and b"\x1b[K" in tty
+    piped = run_cli("info", "-m", str(real_path))
+    assert piped.returncode == 0 and "loading" not in piped.stderr and "[" not in piped.stderr

@@ -25,12 +25,14 @@ import json
 import os
 import platform
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import _native
 from ._core import PACKAGE_DIR
+from .errors import InertSettingWarning
 from .system import (MEMORY_FILESYSTEMS, NETWORK_FILESYSTEMS, cache_sizes, cgroup_levels, cgroup_memory_limit,
                      filesystem_of, gpu_absent_reason, memory_bandwidth, swap_memory, system_info)
 
@@ -537,7 +539,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .progress import load_bar
 
     # the MODEL argument wins over the config's model, as an explicit argument does everywhere
-    config = (load_config(args.config, **({"model": args.model} if args.model else {})) if args.config else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InertSettingWarning)
+        config = (load_config(args.config, **({"model": args.model} if args.model else {})) if args.config else None)
+    for w in caught:  # the report's traps cover a stale n_gpu_layers and too many threads; the rest go here
+        if not issubclass(w.category, InertSettingWarning) or \
+                not str(w.message).startswith(("n_gpu_layers=", "threads=", "threads_batch=")):
+            print(f"lamina doctor: {w.category.__name__}: {w.message}", file=sys.stderr)
     model = args.model or (config["model"] if config is not None else None)
     if args.plot and model is None:
         raise ValueError("--plot needs a model: lamina doctor MODEL --plot out.png")
