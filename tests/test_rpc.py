@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -106,6 +107,21 @@ def test_the_config_and_lamina_rpc_name_the_servers(tmp_path: Path, two_servers:
     assert cfg["rpc"] == two_servers and cfg.source("rpc") == "env LAMINA_RPC"
     with pytest.raises(ValueError, match="host:port"):
         lamina.load_config(yml, env={"LAMINA_RPC": "nohost"})
+
+
+def test_a_config_ngl_beyond_the_models_layers_is_inert_once(tmp_path: Path, two_servers: list[str]) -> None:
+    path = write_tiny_llama(tmp_path / "tiny.gguf")  # 2 layers + output
+    yml = tmp_path / "model.yml"
+    yml.write_text(f"model: {path}\nngl: 40\nrpc: [{two_servers[0]}]\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = lamina.load_config(yml, env={})
+        model = lamina.Model.from_config(cfg)
+        with model.context(n_ctx=256) as ctx:
+            ctx.complete("the sky is", max_tokens=4)
+    inert = [str(w.message) for w in caught if issubclass(w.category, lamina.InertSettingWarning)]
+    assert inert == [f"n_gpu_layers=40 ({yml}:2) is inert: the model has 2 layers (+1 output): 3 are offloaded"]
+    assert model.offload.layers_effective == 3 and cfg.inert == inert
 
 
 class FakeServer:
