@@ -289,3 +289,15 @@ def test_every_setting_has_a_default_its_parser_accepts() -> None:
     for name, spec in SETTINGS.items():
         if spec.default is not None and name != "fit_target":
             assert spec.parse(spec.default) == spec.default, name
+
+
+def test_the_readme_lists_every_setting_and_model_yml_key() -> None:
+    from lamina.config import COMBINED, NEGATED, UNSUPPORTED
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("| lamina name |"):]
+    table = table[:table.index("\n\n")]
+    names = set(SETTINGS) | {a for s in SETTINGS.values() for a in s.aliases} | set(COMBINED) | set(NEGATED)
+    missing = sorted(n for n in names if f"`{n}`" not in table)
+    assert not missing, f"README's model.yml table lacks {missing}"
+    assert all(f"`{k}`" in readme for k in UNSUPPORTED)
