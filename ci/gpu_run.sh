@@ -10,6 +10,8 @@
 #   sweep   CPU thread sweep (gpu=False) on the small model, lamina vs llama-bench
 #   cpuonly a CPU-only build of the same source: gpu=False in the CUDA build vs the CPU-only build
 #   test    the fast test suite (plain pytest, as a user runs it)
+#   doctor  lamina doctor (the machine, and advice for the 1B model), its JSON against the schema, and
+#           the config's inert settings on a GPU machine (gpu off, main_gpu with one GPU)
 #   matrix  ci/import_matrix.py: lamina next to numpy, torch, jax, cupy, ... in both orders
 #   diag    why the old build crashed: TLS segments, the old libllama-common after numpy, a TLS probe
 #   gpuoff  ci/gpu_off.py: a gpu=False process holds no GPU memory
@@ -109,6 +111,21 @@ for t in ('f16', 'q8_0', 'q4_0'):
     $py -X faulthandler -m pytest -q -m "not model" -p no:cacheprovider tests > "$OUT/tests.txt" 2>&1
     echo "pytest rc=$?"
     grep -E "passed|failed|Fatal|Segmentation|^FAILED|^ERROR" "$OUT/tests.txt" | tail -15 ;;
+  doctor)
+    (cd /tmp && $py -m lamina doctor) | tee "$OUT/doctor.txt"
+    (cd /tmp && CUDA_VISIBLE_DEVICES=0 $py -m lamina doctor /tmp/llama-1b.gguf --ctx 8192) | tee "$OUT/doctor_model.txt"
+    (cd /tmp && CUDA_VISIBLE_DEVICES=0 $py -m lamina doctor /tmp/llama-1b.gguf --json --bandwidth-seconds 0.5) > "$OUT/doctor.json"
+    $py - "$OUT/doctor.json" docs/doctor.schema.json <<'PY'
+import json, sys
+sys.path.insert(0, "tests")
+from test_doctor import validate
+validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2])))  # raises when invalid
+print("doctor --json vs schema: valid")
+PY
+    printf 'model: /tmp/llama-1b.gguf\nngl: 33\nmain_gpu: 1\n' > /tmp/g.yml
+    (cd /tmp && CUDA_VISIBLE_DEVICES=0 $py -m lamina config show /tmp/g.yml | grep -E "inert|n_gpu_layers|main_gpu ")
+    printf 'model: /tmp/llama-1b.gguf\nngl: 33\ngpu: false\n' > /tmp/off.yml
+    (cd /tmp && $py -W always -m lamina info --config /tmp/off.yml 2>&1 | grep -Ei "inert|gpu:|layers|CUDA") ;;
   matrix)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     $py -c "import torch, jax, cupy; print('torch', torch.__version__, torch.version.cuda, '| jax', jax.__version__, '| cupy', cupy.__version__)" 2>&1 | tail -1
