@@ -2,10 +2,13 @@
 // for `lamina doctor` (the token-generation ceiling is bandwidth / bytes read per token).
 #include "lamina.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <system_error>
 #include <thread>
 
 namespace lamina {
@@ -38,7 +41,7 @@ template <typename Pass>
 probe_result bandwidth_probe(size_t words, int n_threads, double seconds, Pass pass) {
     const size_t per = words / size_t(n_threads) / 8 * 8;  // whole groups of eight words
     std::atomic<int> ready{0};
-    std::atomic<bool> go{false};
+    std::atomic<bool> go{false}, cancel{false};
     std::vector<uint64_t> moved(size_t(n_threads), 0);
     std::vector<clock_type::time_point> ended(static_cast<size_t>(n_threads));
     clock_type::time_point start;
@@ -46,6 +49,7 @@ probe_result bandwidth_probe(size_t words, int n_threads, double seconds, Pass p
     auto worker = [&](int t) {
         ready.fetch_add(1);
         while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
+        if (cancel.load()) return;
         uint64_t bytes = 0;
         do {
             bytes += pass(t, size_t(t) * per, per);
@@ -55,7 +59,15 @@ probe_result bandwidth_probe(size_t words, int n_threads, double seconds, Pass p
     };
     std::vector<std::thread> pool;
     pool.reserve(size_t(n_threads));
-    for (int t = 0; t < n_threads; ++t) pool.emplace_back(worker, t);
+    try {
+        for (int t = 0; t < n_threads; ++t) pool.emplace_back(worker, t);
+    } catch (const std::system_error & e) {  // no thread left (ulimit, pids cgroup): stop those started
+        cancel.store(true);
+        go.store(true, std::memory_order_release);
+        for (auto & th : pool) th.join();
+        throw std::runtime_error("could not start " + std::to_string(n_threads) + " threads (" +
+                                 std::to_string(pool.size()) + " started): " + e.what());
+    }
     while (ready.load() < n_threads) std::this_thread::yield();
     start = clock_type::now();
     go.store(true, std::memory_order_release);

@@ -4,6 +4,7 @@
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "json-schema-to-grammar.h"
@@ -174,6 +175,27 @@ llama.cpp): grammar, logit bias, temperature, mirostat. temperature 0 ends with 
         "Sample from the context's last logits (use_chain forces llama.cpp's chain even for greedy).");
 
     m.def("json_schema_to_grammar", [](const std::string & schema) {
+        // llama.cpp's converter recurses once per nesting level: bound it before it can overflow the stack
+        constexpr int max_depth = 64;
+        int depth = 0, deepest = 0;
+        bool in_string = false, escaped = false;
+        for (char ch : schema) {
+            if (in_string) {
+                if (escaped) escaped = false;
+                else if (ch == '\\') escaped = true;
+                else if (ch == '"') in_string = false;
+            } else if (ch == '"') {
+                in_string = true;
+            } else if (ch == '{' || ch == '[') {
+                deepest = std::max(deepest, ++depth);
+                if (deepest > max_depth) {
+                    throw std::invalid_argument("the schema nests more than " + std::to_string(max_depth) +
+                                                " levels deep");
+                }
+            } else if (ch == '}' || ch == ']') {
+                --depth;
+            }
+        }
         common_json json;
         try {
             json = common_json::parse(schema);

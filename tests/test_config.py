@@ -94,13 +94,18 @@ def test_an_unknown_key_names_its_line_with_a_suggestion_and_strict_makes_it_an_
     ("gpu: maybe\n", r"model.yml:1: gpu: expected a boolean"),
     ("cache_type: q3\n", r"model.yml:1: type_k: expected one of"),
     ("\n\ntop_p: 1.5\n", r"model.yml:3: top_p: expected a probability in \[0.0, 1.0\]"),
-    ("cpu_threads: 0\n", r"model.yml:1: threads: expected a count"),
+    ("cpu_threads: -5\n", r"model.yml:1: threads: expected a thread count"),
+    ("mirostat: 3\n", r"model.yml:1: mirostat: expected 0 \(off\), 1 or 2"),
+    ("ngl: 1\0\n", r"model.yml: not valid YAML: .*#x0000"),
+    ("ngl: 3\nn_gpu_layers: 4\n", r"model.yml:2: n_gpu_layers sets n_gpu_layers, which ngl on line 1 sets already"),
+    ("override_tensor: 'ffn_(=CPU'\n", r"model.yml:1: tensor_overrides: 'ffn_\(' is not a regular expression"),
+    ("logit_bias: {x: 1}\n", r"model.yml:1: logit_bias: expected \{token: bias\}"),
     ("seed: -5\n", r"model.yml:1: seed: expected -1"),
     ("ctx_len: [1, 2]\n", r"model.yml:1: n_ctx: expected an integer"),
     ("- a\n- b\n", r"model.yml:1: expected a mapping of settings"),
     ("ngl: 3\nctx_len: [\n", r"model.yml:3:1: not valid YAML"),
     ("a: 1\n  b: 2\n", r"model.yml:2:4: not valid YAML"),
-    ("ngl: 3\nngl: 4\n", r"model.yml:2: ngl is given twice \(first on line 1\)"),
+    ("ngl: 3\nngl: 4\n", r"model.yml:2: ngl sets n_gpu_layers, which ngl on line 1 sets already"),
     ("grammar: 'root ::= \"a\"'\njson_schema: {type: integer}\n", "give one of grammar"),
 ])
 def test_bad_values_and_malformed_yaml_give_the_position(tmp_path: Path, text: str, match: str) -> None:
@@ -292,12 +297,94 @@ def test_every_setting_has_a_default_its_parser_accepts() -> None:
 
 
 def test_the_readme_lists_every_setting_and_model_yml_key() -> None:
-    from lamina.config import COMBINED, NEGATED, UNSUPPORTED
+    from lamina.config import COMBINED, NEGATED, TRANSFORMED, UNSUPPORTED
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     table = readme[readme.index("| lamina name |"):]
     table = table[:table.index("\n\n")]
-    names = set(SETTINGS) | {a for s in SETTINGS.values() for a in s.aliases} | set(COMBINED) | set(NEGATED)
+    names = set(SETTINGS) | {a for s in SETTINGS.values() for a in s.aliases} | set(COMBINED) | set(NEGATED) | set(TRANSFORMED)
     missing = sorted(n for n in names if f"`{n}`" not in table)
     assert not missing, f"README's model.yml table lacks {missing}"
     assert all(f"`{k}`" in readme for k in UNSUPPORTED)
+
+
+def test_cortex_and_jan_files_as_they_are_published(tmp_path: Path, tiny_path: Path) -> None:
+    """Cortex's model.yml (model: is its id, files: the path; mirostat: false, tfs_z: 1 ...) and
+    Jan's model.json layout (settings:/parameters: mappings) load without errors or noise."""
+    (tmp_path / "m.gguf").write_bytes(tiny_path.read_bytes())
+    cortex = write(tmp_path, "model: smollm2:135m\nname: SmolLM2\nversion: 1\nstop: []\nstream: true\ntop_p: 0.9\n"
+                             "temperature: 0.7\nfrequency_penalty: 0\npresence_penalty: 0\nmax_tokens: 4096\nseed: -1\n"
+                             "dynatemp_range: 0\ndynatemp_exponent: 1\ntop_k: 40\nmin_p: 0.05\ntfs_z: 1\ntyp_p: 1\n"
+                             "repeat_last_n: 64\nrepeat_penalty: 1\nmirostat: false\nmirostat_tau: 5\nmirostat_eta: 0.1\n"
+                             "penalize_nl: false\nignore_eos: false\nn_probs: 0\nmin_keep: 0\nengine: llama-cpp\n"
+                             "prompt_template: '{prompt}'\nctx_len: 512\nngl: 0\nfiles:\n  - m.gguf\nsize: 1\n",
+                   "cortex.yml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConfigWarning, no InertSettingWarning (ngl: 0 with no GPU is the fix)
+        cfg = lamina.load_config(cortex, env={})
+    assert cfg["model"] == str(tmp_path / "m.gguf") and "model" in cfg.ignored
+    assert (cfg["mirostat"], cfg["typical_p"], cfg["seed"], cfg["max_tokens"]) == (0, 1.0, None, 4096)
+    jan = write(tmp_path, json.dumps({"id": "m", "settings": {"ctx_len": 256, "ngl": 0, "llama_model_path": "m.gguf"},
+                                      "parameters": {"temperature": 0.3, "stop": ["<end>"], "max_tokens": 9}}),
+                "model.json")
+    cfg = quiet_load(jan, env={})
+    assert (cfg["n_ctx"], cfg["temperature"], cfg["stop"], cfg["max_tokens"]) == (256, 0.3, ["<end>"], 9)
+    assert cfg["model"] == str(tmp_path / "m.gguf") and cfg.source("temperature") == f"{jan}:1"
+    noisy = write(tmp_path, "tfs_z: 0.9\nmirostat: true\n", "noisy.yml")
+    with pytest.warns(lamina.ConfigWarning, match="noisy.yml:1: tfs_z: tail-free sampling was removed"):
+        assert lamina.load_config(noisy, env={})["mirostat"] == 1
+
+
+def test_defaults_written_out_and_ngl_0_are_not_inert(tmp_path: Path) -> None:
+    yml = write(tmp_path, "ngl: 0\nmain_gpu: 0\nsplit_mode: layer\ndevice: ''\nkv_offload: true\ngpu: false\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = lamina.load_config(yml, env={})
+    assert cfg["devices"] is None and cfg.inert == []
+
+
+def test_threads_beyond_the_cpus_are_inert_and_not_used(tmp_path: Path) -> None:
+    n_cpus = len(os.sched_getaffinity(0))
+    cfg = quiet_load(write(tmp_path, f"cpu_threads: {n_cpus + 62}\nthreads_batch: -1\n"), env={})
+    assert cfg["threads"] == n_cpus and cfg.threads().resolve()[0] == n_cpus and cfg["threads_batch"] is None
+    assert "inert above" in cfg.source("threads")
+
+
+def test_yaml_features_and_hostile_yaml(tmp_path: Path) -> None:
+    merged = quiet_load(write(tmp_path, "base: &b {ctx_len: 256, top_k: 7}\n<<: *b\ntop_k: 9\n"), env={})
+    assert (merged["n_ctx"], merged["top_k"]) == (256, 9)  # merge keys, and a key given beside them wins
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "stop: *i\n"
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="expands to .* values"):
+        quiet_load(write(tmp_path, bomb, "bomb.yml"), env={})
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(ValueError, match=r"nests more than 64 levels"):
+        lamina._native.json_schema_to_grammar('{"properties":{"a":' * 5000 + "{}" + "}}" * 5000)
+    deep = write(tmp_path, "json_schema_file: s.json\n", "deep.yml")
+    (tmp_path / "s.json").write_text('{"items":' * 3000 + "{}" + "}" * 3000)
+    with pytest.raises(ValueError, match=r"deep.yml:1: json_schema_file: "):
+        quiet_load(deep, env={}).sampler()
+
+
+def test_jan_placement_and_sampling_extras(tmp_path: Path) -> None:
+    cfg = quiet_load(write(tmp_path, "override_tensor_buffer_t: 'blk\\.1\\.ffn=CPU,attn_q=CUDA0'\nn_cpu_moe: 2\n"
+                                     "rope_scale: 4\nlogit_bias: {15: -100}\n"
+                                     "dry_sequence_breakers: [\"\\n\", x]\nkv_unified: true\nswa_full: false\n"),
+                     env={})
+    kw = cfg.model_kwargs()
+    assert ("blk\\.1\\.ffn", "cpu") in cfg["tensor_overrides"] and ("attn_q", "CUDA0") in cfg["tensor_overrides"]
+    assert cfg["rope_freq_scale"] == 0.25 and cfg.kv().unified and not cfg.kv().swa_full
+    smp = cfg.sampler()
+    assert smp.logit_bias == {15: -100.0} and tuple(smp.dry_sequence_breakers) == ("\n", "x")
+    if "tensor_overrides" in kw:  # with a GPU (or RPC): llama.cpp's --n-cpu-moe 2 patterns follow the file's
+        assert kw["tensor_overrides"][-2:] == [(r"blk\.0\.ffn_(up|down|gate|gate_up)_(ch|)exps", "cpu"),
+                                               (r"blk\.1\.ffn_(up|down|gate|gate_up)_(ch|)exps", "cpu")]
+
+
+def test_unknown_lamina_variables_and_alias_arguments() -> None:
+    with pytest.warns(lamina.ConfigWarning, match=r"env LAMINA_NGL: not a lamina setting \(did you mean "
+                                                  r"LAMINA_N_GPU_LAYERS\?\)"):
+        lamina.load_config(env={"LAMINA_NGL": "3", "LAMINA_REQUIRE_MODEL": "1"})
+    assert quiet_load(None, env={}, ngl=3, ctx_len=512)["n_gpu_layers"] == 3

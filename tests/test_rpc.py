@@ -82,7 +82,9 @@ def test_a_model_split_over_the_cpu_and_two_servers_gives_the_local_tokens(tmp_p
                                                                           two_servers: list[str]) -> None:
     path = write_tiny_llama(tmp_path / "four.gguf", n_layer=4)
     local = greedy(lamina.Model(path, gpu=False))
-    model = lamina.Model(path, rpc=two_servers, n_gpu_layers=3, split_mode="layer", tensor_split=[1, 1])
+    servers = [d for ep in two_servers for d in lamina.rpc_connect(ep)]  # only these, on a GPU machine too
+    model = lamina.Model(path, rpc=two_servers, devices=servers, n_gpu_layers=3, split_mode="layer",
+                         tensor_split=[1, 1])
     remote = [d for d in model.offload.devices if d.startswith("RPC")]
     assert len(remote) == 2, model.offload
     on = {d: model.offload.layers_on(d) for d in remote}

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from typing import Iterator
 
 import numpy as np
@@ -219,6 +220,18 @@ def _ngl_list(value: str) -> list[NGL]:
     return out
 
 
+def _count(lo: int) -> "Callable[[str], int]":
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = lo - 1
+        if not lo <= n <= 1_000_000:
+            raise argparse.ArgumentTypeError(f"expected an int >= {lo}, got {text!r}")
+        return n
+    return parse
+
+
 def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from . import cli
 
@@ -228,11 +241,11 @@ def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     cli.add_model_args(p)
     p.add_argument("-ngl", "--n-gpu-layers", type=_ngl_list, default=None,
                    help="comma list, e.g. 0,4,8,all (a sweep: one model load per value); int, 'all' or 'auto'")
-    p.add_argument("-p", "--n-prompt", type=int, default=512)
-    p.add_argument("-n", "--n-gen", type=int, default=128)
-    p.add_argument("-r", "--reps", type=int, default=5)
+    p.add_argument("-p", "--n-prompt", type=_count(0), default=512, help="prompt tokens (0: no pp test)")
+    p.add_argument("-n", "--n-gen", type=_count(0), default=128, help="generated tokens (0: no tg test)")
+    p.add_argument("-r", "--reps", type=_count(1), default=5)
     p.add_argument("-t", "--threads", type=_int_list, default=None, help="comma list, e.g. 1,2,4 (a sweep)")
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=_count(1), default=1)
     p.add_argument("--compare", action="store_true", help="run llama-bench from the same source in the same run")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md")
     p.add_argument("--plot", default=None, metavar="FILE.png",

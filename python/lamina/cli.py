@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -114,10 +115,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = load_model(args)
     ctx = model.context()
     kw = _generate_kwargs(model, 512)
+    assert model.config is not None
+    template = args.template if args.template is not None else model.config["chat_template"]
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    model.apply_chat_template(messages + [{"role": "user", "content": "hi"}], template=args.template)  # fail early
+    model.apply_chat_template(messages + [{"role": "user", "content": "hi"}], template=template)  # fail early
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -130,7 +133,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         reply = []
-        for piece in ctx.chat(messages, template=args.template, **kw):
+        for piece in ctx.chat(messages, template=template, **kw):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -152,13 +155,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     """show: every effective value and its source. check: exit 1 on an error (bad value, bad YAML,
     missing file), and with --strict on unknown or unsupported keys too; 0 otherwise."""
-    import warnings
-
     action = args.action
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             cfg = config_from_args(args, strict=args.strict)
+            if action == "check":
+                cfg.grammar()  # a bad schema fails here, not at the first generation
         except (ValueError, OSError) as exc:
             print(f"lamina config {action}: error: {exc}", file=sys.stderr)
             return 1
@@ -218,6 +221,12 @@ def cmd_rpc_server(args: argparse.Namespace) -> int:
         return 130
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Warnings as the command line's users read them: what and where in their files, not in lamina's code."""
+    print(f"lamina: {category.__name__}: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lamina", description="llama.cpp with exact offload, threads and KV control")
     parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
@@ -275,13 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     doctor.add_cli(sub)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if at is not None and argv[at] == "config" and (at + 1 == len(argv) or argv[at + 1] not in
-                                                     ("show", "check", "-h", "--help")):
-        argv.insert(at + 1, "show")  # `lamina config [model.yml]` shows it
+    words = [i for i, a in enumerate(argv) if not a.startswith("-")]
+    if words and argv[words[0]] == "config" and "-h" not in argv and "--help" not in argv:
+        if len(words) > 1 and argv[words[1]] in ("show", "check"):  # `config --strict check x.yml` too
+            argv.insert(words[0] + 1, argv.pop(words[1]))
+        else:
+            argv.insert(words[0] + 1, "show")  # `lamina config [model.yml]` shows it
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return int(args.func(args))
     except (LaminaError, OSError, ValueError) as exc:
@@ -290,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nlamina: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

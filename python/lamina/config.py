@@ -14,6 +14,8 @@ import difflib
 import json
 import os
 import random
+import re
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,13 @@ if TYPE_CHECKING:
     from .model import Model
 
 _TRUE, _FALSE = ("1", "true", "yes", "on", "enabled"), ("0", "false", "no", "off", "disabled")
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlevel = 60, 60, 3
+
+
+def _short(v: Any) -> str:
+    """repr() cut to a line: values can be huge (YAML aliases repeat a value without copying it)."""
+    return _repr.repr(v)
 
 
 def _bool(v: Any) -> bool:
@@ -41,30 +50,30 @@ def _bool(v: Any) -> bool:
         return bool(v)
     if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
         return v.strip().lower() in _TRUE
-    raise ValueError(f"expected a boolean (true/false, on/off), got {v!r}")
+    raise ValueError(f"expected a boolean (true/false, on/off), got {_short(v)}")
 
 
 def _int(v: Any) -> int:
     if isinstance(v, bool):
-        raise ValueError(f"expected an integer, got {v!r}")
+        raise ValueError(f"expected an integer, got {_short(v)}")
     if isinstance(v, int):
         return v
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+    if isinstance(v, str) and re.fullmatch(r"-?[0-9]+", v.strip()):
         return int(v)
     if isinstance(v, float) and v.is_integer():
         return int(v)
-    raise ValueError(f"expected an integer, got {v!r}")
+    raise ValueError(f"expected an integer, got {_short(v)}")
 
 
 def _float(v: Any) -> float:
     if isinstance(v, bool):
-        raise ValueError(f"expected a number, got {v!r}")
+        raise ValueError(f"expected a number, got {_short(v)}")
     try:
         x = float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {v!r}") from None
+        raise ValueError(f"expected a number, got {_short(v)}") from None
     if x != x or x in (float("inf"), float("-inf")):
-        raise ValueError(f"expected a finite number, got {v!r}")
+        raise ValueError(f"expected a finite number, got {_short(v)}")
     return x
 
 
@@ -72,7 +81,7 @@ def _ranged(parse: Callable[[Any], Any], lo: float, hi: float | None = None, wha
     def check(v: Any) -> Any:
         x = parse(v)
         if x < lo or (hi is not None and x > hi):
-            raise ValueError(f"expected {what or 'a value'} in [{lo}, {'inf' if hi is None else hi}], got {v!r}")
+            raise ValueError(f"expected {what or 'a value'} in [{lo}, {'inf' if hi is None else hi}], got {_short(v)}")
         return x
     return check
 
@@ -80,7 +89,7 @@ def _ranged(parse: Callable[[Any], Any], lo: float, hi: float | None = None, wha
 def _choice(*options: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         if not isinstance(v, str) or v.strip().lower() not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {v!r}")
+            raise ValueError(f"expected one of {', '.join(options)}, got {_short(v)}")
         return v.strip().lower()
     return check
 
@@ -92,7 +101,7 @@ def _ngl(v: Any) -> int | str:
     if n == -1:  # llama.cpp's -1: every layer
         return "all"
     if n < 0:
-        raise ValueError(f"expected an int >= 0, 'all' or 'auto', got {v!r}")
+        raise ValueError(f"expected an int >= 0, 'all' or 'auto', got {_short(v)}")
     return n
 
 
@@ -108,7 +117,7 @@ def _path(v: Any) -> str:
             raise ValueError("expected a path, got an empty list")
         v = v[0]
     if not isinstance(v, str) or not v:
-        raise ValueError(f"expected a path, got {v!r}")
+        raise ValueError(f"expected a path, got {_short(v)}")
     return v
 
 
@@ -120,7 +129,7 @@ def _list(v: Any) -> list[Any]:
         return [x.strip() for x in v.replace("/", ",").split(",") if x.strip()]
     if isinstance(v, list):
         return v
-    raise ValueError(f"expected a list, got {v!r}")
+    raise ValueError(f"expected a list, got {_short(v)}")
 
 
 def _cpus(v: Any) -> str | list[int]:
@@ -128,24 +137,26 @@ def _cpus(v: Any) -> str | list[int]:
         return [_int(c) for c in v]
     if isinstance(v, (str, int)) and not isinstance(v, bool):
         return str(v)
-    raise ValueError(f"expected a CPU list, range or mask, got {v!r}")
+    raise ValueError(f"expected a CPU list, range or mask, got {_short(v)}")
 
 
 def _endpoints(v: Any) -> list[str]:
     """RPC servers: a list, or "host:port,host:port" (LAMINA_RPC)."""
     items = _list(v)
     if not all(isinstance(x, str) and x for x in items):
-        raise ValueError(f"expected a list of 'host:port', got {v!r}")
+        raise ValueError(f"expected a list of 'host:port', got {_short(v)}")
     for x in items:
         host, sep, port = x.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected 'host:port', got {x!r}")
+            raise ValueError(f"expected 'host:port', got {_short(x)}")
     return list(items)
 
 
-def _devices(v: Any) -> list[int | str]:
+def _devices(v: Any) -> list[int | str] | None:
     """GPU/remote devices by ggml name or index; "none" (llama.cpp's --device none): no device."""
     items = _list(v)
+    if not items:  # Jan writes device: "" for "the default"
+        return None
     if items == ["none"]:
         return []
     out: list[int | str] = []
@@ -155,14 +166,63 @@ def _devices(v: Any) -> list[int | str]:
         elif isinstance(x, str) and x:
             out.append(x)
         else:
-            raise ValueError(f"expected device names or indexes, got {v!r}")
+            raise ValueError(f"expected device names or indexes, got {_short(v)}")
     return out
+
+
+def _overrides(v: Any) -> list[tuple[str, str]]:
+    """Tensor placement overrides: llama.cpp's -ot "regex=buffer type,..." (Jan's
+    override_tensor_buffer_t) or a list of [regex, device] pairs; the CPU buffer types go to "cpu"."""
+    out = []
+    for item in _list(v) if isinstance(v, str) else v if isinstance(v, list) else [None]:
+        if isinstance(item, str) and "=" in item:
+            pattern, _, target = item.rpartition("=")
+        elif isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            pattern, target = item
+        else:
+            raise ValueError(f"expected 'regex=device' items (or [regex, device] pairs), got {_short(v)}")
+        if not pattern or not target:
+            raise ValueError(f"expected 'regex=device' items, got {_short(item)}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        out.append((pattern, "cpu" if target.upper().startswith("CPU") else target))
+    return out
+
+
+def _logit_bias(v: Any) -> dict[int, float]:
+    """{token: bias} or [[token, bias], ...] (the OpenAI and llama.cpp server forms)."""
+    pairs = v.items() if isinstance(v, dict) else v if isinstance(v, list) else None
+    out: dict[int, float] = {}
+    try:
+        for tok, bias in pairs or ():
+            out[_int(tok)] = float("-inf") if bias is False else _float(bias)
+    except (TypeError, ValueError):
+        pairs = None
+    if pairs is None:
+        raise ValueError(f"expected {{token: bias}} or [[token, bias], ...], got {_short(v)}")
+    return out
+
+
+def _strings(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"expected a list of strings, got {_short(v)}")
+    return list(v)
+
+
+def _inverse(v: Any) -> float:
+    """llama.cpp's --rope-scale N is rope_freq_scale 1/N."""
+    x = _float(v)
+    if x <= 0:
+        raise ValueError(f"expected a factor > 0, got {_short(v)}")
+    return 1.0 / x
 
 
 def _tensor_split(v: Any) -> list[float]:
     values = [_float(x) for x in _list(v)]
     if not values or any(x < 0 for x in values) or not any(values):
-        raise ValueError(f"expected shares >= 0 per device, not all zero, got {v!r}")
+        raise ValueError(f"expected shares >= 0 per device, not all zero, got {_short(v)}")
     return values
 
 
@@ -170,8 +230,26 @@ def _mib_list(v: Any) -> int | list[int]:
     """fit_target: MiB, one for every device or one per device; in bytes."""
     values = [_ranged(_int, 0, what="MiB")(x) for x in _list(v)]
     if not values:
-        raise ValueError(f"expected MiB per device, got {v!r}")
+        raise ValueError(f"expected MiB per device, got {_short(v)}")
     return values[0] * 2**20 if len(values) == 1 else [x * 2**20 for x in values]
+
+
+def _mirostat(v: Any) -> int:
+    """0, 1 or 2; Cortex writes ``mirostat: false`` for off (and true for v1)."""
+    n = int(v) if isinstance(v, bool) else _int(v)
+    if n not in (0, 1, 2):
+        raise ValueError(f"expected 0 (off), 1 or 2, got {_short(v)}")
+    return n
+
+
+def _threads(v: Any) -> int | None:
+    """A thread count; llama.cpp's -1 (and 0) mean its default: here the physical cores."""
+    n = _int(v)
+    if n in (-1, 0):
+        return None
+    if not 1 <= n <= 4096:
+        raise ValueError(f"expected a thread count in [1, 4096], or -1 for the default, got {_short(v)}")
+    return n
 
 
 def _seed(v: Any) -> int | None:
@@ -179,29 +257,29 @@ def _seed(v: Any) -> int | None:
     if n == -1 or n == UINT32_MAX:  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per run
         return None
     if not 0 <= n < UINT32_MAX:
-        raise ValueError(f"expected -1 (random) or an int in [0, {UINT32_MAX}), got {v!r}")
+        raise ValueError(f"expected -1 (random) or an int in [0, {UINT32_MAX}), got {_short(v)}")
     return n
 
 
 def _max_tokens(v: Any) -> int | None:
     n = _int(v)
-    if n == -1:  # llama.cpp's n_predict -1: until the end of generation or of the context
+    if n in (-1, -2):  # llama.cpp's n_predict -1 (no limit) and -2 (until the context is full)
         return INT32_MAX
     if not 0 <= n <= INT32_MAX:
-        raise ValueError(f"expected -1 (no limit) or an int >= 0, got {v!r}")
+        raise ValueError(f"expected -1 (no limit), -2 (to the end of the context) or an int >= 0, got {_short(v)}")
     return n
 
 
 def _stop(v: Any) -> list[str]:
     items = [v] if isinstance(v, str) else v
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise ValueError(f"expected a string or a list of strings, got {v!r}")
+        raise ValueError(f"expected a string or a list of strings, got {_short(v)}")
     return [s for s in items if s]
 
 
 def _text(v: Any) -> str:
     if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {v!r}")
+        raise ValueError(f"expected a string, got {_short(v)}")
     return v
 
 
@@ -227,6 +305,9 @@ SETTINGS: dict[str, Spec] = {
     "tensor_split": Spec(_tensor_split, None, ("ts",)),
     "devices": Spec(_devices, None, ("device", "dev")),
     "rpc": Spec(_endpoints, None, ("rpc_servers",)),
+    "tensor_overrides": Spec(_overrides, None, ("override_tensor", "override_tensor_buffer_t", "ot")),
+    "cpu_moe": Spec(_bool, False),
+    "n_cpu_moe": Spec(_ranged(_int, 0, INT32_MAX, "layers"), 0),
     "fit": Spec(_bool, True),
     "fit_target": Spec(_mib_list, 1024 * 2**20),
     "fit_ctx": Spec(_ranged(_int, 0, INT32_MAX, "tokens"), 4096),
@@ -241,12 +322,14 @@ SETTINGS: dict[str, Spec] = {
     "type_k": Spec(_choice(*KV_TYPES), "f16", ("cache_type_k",)),
     "type_v": Spec(_choice(*KV_TYPES), "f16", ("cache_type_v",)),
     "kv_offload": Spec(_bool, True),
+    "kv_unified": Spec(_bool, False),
+    "swa_full": Spec(_bool, True),
     "rope_scaling": Spec(_choice("none", "linear", "yarn", "longrope"), None, ("rope_scaling_type",)),
     "rope_freq_base": Spec(_nonneg, 0.0),
     "rope_freq_scale": Spec(_nonneg, 0.0),
     # threads
-    "threads": Spec(_count, None, ("cpu_threads", "n_threads")),
-    "threads_batch": Spec(_count, None, ("n_threads_batch",)),
+    "threads": Spec(_threads, None, ("cpu_threads", "n_threads")),
+    "threads_batch": Spec(_threads, None, ("n_threads_batch",)),
     "cpus": Spec(_cpus, None, ("cpu_mask",)),
     "cpu_strict": Spec(_bool, False),
     "priority": Spec(_choice(*PRIORITIES), "normal", ("prio",)),
@@ -256,6 +339,7 @@ SETTINGS: dict[str, Spec] = {
     "stop": Spec(_stop, None),
     "ignore_eos": Spec(_bool, False),
     "ctx_shift": Spec(_bool, False, ("context_shift",)),
+    "chat_template": Spec(_text, None),
     "n_keep": Spec(_ranged(_int, 0, INT32_MAX, "tokens"), 0, ("keep",)),
     # sampling (defaults: llama.cpp's CLI; Sampler() itself defaults to greedy)
     "temperature": Spec(_nonneg, 0.8, ("temp",)),
@@ -272,36 +356,47 @@ SETTINGS: dict[str, Spec] = {
     "dry_base": Spec(_ranged(_float, 1.0, None, "a base"), 1.75),
     "dry_allowed_length": Spec(_ranged(_int, 0, INT32_MAX, "tokens"), 2),
     "dry_penalty_last_n": Spec(_ranged(_int, -1, INT32_MAX, "tokens"), -1),
+    "dry_sequence_breakers": Spec(_strings, None),
     "xtc_probability": Spec(_prob, 0.0),
     "xtc_threshold": Spec(_prob, 0.1),
     "dynatemp_range": Spec(_nonneg, 0.0),
     "dynatemp_exponent": Spec(_ranged(_float, 1e-9, None, "an exponent"), 1.0),
-    "mirostat": Spec(_ranged(_int, 0, 2, "a version"), 0),
+    "mirostat": Spec(_mirostat, 0),
     "mirostat_tau": Spec(_ranged(_float, 1e-9, None, "a target entropy"), 5.0, ("mirostat_ent",)),
     "mirostat_eta": Spec(_ranged(_float, 1e-9, None, "a learning rate"), 0.1, ("mirostat_lr",)),
     "min_keep": Spec(_ranged(_int, 0, INT32_MAX, "a count"), 0),
+    "logit_bias": Spec(_logit_bias, None),
     "seed": Spec(_seed, None),
     "grammar": Spec(_text, None),
     "grammar_file": Spec(_path, None),
     "json_schema": Spec(lambda v: v if isinstance(v, dict) else json.loads(_text(v)), None),
     "json_schema_file": Spec(_path, None),
 }
-# model.yml keys that set two settings at once, and booleans named the other way round
+# model.yml keys that set two settings at once, booleans named the other way round, and llama.cpp
+# options that take another form of a lamina setting
 COMBINED = {"cache_type": ("type_k", "type_v")}
 NEGATED = {"no_kv_offload": "kv_offload", "no_mmap": "use_mmap", "no_context_shift": "ctx_shift"}
-# keys of other tools that describe the model, or run its server: they configure nothing here
+TRANSFORMED: dict[str, tuple[str, Callable[[Any], Any]]] = {"rope_scale": ("rope_freq_scale", _inverse)}
+# Jan's model.json keeps its settings in two mappings: their keys count as top-level keys
+NESTED = ("settings", "parameters")
+# keys that name the model file; with one of them present, `model:` is Cortex's model id, not a path
+PATH_KEYS = ("files", "llama_model_path", "model_path", "path")
+# keys of other tools that describe the model, or run the app or its server: they configure nothing here
 IGNORED = {"id", "name", "version", "engine", "object", "owned_by", "created", "size", "stream", "prompt_template",
            "system_template", "user_template", "ai_template", "description", "tags", "model_type", "author",
-           "os", "gpu_arch", "quantization_method", "metadata", "sources", "settings", "parameters", "format"}
-# keys other tools act on that lamina does not: a warning says why
-UNSUPPORTED = {
-    "mmproj": "multimodal projectors are not supported by lamina yet",
-    "tfs_z": "tail-free sampling was removed from llama.cpp",
-    "penalize_nl": "llama.cpp removed penalize_nl; the penalties apply to every token",
-    "n_probs": "token probabilities are a server response field; use ctx.logits",
-    "caching_enabled": "lamina always reuses the cached prompt prefix",
-    "embedding": "use Model.embed()",
-    "cont_batching": "continuous batching is not in lamina yet",
+           "os", "gpu_arch", "quantization_method", "metadata", "sources", "format", "jinja", "reasoning_budget",
+           "auto_unload", "version_backend", "offload_mmproj", "system_prompt"}
+# keys other tools act on that lamina does not: a warning says why, unless the value is the neutral one
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "mmproj": ((None, ""), "multimodal projectors are not supported by lamina yet"),
+    "tfs_z": ((1, 1.0, None), "tail-free sampling was removed from llama.cpp"),
+    "penalize_nl": ((False, None), "llama.cpp removed penalize_nl; the penalties apply to every token"),
+    "n_probs": ((0, None), "token probabilities are a server response field; use ctx.logits"),
+    "caching_enabled": ((True, None), "lamina always reuses the cached prompt prefix"),
+    "embedding": ((False, None), "use Model.embed()"),
+    "cont_batching": ((False, True, None), "continuous batching is not in lamina yet"),
+    "defrag_thold": ((None, -1, -1.0), "llama.cpp no longer defragments the KV cache (the option is deprecated)"),
+    "pooling": ((None, ""), "pooling applies to embeddings: Model.embed(pooling=...)"),
 }
 ENV_PREFIX = "LAMINA_"
 PATH_SETTINGS = ("model", "grammar_file", "json_schema_file")
@@ -330,6 +425,7 @@ class Config:
     unsupported: list[str] = field(default_factory=list)
     gpu_off: str = ""  # why no layer can go to a device with these settings on this machine ("" if one can)
     _inert: dict[str, str] = field(default_factory=dict, repr=False)
+    _replaced: dict[str, Setting] = field(default_factory=dict, repr=False)  # values an inert check changed
 
     def __getitem__(self, name: str) -> Any:
         return self.settings[name].value
@@ -340,6 +436,14 @@ class Config:
     def is_set(self, name: str) -> bool:
         return self.settings[name].source != "default"
 
+    def given(self, name: str) -> Any:
+        """The value as given, before an inert check replaced it (threads above the CPUs, ...)."""
+        return self._replaced.get(name, self.settings[name]).value
+
+    def _replace(self, name: str, value: Any, note: str) -> None:
+        self._replaced.setdefault(name, self.settings[name])
+        self.settings[name] = Setting(value, f"{self.source(name)}, {note}")
+
     @property
     def inert(self) -> list[str]:
         """Settings that have no effect with the other values (or on this machine), and why."""
@@ -349,7 +453,7 @@ class Config:
         """Record ``name`` as inert and warn (InertSettingWarning), once per loaded config."""
         if name in self._inert:
             return
-        msg = f"{name}={self[name]!r} ({self.source(name)}) is inert: {why}"
+        msg = f"{name}={_short(self[name])} ({self.source(name)}) is inert: {why}"
         self._inert[name] = msg
         warnings.warn(msg, InertSettingWarning, stacklevel=stacklevel)
 
@@ -357,21 +461,24 @@ class Config:
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for lamina.Model (inert settings left out: they were reported)."""
         kw: dict[str, Any] = dict(gpu=self["gpu"], n_ctx=self["n_ctx"], kv=self.kv(), use_mmap=self["use_mmap"],
-                                  use_mlock=self["use_mlock"], fit_ctx=self["fit_ctx"])
-        target = self["fit_target"]
-        kw["fit_margin"] = target
+                                  use_mlock=self["use_mlock"], fit_ctx=self["fit_ctx"], fit_margin=self["fit_target"])
         ngl = self["n_gpu_layers"]
         if not self["fit"] and not self.is_set("n_gpu_layers") and not self.gpu_off:
             ngl = "all"  # llama.cpp without --fit: every layer on the GPU
+        overrides = list(self["tensor_overrides"] or [])
+        if self["cpu_moe"]:  # llama.cpp's --cpu-moe and --n-cpu-moe N: expert tensors stay on the CPU
+            overrides.append((MOE_EXPERTS, "cpu"))
+        overrides += [(rf"blk\.{i}{MOE_EXPERTS}", "cpu") for i in range(self["n_cpu_moe"] if not self["cpu_moe"] else 0)]
         for name, value in (("n_gpu_layers", ngl), ("main_gpu", self["main_gpu"]), ("split_mode", self["split_mode"]),
                             ("tensor_split", self["tensor_split"]), ("devices", self["devices"]),
-                            ("rpc", self["rpc"])):
+                            ("rpc", self["rpc"]), ("tensor_overrides", overrides or None)):
             if name not in self._inert:
                 kw[name] = value
         return kw
 
     def kv(self) -> KV:
-        return KV(type_k=self["type_k"], type_v=self["type_v"], offload=self["kv_offload"])
+        return KV(type_k=self["type_k"], type_v=self["type_v"], offload=self["kv_offload"],
+                  unified=self["kv_unified"], swa_full=self["swa_full"])
 
     def threads(self) -> Threads:
         return Threads(n=self["threads"], batch=self["threads_batch"], cpus=self["cpus"], strict=self["cpu_strict"],
@@ -385,23 +492,33 @@ class Config:
                     rope_freq_scale=self["rope_freq_scale"])
 
     def grammar(self) -> str | None:
-        """The GBNF grammar from grammar, grammar_file, json_schema or json_schema_file (one of them)."""
+        """The GBNF grammar from grammar, grammar_file, json_schema or json_schema_file (one of
+        them); ValueError names the setting's source when the file or the schema is bad."""
         from . import _native
 
-        if self["grammar"] is not None:
-            return str(self["grammar"])
-        if self["grammar_file"] is not None:
-            return Path(self["grammar_file"]).read_text(encoding="utf-8")
-        schema = self["json_schema"]
-        if schema is None and self["json_schema_file"] is not None:
-            schema = json.loads(Path(self["json_schema_file"]).read_text(encoding="utf-8"))
-        return None if schema is None else str(_native.json_schema_to_grammar(json.dumps(schema)))
+        name = next((n for n in ("grammar", "grammar_file", "json_schema", "json_schema_file")
+                     if self[n] is not None), None)
+        if name is None:
+            return None
+        try:
+            if name == "grammar":
+                return str(self[name])
+            if name == "grammar_file":
+                return Path(self[name]).read_text(encoding="utf-8")
+            schema = self[name] if name == "json_schema" else \
+                json.loads(Path(self[name]).read_text(encoding="utf-8"))
+            return str(_native.json_schema_to_grammar(json.dumps(schema)))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ValueError(_err(self.source(name), name, str(exc) or type(exc).__name__)) from None
 
     def sampler(self) -> Sampler:
         """A lamina.Sampler with the file's sampling settings (llama.cpp's CLI defaults for the
         rest: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). seed -1 or unset: a random seed,
         drawn here (sampler.seed says which)."""
         seed = self["seed"]
+        extra: dict[str, Any] = {}
+        if self["dry_sequence_breakers"] is not None:
+            extra["dry_sequence_breakers"] = tuple(self["dry_sequence_breakers"])
         return Sampler(
             temperature=self["temperature"], top_k=self["top_k"], top_p=self["top_p"], min_p=self["min_p"],
             typical_p=self["typical_p"], top_n_sigma=self["top_n_sigma"], repeat_penalty=self["repeat_penalty"],
@@ -411,12 +528,12 @@ class Config:
             xtc_probability=self["xtc_probability"], xtc_threshold=self["xtc_threshold"],
             dynatemp_range=self["dynatemp_range"], dynatemp_exponent=self["dynatemp_exponent"],
             mirostat=self["mirostat"], mirostat_tau=self["mirostat_tau"], mirostat_eta=self["mirostat_eta"],
-            min_keep=self["min_keep"], grammar=self.grammar(),
-            seed=random.randrange(UINT32_MAX) if seed is None else seed)
+            min_keep=self["min_keep"], logit_bias=dict(self["logit_bias"] or {}), grammar=self.grammar(),
+            seed=random.randrange(UINT32_MAX) if seed is None else seed, **extra)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for Context.generate/chat: sampler, stop, ignore_eos, context_full and
-        n_keep, and max_tokens when the file sets it."""
+        n_keep, max_tokens when the file sets it, and template (for chat) when it names one."""
         kw: dict[str, Any] = dict(sampler=self.sampler(), stop=self["stop"] or (), ignore_eos=self["ignore_eos"],
                                   context_full="shift" if self["ctx_shift"] else "stop", n_keep=self["n_keep"])
         if self["max_tokens"] is not None:
@@ -445,18 +562,21 @@ class Config:
         for name, s in self.settings.items():
             value = "(random)" if name == "seed" and s.value is None else \
                 "(none)" if s.value is None else s.value
-            text = value if isinstance(value, str) else repr(value)
-            if name in ("grammar", "json_schema") and len(text) > 40:
-                text = text[:37] + "..."
+            text = value if isinstance(value, str) and name != "grammar" else _short(value)
             lines.append(f"  {name:{width}} {text:40} {s.source}")
         lines += [f"  inert: {r}" for r in self.inert]
         lines += [f"  unknown: {u}" for u in self.unknown]
         lines += [f"  unsupported: {u}" for u in self.unsupported]
         if self.ignored:
-            lines.append(f"  ignored (describe the model, configure nothing here): {', '.join(self.ignored)}")
+            lines.append(f"  ignored (describe the model or the app, configure nothing here): {', '.join(self.ignored)}")
         return "\n".join(lines)
 
     __str__ = explain
+
+
+MOE_EXPERTS = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # llama.cpp's LLM_FFN_EXPS_REGEX
+MAX_VALUES = 100_000  # YAML aliases can repeat a value without copying it: refuse files that expand beyond this
+MAX_REPORTED = 50     # unknown keys reported one by one (difflib per key); the rest are counted
 
 
 def _alias_table() -> dict[str, str]:
@@ -468,38 +588,67 @@ def _alias_table() -> dict[str, str]:
     return table
 
 
-def _read_yaml(file: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """The top-level mapping of a YAML file and the line of each key, from PyYAML's node marks."""
+def _expanded(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values a node stands for once its aliases are expanded (shared nodes counted per use)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 1  # a recursive alias counts once
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        memo[key] = 1 + sum(_expanded(c, memo) for c in children)
+    return memo[key]
+
+
+def _read_yaml(file: Path) -> list[tuple[str, Any, int]]:
+    """The top-level (key, value, line) entries of a YAML mapping, from PyYAML's node marks, with
+    Jan's settings:/parameters: mappings unfolded into it. Raises ValueError with path:line(:col)."""
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # checks the characters: a NUL byte raises here
         node = loader.get_single_node()
         if node is None:
-            return {}, {}
+            return []
         if not isinstance(node, yaml.MappingNode):
             raise ValueError(f"{file}:{node.start_mark.line + 1}: expected a mapping of settings (key: value), "
                              f"got {node.tag.rsplit(':', 1)[-1]}")
-        data: dict[str, Any] = {}
-        lines: dict[str, int] = {}
-        for key_node, value_node in node.value:
+        size = _expanded(node, {})
+        if size > MAX_VALUES:
+            raise ValueError(f"{file}: expands to {size:,} values (YAML aliases); a model.yml holds far fewer")
+        entries: list[tuple[str, Any, int]] = []
+        pairs = [(k, v, False) for k, v in _pairs(loader, node)]
+        while pairs:
+            key_node, value_node, nested = pairs.pop(0)
             key = str(loader.construct_object(key_node, deep=True))
-            line = key_node.start_mark.line + 1
-            if key in lines:
-                raise ValueError(f"{file}:{line}: {key} is given twice (first on line {lines[key]})")
-            data[key] = loader.construct_object(value_node, deep=True)
-            lines[key] = line
-        return data, lines
+            if key in NESTED and not nested and isinstance(value_node, yaml.MappingNode):
+                pairs = [(k, v, True) for k, v in _pairs(loader, value_node)] + pairs
+                continue
+            entries.append((key, loader.construct_object(value_node, deep=True), key_node.start_mark.line + 1))
+        return entries
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
         raise ValueError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
+    except yaml.YAMLError as exc:  # the reader's errors (a NUL byte, ...) carry their position in the text
         raise ValueError(f"{file}: not valid YAML: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _pairs(loader: yaml.SafeLoader, node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
+    """The key/value nodes of a mapping with YAML merge keys (<<: *base) resolved: a key given
+    in the mapping itself wins over a merged one."""
+    own = {k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge"}
+    ids = {id(k) for k, _ in node.value}
+    loader.flatten_mapping(node)
+    return [(k, v) for k, v in node.value if id(k) in ids or not (isinstance(k, yaml.ScalarNode) and k.value in own)]
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -509,48 +658,77 @@ def _suggest(key: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+# LAMINA_* variables that are not settings (the build, the add-ons, the tests)
+OTHER_VARIABLES = {"ADDONS", "CUDA_RUNTIME", "CPU_VARIANT", "REQUIRE_MODEL", "REQUIRE_TOOLS", "CACHE_DIR",
+                   "LLAMA_CPP_DIR", "LLAMA_CPP_ARCHIVE", "PORTABLE", "BUILD_TOOLS", "EXTRA_TOOLS", "CCACHE",
+                   "SANITIZE", "STUBGEN", "WHEEL", "VULKAN_WHEEL", "ADDON"}
+
+
 def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
                 strict: bool = False, **overrides: Any) -> Config:
     """Settings from ``path`` (a model.yml), then LAMINA_* variables of ``env`` (default
-    os.environ), then ``overrides`` (lamina names). Bad values raise ValueError naming
-    ``path:line`` (or the variable, or the argument); a model, grammar or schema file named
-    relative to the model.yml is found next to it, and one that does not exist raises
-    FileNotFoundError with ``path:line``. Unknown keys warn (lamina.ConfigWarning) with a
-    suggestion; strict=True raises ValueError instead. Inert settings warn
-    (lamina.InertSettingWarning), each once."""
+    os.environ), then ``overrides`` (lamina names or model.yml keys). Bad values raise ValueError
+    naming ``path:line`` (or the variable, or the argument); a model, grammar or schema file
+    named relative to the model.yml is found next to it, and one that does not exist raises
+    FileNotFoundError with ``path:line``. Unknown keys and LAMINA_* variables warn
+    (lamina.ConfigWarning) with a suggestion; strict=True raises ValueError instead. Inert
+    settings warn (lamina.InertSettingWarning), each once."""
     env = os.environ if env is None else env
     values: dict[str, Setting] = {name: Setting(spec.default, "default") for name, spec in SETTINGS.items()}
     aliases = _alias_table()
+    known = sorted(set(aliases) | set(COMBINED) | set(NEGATED) | set(TRANSFORMED))
 
-    def put(name: str, raw: Any, source: str, negate: bool = False) -> None:
+    def put(name: str, raw: Any, source: str, parse: Callable[[Any], Any] | None = None) -> None:
         try:
-            value = None if raw is None else SETTINGS[name].parse(raw)
+            value = None if raw is None else (parse or SETTINGS[name].parse)(raw)
         except (ValueError, TypeError) as exc:
             raise ValueError(_err(source, name, str(exc))) from None
-        values[name] = Setting(not value if negate else value, source)
+        values[name] = Setting(value, source)
 
     unknown: list[str] = []
     ignored: list[str] = []
     unsupported: list[str] = []
     file = Path(path) if path is not None else None
     if file is not None:
-        data, lines = _read_yaml(file)
-        known = sorted(set(aliases) | set(COMBINED) | set(NEGATED) | IGNORED | set(UNSUPPORTED))
-        for key, raw in data.items():
-            source = f"{file}:{lines[key]}"
+        entries = _read_yaml(file)
+        keys = {key for key, _, _ in entries}
+        given: dict[str, tuple[str, int]] = {}  # setting -> the key and line that set it
+        # a combined key first, so cache_type_k overrides cache_type's K wherever it stands
+        for key, raw, line in sorted(entries, key=lambda e: e[0] not in COMBINED):
+            source = f"{file}:{line}"
+            if key == "model" and keys & set(PATH_KEYS):
+                ignored.append("model")  # Cortex: the model's id; files: names the file
+                continue
             if key in COMBINED:
                 for name in COMBINED[key]:
                     put(name, raw, source)
-            elif key in NEGATED:
-                put(NEGATED[key], raw, source, negate=True)
-            elif key in aliases:
-                put(aliases[key], raw, source)
-            elif key in IGNORED:
+                continue
+            if key in IGNORED:
                 ignored.append(key)
-            elif key in UNSUPPORTED:
-                unsupported.append(f"{source}: {key}: {UNSUPPORTED[key]}")
+                continue
+            if key in UNSUPPORTED:
+                neutral, why = UNSUPPORTED[key]
+                if not any(raw == n and type(raw) is type(n) for n in neutral):
+                    unsupported.append(f"{source}: {key}: {why}")
+                continue
+            target = aliases.get(key) or NEGATED.get(key) or (TRANSFORMED[key][0] if key in TRANSFORMED else None)
+            if target is None:
+                unknown.append(f"{source}: unknown key {key!r}" +
+                               (_suggest(key, known) if len(unknown) < MAX_REPORTED else ""))
+                continue
+            name = target
+            if name in given and given[name][0] not in COMBINED:
+                prev, prev_line = given[name]
+                raise ValueError(f"{source}: {key} sets {name}, which {prev} on line {prev_line} sets already")
+            given[name] = (key, line)
+            if key in NEGATED:
+                put(name, raw, source, lambda v: not _bool(v))
+            elif key in TRANSFORMED:
+                put(name, raw, source, TRANSFORMED[key][1])
             else:
-                unknown.append(f"{source}: unknown key {key!r}{_suggest(key, known)}")
+                put(name, raw, source)
+        if len(unknown) > MAX_REPORTED:
+            unknown[MAX_REPORTED:] = [f"{file}: {len(unknown) - MAX_REPORTED:,} more unknown keys"]
         for name in PATH_SETTINGS:  # relative to the file's folder, and there
             s = values[name]
             if s.value is None or s.source == "default":
@@ -561,14 +739,21 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
                 raise FileNotFoundError(f"{s.source}: {name}: {s.value!r} does not exist"
                                         + ("" if Path(s.value).is_absolute() else f" (looked in {file.parent})"))
             values[name] = Setting(str(p), s.source)
-    for name in SETTINGS:
-        var = ENV_PREFIX + name.upper()
-        if var in env:
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name in SETTINGS:
             put(name, env[var], f"env {var}")
-    for name, raw in overrides.items():
-        if name not in SETTINGS:
-            raise TypeError(f"load_config() got an unknown setting {name!r}{_suggest(name, list(SETTINGS))}")
-        put(name, raw, "argument")
+        elif var[len(ENV_PREFIX):] not in OTHER_VARIABLES:
+            close = [aliases[name]] if name in aliases else difflib.get_close_matches(name, list(SETTINGS), 1, 0.6)
+            unknown.append(f"env {var}: not a lamina setting" +
+                           (f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""))
+    for key, raw in overrides.items():
+        setting = aliases.get(key)
+        if setting is None:
+            raise TypeError(f"load_config() got an unknown setting {key!r}{_suggest(key, known)}")
+        put(setting, raw, "argument")
     grammars = [n for n in ("grammar", "grammar_file", "json_schema", "json_schema_file") if values[n].value is not None]
     if len(grammars) > 1:
         raise ValueError(f"give one of grammar, grammar_file, json_schema, json_schema_file; got "
@@ -597,29 +782,35 @@ def _gpu_off(values: dict[str, Setting]) -> str:
 
 
 def _check_inert(cfg: Config) -> None:
-    """Settings that cannot take effect with the others or on this machine (warned once each)."""
+    """Settings that cannot take effect with the others or on this machine (warned once each). A
+    value equal to the default is never inert (Jan writes main_gpu: 0), nor is ngl: 0 (the very
+    fix for a stale ngl)."""
     from .system import allowed_cpus, devices
 
-    gpu_settings = ("n_gpu_layers", "main_gpu", "tensor_split", "split_mode", "devices")
+    def set_to_other(name: str) -> bool:
+        return cfg.is_set(name) and cfg[name] != SETTINGS[name].default
+
     why = cfg.gpu_off
     if why:
-        for name in gpu_settings + ("rpc",):
-            if cfg.is_set(name) and not (name == "devices" and cfg[name] == []):
+        for name in ("n_gpu_layers", "main_gpu", "tensor_split", "split_mode", "devices", "rpc"):
+            if set_to_other(name) and not (name == "devices" and cfg[name] == []) and \
+                    not (name == "n_gpu_layers" and cfg[name] == 0):
                 cfg.note_inert(name, why, stacklevel=4)
-        if cfg.is_set("kv_offload") and not cfg["kv_offload"]:
+        if set_to_other("kv_offload"):
             cfg.note_inert("kv_offload", f"{why}: the KV cache is in host memory anyway", stacklevel=4)
-    elif cfg.is_set("main_gpu") and cfg["split_mode"] != "none" and not cfg["rpc"] and cfg["devices"] is None:
+    elif set_to_other("main_gpu") and cfg["split_mode"] != "none" and not cfg["rpc"] and cfg["devices"] is None:
         gpus = [d for d in devices(memory=False) if d.kind in ("gpu", "igpu")]
         if len(gpus) == 1:
             cfg.note_inert("main_gpu", f"there is one GPU ({gpus[0].name})", stacklevel=4)
     cpus = len(allowed_cpus())
     for name in ("threads", "threads_batch"):
-        if cfg.is_set(name) and cfg[name] > cpus:
-            cfg.note_inert(name, f"this process may use {cpus} CPUs: threads beyond them share CPUs and slow "
-                           "each other down", stacklevel=4)
+        if cfg.is_set(name) and cfg[name] is not None and cfg[name] > cpus:
+            cfg.note_inert(name, f"this process may use {cpus} CPUs: more threads would share them and slow "
+                           f"each other down; {cpus} are used", stacklevel=4)
+            cfg._replace(name, cpus, f"inert above {cpus}")
     if cfg["flash_attn"] is False and KV(type_v=cfg["type_v"]).quantized_v:
         cfg.note_inert("type_v", "a quantized V cache needs flash attention (flash_attn is off, "
                        f"{cfg.source('flash_attn')}): the V cache stays f16", stacklevel=4)
-        cfg.settings["type_v"] = Setting("f16", f"{cfg.source('type_v')}, inert: f16")
-    if cfg.is_set("n_keep") and not cfg["ctx_shift"]:
+        cfg._replace("type_v", "f16", "inert: f16")
+    if set_to_other("n_keep") and not cfg["ctx_shift"]:
         cfg.note_inert("n_keep", "it applies when the context shifts (ctx_shift is off)", stacklevel=4)

@@ -370,7 +370,7 @@ def model_report(report: dict[str, Any], path: str, n_ctx: int, kv_type: str, co
 
 def config_facts(facts: Facts, config: Any) -> Facts:
     """Facts with a model.yml's settings (Config) for the SMT and stale-ngl checks."""
-    return Facts(**{**asdict(facts), "config_threads": config["threads"],
+    return Facts(**{**asdict(facts), "config_threads": config.given("threads"),
                     "config_threads_source": config.source("threads"), "config_gpu": bool(config["gpu"]),
                     "config_gpu_source": config.source("gpu"), "config_ngl": config["n_gpu_layers"],
                     "config_ngl_source": config.source("n_gpu_layers")})
@@ -494,12 +494,12 @@ def _render_model(m: dict[str, Any]) -> list[str]:
 
 def plot_report(r: dict[str, Any], out: str) -> None:
     """tg measured per thread count (bars) against the bandwidth ceiling (lines), saved to ``out``."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
+    from .plot import require
+
+    require()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     m = r["model"]
     tg = m["tg"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -529,28 +529,46 @@ def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p.add_argument("--config", default=None, help="model.yml: its gpu/n_gpu_layers/threads are checked too")
     p.add_argument("--json", action="store_true", help="one JSON object (schema: docs/doctor.schema.json)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw tg measured vs the bandwidth ceiling")
-    p.add_argument("--bandwidth-seconds", type=float, default=1.0, help="bandwidth probe time (0: skip it)")
-    p.add_argument("--tg-tokens", type=int, default=16, help="tokens per tg probe run (0: no probe)")
+    p.add_argument("--bandwidth-seconds", type=_seconds, default=1.0, help="bandwidth probe time (0: skip it)")
+    p.add_argument("--tg-tokens", type=_tokens, default=16, help="tokens per tg probe run (0: no probe)")
     p.set_defaults(func=cmd_doctor)
+
+
+def _seconds(text: str) -> float:
+    x = float(text)
+    if not 0 <= x <= 60:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected seconds in [0, 60], got {text!r}")
+    return x
+
+
+def _tokens(text: str) -> int:
+    n = int(text)
+    if not 0 <= n <= 4096:
+        raise argparse.ArgumentTypeError(f"expected tokens in [0, 4096], got {text!r}")
+    return n
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .config import load_config
     from .progress import load_bar
 
-    # the MODEL argument wins over the config's model, as an explicit argument does everywhere
+    if args.plot:
+        from .plot import require
+
+        require()  # before minutes of probing
+    # the settings as run/chat/bench see them: the file (if any) < LAMINA_* < the MODEL argument
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InertSettingWarning)
-        config = (load_config(args.config, **({"model": args.model} if args.model else {})) if args.config else None)
+        config = load_config(args.config, **({"model": args.model} if args.model else {}))
     for w in caught:  # the report's traps cover a stale n_gpu_layers and too many threads; the rest go here
         if not issubclass(w.category, InertSettingWarning) or \
                 not str(w.message).startswith(("n_gpu_layers=", "threads=", "threads_batch=")):
             print(f"lamina doctor: {w.category.__name__}: {w.message}", file=sys.stderr)
-    model = args.model or (config["model"] if config is not None else None)
+    model = config["model"]
     if args.plot and model is None:
         raise ValueError("--plot needs a model: lamina doctor MODEL --plot out.png")
-    n_ctx = args.ctx if args.ctx is not None else (config["n_ctx"] if config is not None and config["n_ctx"] else 4096)
-    kv_type = args.kv or (config["type_k"] if config is not None and config["type_k"] else "f16")
+    n_ctx = args.ctx if args.ctx is not None else (config["n_ctx"] or 4096)
+    kv_type = args.kv or config["type_k"]
     bar = load_bar(f"loading {os.path.basename(model)}") if model else None
     report = doctor_report(model, n_ctx=n_ctx, kv_type=kv_type, config=config,
                            bandwidth_seconds=args.bandwidth_seconds, tg_tokens=args.tg_tokens, progress=bar)
