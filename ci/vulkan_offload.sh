@@ -43,6 +43,20 @@ with off.context(256) as ctx:
     assert not any(r["device"] == dev.name and (r["model"] or r["context"] or r["compute"]) for r in ctx.kv.memory())
 print("gpu=False with n_gpu_layers=99: nothing on", dev.name, "-", off.offload.reasons)
 print(lamina.Model(path).offload)
+# a model.yml on a machine with a GPU device: its ngl applies (not inert), and with gpu off it is
+# inert, warned once, and nothing goes to the device
+import warnings
+yml = path.parent / "model.yml"
+for text, layers, n_inert in ((f"model: {path}\nngl: 2\n", 2, 0), (f"model: {path}\nngl: 2\ngpu: false\n", 0, 1)):
+    yml.write_text(text)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = lamina.load_config(yml, env={})
+        model = lamina.Model.from_config(cfg)
+    inert = [w for w in caught if issubclass(w.category, lamina.InertSettingWarning)]
+    assert cfg.gpu_off == ("" if layers else f"gpu is off ({yml}:3)"), cfg.gpu_off
+    assert model.offload.layers_effective == layers and len(inert) == n_inert, (text, model.offload, inert)
+    print(f"model.yml {text.splitlines()[1:]}: {layers} layers on {dev.name}, {n_inert} InertSettingWarning")
 # one layer's K cache beyond what the device can use in one tensor (lavapipe: 128 MiB): llama.cpp
 # would abort the process; lamina raises, naming the device and the bytes, and the model still runs
 wide = write_tiny_llama(path.parent / "wide.gguf", n_layer=6, n_embd=512, n_head=8, n_head_kv=4, n_ff=2048)

@@ -77,12 +77,14 @@ def addons() -> list[AddOn]:
 
 
 def gpu_absent_reason() -> str:
-    """Why this process has no GPU device to offload to, in words a user can act on."""
+    """Why this process has no GPU device to offload to, in words a user can act on ("" when it has one)."""
     failed = [a for a in _core.ADDONS if not a.loaded]
     if failed:
         return "; ".join(f"GPU add-on {a.distribution} did not load: {a.error}" for a in failed)
-    empty = [b["name"] for b in _native.backends()
-             if b["name"].upper() not in ("CPU", "BLAS") and not b["name"].upper().startswith("RPC")]
+    if any(d.kind in ("gpu", "igpu") for d in devices(memory=False)):
+        return ""
+    empty = [b["name"] for b in _native.backends() if b["n_devices"] == 0 and
+             b["name"].upper() not in ("CPU", "BLAS") and not b["name"].upper().startswith("RPC")]
     if empty:
         return f"the {', '.join(empty)} backend found no device"
     remote = [f"{d.name} ({d.description})" for d in devices(memory=False) if d.kind == "remote"]
