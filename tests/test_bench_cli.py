@@ -4,12 +4,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -83,31 +80,7 @@ def test_bad_sweep_list_is_a_usage_error(flag: str, value: str, capsys: pytest.C
     assert "usage:" in err and repr(value) in err and "Traceback" not in err
 
 
-# -- a real offload: ggml-rpc-server on 127.0.0.1 is the device ----------------------------
-@pytest.fixture(scope="module")
-def rpc_endpoint() -> Iterator[str]:
-    if lamina.tools.path("ggml-rpc-server") is None:
-        if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
-            raise FileNotFoundError("ggml-rpc-server missing: build with -Ccmake.define.GGML_RPC=ON")
-        pytest.skip("built without GGML_RPC")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = lamina.tools.popen("ggml-rpc-server", ["-H", "127.0.0.1", "-p", str(port), "-t", "1", "-d", "CPU"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):  # up to 10 s for the server to listen
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
+# -- a real offload: ggml-rpc-server on 127.0.0.1 (conftest's rpc_endpoint) is the device --------
 @pytest.mark.timeout(180)
 def test_bench_ngl_sweep_over_rpc_offloads_per_value(tiny_path: Path, rpc_endpoint: str) -> None:
     env = dict(os.environ, LAMINA_RPC=rpc_endpoint)

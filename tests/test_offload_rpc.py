@@ -5,12 +5,8 @@ the tensor sizes in the GGUF file. CI builds with GGML_RPC and sets LAMINA_REQUI
 """
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -20,38 +16,10 @@ from tiny_gguf import write_tiny_llama
 
 
 @pytest.fixture(scope="session")
-def rpc_device() -> Iterator[lamina.Device]:
-    if lamina.tools.path("ggml-rpc-server") is None:
-        if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
-            raise FileNotFoundError("ggml-rpc-server missing: build with -Ccmake.define.GGML_RPC=ON")
-        pytest.skip("built without GGML_RPC")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # The server outlives the tests and dies with this process (PR_SET_PDEATHSIG): a context that
-    # a failing test's traceback keeps alive until interpreter exit still finds it there (ggml's
-    # RPC client aborts the process when its server is gone).
-    # the server as lamina runs it: with the same backends (a portable build's are not in bin/), and
-    # serving the CPU: byte-exact against local CPU runs, and on a GPU machine no remote CUDA device,
-    # to which ggml's RPC client sends ops it cannot run (its supports_op says yes to all: open)
-    proc = lamina.tools.popen("ggml-rpc-server", ["-H", "127.0.0.1", "-p", str(port), "-t", "1", "-d", "CPU"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-    for _ in range(100):  # up to 10 s for the server to listen
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    (dev,) = lamina.rpc_connect(f"127.0.0.1:{port}")
+def rpc_device(rpc_endpoint: str) -> lamina.Device:
+    (dev,) = lamina.rpc_connect(rpc_endpoint)
     assert dev.kind == "remote" and dev.backend == "RPC"
-    yield dev
-
-
-def _die_with_parent() -> None:
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    return dev
 
 
 def tensor_bytes(path: Path) -> dict[str, int]:
