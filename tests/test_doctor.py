@@ -117,23 +117,25 @@ def numpy_copy_gbs(nbytes: int, runs: int = 5) -> float:
 
 
 def test_bandwidth_is_within_2x_of_a_numpy_copy(capsys: pytest.CaptureFixture[str]) -> None:
-    # best of a few runs on both sides: the machine may be shared, and a busy neighbour slows one
-    # run; numpy's copy is one thread and lamina's probe uses the default threads, so a many-core
-    # machine may copy more than 2x faster than numpy: the single-thread probe is compared then
+    """The figure the tg ceiling uses, read GB/s, against numpy's copy (bytes read + written).
+
+    Best of a few runs on both sides: the machine may be shared. numpy copies with one thread and
+    lamina's probe uses the default threads, so on a many-core machine the one-thread probe is
+    compared. lamina's copy is only checked for its order of magnitude: glibc's memcpy streams
+    large copies past the cache (non-temporal stores) while numpy's loop reads each destination
+    line first, so a copy can differ by more than 2x with both right (seen: 75 vs 29 GB/s here)."""
     reference = numpy_copy_gbs(256 * 1024 ** 2)
     report = run_json(capsys, "--bandwidth-seconds", "1")
-    ours = [report["bandwidth"]["copy_gbs"]]
-    for _ in range(2):
-        if reference / 2 <= max(ours) <= reference * 2:
+    threads = 1 if report["bandwidth"]["threads"] > 2 else report["bandwidth"]["threads"]
+    ours = [report["bandwidth"]["read_gbs"]] if threads == report["bandwidth"]["threads"] else []
+    for _ in range(3):
+        if ours and reference / 2 <= max(ours) <= reference * 2:
             break
-        ours.append(memory_bandwidth(1.0).copy_gbs)
-    reference = max(reference, numpy_copy_gbs(256 * 1024 ** 2))
+        ours.append(memory_bandwidth(1.0, threads=threads).read_gbs)
+        reference = max(reference, numpy_copy_gbs(256 * 1024 ** 2))
     best = max(ours)
-    if best > 2 * reference and report["bandwidth"]["threads"] > 2:
-        best = max(memory_bandwidth(1.0, threads=1).copy_gbs for _ in range(2))
-    assert reference / 2 <= best <= reference * 2, f"lamina copy {ours} GB/s vs numpy {reference:.1f} GB/s"
-    # read is the figure the tg ceiling uses: the same order of magnitude as the copy
-    assert report["bandwidth"]["read_gbs"] > reference / 4
+    assert reference / 2 <= best <= reference * 2, f"lamina read {ours} GB/s vs numpy copy {reference:.1f} GB/s"
+    assert reference / 4 < report["bandwidth"]["copy_gbs"] < reference * 8
 
 
 def test_bandwidth_probe_rejects_bad_arguments_with_exceptions() -> None:
