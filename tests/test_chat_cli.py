@@ -95,6 +95,9 @@ def test_bench_pairs_single_repetition_rounds() -> None:
     assert paired["paired_ratio_median"] == 1.0  # ratios 1.0, 2.0, 0.75
     assert paired["ratio"] == 2.0  # medians 20 / 10: what drift between rounds does to unpaired figures
     assert "paired_ratio_median" not in Result("pp512", 2, lamina=[1.0, 2.0], llama_bench=[1.0]).as_dict()
+    # -r 2 --rounds 1: two repetitions of each side, not pairs run back to back
+    assert "paired_ratio_median" not in Result("pp512", 2, lamina=[1.0, 2.0], llama_bench=[1.0, 2.0],
+                                               reps_per_round=2).as_dict()
 
 
 def test_cli_run_samples_as_llama_cpp_does_and_temp_0_is_greedy(real_path: Path) -> None:

@@ -48,6 +48,7 @@ class Result:
     n_gpu_layers: NGL | None = None  # what was asked (-ngl, model.yml or LAMINA_N_GPU_LAYERS)
     layers_offloaded: int = 0  # what llama.cpp placed on devices (model.offload.layers_effective)
     devices: list[str] = field(default_factory=list)  # devices in use; empty: gpu off, everything on the CPU
+    reps_per_round: int = 1  # repetitions of each side back to back; pairs exist only with one
 
     @staticmethod
     def _stats(xs: list[float]) -> tuple[float, float, float]:
@@ -82,7 +83,7 @@ class Result:
     def paired(self) -> bool:
         """One repetition per side per round: sample i of each side ran back to back, so the
         ratio of each pair cancels the machine's drift between rounds."""
-        return len(self.lamina) == len(self.llama_bench) > 1
+        return self.reps_per_round == 1 and len(self.lamina) == len(self.llama_bench) > 1
 
 
 def llama_bench_path() -> Path | None:
@@ -153,7 +154,7 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
     asked = model.config["n_gpu_layers"] if model.config is not None else off.layers_requested
     results = {(t, n, th): Result(f"{t}{n}", th, n_gpu_layers=asked,
                                   layers_offloaded=off.layers_effective if off.gpu else 0,
-                                  devices=list(off.devices) if off.gpu else [])
+                                  devices=list(off.devices) if off.gpu else [], reps_per_round=reps)
                for t, n in tests for th in threads}
     if compare and bench is None and llama_bench_path() is None:
         raise FileNotFoundError("llama-bench is not shipped in this build (LAMINA_BUILD_TOOLS=OFF): pass its path")
