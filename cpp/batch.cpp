@@ -69,6 +69,7 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
                                         " (each of n_seq_max sequences gets n_ctx / n_seq_max tokens unless the KV cache is unified)");
         }
         seqs[i].sampler = samplers[i];
+        samplers[i]->accept_prompt(seqs[i].prompt.data(), seqs[i].prompt.size());  // as generate() does
     }
     // the sequences start empty; sequence 0's token mirror (prefix reuse) follows what it holds
     llama_memory_t mem = llama_get_memory(c);
@@ -136,6 +137,11 @@ nb::list generate_batch(nb::handle ctx, std::vector<tokens_in> prompts, std::vec
         nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
         d["tokens"] = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
         d["finish_reason"] = seqs[i].finish;
+        std::string text;  // the pieces generate() would yield, joined: the same text for the same tokens
+        for (llama_token t : seqs[i].generated) append_piece(*st.model, t, false, text);
+        PyObject * o = PyUnicode_DecodeUTF8(text.data(), Py_ssize_t(text.size()), "replace");
+        if (o == nullptr) throw nb::python_error();
+        d["text"] = nb::steal<nb::str>(o);
         d["n_prompt"] = seqs[i].prompt.size();
         d["t_prompt_us"] = t1 - t0;
         d["t_gen_us"] = t2 - t1;
@@ -151,7 +157,8 @@ void init_batch(nb::module_ & m) {
           nb::arg("max_tokens"), nb::arg("ignore_eos") = false,
           R"(Generate for several prompts at once: prompt i runs as sequence i (the context needs
 n_seq_max >= len(prompts)); each step decodes one token of every running sequence in one batch.
-Sequences 0..n-1 are cleared first. Returns, per prompt, tokens, finish_reason and timings.)");
+Sequences 0..n-1 are cleared first. Returns, per prompt, tokens, text (the pieces joined, as
+generate() yields them), finish_reason and timings.)");
 }
 
 }  // namespace lamina

@@ -235,16 +235,26 @@ void decode_all_outputs(context_state & st, const llama_token * toks, size_t n) 
     llama_batch_free(b);
 }
 
-void decode_tokens(context_state & st, const llama_token * toks, size_t n) {
+void decode_tokens(context_state & st, const llama_token * toks, size_t n, bool last_output) {
     const size_t n_batch = llama_n_batch(st.ctx.get());
     size_t done = 0;
     while (done < n) {
         size_t k = std::min(n_batch, n - done);
         if (st.embeddings) {  // llama.cpp outputs every token of an embeddings context: say so in the batch
             decode_all_outputs(st, toks + done, k);
-        } else {
+        } else if (last_output || done + k < n) {
             // positions follow the cache; only the chunk's last token gets logits
             decode_batch(st, llama_batch_get_one(const_cast<llama_token *>(toks + done), int32_t(k)), 1);
+        } else {  // no logits for the last chunk either
+            llama_batch b = llama_batch_init(int32_t(k), 0, 1);
+            for (size_t i = 0; i < k; ++i) batch_add(b, toks[done + i], llama_pos(st.tokens.size() + i), 0, false);
+            try {
+                decode_batch(st, b, 0);
+            } catch (...) {
+                llama_batch_free(b);
+                throw;
+            }
+            llama_batch_free(b);
         }
         st.tokens.insert(st.tokens.end(), toks + done, toks + done + k);
         // the cache is the truth: a mirror that disagrees keeps only the positions (-1 ids never
@@ -443,8 +453,7 @@ public:
             s.tokens.insert(s.tokens.end(), t, t + n);
             return;
         }
-        decode_tokens(s, t, n);
-        if (logits == 0) s.last_outputs = 0;
+        decode_tokens(s, t, n, logits != 0);
     }
 
     // Sequences other than 0: positions follow that sequence's cells; no token mirror (prefix reuse
@@ -471,7 +480,7 @@ public:
                 int32_t outs = 0;
                 b.n_tokens = 0;
                 for (size_t i = 0; i < k; ++i) {
-                    bool out = s.embeddings || logits == 2 || (i + 1 == k);
+                    bool out = s.embeddings || logits == 2 || (logits == 1 && done + i + 1 == n);
                     batch_add(b, t[done + i], pos + llama_pos(done + i), seq, out);
                     outs += out;
                 }
@@ -483,7 +492,6 @@ public:
             throw;
         }
         llama_batch_free(b);
-        if (logits == 0) s.last_outputs = 0;
     }
 
     // Zero-copy view of the latest decode's logits, shape (outputs, n_vocab). The view keeps the

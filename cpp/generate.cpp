@@ -79,6 +79,10 @@ public:
             started_ = true;
             int64_t t0 = llama_time_us();
             n_prompt_eval_ = int64_t(eval_prompt(st, prompt_));
+            {
+                nb::gil_scoped_release nogil;
+                sampler_.accept_prompt(prompt_.data(), prompt_.size());  // penalties and DRY see the prompt
+            }
             n_reused_ = int64_t(prompt_.size()) - n_prompt_eval_;
             t_prompt_us_ = llama_time_us() - t0;
             t_gen_start_ = llama_time_us();
@@ -87,8 +91,6 @@ public:
                 throw nb::stop_iteration();
             }
         }
-        std::string piece;
-        char buf[256];
         // the sampler is ours unless another operation on the context detached it meanwhile
         const bool backend = st.backend_sampler && st.backend_owner.load() == this;
         // Signals are handled between pieces; a token slow enough for Ctrl-C to wait on (> 20 ms,
@@ -180,6 +182,45 @@ public:
     ~generator() {
         const void * self = this;
         st_->backend_owner.compare_exchange_strong(self, nullptr);
+    }
+
+    // A stop string begins after the first text_bytes bytes of the generated text: keep the tokens
+    // whose pieces lie wholly before it, take the others out of the token list and the KV cache
+    // (the next generation reuses the prefix up to the stop), and end the iteration.
+    void stop_at(size_t text_bytes) {
+        context_lease lease(st_, this);
+        context_state & st = *lease;
+        size_t keep = 0, end = 0;
+        std::string piece;
+        for (llama_token t : generated_) {
+            piece.clear();
+            append_piece(*st.model, t, false, piece);
+            if (end + piece.size() > text_bytes) break;
+            end += piece.size();
+            ++keep;
+        }
+        const size_t drop = generated_.size() - keep;
+        const size_t decoded = drop - (pending_ && drop > 0 ? 1 : 0);  // the last sampled token is not decoded yet
+        const bool mirrored = decoded <= st.tokens.size() &&
+            std::equal(st.tokens.end() - std::ptrdiff_t(decoded), st.tokens.end(),
+                       generated_.begin() + std::ptrdiff_t(keep));
+        if (decoded > 0 && mirrored) {  // another operation since would have changed the mirror: leave it
+            const llama_pos from = llama_pos(st.tokens.size() - decoded);
+            llama_memory_t mem = llama_get_memory(st.ctx.get());
+            if (llama_memory_seq_rm(mem, 0, from, -1)) {
+                st.tokens.resize(size_t(from));
+            } else {  // a cache that cannot drop a tail (recurrent): the mirror says what it holds
+                mirror_unknown(st, llama_memory_seq_pos_max(mem, 0));
+            }
+            st.last_outputs = 0;  // the logits were the dropped tokens'
+        }
+        generated_.resize(keep);
+        pending_ = false;
+        bytes_.clear();
+        if (!done_ && started_) t_gen_us_ = llama_time_us() - t_gen_start_;
+        done_ = true;
+        finish_reason_ = "stop";
+        detach_backend(st);
     }
 
     nb::dict stats() const {
@@ -299,6 +340,9 @@ shift_keep tokens stay and half of the rest is dropped (context shift).)")
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
         .def("__next__", &generator::next)
         .def("close", &generator::close, "Stop: iteration ends, and the context gets its logits back.")
+        .def("stop_at", &generator::stop_at, nb::arg("text_bytes"),
+             "A stop string starts after text_bytes bytes of generated text: drop the tokens from there on "
+             "(token list and KV cache) and end.")
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
         .def_prop_ro("tokens", &generator::tokens, nb::rv_policy::automatic, "Generated token ids so far (a copy).");
 }

@@ -203,7 +203,9 @@ constexpr int decode_rc_rpc_lost = -100;
 // Decode a batch with the GIL released; converts llama.cpp's status codes into exceptions.
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs);
 // Evaluate tokens for sequence 0 starting at st.tokens.size(); logits for the last token only.
-void decode_tokens(context_state & st, const llama_token * toks, size_t n);
+// Appends n tokens to sequence 0 in n_batch chunks; the last chunk's last token gets logits unless
+// last_output is false (then no logits at all: llama.cpp computes none).
+void decode_tokens(context_state & st, const llama_token * toks, size_t n, bool last_output = true);
 // ValueError unless a prompt of n tokens leaves room for one more in the context.
 void check_prompt_fits(const context_state & st, size_t n);
 // Bring the KV cache of sequence 0 to `prompt`, reusing the longest common prefix; afterwards

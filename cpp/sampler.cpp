@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "json-schema-to-grammar.h"
 
@@ -118,6 +119,16 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
     add(c, o.dynatemp_range > 0.0f ? llama_sampler_init_temp_ext(o.temperature, o.dynatemp_range, o.dynatemp_exponent)
                                    : llama_sampler_init_temp(o.temperature), "temperature");
     add(c, llama_sampler_init_dist(o.seed), "dist");
+}
+
+void sampler_handle::accept_prompt(const llama_token * toks, size_t n) {
+    if (greedy_) return;  // a plain argmax has no history
+    llama_sampler * c = chain_.get();
+    for (int32_t i = 0; i < llama_sampler_chain_n(c); ++i) {
+        llama_sampler * s = llama_sampler_chain_get(c, i);
+        if (std::strcmp(llama_sampler_name(s), "grammar") == 0) continue;
+        for (size_t k = 0; k < n; ++k) llama_sampler_accept(s, toks[k]);
+    }
 }
 
 void init_sampler(nb::module_ & m) {

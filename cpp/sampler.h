@@ -35,6 +35,9 @@ class sampler_handle {
 public:
     sampler_handle(std::shared_ptr<model_state> model, const sampler_options & o);
     bool greedy() const { return greedy_; }
+    // Feed prompt tokens to the samplers that keep a history (penalties, DRY), not to the grammar:
+    // as llama.cpp's completion does (common_sampler_accept(..., accept_grammar=false)).
+    void accept_prompt(const llama_token * toks, size_t n);
     llama_sampler * chain() const { return chain_.get(); }
 
 private:

@@ -157,6 +157,27 @@ def test_stop_strings_end_the_stream_and_are_cut(tiny_model: lamina.Model) -> No
     gen = ctx.generate("the sky is", max_tokens=40, ignore_eos=True, stop=stop)
     list(gen)
     assert gen.finish_reason == "stop"
+    # the tokens past the stop leave the token list and the KV cache: what is kept is the text
+    # before the stop, and the cache holds the prompt and those tokens only
+    kept = b"".join(tiny_model.token_to_piece(int(t)) for t in gen.tokens).decode("utf-8", errors="replace")
+    assert cut.startswith(kept) and len(cut) - len(kept) < 16, (cut, kept)
+    prompt = list(tiny_model.tokenize("the sky is", special=True))
+    assert list(ctx.tokens) == prompt + list(gen.tokens) and ctx.kv.used() == len(prompt) + len(gen.tokens)
+    again = ctx.generate(prompt + list(gen.tokens) + [300], max_tokens=4, ignore_eos=True)
+    list(again)
+    assert again.stats["n_reused"] == len(prompt) + len(gen.tokens)  # all of it, and only it, is reused
+
+
+def test_a_closed_generation_yields_nothing_more_and_is_a_context_manager(tiny_model: lamina.Model) -> None:
+    ctx = tiny_model.context(n_ctx=256)
+    for stop in ((), ("\x00never",)):  # the native iterator, and the stop-string stream holding text back
+        gen = ctx.generate("the sky is", max_tokens=40, ignore_eos=True, stop=stop)
+        next(iter(gen))
+        gen.close()
+        assert list(gen) == [] and len(gen.tokens) < 40
+    with ctx.generate("the sky is", max_tokens=40, ignore_eos=True) as gen:
+        first = next(iter(gen))
+    assert first and list(gen) == []
 
 
 def test_complete_returns_text_tokens_and_speeds(tiny_model: lamina.Model) -> None:

@@ -32,3 +32,47 @@ def test_greedy_64_tokens_equal_llama_completion(real_model: lamina.Model, promp
         ours = ctx.complete(prompt, max_tokens=64, ignore_eos=True)
     assert len(ours.tokens) == 64
     assert ours.text == ref.stdout.rstrip("\n")
+
+
+PENALTIES = [  # (llama-completion flags, the same settings as a lamina.Sampler)
+    (["--temp", "0", "--repeat-penalty", "1.5", "--repeat-last-n", "64", "--presence-penalty", "0.4",
+      "--frequency-penalty", "0.3"],
+     lamina.Sampler(temperature=0, repeat_penalty=1.5, penalty_last_n=64, presence_penalty=0.4,
+                    frequency_penalty=0.3)),
+    (["--temp", "0.9", "--seed", "1234", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.05",
+      "--repeat-penalty", "1.3", "--repeat-last-n", "128", "--dry-multiplier", "0.8"],
+     lamina.Sampler(temperature=0.9, seed=1234, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.3,
+                    penalty_last_n=128, dry_multiplier=0.8)),
+]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("flags, sampler", PENALTIES, ids=["greedy-penalties", "seeded-penalties-dry"])
+def test_penalties_see_the_prompt_as_in_llama_completion(real_model: lamina.Model, flags: list[str],
+                                                         sampler: lamina.Sampler) -> None:
+    """llama-completion feeds the prompt to the penalty and DRY samplers (not the grammar): with
+    the same settings and seed, lamina's tokens are llama.cpp's."""
+    prompt = "List the colors: red, green, blue, red, green, blue, red, green,"
+    cmd = ["-m", str(real_model.path.resolve()), "-p", prompt, "-n", "48", *flags, "--ignore-eos", "-no-cnv",
+           "--no-display-prompt", "--simple-io", "-t", "2", "-c", "4096"]
+    ref = lamina.tools.run(tool("llama-completion"), cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    with real_model.context(n_ctx=4096, threads=2) as ctx:
+        ours = ctx.complete(prompt, max_tokens=48, ignore_eos=True, sampler=sampler)
+    assert ours.text == ref.stdout.rstrip("\n")
+
+
+@pytest.mark.model
+def test_generate_batch_text_equals_generate_text(real_model: lamina.Model) -> None:
+    """The same tokens give the same text: generate_batch joins the pieces generate() yields
+    (it used detokenize). One prompt runs the same decodes as generate(): the same tokens too;
+    several prompts share batches, whose arithmetic may pick other greedy tokens."""
+    prompts = ["The three primary colors are", "Once upon a time", "def fibonacci(n):"]
+    with real_model.context(n_ctx=4096, threads=2) as ctx:
+        one = ctx.complete(prompts[0], max_tokens=24)
+        (alone,) = ctx.generate_batch(prompts[:1], max_tokens=24)
+    assert list(alone.tokens) == list(one.tokens) and alone.text == one.text
+    with real_model.context(n_ctx=4096, n_seq_max=len(prompts), threads=2) as ctx:
+        for b in ctx.generate_batch(prompts, max_tokens=24):
+            pieces = b"".join(real_model.token_to_piece(int(t)) for t in b.tokens)
+            assert b.text == pieces.decode("utf-8", errors="replace")

@@ -73,28 +73,34 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
 
 
 def _stream(native: _native.Generator, stops: Sequence[str], stopped: list[bool]) -> Iterator[str]:
-    """Pieces of ``native`` cut at the first stop string; sets stopped[0] when one matched.
-    A free function (not a method) so a Generation holds no reference cycle: contexts are
-    freed as soon as the last reference goes, not at the next garbage collection."""
+    """Pieces of ``native`` cut at the first stop string; sets stopped[0] when one matched, and
+    takes the tokens from the stop on out of the token list and the KV cache. A free function
+    (not a method) so a Generation holds no reference cycle: contexts are freed as soon as the
+    last reference goes, not at the next garbage collection."""
     held = ""
+    emitted = 0  # bytes of text yielded so far
     for piece in native:
         held += piece
         cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
             stopped[0] = True
+            native.stop_at(emitted + len(held[:cut].encode("utf-8")))
             if cut:
                 yield held[:cut]
             return
         keep = _stop_holdback(held, stops)
         if len(held) > keep:
-            yield held[: len(held) - keep]
+            out = held[: len(held) - keep]
+            emitted += len(out.encode("utf-8"))
+            yield out
             held = held[len(held) - keep:]
     if held:
         yield held
 
 
 class Generation:
-    """Iterator of text pieces from Context.generate(); stats are filled in as it runs."""
+    """Iterator of text pieces from Context.generate(); stats are filled in as it runs. A
+    context manager: leaving the block closes it (close() is final: no piece after it)."""
 
     def __init__(self, native: _native.Generator, stops: Sequence[str]) -> None:
         self._native = native
@@ -109,9 +115,17 @@ class Generation:
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Stop early and hand the context back (with backend sampling, its logits again)."""
+        """Stop early and hand the context back (with backend sampling, its logits again).
+        Final: iterating afterwards yields nothing, not even text held back for a stop string."""
         self._native.close()
+        self._pieces = iter(())
 
     @property
     def finish_reason(self) -> str | None:
@@ -504,7 +518,7 @@ class Context:
         for r in rows:
             t_p, t_g = r["t_prompt_us"] / 1e6, r["t_gen_us"] / 1e6
             out.append(Completion(
-                text=self.model.detokenize(r["tokens"]), tokens=r["tokens"], finish_reason=r["finish_reason"],
+                text=r["text"], tokens=r["tokens"], finish_reason=r["finish_reason"],
                 n_prompt=int(r["n_prompt"]), n_prompt_eval=int(r["n_prompt"]),
                 prompt_tokens_per_s=n_prompt / t_p if t_p else 0.0, tokens_per_s=n_gen / t_g if t_g else 0.0))
         return out
