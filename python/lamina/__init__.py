@@ -8,7 +8,8 @@
 """
 from ._core import logger
 from .config import Config, load_config
-from .context import KV, Completion, Context, Generation
+from .context import Completion, Context, Generation
+from .params import KV
 from .threads import Threads
 from .errors import (BusyError, ClosedError, ConfigWarning, DecodeError, ForkError, InertSettingWarning, LaminaError, LoadError,
                      ModelFormatError, OutOfMemoryError)

@@ -23,16 +23,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from .context import KV
-from .threads import Threads
-from .memory import NGL
+from . import plot, tools
+from .args import add_model_args, load_model
 from .model import Model
-from . import tools
+from .params import KV, NGL
+from .system import system_info
+from .threads import Threads
 
 
 # llama-bench's context settings (its to_llama_cparams): f16 K/V, sliding-window caches at window size.
@@ -211,8 +211,10 @@ def _int_list(value: str) -> list[int]:
 def _ngl_list(value: str) -> list[NGL]:
     out: list[NGL] = []
     for v in value.split(","):
-        if v in ("all", "auto"):
-            out.append(v)
+        if v == "all":
+            out.append("all")
+        elif v == "auto":
+            out.append("auto")
         elif v.isdigit():
             out.append(int(v))
         else:
@@ -234,12 +236,10 @@ def _count(lo: int) -> "Callable[[str], int]":
 
 
 def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from . import cli
-
     # "resolve": bench's -t and -ngl are sweep lists and replace the single values of add_model_args
     p = sub.add_parser("bench", help="pp/tg throughput (like llama-bench); --compare runs llama-bench too",
                        conflict_handler="resolve")
-    cli.add_model_args(p)
+    add_model_args(p)
     p.add_argument("-ngl", "--n-gpu-layers", type=_ngl_list, default=None,
                    help="comma list, e.g. 0,4,8,all (a sweep: one model load per value); int, 'all' or 'auto'")
     p.add_argument("-p", "--n-prompt", type=_count(0), default=512, help="prompt tokens (0: no pp test)")
@@ -257,13 +257,11 @@ def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
 def models(args: "argparse.Namespace") -> Iterator[Model]:
     """The model as run/chat load it (--config, LAMINA_* and the flags), once per -ngl value, each
     closed before the next loads. -t stays out of the config: here it is a list to sweep."""
-    from . import cli
-
     sweep, ngls = args.threads, args.n_gpu_layers
     for ngl in ngls or [None]:
         args.threads, args.n_gpu_layers = None, ngl
         try:
-            model = cli.load_model(args)
+            model = load_model(args)
         finally:
             args.threads, args.n_gpu_layers = sweep, ngls
         try:
@@ -273,14 +271,12 @@ def models(args: "argparse.Namespace") -> Iterator[Model]:
 
 
 def plot_title(model: Model) -> str:
-    from .system import system_info
 
     return f"lamina bench: {model.info.desc} ({model.path.name})\n{system_info().cpu_model or 'unknown CPU'}"
 
 
 def cmd_bench(args: "argparse.Namespace") -> int:
     if args.plot:
-        from . import plot
 
         plot.require()  # before minutes of measuring, not after
     results: list[Result] = []
@@ -298,7 +294,6 @@ def cmd_bench(args: "argparse.Namespace") -> int:
     else:
         print(markdown(first, results))
     if args.plot:
-        from . import plot
 
         x = "n_gpu_layers" if args.n_gpu_layers and len(args.n_gpu_layers) > 1 else "threads"
         sys.stdout.flush()  # the table before the note, also when both go to one pipe

@@ -6,83 +6,13 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import replace
 from typing import Any, Sequence
 
-from .config import Config, Setting, load_config
+from . import bench, doctor, tools
+from ._core import PACKAGE_DIR
+from .args import add_model_args, add_sampling_args, add_thread_args, config_from_args, load_model, ngl
 from .errors import LaminaError
 from .model import Model
-from .models import default_model_path
-from .progress import load_bar
-
-
-def _ngl(value: str) -> int | str:
-    if value in ("all", "auto"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, 'all' or 'auto', got {value!r}") from None
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF file (default: the Gemma 3 270M package)")
-    p.add_argument("--config", default=None, help="model.yml with settings (then LAMINA_* env, then these flags)")
-    p.add_argument("--no-gpu", action="store_true", help="keep everything on the CPU")
-    p.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default=None, help="int, 'all' or 'auto' (default: auto)")
-
-
-def _add_thread_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-t", "--threads", type=int, default=None, help="generation threads (default: physical cores)")
-    p.add_argument("-tb", "--threads-batch", type=int, default=None, help="prompt threads (default: logical CPUs)")
-    p.add_argument("--cpus", default=None, help="pin threads to CPUs: '0-3,8' or a hex mask '0xff'")
-    p.add_argument("--cpu-strict", action="store_true", help="one thread per listed CPU")
-    p.add_argument("--prio", default=None, choices=("low", "normal", "medium", "high", "realtime"))
-    p.add_argument("--poll", type=int, default=None, help="0 (sleep) .. 100 (spin) while waiting for work (50)")
-
-
-def _add_sampling_args(p: argparse.ArgumentParser, n_predict: int) -> None:
-    g = p.add_argument_group("generation (default: the config's, else llama.cpp's CLI defaults)")
-    g.add_argument("-n", "--n-predict", type=int, default=None, help=f"tokens to generate (-1: no limit; {n_predict})")
-    g.add_argument("--temp", type=float, default=None, help="temperature (0.8); 0 = greedy")
-    g.add_argument("--top-k", type=int, default=None, help="(40; 0 = off)")
-    g.add_argument("--top-p", type=float, default=None, help="(0.95; 1 = off)")
-    g.add_argument("--min-p", type=float, default=None, help="(0.05; 0 = off)")
-    g.add_argument("--repeat-penalty", type=float, default=None, help="(1.0 = off)")
-    g.add_argument("--seed", type=int, default=None, help="(-1: random; the seed used is printed)")
-    g.add_argument("--ignore-eos", action="store_true", default=None, help="generate past end-of-generation tokens")
-    g.add_argument("--ctx-shift", action="store_true", default=None, help="when the context fills, drop the older "
-                   "half and go on (models whose cache can shift)")
-
-
-# command-line flag -> lamina setting name
-_FLAGS = {"n_gpu_layers": "n_gpu_layers", "threads": "threads", "threads_batch": "threads_batch", "cpus": "cpus",
-          "ctx_size": "n_ctx", "prio": "priority", "poll": "poll", "n_predict": "max_tokens", "temp": "temperature",
-          "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repeat_penalty": "repeat_penalty", "seed": "seed",
-          "stop": "stop", "ignore_eos": "ignore_eos", "ctx_shift": "ctx_shift"}
-
-
-def config_from_args(args: argparse.Namespace, *, strict: bool = False) -> Config:
-    """model.yml < LAMINA_* environment < the flags given on the command line."""
-    flags: dict[str, Any] = {}
-    if getattr(args, "model", None):
-        flags["model"] = args.model
-    if getattr(args, "no_gpu", False):
-        flags["gpu"] = False
-    for flag, name in _FLAGS.items():
-        if getattr(args, flag, None) is not None:
-            flags[name] = getattr(args, flag)
-    if getattr(args, "cpu_strict", False):
-        flags["cpu_strict"] = True
-    cfg = load_config(getattr(args, "config", None), strict=strict, **flags)
-    if cfg["model"] is None:  # the default model, without reading (and warning about) the file again
-        cfg = replace(cfg, settings={**cfg.settings, "model": Setting(str(default_model_path()), "default")})
-    return cfg
-
-
-def load_model(args: argparse.Namespace) -> Model:
-    cfg = config_from_args(args)
-    return Model.from_config(cfg, progress=load_bar(f"loading {os.path.basename(cfg['model'])}"))
 
 
 def _generate_kwargs(model: Model, n_predict: int) -> dict[str, Any]:
@@ -186,9 +116,6 @@ def _loopback(host: str) -> bool:
 
 def cmd_rpc_server(args: argparse.Namespace) -> int:
     """ggml-rpc-server from this package's build: its protocol version is the one lamina speaks."""
-    from . import tools
-    from ._core import PACKAGE_DIR
-
     if tools.path("ggml-rpc-server") is None:
         print("lamina rpc-server: this lamina has no ggml-rpc-server (built with -DGGML_RPC=OFF or "
               "LAMINA_BUILD_TOOLS=OFF)", file=sys.stderr)
@@ -236,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("prompt", nargs="?", default="The three primary colors are")
     add_model_args(run)
     run.add_argument("-c", "--ctx-size", type=int, default=None, help="context tokens (default 4096)")
-    _add_thread_args(run)
-    _add_sampling_args(run, 128)
+    add_thread_args(run)
+    add_sampling_args(run, 128)
     run.add_argument("--stop", action="append", help="stop string (repeatable)")
     run.add_argument("--echo", action="store_true", help="print the prompt first")
     run.set_defaults(func=cmd_run)
@@ -247,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.add_argument("--template", default=None, help="template string or built-in name (default: the model's)")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("-c", "--ctx-size", type=int, default=None, help="context tokens (default 4096)")
-    _add_thread_args(chat)
-    _add_sampling_args(chat, 512)
+    add_thread_args(chat)
+    add_sampling_args(chat, 512)
     chat.set_defaults(func=cmd_chat)
 
     rpcs = sub.add_parser("rpc-server", help="serve this machine's devices to other processes (ggml RPC)")
@@ -259,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rpcs.add_argument("--cache", default=None, help="folder where the server caches tensors it received")
     rpcs.set_defaults(func=cmd_rpc_server)
 
-    from . import bench, doctor  # their subcommands live next to what they run
-
+    # bench and doctor build their own subcommands, next to what they run
     bench.add_cli(sub)
     info = sub.add_parser("info", help="model facts and where its layers went")
     add_model_args(info)
@@ -277,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         c.add_argument("--strict", action="store_true", help="unknown or unsupported keys are errors")
         c.add_argument("-m", "--model", help="GGUF file")
         c.add_argument("--no-gpu", action="store_true")
-        c.add_argument("-ngl", "--n-gpu-layers", type=_ngl, default=None)
+        c.add_argument("-ngl", "--n-gpu-layers", type=ngl, default=None)
         c.add_argument("-t", "--threads", type=int, default=None)
         c.add_argument("-c", "--ctx-size", type=int, default=None)
         c.set_defaults(func=cmd_config)

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import yaml
 
-from .context import KV, KV_TYPES
+from . import _native
 from .errors import ConfigWarning, InertSettingWarning
-from .params import INT32_MAX, UINT32_MAX
+from .params import INT32_MAX, KV, KV_TYPES, UINT32_MAX
 from .sampling import Sampler
+from .system import allowed_cpus, devices, gpu_absent_reason
 from .threads import PRIORITIES, Threads
 
 if TYPE_CHECKING:
@@ -494,8 +495,6 @@ class Config:
     def grammar(self) -> str | None:
         """The GBNF grammar from grammar, grammar_file, json_schema or json_schema_file (one of
         them); ValueError names the setting's source when the file or the schema is bad."""
-        from . import _native
-
         name = next((n for n in ("grammar", "grammar_file", "json_schema", "json_schema_file")
                      if self[n] is not None), None)
         if name is None:
@@ -769,8 +768,6 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
 
 
 def _gpu_off(values: dict[str, Setting]) -> str:
-    from .system import gpu_absent_reason
-
     if not values["gpu"].value:
         return f"gpu is off ({values['gpu'].source})"
     if values["devices"].value == []:
@@ -785,8 +782,6 @@ def _check_inert(cfg: Config) -> None:
     """Settings that cannot take effect with the others or on this machine (warned once each). A
     value equal to the default is never inert (Jan writes main_gpu: 0), nor is ngl: 0 (the very
     fix for a stale ngl)."""
-    from .system import allowed_cpus, devices
-
     def set_to_other(name: str) -> bool:
         return cfg.is_set(name) and cfg[name] != SETTINGS[name].default
 

@@ -10,43 +10,15 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core, _native
-from .model import as_tokens
-from .params import UINT32_MAX, check_int, check_pos, check_seq
+from .errors import OutOfMemoryError
+from .params import (FLASH, KV, KV_TYPES, LOGITS, POOLING, as_tokens, check_int, check_pos, check_seq,
+                     context_settings)
+from .system import host_memory
 from .sampling import Sampler
 from .threads import Threads
 
 if TYPE_CHECKING:
     from .model import Model
-
-_LOGITS = {"none": 0, "last": 1, "all": 2}
-POOLING = {None: -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
-_FLASH = {"auto": -1, False: 0, True: 1}
-
-
-# K/V cache types llama.cpp supports (its CLI's list)
-KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
-
-
-@dataclass(frozen=True)
-class KV:
-    """KV cache settings: K/V types by ggml name, offload to the model's devices."""
-
-    type_k: str = "f16"
-    type_v: str = "f16"
-    offload: bool = True
-    unified: bool = False
-    swa_full: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("type_k", "type_v"):
-            value = getattr(self, name)
-            if value not in KV_TYPES:
-                raise ValueError(f"KV.{name}={value!r}: the KV cache takes one of {', '.join(KV_TYPES)}")
-
-    @property
-    def quantized_v(self) -> bool:
-        return self.type_v not in ("f32", "f16", "bf16")
-
 
 @dataclass(frozen=True)
 class Completion:
@@ -217,43 +189,10 @@ def _as_threads(threads: int | Threads | None) -> Threads:
     raise TypeError(f"threads must be an int or lamina.Threads, got {threads!r}")
 
 
-_ROPE_SCALING = {None: -1, "none": 0, "linear": 1, "yarn": 2, "longrope": 3}
-
-
-def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv: KV,
-                     flash_attn: bool | Literal["auto"], on_gpu: bool, *, embeddings: bool = False,
-                     pooling: str | None = None, rope_scaling: str | None = None, rope_freq_base: float = 0.0,
-                     rope_freq_scale: float = 0.0) -> tuple[Any, ...]:
-    """Validated native context settings (see lamina.h: context_args)."""
-    for name, value, lo in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1),
-                            ("n_seq_max", n_seq_max, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-        check_int(name, value, lo, UINT32_MAX)
-    if flash_attn not in _FLASH:
-        raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
-    if not isinstance(kv, KV):
-        raise TypeError(f"kv must be a lamina.KV, got {kv!r}")
-    if kv.quantized_v and flash_attn is False:
-        raise ValueError(f"a quantized V cache ({kv.type_v}) needs flash attention: use flash_attn='auto' or True")
-    if rope_scaling not in _ROPE_SCALING:
-        raise ValueError(f"rope_scaling must be None (the model's), 'none', 'linear', 'yarn' or 'longrope', "
-                         f"got {rope_scaling!r}")
-    for rope_name, rope_value in (("rope_freq_base", rope_freq_base), ("rope_freq_scale", rope_freq_scale)):
-        if isinstance(rope_value, bool) or not isinstance(rope_value, (int, float)) or not 0 <= rope_value < 1e30:
-            raise ValueError(f"{rope_name} must be a number >= 0 (0: the model's), got {rope_value!r}")
-    return (n_ctx, n_batch, n_ubatch, n_seq_max, _FLASH[flash_attn], _native.ggml_type_from_name(kv.type_k),
-            _native.ggml_type_from_name(kv.type_v), kv.offload and on_gpu, on_gpu, embeddings, kv.swa_full,
-            kv.unified, POOLING[pooling], _ROPE_SCALING[rope_scaling], float(rope_freq_base), float(rope_freq_scale))
-
-
 def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max: int,
                   flash_attn: bool | Literal["auto"]) -> None:
     """n_ctx=0 asks for the training context, which can be far larger than this machine: refuse
     it up front, naming the device and the bytes, instead of letting the allocation fail or swap."""
-    from .errors import OutOfMemoryError
-    from .system import host_memory
-
     try:
         est = model.estimate_memory(0, kv=kv, n_seq_max=n_seq_max, n_batch=n_batch, n_ubatch=n_ubatch,
                                     flash_attn=flash_attn)
@@ -356,9 +295,9 @@ class Context:
     def decode(self, tokens: Any, *, logits: Literal["last", "all", "none"] = "last", seq: int = 0) -> None:
         """Append tokens to a sequence in the KV cache and evaluate them (GIL released); returns
         when the evaluation is done, on a GPU too."""
-        if logits not in _LOGITS:
+        if logits not in LOGITS:
             raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
-        self.native.decode(as_tokens(tokens, self.model.info.n_vocab), _LOGITS[logits], check_seq("seq", seq))
+        self.native.decode(as_tokens(tokens, self.model.info.n_vocab), LOGITS[logits], check_seq("seq", seq))
 
     @property
     def logits(self) -> npt.NDArray[np.float32]:

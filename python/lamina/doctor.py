@@ -32,7 +32,13 @@ from typing import Any, Sequence
 
 from . import _native
 from ._core import PACKAGE_DIR
+from .bench import lamina_tg
+from .config import load_config
 from .errors import InertSettingWarning
+from .model import Model
+from .params import KV
+from .plot import require
+from .progress import load_bar
 from .system import (MEMORY_FILESYSTEMS, NETWORK_FILESYSTEMS, cache_sizes, cgroup_levels, cgroup_memory_limit,
                      filesystem_of, gpu_absent_reason, memory_bandwidth, swap_memory, system_info)
 
@@ -282,9 +288,6 @@ def _host_available(available: int) -> int:
 def model_report(report: dict[str, Any], path: str, n_ctx: int, kv_type: str, config: Any = None,
                  tg_tokens: int = 16, progress: Any = None) -> dict[str, Any]:
     """Advice for one model on this machine: fit, ceiling vs measured tg, threads, ngl, quantization."""
-    from .bench import lamina_tg
-    from .context import KV
-    from .model import Model
 
     facts: Facts = report["_facts"]
     kv = KV(type_k=kv_type, type_v=kv_type)
@@ -494,8 +497,6 @@ def _render_model(m: dict[str, Any]) -> list[str]:
 
 def plot_report(r: dict[str, Any], out: str) -> None:
     """tg measured per thread count (bars) against the bandwidth ceiling (lines), saved to ``out``."""
-    from .plot import require
-
     require()
     import matplotlib
     matplotlib.use("Agg")
@@ -549,12 +550,8 @@ def _tokens(text: str) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .progress import load_bar
 
     if args.plot:
-        from .plot import require
-
         require()  # before minutes of probing
     # the settings as run/chat/bench see them: the file (if any) < LAMINA_* < the MODEL argument
     with warnings.catch_warnings(record=True) as caught:

@@ -3,10 +3,11 @@ no-alloc load), and the offload report of a loaded model."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
+
+from .params import NGL
 
 MiB = 1024 * 1024
-NGL = Union[int, str]
 
 
 def _mib(n: int) -> str:

@@ -11,52 +11,19 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core, _native
+from .context import Context
+from .errors import InertSettingWarning
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
-from .errors import InertSettingWarning
+from .params import KV, NGL, as_tokens, context_settings, kv_tensor_error
 from .system import Device, gpu_absent_reason, rpc_connect
 from .system import devices as list_devices
+from .threads import Threads
 
 if TYPE_CHECKING:
     from .config import Config
-    from .context import Context, KV
-    from .threads import Threads
 
-NGL = Union[int, Literal["all", "auto"]]
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
-
-
-def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:
-    """Token ids as a contiguous int32 array; rejects non-integers and values int32 cannot hold."""
-    arr = np.asarray(tokens)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if arr.ndim != 1:
-        raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int32)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"tokens must be integers, got dtype {arr.dtype}")
-    if arr.dtype != np.int32:
-        lo, hi = int(arr.min()), int(arr.max())
-        limit = n_vocab if n_vocab is not None else 2**31
-        if lo < 0 or hi >= limit:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"token id {bad} is out of range [0, {limit})")
-    return np.ascontiguousarray(arr, dtype=np.int32)
-
-
-def kv_tensor_error(refused: tuple[str, int], n_ctx: int) -> Exception:
-    """The OutOfMemoryError for a device that cannot use one layer's K or V cache tensor."""
-    from .errors import OutOfMemoryError
-
-    dev, size = refused
-    err = OutOfMemoryError(
-        f"{dev} cannot use a KV cache tensor of {size / 2**20:,.0f} MiB (one layer's K or V cache for "
-        f"n_ctx={n_ctx or 'the training context'}; the device limits the size of one tensor): give a smaller n_ctx, or "
-        f"kv=lamina.KV(offload=False) to keep the cache in host memory")
-    err.device, err.bytes = dev, size
-    return err
 
 
 @dataclass(frozen=True)
@@ -127,7 +94,7 @@ class Model:
         devices: Sequence[int | str | Device] | None = None,
         tensor_overrides: Sequence[tuple[str, int | str | Device]] | None = None,
         n_ctx: int = 4096,
-        kv: "KV | None" = None,
+        kv: KV | None = None,
         memory_limit: Mapping[int | str | Device, int] | None = None,
         fit_margin: int | Sequence[int] = 1024 * MiB,
         fit_ctx: int = 4096,
@@ -136,8 +103,6 @@ class Model:
         progress: Callable[[float], bool | None] | None = None,
         rpc: Sequence[str] | None = None,
     ) -> None:
-        from .context import KV, context_settings
-
         self._native: _native.Model | None = None
         if path is None:
             path = default_model_path()
@@ -305,21 +270,19 @@ class Model:
             model.offload = replace(model.offload, reasons=model.offload.reasons + config.inert)
         return model
 
-    def estimate_memory(self, n_ctx: int | None = None, *, kv: "KV | None" = None, n_seq_max: int = 1,
+    def estimate_memory(self, n_ctx: int | None = None, *, kv: KV | None = None, n_seq_max: int = 1,
                         n_batch: int = 2048, n_ubatch: int = 512,
                         flash_attn: bool | Literal["auto"] = "auto") -> MemoryEstimate:
         """Bytes per device (and host) that this model's weights and a context with these
         settings take, computed by llama.cpp's no-alloc load: nothing is allocated. n_ctx=0 is
         the model's training context."""
-        from .context import context_settings
-
         n = self.n_ctx if n_ctx is None else n_ctx
         self.check_kv_tensors(n, kv or self.kv)
         settings = context_settings(n, n_batch, n_ubatch, n_seq_max, kv or self.kv, flash_attn, self._placement[1] != [])
         rows = _native.memory_estimate(os.fspath(self.path), self._placement, settings)
         return estimate_from_native(n if n else self.info.n_ctx_train, rows)
 
-    def check_kv_tensors(self, n_ctx: int, kv: "KV") -> None:
+    def check_kv_tensors(self, n_ctx: int, kv: KV) -> None:
         """Raise OutOfMemoryError when a device that holds layers cannot use one layer's K or V
         cache tensor for n_ctx positions (0: the training context). llama.cpp would allocate it
         and then abort the process (Vulkan devices limit one tensor to maxStorageBufferRange)."""
@@ -399,14 +362,12 @@ class Model:
     # -- embeddings ----------------------------------------------------------------------
     def embed(self, texts: str | Sequence[str], *, normalize: bool = True,
               pooling: Literal["none", "mean", "cls", "last"] | None = None,
-              threads: "int | Threads | None" = None) -> npt.NDArray[np.float32]:
+              threads: int | Threads | None = None) -> npt.NDArray[np.float32]:
         """Embeddings of ``texts``: array (n, n_embd), or (n_embd,) for one string.
 
         pooling: None uses the model's own (an embedding model's mean/cls/...); a generative
         model without one gives its last token's hidden state. normalize: L2-normalise rows.
         """
-        from .context import Context
-
         single = isinstance(texts, str)
         items = [texts] if isinstance(texts, str) else list(texts)
         if not items or not all(isinstance(t, str) for t in items):
@@ -437,16 +398,14 @@ class Model:
         n_batch: int | None = None,
         n_ubatch: int | None = None,
         n_seq_max: int | None = None,
-        threads: "int | Threads | None" = None,
-        kv: "KV | None" = None,
+        threads: int | Threads | None = None,
+        kv: KV | None = None,
         flash_attn: bool | Literal["auto"] | None = None,
         embeddings: bool = False,
         **kwargs: Any,
-    ) -> "Context":
+    ) -> Context:
         """A context of this model: lamina.Context(model, ...), whose docstring says how the
         arguments default (an argument given wins, then the model's config, then the defaults)."""
-        from .context import Context
-
         return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max, threads=threads,
                        kv=kv, flash_attn=flash_attn, embeddings=embeddings, **kwargs)
 

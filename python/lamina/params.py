@@ -1,4 +1,6 @@
-"""Checks for numbers that cross into the native layer (a leaf module: imports nothing of lamina).
+"""Value types and checks that cross into the native layer: KV cache settings, context settings,
+token arrays, ints range-checked for C types. A leaf: it imports only lamina._native (and
+lamina.errors, which is the native exceptions), so every other module can import it at top level.
 
 Every int handed to lamina._native is range-checked here first, so a bad value gets lamina's
 own ValueError naming the argument and its range, never nanobind's "incompatible function
@@ -6,10 +8,18 @@ arguments" TypeError for a value that overflows a C type.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _native
+from .errors import OutOfMemoryError
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
+NGL = Union[int, Literal["all", "auto"]]  # n_gpu_layers: a count, every layer, or llama.cpp's memory fit
 
 
 def check_int(name: str, value: Any, lo: int, hi: int = INT32_MAX) -> int:
@@ -29,3 +39,94 @@ def check_pos(name: str, value: Any) -> int:
 def check_seq(name: str, value: Any, allow_all: bool = False) -> int:
     """A sequence id: >= 0 (llama.cpp checks it against n_seq_max), or -1 for all where allowed."""
     return check_int(name, value, -1 if allow_all else 0)
+
+
+LOGITS = {"none": 0, "last": 1, "all": 2}
+POOLING = {None: -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
+FLASH = {"auto": -1, False: 0, True: 1}
+
+
+# K/V cache types llama.cpp supports (its CLI's list)
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+@dataclass(frozen=True)
+class KV:
+    """KV cache settings: K/V types by ggml name, offload to the model's devices."""
+
+    type_k: str = "f16"
+    type_v: str = "f16"
+    offload: bool = True
+    unified: bool = False
+    swa_full: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("type_k", "type_v"):
+            value = getattr(self, name)
+            if value not in KV_TYPES:
+                raise ValueError(f"KV.{name}={value!r}: the KV cache takes one of {', '.join(KV_TYPES)}")
+
+    @property
+    def quantized_v(self) -> bool:
+        return self.type_v not in ("f32", "f16", "bf16")
+
+
+ROPE_SCALING = {None: -1, "none": 0, "linear": 1, "yarn": 2, "longrope": 3}
+
+
+def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv: KV,
+                     flash_attn: bool | Literal["auto"], on_gpu: bool, *, embeddings: bool = False,
+                     pooling: str | None = None, rope_scaling: str | None = None, rope_freq_base: float = 0.0,
+                     rope_freq_scale: float = 0.0) -> tuple[Any, ...]:
+    """Validated native context settings (see lamina.h: context_args)."""
+    for name, value, lo in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1),
+                            ("n_seq_max", n_seq_max, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+        check_int(name, value, lo, UINT32_MAX)
+    if flash_attn not in FLASH:
+        raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
+    if not isinstance(kv, KV):
+        raise TypeError(f"kv must be a lamina.KV, got {kv!r}")
+    if kv.quantized_v and flash_attn is False:
+        raise ValueError(f"a quantized V cache ({kv.type_v}) needs flash attention: use flash_attn='auto' or True")
+    if rope_scaling not in ROPE_SCALING:
+        raise ValueError(f"rope_scaling must be None (the model's), 'none', 'linear', 'yarn' or 'longrope', "
+                         f"got {rope_scaling!r}")
+    for rope_name, rope_value in (("rope_freq_base", rope_freq_base), ("rope_freq_scale", rope_freq_scale)):
+        if isinstance(rope_value, bool) or not isinstance(rope_value, (int, float)) or not 0 <= rope_value < 1e30:
+            raise ValueError(f"{rope_name} must be a number >= 0 (0: the model's), got {rope_value!r}")
+    return (n_ctx, n_batch, n_ubatch, n_seq_max, FLASH[flash_attn], _native.ggml_type_from_name(kv.type_k),
+            _native.ggml_type_from_name(kv.type_v), kv.offload and on_gpu, on_gpu, embeddings, kv.swa_full,
+            kv.unified, POOLING[pooling], ROPE_SCALING[rope_scaling], float(rope_freq_base), float(rope_freq_scale))
+
+
+def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:
+    """Token ids as a contiguous int32 array; rejects non-integers and values int32 cannot hold."""
+    arr = np.asarray(tokens)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int32)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.dtype != np.int32:
+        lo, hi = int(arr.min()), int(arr.max())
+        limit = n_vocab if n_vocab is not None else 2**31
+        if lo < 0 or hi >= limit:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"token id {bad} is out of range [0, {limit})")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def kv_tensor_error(refused: tuple[str, int], n_ctx: int) -> Exception:
+    """The OutOfMemoryError for a device that cannot use one layer's K or V cache tensor."""
+    dev, size = refused
+    err = OutOfMemoryError(
+        f"{dev} cannot use a KV cache tensor of {size / 2**20:,.0f} MiB (one layer's K or V cache for "
+        f"n_ctx={n_ctx or 'the training context'}; the device limits the size of one tensor): give a smaller n_ctx, or "
+        f"kv=lamina.KV(offload=False) to keep the cache in host memory")
+    err.device, err.bytes = dev, size
+    return err

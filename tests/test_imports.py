@@ -1,0 +1,73 @@
+"""The package's shape: every module imports on its own, at top level, with no import cycle
+(value types live in the leaf module lamina.params, so the YAML loader does not need the runtime
+and no module imports another lazily to dodge a cycle)."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lamina
+
+PACKAGE = Path(lamina.__file__).parent
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+
+
+def lamina_imports(path: Path) -> tuple[set[str], list[str]]:
+    """(modules of lamina imported at run time at top level, imports of lamina inside functions)."""
+    tree = ast.parse(path.read_text())
+    top: set[str] = set()
+    nested: list[str] = []
+
+    def names(node: ast.ImportFrom) -> set[str]:
+        if node.level == 1 and node.module:
+            return {node.module.split(".")[0]}
+        if node.level == 1:
+            return {a.name for a in node.names}
+        return set()
+
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            top |= names(node)
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue  # annotations only: not a run-time import
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and names(inner):
+                    nested.append(f"{path.name}:{inner.lineno} {ast.unparse(inner)}")
+    return top - {"_native"}, nested
+
+
+def test_no_module_imports_lamina_inside_a_function() -> None:
+    nested = [n for m in MODULES for n in lamina_imports(PACKAGE / f"{m}.py")[1]]
+    assert not nested, nested
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    graph = {m: lamina_imports(PACKAGE / f"{m}.py")[0] & set(MODULES) for m in MODULES}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        if state.get(m) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for dep in sorted(graph[m]):
+            visit(dep, path + [m])
+        state[m] = 2
+
+    for m in MODULES:
+        visit(m, [])
+    assert graph["params"] <= {"errors"}, graph["params"]  # the leaf
+    assert "context" not in graph["config"] and "model" not in graph["config"]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_each_module_imports_on_its_own(module: str) -> None:
+    r = subprocess.run([sys.executable, "-c", f"import lamina.{module}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
