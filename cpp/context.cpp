@@ -318,21 +318,21 @@ size_t eval_prompt(context_state & st, const std::vector<llama_token> & prompt) 
     return prompt.size() - common;
 }
 
-llama_context_params build_context_params(const context_args & a) {
+llama_context_params build_context_params(const context_params & a) {
     llama_context_params p = llama_context_default_params();
-    int flash_attn, type_k, type_v, pooling_type, rope_scaling;
-    std::tie(p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, flash_attn, type_k, type_v, p.offload_kqv, p.op_offload,
-             p.embeddings, p.swa_full, p.kv_unified, pooling_type, rope_scaling, p.rope_freq_base,
-             p.rope_freq_scale) = a;
-    // -1 unspecified (the model's), 0 none, 1 linear, 2 yarn, 3 longrope; 0 frequencies: the model's
-    if (rope_scaling < -1 || rope_scaling > LLAMA_ROPE_SCALING_TYPE_MAX_VALUE) {
-        throw std::invalid_argument("rope_scaling_type must be -1 (the model's) or 0..3");
-    }
-    if (!std::isfinite(p.rope_freq_base) || p.rope_freq_base < 0.0f ||
-        !std::isfinite(p.rope_freq_scale) || p.rope_freq_scale < 0.0f) {
-        throw std::invalid_argument("rope_freq_base and rope_freq_scale must be finite and >= 0 (0: the model's)");
-    }
-    p.rope_scaling_type = static_cast<llama_rope_scaling_type>(rope_scaling);
+    p.n_ctx = a.n_ctx;
+    p.n_batch = a.n_batch;
+    p.n_ubatch = a.n_ubatch;
+    p.n_seq_max = a.n_seq_max;
+    p.offload_kqv = a.offload_kqv;
+    p.op_offload = a.op_offload;
+    p.embeddings = a.embeddings;
+    p.swa_full = a.swa_full;
+    p.kv_unified = a.kv_unified;
+    p.rope_freq_base = a.rope_freq_base;
+    p.rope_freq_scale = a.rope_freq_scale;
+    const int flash_attn = a.flash_attn, type_k = a.type_k, type_v = a.type_v, pooling_type = a.pooling_type,
+              rope_scaling = a.rope_scaling_type;
     if (p.n_batch < 1 || p.n_ubatch < 1) throw std::invalid_argument("n_batch and n_ubatch must be >= 1");
     p.n_ubatch = std::min(p.n_ubatch, p.n_batch);
     if (p.n_seq_max < 1 || p.n_seq_max > llama_max_parallel_sequences()) {
@@ -357,17 +357,26 @@ llama_context_params build_context_params(const context_args & a) {
     p.type_k = ggml_type(type_k);
     p.type_v = ggml_type(type_v);
     p.pooling_type = static_cast<enum llama_pooling_type>(pooling_type);
+    if (rope_scaling < -1 || rope_scaling > LLAMA_ROPE_SCALING_TYPE_MAX_VALUE) {
+        throw std::invalid_argument("rope_scaling_type must be -1 (the model's) or 0..3");
+    }
+    if (!std::isfinite(p.rope_freq_base) || p.rope_freq_base < 0.0f ||
+        !std::isfinite(p.rope_freq_scale) || p.rope_freq_scale < 0.0f) {
+        throw std::invalid_argument("rope_freq_base and rope_freq_scale must be finite and >= 0 (0: the model's)");
+    }
+    p.rope_scaling_type = static_cast<llama_rope_scaling_type>(rope_scaling);
     return p;
 }
 
 namespace {
 
-// (n_threads, cpus, strict, priority, poll) of one threadpool, as Python's Threads passes them
-using pool_args = std::tuple<int32_t, std::vector<int>, bool, int, uint32_t>;
-
-threadpool_config pool_config(const pool_args & a) {
+threadpool_config pool_config(const pool_params & a) {
     threadpool_config c;
-    std::tie(c.n_threads, c.cpus, c.strict, c.prio, c.poll) = a;
+    c.n_threads = a.n_threads;
+    c.cpus = a.cpus;
+    c.strict = a.strict;
+    c.prio = a.priority;
+    c.poll = a.poll;
     if (c.n_threads < 1 || c.n_threads > GGML_MAX_N_THREADS) {
         throw std::invalid_argument("thread counts must be in [1, " + std::to_string(GGML_MAX_N_THREADS) + "]");
     }
@@ -377,8 +386,8 @@ threadpool_config pool_config(const pool_args & a) {
 
 class context_handle {
 public:
-    context_handle(nb::handle model, const context_args & args, const pool_args & gen_pool,
-                   const pool_args & batch_pool) {
+    context_handle(nb::handle model, const context_params & args, const pool_params & gen_pool,
+                   const pool_params & batch_pool) {
         auto ms = model_shared(model);
         check_fork(ms->fork_gen, "model");
         if (!ms->rpc_endpoints.empty() && rpc_lost(*ms)) throw closed_error(ms->lost_why);
@@ -569,7 +578,7 @@ public:
         return d;
     }
 
-    void set_threads(const pool_args & gen_pool, const pool_args & batch_pool) {
+    void set_threads(const pool_params & gen_pool, const pool_params & batch_pool) {
         threadpool_config gen = pool_config(gen_pool), batch = pool_config(batch_pool);
         context_lease l = lease();  // a running decode elsewhere: BusyError, never a pool swapped under it
         context_state & s = *l;
@@ -606,6 +615,33 @@ std::shared_ptr<context_state> context_shared(nb::handle ctx) {
 }
 
 void init_context(nb::module_ & m) {
+    nb::class_<context_params>(m, "ContextParams",
+                               "A context's settings; each field's default is the one lamina.Context uses.")
+        .def(nb::init<>())
+        .def_rw("n_ctx", &context_params::n_ctx)
+        .def_rw("n_batch", &context_params::n_batch)
+        .def_rw("n_ubatch", &context_params::n_ubatch)
+        .def_rw("n_seq_max", &context_params::n_seq_max)
+        .def_rw("flash_attn", &context_params::flash_attn, "-1 auto, 0 off, 1 on")
+        .def_rw("type_k", &context_params::type_k, "ggml type id of the K cache")
+        .def_rw("type_v", &context_params::type_v, "ggml type id of the V cache")
+        .def_rw("offload_kqv", &context_params::offload_kqv)
+        .def_rw("op_offload", &context_params::op_offload)
+        .def_rw("embeddings", &context_params::embeddings)
+        .def_rw("swa_full", &context_params::swa_full)
+        .def_rw("kv_unified", &context_params::kv_unified)
+        .def_rw("pooling_type", &context_params::pooling_type, "-1 the model's, 0 none, 1 mean, 2 cls, 3 last")
+        .def_rw("rope_scaling_type", &context_params::rope_scaling_type,
+                "-1 the model's, 0 none, 1 linear, 2 yarn, 3 longrope")
+        .def_rw("rope_freq_base", &context_params::rope_freq_base, "0: the model's")
+        .def_rw("rope_freq_scale", &context_params::rope_freq_scale, "0: the model's");
+    nb::class_<pool_params>(m, "PoolParams", "One threadpool: threads, CPUs, strict placement, priority, polling.")
+        .def(nb::init<>())
+        .def_rw("n_threads", &pool_params::n_threads)
+        .def_rw("cpus", &pool_params::cpus, "CPUs to pin to (empty: any)")
+        .def_rw("strict", &pool_params::strict, "one thread per listed CPU")
+        .def_rw("priority", &pool_params::priority, "-1 low, 0 normal, 1 medium, 2 high, 3 realtime")
+        .def_rw("poll", &pool_params::poll, "0 (sleep) .. 100 (spin) while waiting for work");
     static bool atfork_registered = false;
     if (!atfork_registered) {
         pthread_atfork(nullptr, nullptr, on_fork_child);
@@ -621,7 +657,7 @@ void init_context(nb::module_ & m) {
     }, nb::arg("name"), "ggml type id for a name such as 'f16' or 'q8_0'.");
 
     nb::class_<context_handle>(m, "Context", "A llama.cpp context (owns llama_context, keeps its model alive).")
-        .def(nb::init<nb::handle, const context_args &, const pool_args &, const pool_args &>(),
+        .def(nb::init<nb::handle, const context_params &, const pool_params &, const pool_params &>(),
              nb::arg("model"), nb::arg("settings"), nb::arg("gen_pool"), nb::arg("batch_pool"),
              "Create the context with the GIL released. Raises OutOfMemoryError or LaminaError with llama.cpp's reason.")
         .def("close", &context_handle::close, "Release this handle (live logits views keep the memory alive).")

@@ -26,7 +26,7 @@ constexpr int64_t MiB = 1024 * 1024;
 }
 
 // Bytes of model, context and compute buffers per device of the model, then the host.
-nb::list memory_estimate(const std::string & path, const model_args & margs, const context_args & cargs) {
+nb::list memory_estimate(const std::string & path, const placement & margs, const context_params & cargs) {
     model_params mp;
     build_model_params(margs, mp);
     llama_context_params cp = build_context_params(cargs);
@@ -62,15 +62,15 @@ nb::list memory_estimate(const std::string & path, const model_args & margs, con
 // common_fit_params: the most layers (and, with n_ctx 0, the largest context >= n_ctx_min) that
 // fit every device's free memory minus its margin. Only n_gpu_layers, tensor_split, tensor
 // overrides and n_ctx may change; the result is applied by the caller through a normal load.
-nb::dict fit(const std::string & path, const model_args & margs, const context_args & cargs,
+nb::dict fit(const std::string & path, const placement & margs, const context_params & cargs,
              const std::vector<int64_t> & margins_bytes, uint32_t n_ctx_min) {
     model_params mp;
     build_model_params(margs, mp);
     mp.p.n_gpu_layers = llama_model_default_params().n_gpu_layers;  // "fit me" (only defaults are changed)
-    if (std::get<4>(margs)) {
+    if (margs.tensor_split) {
         throw std::invalid_argument("n_gpu_layers='auto' chooses the split itself: leave tensor_split unset");
     }
-    if (!std::get<5>(margs).empty()) {
+    if (!margs.overrides.empty()) {
         throw std::invalid_argument("n_gpu_layers='auto' places tensors itself: give tensor overrides with an int n_gpu_layers");
     }
     llama_context_params cp = build_context_params(cargs);

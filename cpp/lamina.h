@@ -288,10 +288,16 @@ private:
 bool signal_arrived();
 
 // ---- parameters shared by loading, contexts and the memory fit (model.cpp, context.cpp) -----
-// Python's model placement: (n_gpu_layers, device indices or None, split_mode, main_gpu,
-// tensor_split or None, tensor overrides [(regex, device index or -1 for the CPU)])
-using model_args = std::tuple<int32_t, std::optional<std::vector<int>>, int, int, std::optional<std::vector<float>>,
-                              std::vector<std::pair<std::string, int>>>;
+// Where a model's weights go (Python: lamina.Model's resolved placement; bound as
+// _native.Placement). Each field has its one default here.
+struct placement {
+    int32_t n_gpu_layers = 0;                    // -1: every layer
+    std::optional<std::vector<int>> devices;     // ggml device indices; none: llama.cpp's choice
+    int split_mode = 1;                          // 0 none, 1 layer, 2 row, 3 tensor
+    int main_gpu = 0;
+    std::optional<std::vector<float>> tensor_split;
+    std::vector<std::pair<std::string, int>> overrides;  // (regex, device index or -1 for the CPU)
+};
 // llama_model_params with the storage its pointers point into
 struct model_params {
     llama_model_params p;
@@ -304,12 +310,28 @@ struct model_params {
     model_params & operator=(const model_params &) = delete;
 };
 // Validated; raises ValueError / IndexError for bad placements.
-void build_model_params(const model_args & a, model_params & out);
-// Python's context settings: (n_ctx, n_batch, n_ubatch, n_seq_max, flash_attn, type_k, type_v,
-// offload_kqv, op_offload, embeddings, swa_full, kv_unified, pooling_type)
-using context_args = std::tuple<uint32_t, uint32_t, uint32_t, uint32_t, int, int, int, bool, bool, bool, bool, bool, int,
-                                int, float, float>;  // ..., rope_scaling_type, rope_freq_base, rope_freq_scale
-llama_context_params build_context_params(const context_args & a);
+void build_model_params(const placement & a, model_params & out);
+// A context's settings (Python: lamina.Context's resolved settings; bound as _native.ContextParams).
+// Each field has its one default here; Python's Context takes its defaults from these.
+struct context_params {
+    uint32_t n_ctx = 4096, n_batch = 2048, n_ubatch = 512, n_seq_max = 1;
+    int flash_attn = -1;                  // -1 auto, 0 off, 1 on
+    int type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;
+    bool offload_kqv = true, op_offload = true, embeddings = false, swa_full = true, kv_unified = false;
+    int pooling_type = -1;                // -1 the model's, 0 none, 1 mean, 2 cls, 3 last
+    int rope_scaling_type = -1;           // -1 the model's, 0 none, 1 linear, 2 yarn, 3 longrope
+    float rope_freq_base = 0.0f, rope_freq_scale = 0.0f;  // 0: the model's
+};
+// One threadpool (bound as _native.PoolParams): threads, CPUs to pin to, strict placement,
+// priority (-1 low .. 3 realtime), polling level (0 sleep .. 100 spin).
+struct pool_params {
+    int32_t n_threads = 1;
+    std::vector<int> cpus;
+    bool strict = false;
+    int priority = 0;
+    uint32_t poll = 50;
+};
+llama_context_params build_context_params(const context_params & a);
 // Collect llama.cpp's "layer N assigned to device X" lines logged by this thread (null: stop).
 void capture_layer_devices(std::vector<std::pair<int, std::string>> * out);
 

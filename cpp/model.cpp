@@ -79,7 +79,7 @@ std::string meta_string(const llama_model * model, const char * key) {
 
 class model_handle {
 public:
-    model_handle(const std::string & path, const model_args & args, int load_mode, bool vocab_only,
+    model_handle(const std::string & path, const placement & args, int load_mode, bool vocab_only,
                  nb::object progress) {
         check_gguf_file(path);
         {
@@ -293,7 +293,7 @@ void check_gguf_file(const std::string & path) {
     }
 }
 
-void build_model_params(const model_args & a, model_params & out) {
+void build_model_params(const placement & a, model_params & out) {
     const auto & [n_gpu_layers, devices, split_mode, main_gpu, tensor_split, overrides] = a;
     llama_model_params & p = out.p;
     p = llama_model_default_params();
@@ -402,6 +402,14 @@ std::shared_ptr<model_state> model_shared(nb::handle model) {
 }
 
 void init_model(nb::module_ & m) {
+    nb::class_<placement>(m, "Placement", "Where a model's weights go: layers, devices, split, overrides.")
+        .def(nb::init<>())
+        .def_rw("n_gpu_layers", &placement::n_gpu_layers, "-1: every layer")
+        .def_rw("devices", &placement::devices, "ggml device indices; None: llama.cpp's choice")
+        .def_rw("split_mode", &placement::split_mode, "0 none, 1 layer, 2 row, 3 tensor")
+        .def_rw("main_gpu", &placement::main_gpu)
+        .def_rw("tensor_split", &placement::tensor_split)
+        .def_rw("overrides", &placement::overrides, "[(regex, device index or -1 for the CPU)]");
     m.def("validate_gguf", [](const std::string & path) {
         check_gguf_file(path);
         nb::gil_scoped_release nogil;
@@ -410,7 +418,7 @@ void init_model(nb::module_ & m) {
     "Check a GGUF file for values llama.cpp would abort on; raises ModelFormatError (or "
     "FileNotFoundError / LoadError).");
     nb::class_<model_handle>(m, "Model", "A loaded llama.cpp model (owns llama_model).")
-        .def(nb::init<const std::string &, const model_args &, int, bool, nb::object>(),
+        .def(nb::init<const std::string &, const placement &, int, bool, nb::object>(),
              nb::arg("path"), nb::arg("placement"), nb::arg("load_mode") = -1, nb::arg("vocab_only") = false,
              nb::arg("progress").none() = nb::none(),
              R"(Load a GGUF model with the GIL released.

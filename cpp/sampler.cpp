@@ -132,40 +132,40 @@ void sampler_handle::accept_prompt(const llama_token * toks, size_t n) {
 }
 
 void init_sampler(nb::module_ & m) {
+    nb::class_<sampler_options>(m, "SamplerParams", "A sampler's settings; each field's default is lamina.Sampler's.")
+        .def(nb::init<>())
+        .def_rw("temperature", &sampler_options::temperature, "0: greedy")
+        .def_rw("top_k", &sampler_options::top_k)
+        .def_rw("top_p", &sampler_options::top_p)
+        .def_rw("min_p", &sampler_options::min_p)
+        .def_rw("typical_p", &sampler_options::typical_p)
+        .def_rw("top_n_sigma", &sampler_options::top_n_sigma)
+        .def_rw("repeat_penalty", &sampler_options::repeat_penalty)
+        .def_rw("frequency_penalty", &sampler_options::frequency_penalty)
+        .def_rw("presence_penalty", &sampler_options::presence_penalty)
+        .def_rw("penalty_last_n", &sampler_options::penalty_last_n, "-1: the whole context")
+        .def_rw("dry_multiplier", &sampler_options::dry_multiplier)
+        .def_rw("dry_base", &sampler_options::dry_base)
+        .def_rw("dry_allowed_length", &sampler_options::dry_allowed_length)
+        .def_rw("dry_penalty_last_n", &sampler_options::dry_penalty_last_n, "-1: the whole context")
+        .def_rw("dry_sequence_breakers", &sampler_options::dry_sequence_breakers)
+        .def_rw("xtc_probability", &sampler_options::xtc_probability)
+        .def_rw("xtc_threshold", &sampler_options::xtc_threshold)
+        .def_rw("dynatemp_range", &sampler_options::dynatemp_range)
+        .def_rw("dynatemp_exponent", &sampler_options::dynatemp_exponent)
+        .def_rw("mirostat", &sampler_options::mirostat, "0 off, 1 or 2")
+        .def_rw("mirostat_tau", &sampler_options::mirostat_tau)
+        .def_rw("mirostat_eta", &sampler_options::mirostat_eta)
+        .def_rw("min_keep", &sampler_options::min_keep)
+        .def_rw("logit_bias", &sampler_options::logit_bias)
+        .def_rw("grammar", &sampler_options::grammar)
+        .def_rw("grammar_root", &sampler_options::grammar_root)
+        .def_rw("seed", &sampler_options::seed)
+        .def_rw("n_ctx", &sampler_options::n_ctx, "what last_n = -1 means; 0: the model's training context");
     nb::class_<sampler_handle>(m, "Sampler", "A llama.cpp sampler chain (owns llama_sampler).")
-        .def("__init__", [](sampler_handle * self, nb::handle model, float temperature, int32_t top_k, float top_p,
-                            float min_p, float typical_p, float top_n_sigma, float repeat_penalty,
-                            float frequency_penalty, float presence_penalty, int32_t penalty_last_n,
-                            float dry_multiplier, float dry_base, int32_t dry_allowed_length,
-                            int32_t dry_penalty_last_n, std::vector<std::string> dry_sequence_breakers,
-                            float xtc_probability, float xtc_threshold, std::map<int32_t, float> logit_bias,
-                            std::optional<std::string> grammar, std::string grammar_root, uint32_t seed,
-                            int32_t n_ctx, float dynatemp_range, float dynatemp_exponent, int32_t mirostat,
-                            float mirostat_tau, float mirostat_eta, int32_t min_keep) {
-            sampler_options o;
-            o.temperature = temperature; o.top_k = top_k; o.top_p = top_p; o.min_p = min_p;
-            o.typical_p = typical_p; o.top_n_sigma = top_n_sigma; o.repeat_penalty = repeat_penalty;
-            o.frequency_penalty = frequency_penalty; o.presence_penalty = presence_penalty;
-            o.penalty_last_n = penalty_last_n; o.dry_multiplier = dry_multiplier; o.dry_base = dry_base;
-            o.dry_allowed_length = dry_allowed_length; o.dry_penalty_last_n = dry_penalty_last_n;
-            o.dry_sequence_breakers = std::move(dry_sequence_breakers); o.xtc_probability = xtc_probability;
-            o.xtc_threshold = xtc_threshold; o.logit_bias = std::move(logit_bias); o.grammar = std::move(grammar);
-            o.grammar_root = std::move(grammar_root); o.seed = seed; o.n_ctx = n_ctx;
-            o.dynatemp_range = dynatemp_range; o.dynatemp_exponent = dynatemp_exponent; o.mirostat = mirostat;
-            o.mirostat_tau = mirostat_tau; o.mirostat_eta = mirostat_eta; o.min_keep = min_keep;
+        .def("__init__", [](sampler_handle * self, nb::handle model, const sampler_options & o) {
             new (self) sampler_handle(model_shared(model), o);
-        },
-        nb::arg("model"), nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0, nb::arg("top_p") = 1.0f,
-        nb::arg("min_p") = 0.0f, nb::arg("typical_p") = 1.0f, nb::arg("top_n_sigma") = -1.0f,
-        nb::arg("repeat_penalty") = 1.0f, nb::arg("frequency_penalty") = 0.0f, nb::arg("presence_penalty") = 0.0f,
-        nb::arg("penalty_last_n") = 64, nb::arg("dry_multiplier") = 0.0f, nb::arg("dry_base") = 1.75f,
-        nb::arg("dry_allowed_length") = 2, nb::arg("dry_penalty_last_n") = -1,
-        nb::arg("dry_sequence_breakers") = std::vector<std::string>{"\n", ":", "\"", "*"},
-        nb::arg("xtc_probability") = 0.0f, nb::arg("xtc_threshold") = 0.1f,
-        nb::arg("logit_bias") = std::map<int32_t, float>{}, nb::arg("grammar").none() = nb::none(),
-        nb::arg("grammar_root") = "root", nb::arg("seed") = 0, nb::arg("n_ctx") = 0,
-        nb::arg("dynatemp_range") = 0.0f, nb::arg("dynatemp_exponent") = 1.0f, nb::arg("mirostat") = 0,
-        nb::arg("mirostat_tau") = 5.0f, nb::arg("mirostat_eta") = 0.1f, nb::arg("min_keep") = 0,
+        }, nb::arg("model"), nb::arg("params") = sampler_options{},
         R"(Build the chain: grammar, logit bias, penalties, DRY, top-n-sigma, top-k, typical, top-p,
 min-p, XTC, temperature (dynamic with dynatemp_range), seeded draw; with mirostat 1/2 (as
 llama.cpp): grammar, logit bias, temperature, mirostat. temperature 0 ends with greedy (argmax).)")

@@ -10,15 +10,17 @@
 
 namespace lamina {
 
+// A sampler's settings (bound as _native.SamplerParams). Each field has its one default here:
+// greedy (temperature 0), and llama.cpp's defaults for the rest; lamina.Sampler takes its from these.
 struct sampler_options {
     float temperature = 0.0f;
-    int32_t top_k = 0;
-    float top_p = 1.0f, min_p = 0.0f, typical_p = 1.0f, top_n_sigma = -1.0f;
+    int32_t top_k = 40;
+    float top_p = 0.95f, min_p = 0.05f, typical_p = 1.0f, top_n_sigma = -1.0f;
     float repeat_penalty = 1.0f, frequency_penalty = 0.0f, presence_penalty = 0.0f;
     int32_t penalty_last_n = 64;
     float dry_multiplier = 0.0f, dry_base = 1.75f;
     int32_t dry_allowed_length = 2, dry_penalty_last_n = -1;
-    std::vector<std::string> dry_sequence_breakers;
+    std::vector<std::string> dry_sequence_breakers = {"\n", ":", "\"", "*"};
     float xtc_probability = 0.0f, xtc_threshold = 0.1f;
     float dynatemp_range = 0.0f, dynatemp_exponent = 1.0f;  // temperature +- range, by entropy
     int32_t mirostat = 0;                                   // 1, 2: mirostat v1/v2 replaces the truncation samplers

@@ -215,6 +215,9 @@ def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max
             raise err
 
 
+_NATIVE = _native.ContextParams()  # the one home of the defaults: cpp/lamina.h, context_params
+
+
 class Context:
     """A llama.cpp context: KV cache, batch decoding and generation.
 
@@ -225,9 +228,10 @@ class Context:
     flash_attn "auto", rope from the model's metadata (rope_scaling None, frequencies 0).
     """
 
-    DEFAULTS: dict[str, Any] = {"n_batch": 2048, "n_ubatch": 512, "n_seq_max": 1, "threads": None,
-                                "flash_attn": "auto", "rope_scaling": None, "rope_freq_base": 0.0,
-                                "rope_freq_scale": 0.0}
+    DEFAULTS: dict[str, Any] = {"n_batch": _NATIVE.n_batch, "n_ubatch": _NATIVE.n_ubatch,
+                                "n_seq_max": _NATIVE.n_seq_max, "threads": None, "flash_attn": "auto",
+                                "rope_scaling": None, "rope_freq_base": float(_NATIVE.rope_freq_base),
+                                "rope_freq_scale": float(_NATIVE.rope_freq_scale)}
 
     def __init__(
         self,

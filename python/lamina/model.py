@@ -190,7 +190,7 @@ class Model:
         if use_gpu:
             ngl = -1 if n_gpu_layers in ("all", "auto") else int(n_gpu_layers)
         dev_idx = [d.index for d in gpu_devices] if use_gpu else []
-        placement = (ngl, dev_idx, _SPLIT_MODES[split_mode], main_gpu, split, overrides)
+        placement = _placement(ngl, dev_idx, _SPLIT_MODES[split_mode], main_gpu, split, overrides)
         self.n_ctx = n_ctx
         settings = context_settings(n_ctx, 2048, 512, 1, self.kv, "auto", use_gpu)
         _core.sync_log_level()
@@ -220,7 +220,7 @@ class Model:
             else:
                 ngl = 0
                 reasons.append(f"auto: llama.cpp's memory fit reports '{fit['status']}': nothing offloaded")
-            placement = (ngl, dev_idx, _SPLIT_MODES[split_mode], main_gpu, split, overrides)
+            placement.n_gpu_layers, placement.tensor_split = ngl, split
         self._placement = placement
 
         # llama.cpp's load modes: -1 auto (mmap where it helps), 0 none, 2 mlock, 3 mmap+mlock
@@ -278,7 +278,7 @@ class Model:
         the model's training context."""
         n = self.n_ctx if n_ctx is None else n_ctx
         self.check_kv_tensors(n, kv or self.kv)
-        settings = context_settings(n, n_batch, n_ubatch, n_seq_max, kv or self.kv, flash_attn, self._placement[1] != [])
+        settings = context_settings(n, n_batch, n_ubatch, n_seq_max, kv or self.kv, flash_attn, self._placement.devices != [])
         rows = _native.memory_estimate(os.fspath(self.path), self._placement, settings)
         return estimate_from_native(n if n else self.info.n_ctx_train, rows)
 
@@ -286,7 +286,7 @@ class Model:
         """Raise OutOfMemoryError when a device that holds layers cannot use one layer's K or V
         cache tensor for n_ctx positions (0: the training context). llama.cpp would allocate it
         and then abort the process (Vulkan devices limit one tensor to maxStorageBufferRange)."""
-        if not kv.offload or not self._placement[1]:
+        if not kv.offload or not self._placement.devices:
             return  # the cache stays in host memory
         cpu = {d.name for d in list_devices(memory=False) if d.kind == "cpu"}
         held = sorted({dev for layer, dev in self.native.layer_devices() if layer < self.info.n_layer and dev not in cpu})
@@ -411,6 +411,14 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<lamina.Model {self.info.desc!r} from {str(self.path)!r}>"
+
+
+def _placement(ngl: int, devices: list[int], split_mode: int, main_gpu: int, split: list[float] | None,
+               overrides: list[tuple[str, int]]) -> _native.Placement:
+    p = _native.Placement()
+    p.n_gpu_layers, p.devices, p.split_mode, p.main_gpu = ngl, devices, split_mode, main_gpu
+    p.tensor_split, p.overrides = split, overrides
+    return p
 
 
 def _find_device(candidates: list[Device], sel: int | str | Device, what: str) -> Device:

@@ -77,8 +77,8 @@ ROPE_SCALING = {None: -1, "none": 0, "linear": 1, "yarn": 2, "longrope": 3}
 def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv: KV,
                      flash_attn: bool | Literal["auto"], on_gpu: bool, *, embeddings: bool = False,
                      pooling: str | None = None, rope_scaling: str | None = None, rope_freq_base: float = 0.0,
-                     rope_freq_scale: float = 0.0) -> tuple[Any, ...]:
-    """Validated native context settings (see lamina.h: context_args)."""
+                     rope_freq_scale: float = 0.0) -> _native.ContextParams:
+    """Validated native context settings (lamina.h: context_params)."""
     for name, value, lo in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1),
                             ("n_seq_max", n_seq_max, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < lo:
@@ -96,9 +96,15 @@ def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv
     for rope_name, rope_value in (("rope_freq_base", rope_freq_base), ("rope_freq_scale", rope_freq_scale)):
         if isinstance(rope_value, bool) or not isinstance(rope_value, (int, float)) or not 0 <= rope_value < 1e30:
             raise ValueError(f"{rope_name} must be a number >= 0 (0: the model's), got {rope_value!r}")
-    return (n_ctx, n_batch, n_ubatch, n_seq_max, FLASH[flash_attn], _native.ggml_type_from_name(kv.type_k),
-            _native.ggml_type_from_name(kv.type_v), kv.offload and on_gpu, on_gpu, embeddings, kv.swa_full,
-            kv.unified, POOLING[pooling], ROPE_SCALING[rope_scaling], float(rope_freq_base), float(rope_freq_scale))
+    s = _native.ContextParams()
+    s.n_ctx, s.n_batch, s.n_ubatch, s.n_seq_max = n_ctx, n_batch, n_ubatch, n_seq_max
+    s.flash_attn = FLASH[flash_attn]
+    s.type_k, s.type_v = _native.ggml_type_from_name(kv.type_k), _native.ggml_type_from_name(kv.type_v)
+    s.offload_kqv, s.op_offload = kv.offload and on_gpu, on_gpu
+    s.embeddings, s.swa_full, s.kv_unified, s.pooling_type = embeddings, kv.swa_full, kv.unified, POOLING[pooling]
+    s.rope_scaling_type = ROPE_SCALING[rope_scaling]
+    s.rope_freq_base, s.rope_freq_scale = float(rope_freq_base), float(rope_freq_scale)
+    return s
 
 
 def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:

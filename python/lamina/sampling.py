@@ -1,13 +1,20 @@
 """lamina.Sampler: sampling settings, run by llama.cpp's sampler chain inside the native loop."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from . import _native
 
 if TYPE_CHECKING:
     from .model import Model
+
+_D = _native.SamplerParams()  # the one home of the defaults: cpp/sampler.h
+
+
+def _f(x: float) -> float:
+    """A C float default as the decimal it was written as (0.95f reads back as 0.949999988)."""
+    return float(f"{x:.7g}")
 
 
 @dataclass(frozen=True)
@@ -23,33 +30,33 @@ class Sampler:
     the chain's vocab-sized candidate array.
     """
 
-    temperature: float = 0.0
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    typical_p: float = 1.0
-    top_n_sigma: float = -1.0
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    penalty_last_n: int = 64
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = -1
-    dry_sequence_breakers: Sequence[str] = ("\n", ":", '"', "*")
-    xtc_probability: float = 0.0
-    xtc_threshold: float = 0.1
-    dynatemp_range: float = 0.0
-    dynatemp_exponent: float = 1.0
-    mirostat: int = 0
-    mirostat_tau: float = 5.0
-    mirostat_eta: float = 0.1
-    min_keep: int = 0
+    temperature: float = _f(_D.temperature)
+    top_k: int = _D.top_k
+    top_p: float = _f(_D.top_p)
+    min_p: float = _f(_D.min_p)
+    typical_p: float = _f(_D.typical_p)
+    top_n_sigma: float = _f(_D.top_n_sigma)
+    repeat_penalty: float = _f(_D.repeat_penalty)
+    frequency_penalty: float = _f(_D.frequency_penalty)
+    presence_penalty: float = _f(_D.presence_penalty)
+    penalty_last_n: int = _D.penalty_last_n
+    dry_multiplier: float = _f(_D.dry_multiplier)
+    dry_base: float = _f(_D.dry_base)
+    dry_allowed_length: int = _D.dry_allowed_length
+    dry_penalty_last_n: int = _D.dry_penalty_last_n
+    dry_sequence_breakers: Sequence[str] = tuple(_D.dry_sequence_breakers)
+    xtc_probability: float = _f(_D.xtc_probability)
+    xtc_threshold: float = _f(_D.xtc_threshold)
+    dynatemp_range: float = _f(_D.dynatemp_range)
+    dynatemp_exponent: float = _f(_D.dynatemp_exponent)
+    mirostat: int = _D.mirostat
+    mirostat_tau: float = _f(_D.mirostat_tau)
+    mirostat_eta: float = _f(_D.mirostat_eta)
+    min_keep: int = _D.min_keep
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: str | None = None
-    grammar_root: str = "root"
-    seed: int = 0
+    grammar_root: str = _D.grammar_root
+    seed: int = _D.seed
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -63,14 +70,13 @@ class Sampler:
     def native(self, model: "Model", n_ctx: int = 0) -> _native.Sampler:
         """A fresh llama.cpp chain for ``model``; last_n = -1 covers ``n_ctx`` tokens
         (0: the model's training context). Raises ValueError/IndexError on bad settings."""
-        return _native.Sampler(
-            model.native, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-            typical_p=self.typical_p, top_n_sigma=self.top_n_sigma, repeat_penalty=self.repeat_penalty,
-            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-            penalty_last_n=self.penalty_last_n, dry_multiplier=self.dry_multiplier, dry_base=self.dry_base,
-            dry_allowed_length=self.dry_allowed_length, dry_penalty_last_n=self.dry_penalty_last_n,
-            dry_sequence_breakers=list(self.dry_sequence_breakers), xtc_probability=self.xtc_probability,
-            xtc_threshold=self.xtc_threshold, logit_bias={int(k): float(v) for k, v in self.logit_bias.items()},
-            grammar=self.grammar, grammar_root=self.grammar_root, seed=self.seed, n_ctx=n_ctx,
-            dynatemp_range=self.dynatemp_range, dynatemp_exponent=self.dynatemp_exponent, mirostat=self.mirostat,
-            mirostat_tau=self.mirostat_tau, mirostat_eta=self.mirostat_eta, min_keep=self.min_keep)
+        p = _native.SamplerParams()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dry_sequence_breakers":
+                value = list(value)
+            elif f.name == "logit_bias":
+                value = {int(k): float(v) for k, v in value.items()}
+            setattr(p, f.name, value)
+        p.n_ctx = n_ctx
+        return _native.Sampler(model.native, p)

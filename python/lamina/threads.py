@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Literal, Union
 
+from . import _native
 from .system import allowed_cpus, default_threads, default_threads_batch, physical_cores
 
 CpuSpec = Union[str, Iterable[int], None]
@@ -13,7 +14,6 @@ Priority = Literal["low", "normal", "medium", "high", "realtime"]
 PRIORITIES = {"low": -1, "normal": 0, "medium": 1, "high": 2, "realtime": 3}
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
-PoolArgs = tuple[int, list[int], bool, int, int]
 
 
 def parse_cpus(spec: CpuSpec, what: str = "cpus") -> tuple[int, ...] | None:
@@ -134,13 +134,16 @@ class Threads:
             batch = len(batch_cpus) if batch_cpus else default_threads_batch()
         return n, batch
 
-    def pools(self) -> tuple[PoolArgs, PoolArgs]:
-        """The native threadpool settings (n_threads, cpus, strict, priority, poll) for generation and batch."""
+    def pools(self) -> tuple[_native.PoolParams, _native.PoolParams]:
+        """The native threadpool settings for generation and for batches."""
         n, batch = self.resolve()
-        prio = PRIORITIES[self.priority]
-        gen_cpus, batch_cpus = self._gen_cpus(), self._batch_cpus()
-        return ((n, list(gen_cpus or ()), self.strict and gen_cpus is not None, prio, self.poll),
-                (batch, list(batch_cpus or ()), self.strict and batch_cpus is not None, prio, self.poll))
+        out = []
+        for threads, cpus in ((n, self._gen_cpus()), (batch, self._batch_cpus())):
+            p = _native.PoolParams()
+            p.n_threads, p.cpus, p.strict = threads, list(cpus or ()), self.strict and cpus is not None
+            p.priority, p.poll = PRIORITIES[self.priority], self.poll
+            out.append(p)
+        return out[0], out[1]
 
     def describe(self) -> str:
         n, batch = self.resolve()

@@ -1,6 +1,7 @@
 """The package's shape: every module imports on its own, at top level, with no import cycle
 (value types live in the leaf module lamina.params, so the YAML loader does not need the runtime
-and no module imports another lazily to dodge a cycle)."""
+and no module imports another lazily to dodge a cycle); native objects take one named parameter
+struct each, never positional tuples, and the defaults live once, in those structs."""
 from __future__ import annotations
 
 import ast
@@ -71,3 +72,25 @@ def test_the_import_graph_has_no_cycle() -> None:
 def test_each_module_imports_on_its_own(module: str) -> None:
     r = subprocess.run([sys.executable, "-c", f"import lamina.{module}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cls, params", [("Model", "Placement"), ("Context", "ContextParams"),
+                                         ("Sampler", "SamplerParams")])
+def test_native_objects_take_named_parameter_structs(cls: str, params: str) -> None:
+    init = getattr(lamina._native, cls).__init__.__doc__ or ""
+    signature = next(line for line in init.splitlines() if line.startswith("__init__("))
+    assert params in signature and "tuple[" not in signature, signature
+    assert "PoolParams" in signature or cls != "Context", signature
+
+
+def test_defaults_live_once_in_the_native_structs() -> None:
+    native = lamina._native.SamplerParams()
+    for name, value in vars(lamina.Sampler()).items():
+        if name in ("logit_bias", "grammar"):
+            continue
+        expect = getattr(native, name)
+        expect = tuple(expect) if isinstance(expect, list) else expect
+        assert value == pytest.approx(expect) if isinstance(value, float) else value == expect, name
+    ctx = lamina._native.ContextParams()
+    assert {k: lamina.Context.DEFAULTS[k] for k in ("n_batch", "n_ubatch", "n_seq_max")} == \
+        {"n_batch": ctx.n_batch, "n_ubatch": ctx.n_ubatch, "n_seq_max": ctx.n_seq_max}
