@@ -395,7 +395,6 @@ public:
         llama_context_params p = build_context_params(args);
         p.n_threads = gen.n_threads;
         p.n_threads_batch = batch.n_threads;
-        p.no_perf = false;
         const uint32_t n_ctx = p.n_ctx;
         const bool embeddings = p.embeddings;
         const bool kv_unified = p.kv_unified;
@@ -546,8 +545,6 @@ public:
         return nb::ndarray<nb::numpy, float, nb::ndim<1>>(heap->data(), {n}, owner);
     }
 
-    int pooling() const { return int(llama_pooling_type(st().ctx.get())); }
-
     void kv_clear() {
         context_lease l = lease();
         context_state & s = *l;
@@ -585,21 +582,6 @@ public:
         threadpools_attach(s, gen, batch);
         llama_set_n_threads(s.ctx.get(), gen.n_threads, batch.n_threads);
     }
-
-    nb::dict perf() const {
-        context_lease l = lease();
-        llama_perf_context_data p = llama_perf_context(l->ctx.get());
-        nb::dict d;
-        d["t_load_ms"] = p.t_load_ms;
-        d["t_p_eval_ms"] = p.t_p_eval_ms;
-        d["t_eval_ms"] = p.t_eval_ms;
-        d["n_p_eval"] = p.n_p_eval;
-        d["n_eval"] = p.n_eval;
-        d["n_reused"] = p.n_reused;
-        return d;
-    }
-
-    void perf_reset() { llama_perf_context_reset(lease()->ctx.get()); }
 
     // Safe from any thread: the running decode stops at its next graph node with DecodeError.
     void abort() { st().abort = true; }
@@ -671,14 +653,11 @@ Args:
         .def_prop_ro("logits", &context_handle::logits, nb::rv_policy::automatic, "View (outputs, n_vocab) of the latest logits, no copy.")
         .def("embedding", &context_handle::embedding, nb::arg("seq") = 0,
              "Pooled embedding of a sequence (last token's without pooling); needs embeddings=True.")
-        .def_prop_ro("pooling", &context_handle::pooling, "Effective llama_pooling_type.")
         .def("kv_clear", &context_handle::kv_clear, "Empty the KV cache.")
         .def_prop_ro("tokens", &context_handle::tokens, nb::rv_policy::automatic, "Tokens of sequence 0 held in the KV cache (a copy).")
         .def_prop_ro("n_past", [](const context_handle & c) { return c.lease()->tokens.size(); })
         .def("params", &context_handle::params, "Effective sizes and thread counts.")
         .def("set_threads", &context_handle::set_threads, nb::arg("gen"), nb::arg("batch"))
-        .def("perf", &context_handle::perf, "llama.cpp's timing counters for this context.")
-        .def("perf_reset", &context_handle::perf_reset)
         .def("abort", &context_handle::abort, "Ask a running decode (in another thread) to stop.");
 }
 

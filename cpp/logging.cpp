@@ -123,9 +123,6 @@ void init_logging(nb::module_ & m) {
 
     m.def("log_set_level", [](int min_level) { g_min_level = min_level; }, nb::arg("min_level"),
           "Change the lowest ggml log level forwarded to the sink.");
-
-    m.def("last_log_error", &last_log_error,
-          "The last error line llama.cpp logged (used to explain failed loads).");
 }
 
 }  // namespace lamina

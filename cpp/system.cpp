@@ -186,7 +186,6 @@ void init_system(nb::module_ & m) {
         return d;
     }, "What this llama.cpp build supports.");
 
-    m.def("time_us", []() { return llama_time_us(); }, "llama.cpp's clock, microseconds.");
 }
 
 }  // namespace lamina

@@ -12,7 +12,7 @@ import numpy.typing as npt
 from . import _core, _native
 from .errors import OutOfMemoryError
 from .params import (FLASH, KV, KV_TYPES, LOGITS, POOLING, as_tokens, check_int, check_pos, check_seq,
-                     context_settings)
+                     context_settings, out_of_memory)
 from .system import host_memory
 from .sampling import Sampler
 from .threads import Threads
@@ -197,22 +197,19 @@ def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max
         est = model.estimate_memory(0, kv=kv, n_seq_max=n_seq_max, n_batch=n_batch, n_ubatch=n_ubatch,
                                     flash_attn=flash_attn)
     except OutOfMemoryError as exc:
-        err = OutOfMemoryError(f"n_ctx=0 means the model's training context, {model.info.n_ctx_train} tokens: "
-                               f"even sizing it ran out of memory ({exc}); give a smaller n_ctx")
-        err.device, err.bytes = exc.device, exc.bytes
-        raise err from None
+        raise out_of_memory(f"n_ctx=0 means the model's training context, {model.info.n_ctx_train} tokens: "
+                            f"even sizing it ran out of memory ({exc}); give a smaller n_ctx", exc.device,
+                            exc.bytes) from None
     host_available = host_memory()[1]  # system_info() would open every device
     for d in est.devices:  # the weights are loaded already: the context adds its KV cache and buffers
         need = d.context + d.compute
         available = host_available if d.device == "host" else d.free
         if available and need > available:
             where = "host memory" if d.device == "host" else f"{d.device} memory"
-            err = OutOfMemoryError(
+            raise out_of_memory(
                 f"n_ctx=0 means the model's training context, {est.n_ctx} tokens: its KV cache and buffers need "
                 f"{need / 2**20:,.0f} MiB of {where}, {available / 2**20:,.0f} MiB are available; "
-                f"give a smaller n_ctx (see Model.estimate_memory)")
-            err.device, err.bytes = ("CPU" if d.device == "host" else d.device), need
-            raise err
+                f"give a smaller n_ctx (see Model.estimate_memory)", "CPU" if d.device == "host" else d.device, need)
 
 
 _NATIVE = _native.ContextParams()  # the one home of the defaults: cpp/lamina.h, context_params

@@ -127,12 +127,17 @@ def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
-def kv_tensor_error(refused: tuple[str, int], n_ctx: int) -> Exception:
+def out_of_memory(message: str, device: str, nbytes: int) -> OutOfMemoryError:
+    """lamina.OutOfMemoryError with the device and the bytes it names (as the native one carries)."""
+    err = OutOfMemoryError(message)
+    err.device, err.bytes = device, nbytes
+    return err
+
+
+def kv_tensor_error(refused: tuple[str, int], n_ctx: int) -> OutOfMemoryError:
     """The OutOfMemoryError for a device that cannot use one layer's K or V cache tensor."""
     dev, size = refused
-    err = OutOfMemoryError(
+    return out_of_memory(
         f"{dev} cannot use a KV cache tensor of {size / 2**20:,.0f} MiB (one layer's K or V cache for "
         f"n_ctx={n_ctx or 'the training context'}; the device limits the size of one tensor): give a smaller n_ctx, or "
-        f"kv=lamina.KV(offload=False) to keep the cache in host memory")
-    err.device, err.bytes = dev, size
-    return err
+        f"kv=lamina.KV(offload=False) to keep the cache in host memory", dev, size)
