@@ -44,7 +44,7 @@ void raise_failed(const std::string & what, failure fallback) {
         throw out_of_memory_error(msg, device, a.bytes);
     }
     std::string msg = what + (why.empty() ? "" : ": " + why);
-    if (why.find("alloc") != std::string::npos || why.find("memory") != std::string::npos) {
+    if (log_says_out_of_memory(why)) {
         throw out_of_memory_error(msg);
     }
     if (fallback == failure::load) throw load_error(msg);

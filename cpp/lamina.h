@@ -248,6 +248,9 @@ struct alloc_failure {
     uint64_t bytes = 0;
 };
 alloc_failure first_alloc_failure();
+// Whether llama.cpp's error lines say memory ran out without naming a buffer ("alloc", "memory").
+// All parsing of llama.cpp's log text lives in logging.cpp (tests/test_shape.py checks it still matches).
+bool log_says_out_of_memory(const std::string & why);
 // Raise for a failed llama.cpp call (load, context creation): out_of_memory_error naming the device,
 // the bytes asked and the device's free memory when an allocation failure was logged; else
 // out_of_memory_error or fallback(msg) with llama.cpp's last error line.

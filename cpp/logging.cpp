@@ -82,6 +82,10 @@ void log_callback(ggml_log_level level, const char * text, void *) {
 
 void capture_layer_devices(std::vector<std::pair<int, std::string>> * out) { t_layers = out; }
 
+bool log_says_out_of_memory(const std::string & why) {
+    return why.find("alloc") != std::string::npos || why.find("memory") != std::string::npos;
+}
+
 std::string last_log_error() {
     std::lock_guard<std::mutex> lock(g_last_error_mutex);
     return g_last_error;

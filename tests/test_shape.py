@@ -94,3 +94,16 @@ def test_defaults_live_once_in_the_native_structs() -> None:
     ctx = lamina._native.ContextParams()
     assert {k: lamina.Context.DEFAULTS[k] for k in ("n_batch", "n_ubatch", "n_seq_max")} == \
         {"n_batch": ctx.n_batch, "n_ubatch": ctx.n_ubatch, "n_seq_max": ctx.n_seq_max}
+
+
+def test_the_llama_cpp_log_lines_lamina_reads_are_still_there(tiny_path: Path) -> None:
+    """llama.cpp has no API for where each layer went: lamina reads its "layer N assigned to
+    device X" lines (cpp/logging.cpp, the one file that parses llama.cpp's log). A llama.cpp bump
+    that changes the text fails here, loudly, instead of reporting no layers anywhere. (The
+    "failed to allocate DEV buffer of size N" line is checked, device and bytes, by
+    test_offload_rpc.py's out-of-memory test.)"""
+    with lamina.Model(tiny_path, gpu=False) as model:
+        layers = model.native.layer_devices()
+        assert sorted(i for i, _ in layers) == list(range(model.info.n_layer + 1)), (
+            f"llama.cpp's 'layer N assigned to device X' log lines changed: cpp/logging.cpp read {layers}")
+        assert {d for _, d in layers} == {"CPU"}
