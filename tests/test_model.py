@@ -150,3 +150,31 @@ def test_contexts_are_freed_without_the_garbage_collector(tiny_path: Path) -> No
         assert text is not None
     finally:
         gc.enable()
+
+
+def test_plan_placement_is_pure_and_needs_no_gpu() -> None:
+    """Model's placement is decided by a pure function of its arguments and the device list:
+    testable with made-up devices, nothing loaded, no device opened."""
+    from lamina.model import plan_placement
+
+    cpu = lamina.Device(0, "CPU", "a CPU", "CPU", "cpu", None, None)
+    g0, g1 = (lamina.Device(i, f"CUDA{i - 1}", "a GPU", "CUDA", "gpu", None, None) for i in (1, 2))
+    kw: dict[str, object] = dict(gpu=True, n_gpu_layers="auto", main_gpu=0, split_mode="layer", tensor_split=None,
+                                 devices=None, tensor_overrides=None, memory_limit=None, rpc=None,
+                                 all_devices=[cpu, g0, g1], remote=set())
+    plan = plan_placement(**kw)  # type: ignore[arg-type]
+    assert plan.use_gpu and [d.name for d in plan.devices] == ["CUDA0", "CUDA1"] and plan.ngl == -1
+    off = plan_placement(**{**kw, "gpu": False, "n_gpu_layers": 33})  # type: ignore[arg-type]
+    assert not off.use_gpu and off.ngl == 0 and off.inert == ["n_gpu_layers=33 is inert: gpu=False"]
+    assert off.native().devices == [] and off.native().n_gpu_layers == 0
+    one = plan_placement(**{**kw, "devices": ["CUDA1"], "n_gpu_layers": 5,  # type: ignore[arg-type]
+                            "tensor_overrides": [("exps", "cpu"), ("attn", "CUDA1")]})
+    assert [d.name for d in one.devices] == ["CUDA1"] and one.overrides == [("exps", -1), ("attn", 2)]
+    assert one.native().devices == [2] and one.native().n_gpu_layers == 5
+    none = plan_placement(**{**kw, "all_devices": [cpu], "n_gpu_layers": 4},  # type: ignore[arg-type]
+                          absent=lambda: "no GPU in this test")
+    assert not none.use_gpu and none.reasons[0] == "no GPU in this test: everything stays on the CPU"
+    with pytest.raises(ValueError, match="split buffers, which CUDA0, CUDA1"):
+        plan_placement(**{**kw, "split_mode": "row", "n_gpu_layers": 3}, row_split=lambda i: False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="main_gpu=2"):
+        plan_placement(**{**kw, "split_mode": "none", "main_gpu": 2, "n_gpu_layers": 3})  # type: ignore[arg-type]

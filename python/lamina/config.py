@@ -545,7 +545,7 @@ class Config:
     def check_model(self, model: "Model") -> None:
         """Inert settings that depend on the loaded model (called by Model.from_config)."""
         ngl = self["n_gpu_layers"]
-        if self.is_set("n_gpu_layers") and isinstance(ngl, int) and model.offload.gpu and ngl > model.info.n_layer + 1:
+        if self.is_set("n_gpu_layers") and isinstance(ngl, int) and model.on_gpu and ngl > model.info.n_layer + 1:
             self.note_inert("n_gpu_layers", f"the model has {model.info.n_layer} layers (+1 output): "
                             f"{model.info.n_layer + 1} are offloaded", stacklevel=4)
 

@@ -261,10 +261,10 @@ class Context:
         self.threads = self.threads_config.resolve()
         self.model = model
         settings = context_settings(n_ctx, o["n_batch"], o["n_ubatch"], o["n_seq_max"], kv, o["flash_attn"],
-                                    model.offload.gpu, embeddings=embeddings, pooling=pooling,
+                                    model.on_gpu, embeddings=embeddings, pooling=pooling,
                                     rope_scaling=o["rope_scaling"], rope_freq_base=o["rope_freq_base"],
                                     rope_freq_scale=o["rope_freq_scale"])
-        if model.offload.gpu:
+        if model.on_gpu:
             model.check_kv_tensors(n_ctx, kv)
         if n_ctx == 0:
             _check_memory(model, kv, o["n_batch"], o["n_ubatch"], o["n_seq_max"], o["flash_attn"])

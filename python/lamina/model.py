@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Union
 
@@ -132,129 +132,93 @@ class Model:
         if isinstance(rpc, str):
             raise TypeError("rpc is a list of 'host:port' strings: rpc=['host:50052']")
         remote = {d.index for ep in (rpc if gpu else None) or () for d in rpc_connect(ep)}
-        all_devices = list_devices(memory=False)  # opens no device: gpu=False never touches a GPU
-        gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu") or d.index in remote]
-        if devices is not None:
-            gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu", "remote")]
-            gpu_devices = [_find_device(gpu_devices, sel, "devices") for sel in devices]
-            if len({d.index for d in gpu_devices}) != len(gpu_devices):
-                raise ValueError(f"devices lists a device twice: {list(devices)!r}")
-
-        reasons: list[str] = []
-        no_gpu = "gpu=False" if not gpu else "" if gpu_devices else \
-            "devices=[] chooses no device" if devices is not None else gpu_absent_reason()
-        if no_gpu:
-            reasons.append(f"{no_gpu}: everything stays on the CPU")
-        use_gpu = not no_gpu
-        if rpc and not gpu:
-            reasons.append(f"rpc={list(rpc)!r} is inert without a GPU")
-            warnings.warn(f"rpc={list(rpc)!r} is inert: gpu=False", InertSettingWarning, stacklevel=2)
-        if not use_gpu and n_gpu_layers not in ("auto", 0):
-            reasons.append(f"n_gpu_layers={n_gpu_layers!r} is inert without a GPU")
-            warnings.warn(f"n_gpu_layers={n_gpu_layers!r} is inert: {no_gpu}", InertSettingWarning, stacklevel=2)
-
-        if use_gpu and split_mode == "row":
-            unsupported = [d.name for d in gpu_devices if not _native.supports_row_split(d.index)]
-            if unsupported:
-                raise ValueError(f"split_mode='row' needs split buffers, which {', '.join(unsupported)} do not offer in "
-                                 "this llama.cpp (its CUDA backend dropped them): use split_mode='tensor' "
-                                 "(tensor parallelism) or 'layer'")
-        if use_gpu and split_mode == "tensor" and n_gpu_layers == "auto":
-            raise ValueError("llama.cpp's memory fit does not support split_mode='tensor': give n_gpu_layers")
-        split = _check_tensor_split(tensor_split, len(gpu_devices)) if tensor_split is not None else None
-        if split is not None and not use_gpu:
-            reasons.append("tensor_split is inert without a GPU")
-            split = None
-        if use_gpu and split_mode == "none" and not 0 <= main_gpu < len(gpu_devices):
-            raise ValueError(f"main_gpu={main_gpu} is not one of the {len(gpu_devices)} chosen devices")
-        overrides: list[tuple[str, int]] = []
-        for pattern, target in tensor_overrides or ():
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"tensor override patterns are non-empty regex strings, got {pattern!r}")
-            if target == "cpu":
-                overrides.append((pattern, -1))
-            elif use_gpu:
-                overrides.append((pattern, _find_device(gpu_devices, target, "tensor_overrides").index))
-            else:
-                _find_device([d for d in all_devices if d.kind != "cpu"], target, "tensor_overrides")
-                reasons.append(f"tensor override {pattern!r} -> {target!r} is inert without a GPU")
-        limits = {}
-        for sel, nbytes in (memory_limit or {}).items():
-            if not isinstance(nbytes, int) or nbytes < 0:
-                raise ValueError(f"memory_limit values are bytes >= 0, got {nbytes!r}")
-            limits[_find_device(gpu_devices, sel, "memory_limit").index] = nbytes
-        if limits and n_gpu_layers != "auto":
-            raise ValueError("memory_limit applies to n_gpu_layers='auto'")
-
-        ngl = 0
-        if use_gpu:
-            ngl = -1 if n_gpu_layers in ("all", "auto") else int(n_gpu_layers)
-        dev_idx = [d.index for d in gpu_devices] if use_gpu else []
-        placement = _placement(ngl, dev_idx, _SPLIT_MODES[split_mode], main_gpu, split, overrides)
+        plan = plan_placement(gpu=gpu, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, split_mode=split_mode,
+                              tensor_split=tensor_split, devices=devices, tensor_overrides=tensor_overrides,
+                              memory_limit=memory_limit, rpc=rpc, all_devices=list_devices(memory=False),
+                              remote=remote)
+        for message in plan.inert:
+            warnings.warn(message, InertSettingWarning, stacklevel=2)
         self.n_ctx = n_ctx
-        settings = context_settings(n_ctx, 2048, 512, 1, self.kv, "auto", use_gpu)
         _core.sync_log_level()
-        if use_gpu and n_gpu_layers == "auto" and self.kv.offload:
+        if plan.use_gpu and n_gpu_layers == "auto":
+            self.n_ctx = self._auto_fit(plan, margins_given, fit_ctx)
+        self._plan = plan
+        self._placement = plan.native()
+        # llama.cpp's load modes: -1 auto (mmap where it helps), 0 none, 2 mlock, 3 mmap+mlock
+        load_mode = (3 if use_mlock else -1) if use_mmap else (2 if use_mlock else 0)
+        self._native = _native.Model(os.fspath(self.path), self._placement, load_mode=load_mode, progress=progress)
+        info = self._native.info()
+        self.info = ModelInfo(**{k: info[k] for k in ModelInfo.__dataclass_fields__})
+        if self.n_ctx == 0:
+            self.n_ctx = self.info.n_ctx_train
+        self._offload: Offload | None = None  # made on first use: per device it needs a no-alloc estimate
+
+    def _auto_fit(self, plan: "Plan", margins_given: list[int], fit_ctx: int) -> int:
+        """n_gpu_layers="auto": llama.cpp's own no-alloc fit (common_fit_params) of layers (and, for
+        n_ctx=0, the context) to each device's free memory minus its margin. Updates the plan;
+        returns the n_ctx to use."""
+        gpu_devices, n_ctx = plan.devices, self.n_ctx
+        if self.kv.offload:
             # llama.cpp's fit creates contexts too: a KV tensor a device cannot use aborts it
             refused = _native.kv_tensor_refusals_file(
                 os.fspath(self.path), n_ctx, _native.ggml_type_from_name(self.kv.type_k),
                 _native.ggml_type_from_name(self.kv.type_v), [d.name for d in gpu_devices])
             if refused:
                 raise kv_tensor_error(refused[0], n_ctx)
-        if use_gpu and n_gpu_layers == "auto":
-            if len(margins_given) not in (1, len(gpu_devices)):
-                raise ValueError(f"fit_margin has {len(margins_given)} values for {len(gpu_devices)} devices")
-            margins = [max(0, _native.device_memory(d.index)[0] - limits[d.index]) if d.index in limits
-                       else margins_given[i if len(margins_given) > 1 else 0] for i, d in enumerate(gpu_devices)]
-            n_ctx_min = fit_ctx if n_ctx == 0 else n_ctx
-            fit = _native.fit(os.fspath(self.path), placement, settings, margins, n_ctx_min)
-            if fit["status"] == "fits":
-                ngl = int(fit["n_gpu_layers"])
-                if ngl >= 0 and len(gpu_devices) > 1 and fit["tensor_split"]:
-                    split = list(fit["tensor_split"])
-                reasons.append(f"auto: llama.cpp's memory fit chose n_gpu_layers={'all' if ngl < 0 else ngl}" +
-                               (f" and n_ctx={fit['n_ctx']}" if n_ctx == 0 else "") +
-                               f" (margins {', '.join(f'{m / MiB:.0f} MiB' for m in margins)})")
-                if n_ctx == 0:
-                    self.n_ctx = int(fit["n_ctx"])
-            else:
-                ngl = 0
-                reasons.append(f"auto: llama.cpp's memory fit reports '{fit['status']}': nothing offloaded")
-            placement.n_gpu_layers, placement.tensor_split = ngl, split
-        self._placement = placement
+        if len(margins_given) not in (1, len(gpu_devices)):
+            raise ValueError(f"fit_margin has {len(margins_given)} values for {len(gpu_devices)} devices")
+        margins = [max(0, _native.device_memory(d.index)[0] - plan.limits[d.index]) if d.index in plan.limits
+                   else margins_given[i if len(margins_given) > 1 else 0] for i, d in enumerate(gpu_devices)]
+        settings = context_settings(n_ctx, 2048, 512, 1, self.kv, "auto", True)
+        fit = _native.fit(os.fspath(self.path), plan.native(), settings, margins, fit_ctx if n_ctx == 0 else n_ctx)
+        if fit["status"] != "fits":
+            plan.ngl = 0
+            plan.reasons.append(f"auto: llama.cpp's memory fit reports '{fit['status']}': nothing offloaded")
+            return n_ctx
+        plan.ngl = int(fit["n_gpu_layers"])
+        if plan.ngl >= 0 and len(gpu_devices) > 1 and fit["tensor_split"]:
+            plan.tensor_split = list(fit["tensor_split"])
+        plan.reasons.append(f"auto: llama.cpp's memory fit chose n_gpu_layers={'all' if plan.ngl < 0 else plan.ngl}" +
+                            (f" and n_ctx={fit['n_ctx']}" if n_ctx == 0 else "") +
+                            f" (margins {', '.join(f'{m / MiB:.0f} MiB' for m in margins)})")
+        return int(fit["n_ctx"]) if n_ctx == 0 else n_ctx
 
-        # llama.cpp's load modes: -1 auto (mmap where it helps), 0 none, 2 mlock, 3 mmap+mlock
-        load_mode = (3 if use_mlock else -1) if use_mmap else (2 if use_mlock else 0)
-        self._native = _native.Model(os.fspath(self.path), placement, load_mode=load_mode, progress=progress)
-        info = self._native.info()
-        self.info = ModelInfo(**{k: info[k] for k in ModelInfo.__dataclass_fields__})
-        n_layer = self.info.n_layer
-        if self.n_ctx == 0:
-            self.n_ctx = self.info.n_ctx_train
+    @property
+    def on_gpu(self) -> bool:
+        """Whether anything of this model may go to a device (gpu on, and a device to use)."""
+        return self._plan.use_gpu
+
+    @property
+    def offload(self) -> Offload:
+        """Where the layers went, per device with the bytes of weights, KV and compute for a context
+        of n_ctx tokens, and why (made on first use: the bytes come from a no-alloc estimate)."""
+        if self._offload is None:
+            self._offload = self._offload_report()
+        return self._offload
+
+    @offload.setter
+    def offload(self, value: Offload) -> None:
+        self._offload = value
+
+    def _offload_report(self) -> Offload:
+        plan, n_layer = self._plan, self.info.n_layer
         placed: dict[str, int] = {}
-        for _layer, dev in self._native.layer_devices():
+        for _layer, dev in self.native.layer_devices():
             placed[dev] = placed.get(dev, 0) + 1
-        cpu_names = {d.name for d in all_devices if d.kind == "cpu"}
-        effective = sum(n for dev, n in placed.items() if dev not in cpu_names)
-        if isinstance(n_gpu_layers, int) and use_gpu and n_gpu_layers > n_layer + 1:
-            reasons.append(f"n_gpu_layers={n_gpu_layers} clamped to {n_layer + 1} (n_layer + output)")
+        cpu_names = {d.name for d in list_devices(memory=False) if d.kind == "cpu"}
+        reasons = list(plan.reasons)
+        if isinstance(plan.n_gpu_layers, int) and plan.use_gpu and plan.n_gpu_layers > n_layer + 1:
+            reasons.append(f"n_gpu_layers={plan.n_gpu_layers} clamped to {n_layer + 1} (n_layer + output)")
         per_device: list[DeviceMemory] = []
-        if use_gpu:
-            est = self.estimate_memory(self.n_ctx)
-            for d in est.devices:
+        if plan.use_gpu:
+            for d in self.estimate_memory(self.n_ctx).devices:
                 layers = sum(n for dev, n in placed.items() if dev in cpu_names) if d.device == "host" \
                     else placed.get(d.device, 0)
                 per_device.append(DeviceMemory(d.device, d.model, d.context, d.compute, d.free, d.total, layers))
-        self.offload = Offload(
-            gpu=use_gpu,
-            layers_requested=n_gpu_layers,
-            layers_effective=effective,
-            n_layer=n_layer,
-            devices=[d.name for d in gpu_devices] if use_gpu else [],
-            reasons=reasons,
-            per_device=per_device,
-            n_ctx=self.n_ctx,
-        )
+        return Offload(gpu=plan.use_gpu, layers_requested=plan.n_gpu_layers,
+                       layers_effective=sum(n for dev, n in placed.items() if dev not in cpu_names), n_layer=n_layer,
+                       devices=[d.name for d in plan.devices] if plan.use_gpu else [], reasons=reasons,
+                       per_device=per_device, n_ctx=self.n_ctx)
 
     @classmethod
     def from_config(cls, config: "Config", **kwargs: Any) -> "Model":
@@ -267,7 +231,8 @@ class Model:
         model.config = config
         config.check_model(model)
         if config.inert:
-            model.offload = replace(model.offload, reasons=model.offload.reasons + config.inert)
+            model._plan.reasons.extend(r for r in config.inert if r not in model._plan.reasons)
+            model._offload = None
         return model
 
     def estimate_memory(self, n_ctx: int | None = None, *, kv: KV | None = None, n_seq_max: int = 1,
@@ -278,7 +243,7 @@ class Model:
         the model's training context."""
         n = self.n_ctx if n_ctx is None else n_ctx
         self.check_kv_tensors(n, kv or self.kv)
-        settings = context_settings(n, n_batch, n_ubatch, n_seq_max, kv or self.kv, flash_attn, self._placement.devices != [])
+        settings = context_settings(n, n_batch, n_ubatch, n_seq_max, kv or self.kv, flash_attn, self._plan.use_gpu)
         rows = _native.memory_estimate(os.fspath(self.path), self._placement, settings)
         return estimate_from_native(n if n else self.info.n_ctx_train, rows)
 
@@ -286,7 +251,7 @@ class Model:
         """Raise OutOfMemoryError when a device that holds layers cannot use one layer's K or V
         cache tensor for n_ctx positions (0: the training context). llama.cpp would allocate it
         and then abort the process (Vulkan devices limit one tensor to maxStorageBufferRange)."""
-        if not kv.offload or not self._placement.devices:
+        if not kv.offload or not self._plan.use_gpu:
             return  # the cache stays in host memory
         cpu = {d.name for d in list_devices(memory=False) if d.kind == "cpu"}
         held = sorted({dev for layer, dev in self.native.layer_devices() if layer < self.info.n_layer and dev not in cpu})
@@ -413,12 +378,98 @@ class Model:
         return f"<lamina.Model {self.info.desc!r} from {str(self.path)!r}>"
 
 
-def _placement(ngl: int, devices: list[int], split_mode: int, main_gpu: int, split: list[float] | None,
-               overrides: list[tuple[str, int]]) -> _native.Placement:
-    p = _native.Placement()
-    p.n_gpu_layers, p.devices, p.split_mode, p.main_gpu = ngl, devices, split_mode, main_gpu
-    p.tensor_split, p.overrides = split, overrides
-    return p
+@dataclass
+class Plan:
+    """Where a model's weights will go, decided before anything is loaded (plan_placement)."""
+
+    use_gpu: bool
+    devices: list[Device]               # the GPU/remote devices layers may go to
+    n_gpu_layers: NGL                   # as asked
+    ngl: int                            # for llama.cpp: -1 every layer
+    split_mode: str
+    main_gpu: int
+    tensor_split: list[float] | None
+    overrides: list[tuple[str, int]]    # (regex, device index or -1 for the CPU)
+    limits: dict[int, int]              # device index -> the most "auto" may use there
+    reasons: list[str]                  # every decision taken on the request's behalf, in words
+    inert: list[str]                    # settings given that cannot take effect (InertSettingWarning)
+
+    def native(self) -> _native.Placement:
+        p = _native.Placement()
+        p.n_gpu_layers, p.split_mode, p.main_gpu = self.ngl, _SPLIT_MODES[self.split_mode], self.main_gpu
+        p.devices = [d.index for d in self.devices] if self.use_gpu else []
+        p.tensor_split, p.overrides = self.tensor_split, self.overrides
+        return p
+
+
+def plan_placement(*, gpu: bool, n_gpu_layers: NGL, main_gpu: int, split_mode: str,
+                   tensor_split: Sequence[float] | None, devices: Sequence[int | str | Device] | None,
+                   tensor_overrides: Sequence[tuple[str, int | str | Device]] | None,
+                   memory_limit: Mapping[int | str | Device, int] | None, rpc: Sequence[str] | None,
+                   all_devices: list[Device], remote: set[int],
+                   absent: Callable[[], str] = gpu_absent_reason,
+                   row_split: Callable[[int], bool] = _native.supports_row_split) -> Plan:
+    """The placement a Model's arguments ask for on a machine with ``all_devices`` (``remote``:
+    indices of the RPC devices named by ``rpc``): the devices, the layer count for llama.cpp, the
+    split, the overrides, and the reasons and inert settings in words. Pure: it loads nothing and
+    opens no device (``absent`` says why there is no GPU, ``row_split`` which devices have split
+    buffers), so it is testable with made-up devices. Raises ValueError for a placement that
+    cannot be."""
+    gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu") or d.index in remote]
+    if devices is not None:
+        candidates = [d for d in all_devices if d.kind in ("gpu", "igpu", "remote")]
+        gpu_devices = [_find_device(candidates, sel, "devices") for sel in devices]
+        if len({d.index for d in gpu_devices}) != len(gpu_devices):
+            raise ValueError(f"devices lists a device twice: {list(devices)!r}")
+    reasons: list[str] = []
+    inert: list[str] = []
+    no_gpu = "gpu=False" if not gpu else "" if gpu_devices else \
+        "devices=[] chooses no device" if devices is not None else absent()
+    if no_gpu:
+        reasons.append(f"{no_gpu}: everything stays on the CPU")
+    use_gpu = not no_gpu
+    if rpc and not gpu:
+        reasons.append(f"rpc={list(rpc)!r} is inert without a GPU")
+        inert.append(f"rpc={list(rpc)!r} is inert: gpu=False")
+    if not use_gpu and n_gpu_layers not in ("auto", 0):
+        reasons.append(f"n_gpu_layers={n_gpu_layers!r} is inert without a GPU")
+        inert.append(f"n_gpu_layers={n_gpu_layers!r} is inert: {no_gpu}")
+    if use_gpu and split_mode == "row":
+        unsupported = [d.name for d in gpu_devices if not row_split(d.index)]
+        if unsupported:
+            raise ValueError(f"split_mode='row' needs split buffers, which {', '.join(unsupported)} do not offer in "
+                             "this llama.cpp (its CUDA backend dropped them): use split_mode='tensor' "
+                             "(tensor parallelism) or 'layer'")
+    if use_gpu and split_mode == "tensor" and n_gpu_layers == "auto":
+        raise ValueError("llama.cpp's memory fit does not support split_mode='tensor': give n_gpu_layers")
+    split = _check_tensor_split(tensor_split, len(gpu_devices)) if tensor_split is not None else None
+    if split is not None and not use_gpu:
+        reasons.append("tensor_split is inert without a GPU")
+        split = None
+    if use_gpu and split_mode == "none" and not 0 <= main_gpu < len(gpu_devices):
+        raise ValueError(f"main_gpu={main_gpu} is not one of the {len(gpu_devices)} chosen devices")
+    overrides: list[tuple[str, int]] = []
+    for pattern, target in tensor_overrides or ():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"tensor override patterns are non-empty regex strings, got {pattern!r}")
+        if target == "cpu":
+            overrides.append((pattern, -1))
+        elif use_gpu:
+            overrides.append((pattern, _find_device(gpu_devices, target, "tensor_overrides").index))
+        else:
+            _find_device([d for d in all_devices if d.kind != "cpu"], target, "tensor_overrides")
+            reasons.append(f"tensor override {pattern!r} -> {target!r} is inert without a GPU")
+    limits = {}
+    for sel, nbytes in (memory_limit or {}).items():
+        if not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"memory_limit values are bytes >= 0, got {nbytes!r}")
+        limits[_find_device(gpu_devices, sel, "memory_limit").index] = nbytes
+    if limits and n_gpu_layers != "auto":
+        raise ValueError("memory_limit applies to n_gpu_layers='auto'")
+    ngl = 0 if not use_gpu else -1 if n_gpu_layers in ("all", "auto") else int(n_gpu_layers)
+    return Plan(use_gpu=use_gpu, devices=gpu_devices if use_gpu else [], n_gpu_layers=n_gpu_layers, ngl=ngl,
+                split_mode=split_mode, main_gpu=main_gpu, tensor_split=split, overrides=overrides, limits=limits,
+                reasons=reasons, inert=inert)
 
 
 def _find_device(candidates: list[Device], sel: int | str | Device, what: str) -> Device:
