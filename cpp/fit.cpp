@@ -60,8 +60,9 @@ nb::list memory_estimate(const std::string & path, const placement & margs, cons
 }
 
 // common_fit_params: the most layers (and, with n_ctx 0, the largest context >= n_ctx_min) that
-// fit every device's free memory minus its margin. Only n_gpu_layers, tensor_split, tensor
-// overrides and n_ctx may change; the result is applied by the caller through a normal load.
+// fit every device's free memory minus its margin; for a mixture-of-experts model it first moves
+// expert tensors to host memory. Only n_gpu_layers, tensor_split, tensor overrides and n_ctx may
+// change; the caller applies the result through a normal load.
 nb::dict fit(const std::string & path, const placement & margs, const context_params & cargs,
              const std::vector<int64_t> & margins_bytes, uint32_t n_ctx_min) {
     model_params mp;
@@ -108,14 +109,20 @@ nb::dict fit(const std::string & path, const placement & margs, const context_pa
     for (size_t i = 0; i < n_devs && i < n_max; ++i) split_out.push_back(split[i]);
     while (!split_out.empty() && split_out.back() == 0.0f) split_out.pop_back();
     d["tensor_split"] = split_out;
-    size_t n_ov = 0;
-    while (n_ov < ov.size() && ov[n_ov].pattern != nullptr) ++n_ov;
-    d["n_overrides"] = n_ov;
-    if (n_ov > 0) {
-        // MoE fits move expert tensors to the CPU through overrides; lamina does not carry them
-        // over yet, so such a fit is reported, not applied (see the offload issue note).
-        d["status"] = "needs tensor overrides";
+    // A mixture-of-experts fit moves expert tensors off the devices through overrides (llama.cpp's
+    // --fit does the same): hand them back as (pattern, device index), -1 for host memory
+    nb::list overrides;
+    for (size_t i = 0; i < ov.size() && ov[i].pattern != nullptr; ++i) {
+        int dev = -1;
+        for (size_t k = 0; k < ggml_backend_dev_count(); ++k) {
+            ggml_backend_dev_t dk = ggml_backend_dev_get(k);
+            if (ggml_backend_dev_type(dk) != GGML_BACKEND_DEVICE_TYPE_CPU && ggml_backend_dev_buffer_type(dk) == ov[i].buft) {
+                dev = int(k);
+            }
+        }
+        overrides.append(nb::make_tuple(std::string(ov[i].pattern), dev));
     }
+    d["overrides"] = overrides;
     return d;
 }
 

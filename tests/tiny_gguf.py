@@ -74,13 +74,16 @@ def vocab_bpe() -> tuple[list[str], list[int], list[str]]:
 def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2,
                      n_ff: int = 128, n_ctx: int = 512, n_vocab: int | None = None, f16: bool = False,
                      seed: int = 0, truncate_to: int | None = None, causal: bool = True,
-                     arch: str = "llama", tokenizer: str = "llama") -> Path:
+                     arch: str = "llama", tokenizer: str = "llama", n_expert: int = 0,
+                     n_expert_used: int = 2) -> Path:
     """Write a GGUF with random weights (f32, or f16 for big shapes) of a llama architecture, or
     with arch="gemma3" of Gemma 3's (QK norms, post norms, sliding-window layers).
 
     n_vocab pads the vocabulary with unused tokens to that size (e.g. 128256 for Llama 3 shapes).
     causal=False writes llama.attention.causal = false (bidirectional attention, as embedding models).
     tokenizer="gpt2" writes a byte-level BPE vocabulary with merges instead of SentencePiece's.
+    n_expert > 0 makes a mixture of experts (Mixtral's layout: n_expert feed-forward experts per
+    layer, n_expert_used of them per token).
     """
     import gguf
 
@@ -114,6 +117,9 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     if not causal:
         writer.add_causal_attention(False)
     writer.add_rope_dimension_count(n_embd // n_head)
+    if n_expert:
+        writer.add_expert_count(n_expert)
+        writer.add_expert_used_count(n_expert_used)
     if arch == "gemma3":
         writer.add_key_length(n_embd // n_head)
         writer.add_value_length(n_embd // n_head)
@@ -145,9 +151,15 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
         writer.add_tensor(f"blk.{i}.attn_v.weight", w(n_head_kv * head_dim, n_embd))
         writer.add_tensor(f"blk.{i}.attn_output.weight", w(n_embd, n_embd))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", w(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, n_ff))
+        if n_expert:
+            writer.add_tensor(f"blk.{i}.ffn_gate_inp.weight", w(n_expert, n_embd))
+            writer.add_tensor(f"blk.{i}.ffn_gate_exps.weight", w(n_expert, n_ff, n_embd))
+            writer.add_tensor(f"blk.{i}.ffn_up_exps.weight", w(n_expert, n_ff, n_embd))
+            writer.add_tensor(f"blk.{i}.ffn_down_exps.weight", w(n_expert, n_embd, n_ff))
+        else:
+            writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(n_ff, n_embd))
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", w(n_ff, n_embd))
+            writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, n_ff))
         if arch == "gemma3":
             writer.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
             writer.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))

@@ -178,9 +178,13 @@ class Model:
         plan.ngl = int(fit["n_gpu_layers"])
         if plan.ngl >= 0 and len(gpu_devices) > 1 and fit["tensor_split"]:
             plan.tensor_split = list(fit["tensor_split"])
+        plan.overrides = [(str(p), int(d)) for p, d in fit["overrides"]]
         plan.reasons.append(f"auto: llama.cpp's memory fit chose n_gpu_layers={'all' if plan.ngl < 0 else plan.ngl}" +
                             (f" and n_ctx={fit['n_ctx']}" if n_ctx == 0 else "") +
                             f" (margins {', '.join(f'{m / MiB:.0f} MiB' for m in margins)})")
+        if plan.overrides:  # a mixture of experts: experts in host memory first, then as many layers as fit
+            plan.reasons.append(f"auto: a mixture of experts: {len(plan.overrides)} expert tensor pattern(s) kept in "
+                                "host memory, as llama.cpp's --fit does")
         return int(fit["n_ctx"]) if n_ctx == 0 else n_ctx
 
     @property
