@@ -76,3 +76,28 @@ def test_generate_batch_text_equals_generate_text(real_model: lamina.Model) -> N
         for b in ctx.generate_batch(prompts, max_tokens=24):
             pieces = b"".join(real_model.token_to_piece(int(t)) for t in b.tokens)
             assert b.text == pieces.decode("utf-8", errors="replace")
+
+
+def test_pieces_longer_than_256_bytes_as_llama_completion_prints_them(tmp_path: Path) -> None:
+    """A token whose text is 298 bytes (llama.cpp's token_to_piece needs a second, larger buffer)
+    comes out whole, as llama-completion prints it, from generate(), complete() and generate_batch()."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_gguf import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "long.gguf", long_piece=300)
+    with lamina.Model(path, gpu=False) as model:
+        long_id = model.info.n_vocab - 1
+        assert model.token_to_piece(long_id) == b" " + b"x" * 297  # SentencePiece's "\u2581" is a space
+        sampler = lamina.Sampler(logit_bias={long_id: 100.0})
+        with model.context(n_ctx=256) as ctx:
+            pieces = list(ctx.generate("the sky is", max_tokens=3, sampler=sampler, ignore_eos=True))
+            ours = "".join(pieces)
+            (batch,) = ctx.generate_batch(["the sky is"], max_tokens=3, sampler=sampler, ignore_eos=True)
+    assert ours == (" " + "x" * 297) * 3 and batch.text == ours
+    cmd = ["-m", str(path), "-p", "the sky is", "-n", "3", "--temp", "0", "--logit-bias", f"{long_id}+100",
+           "--ignore-eos", "-no-cnv", "--no-display-prompt", "--simple-io", "-t", "2", "-c", "256"]
+    ref = lamina.tools.run(tool("llama-completion"), cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert ours == ref.stdout.rstrip("\n")

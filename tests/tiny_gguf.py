@@ -75,13 +75,14 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
                      n_ff: int = 128, n_ctx: int = 512, n_vocab: int | None = None, f16: bool = False,
                      seed: int = 0, truncate_to: int | None = None, causal: bool = True,
                      arch: str = "llama", tokenizer: str = "llama", n_expert: int = 0,
-                     n_expert_used: int = 2) -> Path:
+                     n_expert_used: int = 2, long_piece: int = 0) -> Path:
     """Write a GGUF with random weights (f32, or f16 for big shapes) of a llama architecture, or
     with arch="gemma3" of Gemma 3's (QK norms, post norms, sliding-window layers).
 
     n_vocab pads the vocabulary with unused tokens to that size (e.g. 128256 for Llama 3 shapes).
     causal=False writes llama.attention.causal = false (bidirectional attention, as embedding models).
     tokenizer="gpt2" writes a byte-level BPE vocabulary with merges instead of SentencePiece's.
+    long_piece > 0 adds a last token whose text is that many bytes ("▁" and x's; no merge reaches it).
     n_expert > 0 makes a mixture of experts (Mixtral's layout: n_expert feed-forward experts per
     layer, n_expert_used of them per token).
     """
@@ -93,6 +94,10 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
         scores = [0.0] * len(tokens)
     else:
         tokens, scores, types = vocab()
+    if long_piece:
+        tokens.append("▁" + "x" * (long_piece - len("▁".encode())))
+        scores.append(-1000.0)
+        types.append(1)
     if n_vocab is not None and n_vocab > len(tokens):
         pad = n_vocab - len(tokens)
         tokens += [f"<unused{i}>" for i in range(pad)]
