@@ -210,7 +210,10 @@ nb::list refusals(const kv_dims & d, int64_t n_ctx, int type_k, int type_v, cons
     if (type_k < 0 || type_k >= GGML_TYPE_COUNT || type_v < 0 || type_v >= GGML_TYPE_COUNT) {
         throw std::invalid_argument("invalid K/V type");
     }
-    const int64_t cells = (n_ctx + 255) / 256 * 256;  // llama.cpp pads the cache to 256 cells
+    // llama.cpp pads the context to 256 cells (llama-context.cpp: GGML_PAD(cparams.n_ctx, 256)); there is
+    // no API to ask before a context exists. tests/test_shape.py fails if a llama.cpp bump changes it.
+    constexpr int64_t kv_cell_pad = 256;
+    const int64_t cells = (n_ctx + kv_cell_pad - 1) / kv_cell_pad * kv_cell_pad;
     const size_t big = std::max(ggml_row_size(ggml_type(type_k), d.n_head_kv * d.head_k),
                                 ggml_row_size(ggml_type(type_v), d.n_head_kv * d.head_v)) * size_t(cells);
     nb::list out;

@@ -107,3 +107,12 @@ def test_the_llama_cpp_log_lines_lamina_reads_are_still_there(tiny_path: Path) -
         assert sorted(i for i, _ in layers) == list(range(model.info.n_layer + 1)), (
             f"llama.cpp's 'layer N assigned to device X' log lines changed: cpp/logging.cpp read {layers}")
         assert {d for _, d in layers} == {"CPU"}
+
+
+def test_the_context_padding_lamina_assumes_is_llama_cpps(tiny_path: Path) -> None:
+    """cpp/fit.cpp sizes a layer's KV tensor before any context exists (a device that cannot
+    use it would make llama.cpp abort), assuming llama.cpp pads n_ctx to 256 cells."""
+    with lamina.Model(tiny_path, gpu=False) as model:
+        for asked, padded in ((1, 256), (300, 512), (512, 512)):
+            with model.context(n_ctx=asked) as ctx:
+                assert ctx.n_ctx == padded, "llama.cpp pads the context differently now: update kv_cell_pad in cpp/fit.cpp"
