@@ -10,6 +10,7 @@
 #   sweep   CPU thread sweep (gpu=False) on the small model, lamina vs llama-bench
 #   cpuonly a CPU-only build of the same source: gpu=False in the CUDA build vs the CPU-only build
 #   test    the fast test suite (plain pytest, as a user runs it)
+#   moe     n_gpu_layers="auto" on a mixture of experts larger than its GPU budget (ci/moe_fit.py)
 #   doctor  lamina doctor (the machine, and advice for the 1B model), its JSON against the schema, and
 #           the config's inert settings on a GPU machine (gpu off, main_gpu with one GPU)
 #   matrix  ci/import_matrix.py: lamina next to numpy, torch, jax, cupy, ... in both orders
@@ -111,6 +112,8 @@ for t in ('f16', 'q8_0', 'q4_0'):
     $py -X faulthandler -m pytest -q -m "not model" -p no:cacheprovider tests > "$OUT/tests.txt" 2>&1
     echo "pytest rc=$?"
     grep -E "passed|failed|Fatal|Segmentation|^FAILED|^ERROR" "$OUT/tests.txt" | tail -15 ;;
+  moe)
+    (cd /tmp && CUDA_VISIBLE_DEVICES=0 $py "$OLDPWD/ci/moe_fit.py") ;;
   doctor)
     (cd /tmp && $py -m lamina doctor) | tee "$OUT/doctor.txt"
     (cd /tmp && CUDA_VISIBLE_DEVICES=0 $py -m lamina doctor /tmp/llama-1b.gguf --ctx 8192) | tee "$OUT/doctor_model.txt"
