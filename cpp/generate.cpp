@@ -44,7 +44,6 @@ public:
               bool backend_sampling)
         : st_(context_shared(ctx)), sampler_(sampler), sampler_ref_(nb::borrow(sampler_obj)),
           max_tokens_(max_tokens), ignore_eos_(ignore_eos), shift_keep_(shift_keep) {
-        if (max_tokens < 0) throw std::invalid_argument("max_tokens must be >= 0");
         context_lease lease(st_, this);  // the checks below read the context
         require_vocab(*st_->model);     // generated tokens become text
         if (backend_sampling) {

@@ -307,7 +307,6 @@ void build_model_params(const placement & a, model_params & out) {
     const size_t n_dev = ggml_backend_dev_count();
     // devices: None = every device llama.cpp would pick; a list of ggml device indices
     // (possibly empty: CPU only) otherwise. NULL-terminated.
-    size_t n_model_devs = 0;
     if (devices) {
         for (int idx : *devices) {
             if (idx < 0 || size_t(idx) >= n_dev) {
@@ -316,14 +315,10 @@ void build_model_params(const placement & a, model_params & out) {
             }
             out.devs.push_back(ggml_backend_dev_get(size_t(idx)));
         }
-        n_model_devs = out.devs.size();
         out.devs.push_back(nullptr);
         p.devices = out.devs.data();
     }
-    if (split_mode == LLAMA_SPLIT_MODE_NONE && devices && (main_gpu < 0 || size_t(main_gpu) >= std::max<size_t>(1, n_model_devs))) {
-        throw std::out_of_range("main_gpu " + std::to_string(main_gpu) + " is not one of the " +
-                                std::to_string(n_model_devs) + " chosen devices");
-    }
+    // main_gpu: Python's plan_placement checks it against the chosen devices (llama.cpp refuses a bad one)
     out.split.assign(llama_max_devices(), 0.0f);
     if (tensor_split) {
         if (tensor_split->size() > out.split.size()) {

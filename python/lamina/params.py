@@ -2,6 +2,13 @@
 token arrays, ints range-checked for C types. A leaf: it imports only lamina._native (and
 lamina.errors, which is the native exceptions), so every other module can import it at top level.
 
+Each check lives on one side. The native side checks every value whose bad form would make
+llama.cpp crash, hang or misbehave (sizes, ranges, type ids, finite floats), since lamina._native
+can be called directly; Python checks what only it can: types, names ("auto", "layer", "q8_0")
+mapped to native codes, values that must fit a C type (nanobind's own error would be a
+TypeError for an int it cannot convert), and rules that need Python's knowledge (devices,
+placement, config).
+
 Every int handed to lamina._native is range-checked here first, so a bad value gets lamina's
 own ValueError naming the argument and its range, never nanobind's "incompatible function
 arguments" TypeError for a value that overflows a C type.
@@ -79,11 +86,10 @@ def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv
                      pooling: str | None = None, rope_scaling: str | None = None, rope_freq_base: float = 0.0,
                      rope_freq_scale: float = 0.0) -> _native.ContextParams:
     """Validated native context settings (lamina.h: context_params)."""
-    for name, value, lo in (("n_ctx", n_ctx, 0), ("n_batch", n_batch, 1), ("n_ubatch", n_ubatch, 1),
-                            ("n_seq_max", n_seq_max, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-        check_int(name, value, lo, UINT32_MAX)
+    for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch), ("n_seq_max", n_seq_max)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_int(name, value, 0, UINT32_MAX)  # what the C type holds; the sizes' own rules are native
     if flash_attn not in FLASH:
         raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
     if not isinstance(kv, KV):
@@ -94,8 +100,8 @@ def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv
         raise ValueError(f"rope_scaling must be None (the model's), 'none', 'linear', 'yarn' or 'longrope', "
                          f"got {rope_scaling!r}")
     for rope_name, rope_value in (("rope_freq_base", rope_freq_base), ("rope_freq_scale", rope_freq_scale)):
-        if isinstance(rope_value, bool) or not isinstance(rope_value, (int, float)) or not 0 <= rope_value < 1e30:
-            raise ValueError(f"{rope_name} must be a number >= 0 (0: the model's), got {rope_value!r}")
+        if isinstance(rope_value, bool) or not isinstance(rope_value, (int, float)):
+            raise TypeError(f"{rope_name} must be a number (0: the model's), got {rope_value!r}")
     s = _native.ContextParams()
     s.n_ctx, s.n_batch, s.n_ubatch, s.n_seq_max = n_ctx, n_batch, n_ubatch, n_seq_max
     s.flash_attn = FLASH[flash_attn]
