@@ -597,33 +597,22 @@ std::shared_ptr<context_state> context_shared(nb::handle ctx) {
 }
 
 void init_context(nb::module_ & m) {
-    nb::class_<context_params>(m, "ContextParams",
-                               "A context's settings; each field's default is the one lamina.Context uses.")
-        .def(nb::init<>())
-        .def_rw("n_ctx", &context_params::n_ctx)
-        .def_rw("n_batch", &context_params::n_batch)
-        .def_rw("n_ubatch", &context_params::n_ubatch)
-        .def_rw("n_seq_max", &context_params::n_seq_max)
-        .def_rw("flash_attn", &context_params::flash_attn, "-1 auto, 0 off, 1 on")
-        .def_rw("type_k", &context_params::type_k, "ggml type id of the K cache")
-        .def_rw("type_v", &context_params::type_v, "ggml type id of the V cache")
-        .def_rw("offload_kqv", &context_params::offload_kqv)
-        .def_rw("op_offload", &context_params::op_offload)
-        .def_rw("embeddings", &context_params::embeddings)
-        .def_rw("swa_full", &context_params::swa_full)
-        .def_rw("kv_unified", &context_params::kv_unified)
-        .def_rw("pooling_type", &context_params::pooling_type, "-1 the model's, 0 none, 1 mean, 2 cls, 3 last")
-        .def_rw("rope_scaling_type", &context_params::rope_scaling_type,
-                "-1 the model's, 0 none, 1 linear, 2 yarn, 3 longrope")
-        .def_rw("rope_freq_base", &context_params::rope_freq_base, "0: the model's")
-        .def_rw("rope_freq_scale", &context_params::rope_freq_scale, "0: the model's");
-    nb::class_<pool_params>(m, "PoolParams", "One threadpool: threads, CPUs, strict placement, priority, polling.")
-        .def(nb::init<>())
-        .def_rw("n_threads", &pool_params::n_threads)
-        .def_rw("cpus", &pool_params::cpus, "CPUs to pin to (empty: any)")
-        .def_rw("strict", &pool_params::strict, "one thread per listed CPU")
-        .def_rw("priority", &pool_params::priority, "-1 low, 0 normal, 1 medium, 2 high, 3 realtime")
-        .def_rw("poll", &pool_params::poll, "0 (sleep) .. 100 (spin) while waiting for work");
+    {
+        using Params = context_params;
+        nb::class_<context_params>(m, "ContextParams",
+                                   "A context's settings; each field's default is the one lamina.Context uses.")
+            .def(nb::init<>())
+            LAMINA_RW(n_ctx) LAMINA_RW(n_batch) LAMINA_RW(n_ubatch) LAMINA_RW(n_seq_max) LAMINA_RW(flash_attn)
+            LAMINA_RW(type_k) LAMINA_RW(type_v) LAMINA_RW(offload_kqv) LAMINA_RW(op_offload) LAMINA_RW(embeddings)
+            LAMINA_RW(swa_full) LAMINA_RW(kv_unified) LAMINA_RW(pooling_type) LAMINA_RW(rope_scaling_type)
+            LAMINA_RW(rope_freq_base) LAMINA_RW(rope_freq_scale);
+    }
+    {
+        using Params = pool_params;
+        nb::class_<pool_params>(m, "PoolParams", "One threadpool: threads, CPUs, strict placement, priority, polling.")
+            .def(nb::init<>())
+            LAMINA_RW(n_threads) LAMINA_RW(cpus) LAMINA_RW(strict) LAMINA_RW(priority) LAMINA_RW(poll);
+    }
     static bool atfork_registered = false;
     if (!atfork_registered) {
         pthread_atfork(nullptr, nullptr, on_fork_child);

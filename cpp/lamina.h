@@ -338,6 +338,9 @@ llama_context_params build_context_params(const context_params & a);
 // Collect llama.cpp's "layer N assigned to device X" lines logged by this thread (null: stop).
 void capture_layer_devices(std::vector<std::pair<int, std::string>> * out);
 
+// Binds a field of the parameter struct named Params (a local alias) read-write, under its own name.
+#define LAMINA_RW(field) .def_rw(#field, &Params::field)
+
 // ---- init functions, one per concern --------------------------------------------------------
 void init_errors(nb::module_ & m);
 void init_logging(nb::module_ & m);

@@ -397,14 +397,13 @@ std::shared_ptr<model_state> model_shared(nb::handle model) {
 }
 
 void init_model(nb::module_ & m) {
-    nb::class_<placement>(m, "Placement", "Where a model's weights go: layers, devices, split, overrides.")
-        .def(nb::init<>())
-        .def_rw("n_gpu_layers", &placement::n_gpu_layers, "-1: every layer")
-        .def_rw("devices", &placement::devices, "ggml device indices; None: llama.cpp's choice")
-        .def_rw("split_mode", &placement::split_mode, "0 none, 1 layer, 2 row, 3 tensor")
-        .def_rw("main_gpu", &placement::main_gpu)
-        .def_rw("tensor_split", &placement::tensor_split)
-        .def_rw("overrides", &placement::overrides, "[(regex, device index or -1 for the CPU)]");
+    {
+        using Params = placement;
+        nb::class_<placement>(m, "Placement", "Where a model's weights go: layers, devices, split, overrides.")
+            .def(nb::init<>())
+            LAMINA_RW(n_gpu_layers) LAMINA_RW(devices) LAMINA_RW(split_mode) LAMINA_RW(main_gpu) LAMINA_RW(tensor_split)
+            LAMINA_RW(overrides);
+    }
     m.def("validate_gguf", [](const std::string & path) {
         check_gguf_file(path);
         nb::gil_scoped_release nogil;

@@ -132,36 +132,18 @@ void sampler_handle::accept_prompt(const llama_token * toks, size_t n) {
 }
 
 void init_sampler(nb::module_ & m) {
-    nb::class_<sampler_options>(m, "SamplerParams", "A sampler's settings; each field's default is lamina.Sampler's.")
-        .def(nb::init<>())
-        .def_rw("temperature", &sampler_options::temperature, "0: greedy")
-        .def_rw("top_k", &sampler_options::top_k)
-        .def_rw("top_p", &sampler_options::top_p)
-        .def_rw("min_p", &sampler_options::min_p)
-        .def_rw("typical_p", &sampler_options::typical_p)
-        .def_rw("top_n_sigma", &sampler_options::top_n_sigma)
-        .def_rw("repeat_penalty", &sampler_options::repeat_penalty)
-        .def_rw("frequency_penalty", &sampler_options::frequency_penalty)
-        .def_rw("presence_penalty", &sampler_options::presence_penalty)
-        .def_rw("penalty_last_n", &sampler_options::penalty_last_n, "-1: the whole context")
-        .def_rw("dry_multiplier", &sampler_options::dry_multiplier)
-        .def_rw("dry_base", &sampler_options::dry_base)
-        .def_rw("dry_allowed_length", &sampler_options::dry_allowed_length)
-        .def_rw("dry_penalty_last_n", &sampler_options::dry_penalty_last_n, "-1: the whole context")
-        .def_rw("dry_sequence_breakers", &sampler_options::dry_sequence_breakers)
-        .def_rw("xtc_probability", &sampler_options::xtc_probability)
-        .def_rw("xtc_threshold", &sampler_options::xtc_threshold)
-        .def_rw("dynatemp_range", &sampler_options::dynatemp_range)
-        .def_rw("dynatemp_exponent", &sampler_options::dynatemp_exponent)
-        .def_rw("mirostat", &sampler_options::mirostat, "0 off, 1 or 2")
-        .def_rw("mirostat_tau", &sampler_options::mirostat_tau)
-        .def_rw("mirostat_eta", &sampler_options::mirostat_eta)
-        .def_rw("min_keep", &sampler_options::min_keep)
-        .def_rw("logit_bias", &sampler_options::logit_bias)
-        .def_rw("grammar", &sampler_options::grammar)
-        .def_rw("grammar_root", &sampler_options::grammar_root)
-        .def_rw("seed", &sampler_options::seed)
-        .def_rw("n_ctx", &sampler_options::n_ctx, "what last_n = -1 means; 0: the model's training context");
+    {
+        using Params = sampler_options;
+        nb::class_<sampler_options>(m, "SamplerParams", "A sampler's settings; each field's default is lamina.Sampler's.")
+            .def(nb::init<>())
+            LAMINA_RW(temperature) LAMINA_RW(top_k) LAMINA_RW(top_p) LAMINA_RW(min_p) LAMINA_RW(typical_p)
+            LAMINA_RW(top_n_sigma) LAMINA_RW(repeat_penalty) LAMINA_RW(frequency_penalty) LAMINA_RW(presence_penalty)
+            LAMINA_RW(penalty_last_n) LAMINA_RW(dry_multiplier) LAMINA_RW(dry_base) LAMINA_RW(dry_allowed_length)
+            LAMINA_RW(dry_penalty_last_n) LAMINA_RW(dry_sequence_breakers) LAMINA_RW(xtc_probability)
+            LAMINA_RW(xtc_threshold) LAMINA_RW(dynatemp_range) LAMINA_RW(dynatemp_exponent) LAMINA_RW(mirostat)
+            LAMINA_RW(mirostat_tau) LAMINA_RW(mirostat_eta) LAMINA_RW(min_keep) LAMINA_RW(logit_bias) LAMINA_RW(grammar)
+            LAMINA_RW(grammar_root) LAMINA_RW(seed) LAMINA_RW(n_ctx);
+    }
     nb::class_<sampler_handle>(m, "Sampler", "A llama.cpp sampler chain (owns llama_sampler).")
         .def("__init__", [](sampler_handle * self, nb::handle model, const sampler_options & o) {
             new (self) sampler_handle(model_shared(model), o);

@@ -219,27 +219,35 @@ def test_connecting_where_nothing_listens_raises(rpc_device: lamina.Device) -> N
         lamina.rpc_connect("no-port")
 
 
+def moe_auto_fit(device: str, folder: Path, n_layer: int = 4, **shape: int) -> tuple[lamina.Model, int, int, bool]:
+    """A tiny random mixture of experts loaded with n_gpu_layers="auto" and a budget on ``device``
+    of everything but half its experts: (model, expert bytes, budget, whether its greedy tokens
+    equal the CPU's). Also run on a real GPU by ci/moe_fit.py."""
+    from gguf import GGUFReader
+
+    path = write_tiny_llama(folder / "moe.gguf", n_layer=n_layer, **shape)
+    experts = sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if "_exps" in t.name)
+    with lamina.Model(path, gpu=False) as cpu, cpu.context(n_ctx=256) as ctx:
+        reference = list(ctx.complete("the sky is", max_tokens=8, ignore_eos=True).tokens)
+    with lamina.Model(path, devices=[device], n_gpu_layers="all", n_ctx=256) as whole:
+        (row,) = [d for d in whole.offload.per_device if d.device == device]
+        limit = row.model + row.context + row.compute - experts // 2
+    model = lamina.Model(path, devices=[device], n_gpu_layers="auto", n_ctx=256, memory_limit={device: limit},
+                         fit_margin=0)
+    with model.context(n_ctx=256) as ctx:
+        same = list(ctx.complete("the sky is", max_tokens=8, ignore_eos=True).tokens) == reference
+    return model, experts, limit, same
+
+
 def test_auto_fit_of_a_mixture_of_experts_moves_experts_to_host_first(tmp_path: Path,
                                                                       rpc_device: lamina.Device) -> None:
     """n_gpu_layers="auto" on a MoE model that does not fit whole: as llama.cpp's --fit, the
     expert tensors go to host memory first and the layers to the device (it offloaded nothing)."""
-    from gguf import GGUFReader
-
-    path = write_tiny_llama(tmp_path / "moe.gguf", n_layer=4, n_ff=512, n_expert=16)
-    experts = sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if "_exps" in t.name)
-    with lamina.Model(path, gpu=False) as cpu, cpu.context(n_ctx=256) as ctx:
-        reference = list(ctx.complete("the sky is", max_tokens=8, ignore_eos=True).tokens)
-    with lamina.Model(path, devices=[rpc_device.name], n_gpu_layers="all", n_ctx=256) as whole:
-        (row,) = [d for d in whole.offload.per_device if d.device == rpc_device.name]
-        need = row.model + row.context + row.compute
-    limit = need - experts // 2  # everything but half the experts
-    model = lamina.Model(path, devices=[rpc_device.name], n_gpu_layers="auto", n_ctx=256,
-                         memory_limit={rpc_device.name: limit}, fit_margin=0)
+    model, experts, limit, same = moe_auto_fit(rpc_device.name, tmp_path, n_ff=512, n_expert=16)
     off = model.offload
     (dev,) = [d for d in off.per_device if d.device == rpc_device.name]
     (host,) = [d for d in off.per_device if d.device == "host"]
     assert off.layers_effective == 5, str(off)  # every layer (4 + output) on the device
     assert host.model >= experts // 2 and dev.model + dev.context + dev.compute <= limit, str(off)
     assert any("mixture of experts" in r for r in off.reasons), off.reasons
-    with model.context(n_ctx=256) as ctx:
-        assert list(ctx.complete("the sky is", max_tokens=8, ignore_eos=True).tokens) == reference
+    assert same  # the CPU's tokens
