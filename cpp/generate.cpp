@@ -183,20 +183,32 @@ public:
         st_->backend_owner.compare_exchange_strong(self, nullptr);
     }
 
-    // A stop string begins after the first text_bytes bytes of the generated text: keep the tokens
-    // whose pieces lie wholly before it, take the others out of the token list and the KV cache
-    // (the next generation reuses the prefix up to the stop), and end the iteration.
-    void stop_at(size_t text_bytes) {
+    // A stop string begins after the first text_chars characters of the generated text (as yielded:
+    // UTF-8 decoded, invalid bytes replaced): keep the tokens whose text lies wholly before it, take
+    // the others out of the token list and the KV cache (the next generation reuses the prefix up to
+    // the stop), and end the iteration. Characters, not bytes: a replaced byte is one character but
+    // three bytes of the Python text. Called with the GIL (it decodes token prefixes).
+    void stop_at(size_t text_chars) {
         context_lease lease(st_, this);
         context_state & st = *lease;
-        size_t keep = 0, end = 0;
-        std::string piece;
+        std::string raw;
+        std::vector<size_t> ends;  // raw bytes after each token
         for (llama_token t : generated_) {
-            piece.clear();
-            append_piece(*st.model, t, false, piece);
-            if (end + piece.size() > text_bytes) break;
-            end += piece.size();
-            ++keep;
+            append_piece(*st.model, t, false, raw);
+            ends.push_back(raw.size());
+        }
+        auto chars_in = [&raw](size_t nbytes) {
+            PyObject * o = PyUnicode_DecodeUTF8(raw.data(), Py_ssize_t(nbytes), "replace");
+            if (o == nullptr) throw nb::python_error();
+            const size_t n = size_t(PyUnicode_GetLength(o));
+            Py_DECREF(o);
+            return n;
+        };
+        // the most tokens whose text fits in text_chars (the decoded length grows with the prefix)
+        size_t keep = 0, hi = generated_.size();
+        while (keep < hi) {
+            const size_t mid = (keep + hi + 1) / 2;
+            if (chars_in(ends[mid - 1]) <= text_chars) keep = mid; else hi = mid - 1;
         }
         const size_t drop = generated_.size() - keep;
         const size_t decoded = drop - (pending_ && drop > 0 ? 1 : 0);  // the last sampled token is not decoded yet
@@ -339,9 +351,9 @@ shift_keep tokens stay and half of the rest is dropped (context shift).)")
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
         .def("__next__", &generator::next)
         .def("close", &generator::close, "Stop: iteration ends, and the context gets its logits back.")
-        .def("stop_at", &generator::stop_at, nb::arg("text_bytes"),
-             "A stop string starts after text_bytes bytes of generated text: drop the tokens from there on "
-             "(token list and KV cache) and end.")
+        .def("stop_at", &generator::stop_at, nb::arg("text_chars"),
+             "A stop string starts after text_chars characters of generated text: drop the tokens from there "
+             "on (token list and KV cache) and end.")
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
         .def_prop_ro("tokens", &generator::tokens, nb::rv_policy::automatic, "Generated token ids so far (a copy).");
 }

@@ -286,3 +286,18 @@ def test_batch_generation_checks_its_inputs(tiny_model: lamina.Model) -> None:
             ctx.generate_batch([[1, 2], [10**6]])
         # the context is fine after every refusal
         assert len(ctx.generate_batch(["hi", "sky"], max_tokens=4, ignore_eos=True)) == 2
+
+
+@pytest.mark.parametrize("stop", ["after", "capita"])
+def test_a_stop_after_invalid_utf8_trims_the_tokens_at_the_stop(tiny_model: lamina.Model, stop: str) -> None:
+    """Random weights emit byte tokens that are not UTF-8 (each becomes one U+FFFD character, three
+    bytes of text): the stop is found by characters, so the tokens kept end before it."""
+    ctx = tiny_model.context(n_ctx=256)
+    gen = ctx.generate("hello world", max_tokens=40, stop=stop)
+    text = "".join(gen)
+    tokens = list(gen.tokens)
+    kept = b"".join(tiny_model.token_to_piece(t) for t in tokens).decode("utf-8", errors="replace")
+    assert gen.finish_reason == "stop" and stop not in kept and text.startswith(kept), (text, kept)
+    assert ctx.n_past == len(tiny_model.tokenize("hello world", special=True)) + len(tokens)
+    if stop == "after":
+        assert "\ufffd" in text  # the case this test is for

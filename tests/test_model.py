@@ -178,3 +178,15 @@ def test_plan_placement_is_pure_and_needs_no_gpu() -> None:
         plan_placement(**{**kw, "split_mode": "row", "n_gpu_layers": 3}, row_split=lambda i: False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="main_gpu=2"):
         plan_placement(**{**kw, "split_mode": "none", "main_gpu": 2, "n_gpu_layers": 3})  # type: ignore[arg-type]
+
+
+def test_the_offload_report_is_readable_after_close_and_bad_ints_name_their_field(tiny_path: Path) -> None:
+    model = lamina.Model(tiny_path, gpu=False)
+    model.close()
+    assert model.offload.layers_effective == 0 and model.offload.gpu is False  # made lazily, after close too
+    with pytest.raises(ValueError, match="main_gpu"):
+        lamina.Model(tiny_path, main_gpu=2**40)
+    with pytest.raises(TypeError, match="main_gpu"):
+        lamina.Model(tiny_path, main_gpu=True)
+    with lamina.Model(tiny_path, gpu=False) as m, pytest.raises(TypeError, match="Sampler.top_k"):
+        lamina.Sampler(top_k=2**40).native(m)

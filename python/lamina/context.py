@@ -50,21 +50,20 @@ def _stream(native: _native.Generator, stops: Sequence[str], stopped: list[bool]
     (not a method) so a Generation holds no reference cycle: contexts are freed as soon as the
     last reference goes, not at the next garbage collection."""
     held = ""
-    emitted = 0  # bytes of text yielded so far
+    emitted = 0  # characters of text yielded so far
     for piece in native:
         held += piece
         cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
             stopped[0] = True
-            native.stop_at(emitted + len(held[:cut].encode("utf-8")))
+            native.stop_at(emitted + cut)
             if cut:
                 yield held[:cut]
             return
         keep = _stop_holdback(held, stops)
         if len(held) > keep:
-            out = held[: len(held) - keep]
-            emitted += len(out.encode("utf-8"))
-            yield out
+            emitted += len(held) - keep
+            yield held[: len(held) - keep]
             held = held[len(held) - keep:]
     if held:
         yield held

@@ -15,7 +15,7 @@ from .context import Context
 from .errors import InertSettingWarning
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
-from .params import KV, NGL, as_tokens, context_settings, kv_tensor_error
+from .params import KV, NGL, as_tokens, check_int, context_settings, kv_tensor_error
 from .system import Device, gpu_absent_reason, rpc_connect
 from .system import devices as list_devices
 from .threads import Threads
@@ -151,6 +151,7 @@ class Model:
         self.info = ModelInfo(**{k: info[k] for k in ModelInfo.__dataclass_fields__})
         if self.n_ctx == 0:
             self.n_ctx = self.info.n_ctx_train
+        self._layers: list[tuple[int, str]] = list(self._native.layer_devices())  # (layer, device) as loaded
         self._offload: Offload | None = None  # made on first use: per device it needs a no-alloc estimate
 
     def _auto_fit(self, plan: "Plan", margins_given: list[int], fit_ctx: int) -> int:
@@ -207,7 +208,7 @@ class Model:
     def _offload_report(self) -> Offload:
         plan, n_layer = self._plan, self.info.n_layer
         placed: dict[str, int] = {}
-        for _layer, dev in self.native.layer_devices():
+        for _layer, dev in self._layers:
             placed[dev] = placed.get(dev, 0) + 1
         cpu_names = {d.name for d in list_devices(memory=False) if d.kind == "cpu"}
         reasons = list(plan.reasons)
@@ -258,12 +259,12 @@ class Model:
         if not kv.offload or not self._plan.use_gpu:
             return  # the cache stays in host memory
         cpu = {d.name for d in list_devices(memory=False) if d.kind == "cpu"}
-        held = sorted({dev for layer, dev in self.native.layer_devices() if layer < self.info.n_layer and dev not in cpu})
+        held = sorted({dev for layer, dev in self._layers if layer < self.info.n_layer and dev not in cpu})
         if not held:
             return
         n = n_ctx or self.info.n_ctx_train
-        refused = _native.kv_tensor_refusals(self.native, n, _native.ggml_type_from_name(kv.type_k),
-                                             _native.ggml_type_from_name(kv.type_v), held)
+        refused = _native.kv_tensor_refusals_file(os.fspath(self.path), n, _native.ggml_type_from_name(kv.type_k),
+                                                  _native.ggml_type_from_name(kv.type_v), held)
         if refused:
             raise kv_tensor_error(refused[0], n)
 
@@ -419,6 +420,7 @@ def plan_placement(*, gpu: bool, n_gpu_layers: NGL, main_gpu: int, split_mode: s
     opens no device (``absent`` says why there is no GPU, ``row_split`` which devices have split
     buffers), so it is testable with made-up devices. Raises ValueError for a placement that
     cannot be."""
+    check_int("main_gpu", main_gpu, 0)
     gpu_devices = [d for d in all_devices if d.kind in ("gpu", "igpu") or d.index in remote]
     if devices is not None:
         candidates = [d for d in all_devices if d.kind in ("gpu", "igpu", "remote")]

@@ -77,6 +77,10 @@ class Sampler:
                 value = list(value)
             elif f.name == "logit_bias":
                 value = {int(k): float(v) for k, v in value.items()}
-            setattr(p, f.name, value)
+            try:
+                setattr(p, f.name, value)
+            except TypeError:  # nanobind's message names no field: a value the C field cannot hold
+                raise TypeError(f"Sampler.{f.name}={value!r}: not a value of this field's C type "
+                                f"({type(getattr(p, f.name)).__name__}, in range)") from None
         p.n_ctx = n_ctx
         return _native.Sampler(model.native, p)
