@@ -5,7 +5,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -361,23 +361,11 @@ class Model:
         return out[0] if single else out
 
     # -- contexts ------------------------------------------------------------------------
-    def context(
-        self,
-        n_ctx: int | None = None,
-        *,
-        n_batch: int | None = None,
-        n_ubatch: int | None = None,
-        n_seq_max: int | None = None,
-        threads: int | Threads | None = None,
-        kv: KV | None = None,
-        flash_attn: bool | Literal["auto"] | None = None,
-        embeddings: bool = False,
-        **kwargs: Any,
-    ) -> Context:
-        """A context of this model: lamina.Context(model, ...), whose docstring says how the
-        arguments default (an argument given wins, then the model's config, then the defaults)."""
-        return Context(self, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max, threads=threads,
-                       kv=kv, flash_attn=flash_attn, embeddings=embeddings, **kwargs)
+    def context(self, n_ctx: int | None = None, **kwargs: Any) -> Context:
+        """A context of this model: ``lamina.Context(model, n_ctx=..., **kwargs)``, whose docstring
+        lists the arguments and how they default (an argument given wins, then the model's config,
+        then the defaults)."""
+        return Context(self, n_ctx=n_ctx, **kwargs)
 
     def __repr__(self) -> str:
         return f"<lamina.Model {self.info.desc!r} from {str(self.path)!r}>"
