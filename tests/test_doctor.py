@@ -332,3 +332,19 @@ def test_plot_draws_the_ceiling_or_says_what_is_missing(tmp_path: Path, tiny_pat
         return
     doctor.plot_report(r, str(out))
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.timeout(120)
+def test_a_bandwidth_thread_that_cannot_start_raises_and_the_process_lives() -> None:
+    """With too little address space for 1024 thread stacks, std::thread throws: the probe stops
+    the threads it started and raises RuntimeError (it called std::terminate before)."""
+    import subprocess
+    import sys
+
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+            "from lamina import _native\n"
+            "try:\n    _native.memory_bandwidth(1 << 27, 1024, 0.1)\n    print('ran')\n"
+            "except (RuntimeError, MemoryError) as e:\n    print('raised', type(e).__name__, e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.startswith("raised RuntimeError could not start 1024 threads"), r.stdout  # 8 GiB of stacks
