@@ -127,6 +127,8 @@ bool abort_requested(void * data) {
     return raised;
 }
 
+}  // namespace
+
 std::string decode_message(int rc, const context_state & st) {
     switch (rc) {
         case 1: return "no KV cache slot for the batch (the context is full: n_ctx=" +
@@ -141,7 +143,6 @@ std::string decode_message(int rc, const context_state & st) {
     }
 }
 
-}  // namespace
 
 void decode_failed(context_state & st, int rc) {
     // llama.cpp keeps the ubatches that finished before the failure: drop them from sequence 0 so

@@ -41,11 +41,30 @@ class generator {
 public:
     generator(nb::handle ctx, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
               sampler_handle & sampler, int32_t max_tokens, bool ignore_eos, nb::handle sampler_obj, int32_t shift_keep,
-              bool backend_sampling)
+              bool backend_sampling, const std::optional<draft_options> & draft, nb::handle draft_ctx)
         : st_(context_shared(ctx)), sampler_(sampler), sampler_ref_(nb::borrow(sampler_obj)),
           max_tokens_(max_tokens), ignore_eos_(ignore_eos), shift_keep_(shift_keep) {
         context_lease lease(st_, this);  // the checks below read the context
         require_vocab(*st_->model);     // generated tokens become text
+        if (draft) {
+            if (backend_sampling) throw std::invalid_argument("speculative decoding samples on the host: not with backend_sampling");
+            if (shift_keep >= 0) throw std::invalid_argument("speculative decoding ends at a full context: use context_full='stop'");
+            if (st_->embeddings) throw std::invalid_argument("speculative decoding needs a context without embeddings");
+            std::shared_ptr<context_state> dft;
+            if (!draft_ctx.is_none()) {
+                dft = context_shared(draft_ctx);
+                if (dft == st_) throw std::invalid_argument("the draft context is the target context");
+                if (llama_n_ctx_seq(dft->ctx.get()) < llama_n_ctx_seq(st_->ctx.get())) {
+                    throw std::invalid_argument("the draft context holds fewer tokens than the target's");
+                }
+                context_lease dlease(dft);
+                spec_ = std::make_unique<speculation>(*st_, dft, *draft);
+            } else {
+                spec_ = std::make_unique<speculation>(*st_, nullptr, *draft);
+            }
+        } else if (!draft_ctx.is_none()) {
+            throw std::invalid_argument("a draft context without draft settings");
+        }
         if (backend_sampling) {
             // llama.cpp's backend sampling (experimental in the pin): the argmax runs in the graph
             // on the device holding the output layer, and only the token id comes back instead of
@@ -72,12 +91,15 @@ public:
         if (done_) throw nb::stop_iteration();
         context_lease lease(st_, this);  // BusyError for a second thread, or a re-entrant call
         context_state & st = *lease;
+        std::optional<context_lease> draft_lease;  // the draft model's context is ours for the step too
+        if (spec_ && spec_->draft_context()) draft_lease.emplace(spec_->draft_context());
         begin_operation(st, op_);  // an abort between two tokens stops the next one
         if (!started_) {
             if (backend_wanted_) attach_backend(st);  // may refuse (live views): next() can be retried
             started_ = true;
             int64_t t0 = llama_time_us();
             n_prompt_eval_ = int64_t(eval_prompt(st, prompt_));
+            if (spec_) spec_->begin(prompt_);
             {
                 nb::gil_scoped_release nogil;
                 sampler_.accept_prompt(prompt_.data(), prompt_.size());  // penalties and DRY see the prompt
@@ -100,6 +122,51 @@ public:
             nb::gil_scoped_release nogil;
             caller_pin pin(st.pin_gen);
             while (true) {
+                if (pending_ && spec_) {
+                    // `last_` and a draft in one decode; every token the target's sampler keeps is out at once
+                    const size_t n_ctx_seq = llama_n_ctx_seq(st.ctx.get());
+                    if (st.tokens.size() + 1 > n_ctx_seq) {
+                        finish_reason_ = "length";
+                        done_ = true;
+                        break;
+                    }
+                    const size_t base = st.tokens.size();
+                    const int32_t n_draft_max = int32_t(std::min<int64_t>(int64_t(n_ctx_seq - base - 1),
+                                                                          int64_t(max_tokens_) - int64_t(generated_.size()) - 1));
+                    const int64_t t_dec = llama_time_us();
+                    int rc = spec_->step(st, sampler_, last_, n_draft_max, ids_);
+                    slow_tokens_ = llama_time_us() - t_dec > 20000;
+                    if (rc != 0) {
+                        nb::gil_scoped_acquire gil;
+                        st.signals_here = false;
+                        decode_failed(st, rc);
+                    }
+                    pending_ = false;
+                    size_t k = 0;
+                    for (; k < ids_.size(); ++k) {
+                        const llama_token tok = ids_[k];
+                        if (!ignore_eos_ && llama_vocab_is_eog(st.model->vocab, tok)) {
+                            finish_reason_ = "stop";
+                            done_ = true;
+                            break;
+                        }
+                        generated_.push_back(tok);
+                        append_piece(*st.model, tok, false, bytes_);
+                        if (int32_t(generated_.size()) >= max_tokens_) {
+                            finish_reason_ = "length";
+                            done_ = true;
+                            break;
+                        }
+                    }
+                    if (done_) {  // the caches hold the tokens before the last one out
+                        spec_->truncate(st, base + 1 + k);
+                        break;
+                    }
+                    last_ = ids_.back();
+                    pending_ = true;
+                    if (utf8_complete_prefix(bytes_) > 0) break;
+                    continue;
+                }
                 if (pending_) {
                     if (st.tokens.size() + 1 > llama_n_ctx_seq(st.ctx.get())) {
                         if (shift_keep_ < 0) {
@@ -244,6 +311,7 @@ public:
         d["t_prompt_us"] = t_prompt_us_;
         d["n_shifts"] = n_shifts_;
         d["t_gen_us"] = done_ ? t_gen_us_ : (started_ ? llama_time_us() - t_gen_start_ : 0);
+        if (spec_) spec_->stats(d);
         return d;
     }
 
@@ -300,6 +368,8 @@ private:
 
 
     std::shared_ptr<context_state> st_;
+    std::unique_ptr<speculation> spec_;  // speculative decoding, when asked for
+    std::vector<llama_token> ids_;       // a speculative step's tokens
     sampler_handle & sampler_;
     nb::object sampler_ref_;  // keeps the Python sampler (owner of sampler_) alive
     std::vector<llama_token> prompt_, generated_;
@@ -333,21 +403,29 @@ void init_generate(nb::module_ & m) {
     }, nb::arg("x"), nb::arg("impl") = "auto",
     "First index of the largest value (llama.cpp greedy semantics); impl picks the SIMD version (tests).");
 
+    {
+        using Params = draft_options;
+        nb::class_<Params>(m, "DraftParams", "A draft's settings for speculative decoding (the defaults live here).")
+            .def(nb::init<>())
+            LAMINA_RW(n_max) LAMINA_RW(n_min) LAMINA_RW(p_min) LAMINA_RW(ngram_n);
+    }
     nb::class_<generator>(m, "Generator", "Iterator of text pieces from a native decode loop.")
         .def("__init__", [](generator * self, nb::handle ctx,
                             nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
                             nb::handle sampler, int32_t max_tokens, bool ignore_eos, int32_t shift_keep,
-                            bool backend_sampling) {
+                            bool backend_sampling, std::optional<draft_options> draft, nb::handle draft_ctx) {
             new (self) generator(ctx, prompt, nb::cast<sampler_handle &>(sampler), max_tokens, ignore_eos, sampler,
-                                 shift_keep, backend_sampling);
+                                 shift_keep, backend_sampling, draft, draft_ctx);
         }, nb::arg("ctx"), nb::arg("prompt"), nb::arg("sampler"), nb::arg("max_tokens"), nb::arg("ignore_eos") = false,
-        nb::arg("shift_keep") = -1, nb::arg("backend_sampling") = false,
+        nb::arg("shift_keep") = -1, nb::arg("backend_sampling") = false, nb::arg("draft").none() = nb::none(),
+        nb::arg("draft_ctx").none() = nb::none(),
         R"(Prepare generation on sequence 0 of ctx; nothing runs until the first next().
 
 The first next() evaluates the prompt, reusing the longest prefix already in the KV cache.
 Each next() returns the next piece of UTF-8-complete text (GIL released while decoding).
 shift_keep < 0 stops with finish reason 'length' when the context is full; otherwise the first
-shift_keep tokens stay and half of the rest is dropped (context shift).)")
+shift_keep tokens stay and half of the rest is dropped (context shift). draft (DraftParams): speculative
+decoding with the draft model's context draft_ctx (n_seq_max 1), or n-gram lookup without one.)")
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
         .def("__next__", &generator::next)
         .def("close", &generator::close, "Stop: iteration ends, and the context gets its logits back.")

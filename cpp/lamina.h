@@ -191,6 +191,8 @@ inline int32_t batch_add(llama_batch & b, llama_token t, llama_pos pos, llama_se
     return b.n_tokens++;
 }
 
+// What a llama_decode status means, for an exception's message.
+std::string decode_message(int rc, const context_state & st);
 // Turn a failed llama_decode into an exception (GIL held); resyncs the token list first.
 [[noreturn]] void decode_failed(context_state & st, int rc);
 // The one place lamina calls llama_decode (under a lease; GIL held or not): checks the
@@ -338,6 +340,37 @@ llama_context_params build_context_params(const context_params & a);
 // Collect llama.cpp's "layer N assigned to device X" lines logged by this thread (null: stop).
 void capture_layer_devices(std::vector<std::pair<int, std::string>> * out);
 
+// ---- speculative decoding (speculative.cpp) ----------------------------------------------------
+// A draft's settings (bound as _native.DraftParams; lamina.Draft takes its defaults from here): the
+// most and fewest tokens a draft may propose, the draft model's least probability for a token it
+// proposes, and the n-gram lookup's key length (the draft without a model).
+struct draft_options {
+    int32_t n_max = 16, n_min = 0;
+    float p_min = 0.75f;
+    int32_t ngram_n = 12;
+};
+class sampler_handle;
+// Speculative decoding of one generation on sequence 0 of a target context, with a draft model's
+// context (its own, n_seq_max 1) or, without one, n-gram lookup (llama.cpp's common/speculative).
+class speculation {
+public:
+    speculation(context_state & tgt, std::shared_ptr<context_state> dft, const draft_options & o);
+    ~speculation();
+    // The target evaluated `prompt`: the draft context gets it too (GIL held, draft leased).
+    void begin(const std::vector<llama_token> & prompt);
+    // Decode `last` (not yet decoded, at st.tokens.size()) and a draft of at most n_draft_max tokens
+    // in one batch; ids gets the target sampler's picks: the drafts it kept, then its own token (not
+    // decoded). The caches keep `last` and the kept drafts. Returns llama_decode's status (no GIL).
+    int step(context_state & st, sampler_handle & s, llama_token last, int32_t n_draft_max, std::vector<llama_token> & ids);
+    // Cut both caches and token lists back to n_tokens (a generation that ended inside a step).
+    void truncate(context_state & st, size_t n_tokens);
+    void stats(nb::dict & d) const;
+    const std::shared_ptr<context_state> & draft_context() const;
+private:
+    struct impl;
+    std::unique_ptr<impl> p_;
+};
+
 // Binds a field of the parameter struct named Params (a local alias) read-write, under its own name.
 #define LAMINA_RW(field) .def_rw(#field, &Params::field)
 
@@ -353,7 +386,7 @@ void init_generate(nb::module_ & m);
 void init_chat(nb::module_ & m);
 void init_memory(nb::module_ & m);
 void init_fit(nb::module_ & m);
-void init_batch(nb::module_ & m);
+void init_batcher(nb::module_ & m);
 void init_bandwidth(nb::module_ & m);
 
 }  // namespace lamina

@@ -14,6 +14,6 @@ NB_MODULE(_native, m) {
     lamina::init_chat(m);
     lamina::init_memory(m);
     lamina::init_fit(m);
-    lamina::init_batch(m);
+    lamina::init_batcher(m);
     lamina::init_bandwidth(m);
 }

@@ -9,6 +9,7 @@
 from ._core import logger
 from .config import Config, load_config
 from .context import Completion, Context, Generation
+from .batcher import Batcher, Request
 from .params import KV
 from .threads import Threads
 from .errors import (BusyError, ClosedError, ConfigWarning, DecodeError, ForkError, InertSettingWarning, LaminaError, LoadError,
@@ -17,6 +18,7 @@ from .memory import DeviceMemory, MemoryEstimate, Offload
 from .model import Model, ModelInfo
 from .models import default_model_path
 from .sampling import Sampler
+from .speculative import Draft
 from .addons import AddOn
 from .system import Device, SystemInfo, addons, default_threads, devices, rpc_connect, system_info
 from . import _native as _n
@@ -31,7 +33,7 @@ def chat_templates() -> list[str]:
 __version__: str = _n.VERSION  # pyproject.toml's, compiled in
 
 __all__ = [
-    "Config", "load_config", "Model", "ModelInfo", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Threads", "KV", "Sampler",
+    "Config", "load_config", "Model", "ModelInfo", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Batcher", "Request", "Threads", "KV", "Sampler", "Draft",
     "Device", "SystemInfo", "AddOn", "addons", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
     "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "ModelFormatError", "InertSettingWarning", "ConfigWarning", "logger", "__version__",
 ]

@@ -15,6 +15,7 @@ from .params import (FLASH, KV, KV_TYPES, LOGITS, POOLING, as_tokens, check_int,
                      context_settings, out_of_memory)
 from .system import host_memory
 from .sampling import Sampler
+from .speculative import Draft
 from .threads import Threads
 
 if TYPE_CHECKING:
@@ -31,6 +32,24 @@ class Completion:
     n_prompt_eval: int
     prompt_tokens_per_s: float
     tokens_per_s: float
+
+
+def stop_strings(stop: str | Sequence[str]) -> list[str]:
+    """``stop`` as a list of strings (one string is one stop)."""
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) for s in stops):
+        raise TypeError("stop must be a string or a sequence of strings")
+    return stops
+
+
+def completion_from_row(r: Mapping[str, Any]) -> Completion:
+    """A Completion from a native batch request's result(): speeds of this request alone."""
+    t_prompt = (r["t_first_us"] - r["t_admit_us"]) / 1e6
+    t_gen = (r["t_end_us"] - r["t_first_us"]) / 1e6
+    return Completion(text=r["text"], tokens=r["tokens"], finish_reason=r["finish_reason"],
+                      n_prompt=int(r["n_prompt"]), n_prompt_eval=int(r["n_prompt"]),
+                      prompt_tokens_per_s=r["n_prompt"] / t_prompt if t_prompt > 0 else 0.0,
+                      tokens_per_s=r["n_generated"] / t_gen if t_gen > 0 else 0.0)
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -376,6 +395,7 @@ class Context:
         context_full: Literal["stop", "shift"] = "stop",
         n_keep: int = 0,
         backend_sampling: bool = False,
+        draft: "Draft | Literal['ngram'] | None" = None,
     ) -> Generation:
         """Stream text pieces for ``prompt`` (text, or token ids).
 
@@ -386,6 +406,9 @@ class Context:
         (models whose cache can shift positions only). backend_sampling=True (greedy only,
         llama.cpp's experimental backend sampling) picks the token inside the graph on the device
         that holds the output layer, so only a token id comes back per step, not the logits.
+        draft: speculative decoding with a lamina.Draft (a small model with the same vocabulary)
+        or "ngram" (prompt lookup, no second model); greedy output stays token for token the same,
+        and stats gain n_drafted, n_accepted and acceptance.
         """
         if context_full not in ("stop", "shift"):
             raise ValueError(f"context_full must be 'stop' or 'shift', got {context_full!r}")
@@ -395,16 +418,21 @@ class Context:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
         check_int("max_tokens", max_tokens, 0)
-        stops = [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(s, str) for s in stops):
-            raise TypeError("stop must be a string or a sequence of strings")
+        stops = stop_strings(stop)
         tokens = self._prompt_tokens(prompt)
         sampler = sampler or Sampler()
         shift_keep = n_keep if context_full == "shift" else -1
         chain = sampler.native(self.model, self.n_ctx)
         if backend_sampling and not chain.greedy:
             raise ValueError("backend_sampling=True supports the greedy sampler only (no penalties, bias or grammar)")
-        native = _native.Generator(self.native, tokens, chain, max_tokens, ignore_eos, shift_keep, backend_sampling)
+        if draft == "ngram":
+            draft = Draft()
+        if draft is not None and not isinstance(draft, Draft):
+            raise TypeError(f"draft must be a lamina.Draft or 'ngram', got {draft!r}")
+        draft_params = draft.params() if draft is not None else None
+        draft_ctx = draft.context_for(self) if draft is not None else None
+        native = _native.Generator(self.native, tokens, chain, max_tokens, ignore_eos, shift_keep, backend_sampling,
+                                   draft_params, draft_ctx.native if draft_ctx is not None else None)
         return Generation(native, stops)
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None, **kwargs: Any) -> Generation:
@@ -428,17 +456,21 @@ class Context:
         *,
         max_tokens: int = 256,
         sampler: Sampler | Sequence[Sampler] | None = None,
+        stop: str | Sequence[str] = (),
         ignore_eos: bool = False,
     ) -> list[Completion]:
-        """Generate for several prompts together: prompt i is sequence i, and every step decodes
-        one token of each running sequence in a single batch (the context needs
-        n_seq_max >= len(prompts); each sequence then holds n_ctx / n_seq_max tokens unless
-        KV(unified=True)). One sampler for all (sequence i seeded with seed + i) or one per
-        prompt. Sequences 0..n-1 are cleared first. tokens_per_s of each result is the batch's
-        combined generation speed."""
+        """Generate for several prompts together, in this thread, over this context's
+        n_seq_max sequences: the native loop of lamina.Batcher (one batch per step, a token of
+        every running sequence plus prompt chunks of the next ones; more prompts than sequences
+        wait for a free one). Each sequence holds n_ctx / n_seq_max tokens unless
+        KV(unified=True). One sampler for all (prompt i seeded with seed + i) or one per prompt.
+        The sequences used are empty afterwards. tokens_per_s of each result is the combined
+        generation speed of the batch."""
         if isinstance(prompts, (str, bytes)):
             raise TypeError("prompts must be a sequence of prompts; use generate() for one")
         toks = [self._prompt_tokens(p) for p in prompts]
+        if not toks:
+            raise ValueError("no prompts")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
         check_int("max_tokens", max_tokens, 1)
@@ -449,18 +481,25 @@ class Context:
             samplers = list(sampler)
             if len(samplers) != len(toks) or not all(isinstance(x, Sampler) for x in samplers):
                 raise ValueError("sampler must be one Sampler or one per prompt")
-        chains = [x.native(self.model, self.n_ctx) for x in samplers]
-        rows = _native.generate_batch(self.native, toks, chains, max_tokens, ignore_eos)
-        n_gen = sum(len(r["tokens"]) for r in rows)
+        stops = stop_strings(stop)
+        engine = _native.Batcher(self.native)
+        reqs = []
+        for i, (t, s) in enumerate(zip(toks, samplers)):
+            try:
+                reqs.append(engine.submit(t, s.params(self.n_ctx), max_tokens, ignore_eos, stops))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        engine.run(True)
+        for r in reqs:
+            r.raise_if_failed()
+        rows = [r.result() for r in reqs]
+        t_first = min(r["t_first_us"] for r in rows)
+        t_gen = (max(r["t_end_us"] for r in rows) - t_first) / 1e6
+        t_prompt = (t_first - min(r["t_admit_us"] for r in rows)) / 1e6
+        n_gen = sum(int(r["n_generated"]) for r in rows)
         n_prompt = sum(int(r["n_prompt"]) for r in rows)
-        out = []
-        for r in rows:
-            t_p, t_g = r["t_prompt_us"] / 1e6, r["t_gen_us"] / 1e6
-            out.append(Completion(
-                text=r["text"], tokens=r["tokens"], finish_reason=r["finish_reason"],
-                n_prompt=int(r["n_prompt"]), n_prompt_eval=int(r["n_prompt"]),
-                prompt_tokens_per_s=n_prompt / t_p if t_p else 0.0, tokens_per_s=n_gen / t_g if t_g else 0.0))
-        return out
+        return [replace(completion_from_row(r), prompt_tokens_per_s=n_prompt / t_prompt if t_prompt > 0 else 0.0,
+                        tokens_per_s=n_gen / t_gen if t_gen > 0 else 0.0) for r in rows]
 
     def __repr__(self) -> str:
         return f"<lamina.Context n_ctx={self.n_ctx} threads={self.threads} n_past={self.n_past}>"

@@ -70,6 +70,10 @@ class Sampler:
     def native(self, model: "Model", n_ctx: int = 0) -> _native.Sampler:
         """A fresh llama.cpp chain for ``model``; last_n = -1 covers ``n_ctx`` tokens
         (0: the model's training context). Raises ValueError/IndexError on bad settings."""
+        return _native.Sampler(model.native, self.params(n_ctx))
+
+    def params(self, n_ctx: int = 0) -> _native.SamplerParams:
+        """These settings as the native struct (a Batcher builds each request's chain from it)."""
         p = _native.SamplerParams()
         for f in fields(self):
             value = getattr(self, f.name)
@@ -83,4 +87,4 @@ class Sampler:
                 raise TypeError(f"Sampler.{f.name}={value!r}: not a value of this field's C type "
                                 f"({type(getattr(p, f.name)).__name__}, in range)") from None
         p.n_ctx = n_ctx
-        return _native.Sampler(model.native, p)
+        return p

@@ -46,7 +46,13 @@ set(BUILD_SHARED_LIBS ON)          # one copy of ggml shared by _native and the 
 lamina_default(LLAMA_BUILD_COMMON ON)   # common/fit.h, and the tools below
 lamina_default(LLAMA_BUILD_TOOLS ${LAMINA_BUILD_TOOLS})
 lamina_default(LLAMA_BUILD_TESTS OFF)
-lamina_default(LLAMA_BUILD_EXAMPLES OFF)
+# examples/ holds llama-speculative-simple (a LAMINA_EXTRA_TOOLS program lamina bench compares with);
+# its targets are configured only when an extra tool is asked for, and built only when named
+if(LAMINA_BUILD_TOOLS AND LAMINA_EXTRA_TOOLS)
+  lamina_default(LLAMA_BUILD_EXAMPLES ON)
+else()
+  lamina_default(LLAMA_BUILD_EXAMPLES OFF)
+endif()
 lamina_default(LLAMA_BUILD_SERVER OFF)
 lamina_default(LLAMA_BUILD_APP OFF)
 lamina_default(LLAMA_BUILD_UI OFF)

@@ -1,0 +1,699 @@
+// Continuous batching. Requests join and leave while others run: one native loop (run) builds one
+// llama_batch per step, with a token for every sequence that is generating first, then prompt
+// chunks of admitted requests in the room left (n_batch tokens, at most `chunk` per request and
+// step, in order of arrival). After the decode every sequence with an output samples; a sequence
+// that finished frees its KV cache (seq_rm) and its slot goes to the next waiting request.
+//
+// Threads: the loop runs in one thread (a Batcher's background thread, or the caller of
+// generate_batch); submit, cancel and the readers of a request's text may be any thread. Shared
+// request state is guarded by the engine's mutex; the loop's own bookkeeping is touched only by
+// the loop. The loop holds the context's lease for each step, by the context-safety contract.
+#include "lamina.h"
+
+#include "sampler.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <fcntl.h>
+#include <thread>
+#include <unistd.h>
+
+namespace lamina {
+namespace {
+
+using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+size_t utf8_complete(const std::string & s) {
+    size_t n = s.size();
+    for (size_t back = 1; back <= 4 && back <= n; ++back) {
+        unsigned char c = static_cast<unsigned char>(s[n - back]);
+        if ((c & 0xC0) == 0x80) continue;
+        size_t need = (c & 0x80) == 0 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+        return back >= need ? n : n - back;
+    }
+    return n;
+}
+
+using steady = std::chrono::steady_clock;
+// timeout seconds from now (< 0 or huge: a billion seconds, far enough)
+steady::time_point deadline(double timeout) {
+    const double s = timeout < 0 || !(timeout < 1e9) ? 1e9 : timeout;
+    return steady::now() + std::chrono::duration_cast<steady::duration>(std::chrono::duration<double>(s));
+}
+
+nb::str utf8_text(const char * data, size_t n) {
+    PyObject * o = PyUnicode_DecodeUTF8(data, Py_ssize_t(n), "replace");
+    if (o == nullptr) throw nb::python_error();
+    return nb::steal<nb::str>(o);
+}
+
+struct request {
+    // fixed at submit
+    uint64_t id = 0;
+    std::vector<llama_token> prompt;
+    std::unique_ptr<sampler_handle> sampler;  // the request's own chain (no Python object: any thread may free it)
+    int32_t max_tokens = 1;
+    bool ignore_eos = false;
+    std::vector<std::string> stops;  // UTF-8
+    // the loop's own
+    int32_t slot = -1;
+    size_t n_fed = 0;          // prompt tokens decoded
+    size_t feeding = 0;        // prompt tokens in the current batch
+    llama_pos pos = 0;         // next position of this sequence
+    llama_token pending = -1;  // sampled, not decoded yet
+    bool has_pending = false;
+    int32_t out = -1;          // its logits row in the current batch
+    size_t scanned = 0;        // bytes of text searched for stop strings
+    // shared (engine mutex)
+    std::vector<llama_token> generated;
+    std::vector<size_t> ends;  // bytes of text after each generated token
+    std::string text;          // generated text, bytes (cut at a stop string)
+    size_t released = 0;       // bytes readers may take: whole UTF-8, no possible start of a stop string
+    size_t taken = 0;          // bytes next() handed out
+    std::string finish;        // "" while queued or running: stop, length, cancelled, error
+    std::string error;         // finish == "error": what failed
+    int error_code = 0;        // llama_decode's status (0: not a decode status)
+    bool cancel = false;
+    int64_t t_submit = 0, t_admit = 0, t_first = 0, t_end = 0;
+};
+using request_ptr = std::shared_ptr<request>;
+
+// Longest tail of text that is a proper prefix of a stop string (held back from readers).
+size_t stop_holdback(const std::string & text, const std::vector<std::string> & stops) {
+    size_t keep = 0;
+    for (const std::string & s : stops) {
+        for (size_t k = std::min(s.size() - 1, text.size()); k > keep; --k) {
+            if (text.compare(text.size() - k, k, s, 0, k) == 0) {
+                keep = k;
+                break;
+            }
+        }
+    }
+    return keep;
+}
+
+struct engine_core {
+    std::shared_ptr<context_state> st;
+    std::mutex mu;
+    std::condition_variable work;  // the loop waits here for requests
+    std::condition_variable news;  // readers wait here for text or an end
+    std::deque<request_ptr> waiting;
+    std::vector<request_ptr> active;  // admitted, in order of admission
+    std::vector<bool> slot_used;
+    int32_t chunk = 0;
+    bool closed = false, looping = false;
+    uint64_t next_id = 1;
+    int wake_rd = -1, wake_wr = -1;  // a pipe: a byte after each step that had news (asyncio readers)
+    bool wake_armed = false;
+    uint32_t fork_gen = fork_generation();
+    // counters (mutex)
+    int64_t n_steps = 0, n_prompt_tokens = 0, n_gen_tokens = 0, t_prompt_steps_us = 0, t_gen_steps_us = 0;
+    int64_t n_finished = 0, max_running = 0;
+
+    ~engine_core() {
+        if (wake_rd >= 0) ::close(wake_rd);
+        if (wake_wr >= 0) ::close(wake_wr);
+    }
+    void signal_news() {  // mutex held
+        news.notify_all();
+        if (wake_armed) {
+            char c = 1;
+            ssize_t r = ::write(wake_wr, &c, 1);  // full pipe: a wake-up is already pending
+            (void)r;
+        }
+    }
+    // A request ends (mutex held): readers get the rest of its text; its slot is freed by the loop.
+    void end(request & r, const char * why) {
+        if (!r.finish.empty()) return;
+        r.finish = why;
+        r.released = r.text.size();
+        r.t_end = llama_time_us();
+        ++n_finished;
+    }
+};
+
+// Sample the token of r from its logits row (no GIL needed).
+llama_token pick(context_state & st, request & r) {
+    if (r.sampler->greedy()) return argmax(llama_get_logits_ith(st.ctx.get(), r.out), st.model->n_vocab);
+    return llama_sampler_sample(r.sampler->chain(), st.ctx.get(), r.out);
+}
+
+class engine {
+public:
+    engine(nb::handle ctx, int32_t chunk) : core_(std::make_shared<engine_core>()) {
+        core_->st = context_shared(ctx);
+        context_lease lease(core_->st);
+        context_state & st = *lease;
+        if (st.embeddings) throw std::invalid_argument("generation needs a context without embeddings");
+        require_vocab(*st.model);
+        const int32_t n_batch = int32_t(llama_n_batch(st.ctx.get()));
+        if (chunk < 0) throw std::invalid_argument("chunk must be >= 0 (0: n_batch)");
+        core_->chunk = chunk == 0 ? n_batch : std::min(chunk, n_batch);
+        core_->slot_used.assign(llama_n_seq_max(st.ctx.get()), false);
+        int fds[2];
+        if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+        core_->wake_rd = fds[0];
+        core_->wake_wr = fds[1];
+    }
+
+    // Queue a request (any thread). Checks everything a step would refuse, so a step never fails on it.
+    std::shared_ptr<request> submit(tokens_in prompt, const sampler_options & opts, int32_t max_tokens,
+                                    bool ignore_eos, std::vector<std::string> stops) {
+        check_fork(core_->fork_gen, "Batcher");
+        auto r = std::make_shared<request>();
+        r->prompt.assign(prompt.data(), prompt.data() + prompt.shape(0));
+        context_state & st = *core_->st;
+        check_tokens(*st.model, r->prompt.data(), r->prompt.size());
+        try {
+            check_prompt_fits(st, r->prompt.size());
+        } catch (const std::invalid_argument & e) {
+            throw std::invalid_argument(std::string(e.what()) +
+                                        " (each of n_seq_max sequences gets n_ctx / n_seq_max tokens unless the KV cache is unified)");
+        }
+        if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
+        for (const std::string & s : stops) {
+            if (s.empty()) throw std::invalid_argument("a stop string is empty");
+        }
+        r->sampler = std::make_unique<sampler_handle>(st.model, opts);
+        r->max_tokens = max_tokens;
+        r->ignore_eos = ignore_eos;
+        r->stops = std::move(stops);
+        r->t_submit = llama_time_us();
+        {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lk(core_->mu);
+            if (core_->closed) throw closed_error("this Batcher is closed");
+            r->id = core_->next_id++;
+            core_->waiting.push_back(r);
+            core_->work.notify_all();
+        }
+        return r;
+    }
+
+    // The loop (GIL held on entry; released while waiting and decoding). until_idle: return when no
+    // request is queued or running; else serve until close().
+    void run(bool until_idle) {
+        check_fork(core_->fork_gen, "Batcher");
+        engine_core & c = *core_;
+        {
+            std::lock_guard<std::mutex> lk(c.mu);
+            if (c.looping) throw busy_error("this Batcher's loop already runs in another thread");
+            if (c.closed) throw closed_error("this Batcher is closed");
+            c.looping = true;
+        }
+        struct loop_flag {
+            engine_core & c;
+            ~loop_flag() {
+                std::lock_guard<std::mutex> lk(c.mu);
+                c.looping = false;
+            }
+        } flag{c};
+        llama_batch b = llama_batch_init(int32_t(llama_n_batch(c.st->ctx.get())), 0, 1);
+        struct batch_guard { llama_batch & b; ~batch_guard() { llama_batch_free(b); } } guard{b};
+        while (true) {
+            {
+                nb::gil_scoped_release nogil;
+                std::unique_lock<std::mutex> lk(c.mu);
+                if (until_idle) {
+                    if (!has_work(c) && !c.closed) return;
+                } else {
+                    c.work.wait(lk, [&c] { return c.closed || has_work(c); });
+                }
+            }
+            bool closed;
+            {
+                std::lock_guard<std::mutex> lk(c.mu);
+                closed = c.closed;
+            }
+            if (closed) {
+                shutdown();
+                return;
+            }
+            try {
+                step(b);
+            } catch (const busy_error &) {
+                if (until_idle) {
+                    cancel_all("another thread used this Batcher's context");
+                    throw;
+                }
+                // the background loop waits for the other user of its context
+                nb::gil_scoped_release nogil;
+                std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            } catch (const nb::python_error & e) {  // KeyboardInterrupt in generate_batch's loop
+                cancel_all(e.what());
+                throw;
+            } catch (const std::exception & e) {
+                cancel_all(e.what());
+                throw;
+            }
+        }
+    }
+
+    // Cancel every request and refuse new ones; the loop ends at its next step.
+    void close() {
+        nb::gil_scoped_release nogil;
+        bool loop_runs;
+        {
+            std::lock_guard<std::mutex> lk(core_->mu);
+            core_->closed = true;
+            loop_runs = core_->looping;
+            core_->work.notify_all();
+        }
+        if (!loop_runs) shutdown();
+    }
+
+    void cancel(request & r) {
+        nb::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> lk(core_->mu);
+        if (!r.finish.empty()) return;
+        r.cancel = true;
+        auto it = std::find_if(core_->waiting.begin(), core_->waiting.end(), [&r](const request_ptr & p) { return p.get() == &r; });
+        if (it != core_->waiting.end()) {  // never admitted: nothing to free
+            core_->waiting.erase(it);
+            core_->end(r, "cancelled");
+            core_->signal_news();
+        }
+        core_->work.notify_all();
+    }
+
+    // The next piece of r's text: blocks (GIL released; Ctrl-C checked every 100 ms in the main
+    // thread) up to timeout seconds (< 0: no limit). None on timeout; StopIteration at the end;
+    // the request's error, if it failed.
+    nb::object next(request & r, double timeout) {
+        check_fork(core_->fork_gen, "Batcher");
+        const bool main = on_main_thread();
+        const auto until = deadline(timeout);
+        while (true) {
+            std::string piece;
+            bool end = false, timed_out = false;
+            {
+                nb::gil_scoped_release nogil;
+                std::unique_lock<std::mutex> lk(core_->mu);
+                auto ready = [&r] { return r.taken < r.released || !r.finish.empty(); };
+                auto slice = std::min(until, steady::now() + std::chrono::milliseconds(main ? 100 : 1000));
+                core_->news.wait_until(lk, slice, ready);
+                if (r.taken < r.released) {
+                    piece.assign(r.text, r.taken, r.released - r.taken);
+                    r.taken = r.released;
+                } else if (!r.finish.empty()) {
+                    end = true;
+                } else if (steady::now() >= until) {
+                    timed_out = true;
+                }
+            }
+            if (!piece.empty()) return utf8_text(piece.data(), piece.size());
+            if (end) {
+                raise_if_failed(r);
+                throw nb::stop_iteration();
+            }
+            if (timed_out) return nb::none();
+            if (main) check_signals();
+        }
+    }
+
+    // Without waiting: (text available now, whether the request ended). Raises its error at the end.
+    std::pair<nb::str, bool> poll(request & r) {
+        std::string piece;
+        bool end;
+        {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lk(core_->mu);
+            piece.assign(r.text, r.taken, r.released - r.taken);
+            r.taken = r.released;
+            end = !r.finish.empty();
+        }
+        if (end && piece.empty()) raise_if_failed(r);
+        return {utf8_text(piece.data(), piece.size()), end};
+    }
+
+    // Block until r ends (or timeout seconds pass: False).
+    bool wait(request & r, double timeout) {
+        const bool main = on_main_thread();
+        const auto until = deadline(timeout);
+        while (true) {
+            bool done;
+            {
+                nb::gil_scoped_release nogil;
+                std::unique_lock<std::mutex> lk(core_->mu);
+                auto slice = std::min(until, steady::now() + std::chrono::milliseconds(main ? 100 : 1000));
+                done = core_->news.wait_until(lk, slice, [&r] { return !r.finish.empty(); });
+            }
+            if (done) return true;
+            if (steady::now() >= until) return false;
+            if (main) check_signals();
+        }
+    }
+
+    nb::dict result(request & r) {
+        nb::dict d;
+        std::lock_guard<std::mutex> lk(core_->mu);
+        auto * heap = new std::vector<int32_t>(r.generated.begin(), r.generated.end());
+        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
+        d["tokens"] = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
+        d["text"] = utf8_text(r.text.data(), r.text.size());
+        d["finish_reason"] = r.finish.empty() ? nb::none() : nb::cast(r.finish);
+        d["error"] = r.error.empty() ? nb::none() : nb::cast(r.error);
+        d["n_prompt"] = r.prompt.size();
+        d["n_generated"] = r.generated.size();
+        d["t_submit_us"] = r.t_submit;
+        d["t_admit_us"] = r.t_admit;
+        d["t_first_us"] = r.t_first;
+        d["t_end_us"] = r.t_end;
+        return d;
+    }
+
+    void raise_if_failed(const request & r) {
+        if (r.finish != "error") return;
+        if (r.error_code != 0) throw decode_error(r.error_code, r.error);
+        throw lamina_error(r.error);
+    }
+
+    int wake_fd() {
+        std::lock_guard<std::mutex> lk(core_->mu);
+        core_->wake_armed = true;
+        return core_->wake_rd;
+    }
+
+    nb::dict stats() {
+        nb::dict d;
+        std::lock_guard<std::mutex> lk(core_->mu);
+        d["waiting"] = core_->waiting.size();
+        d["running"] = core_->active.size();
+        d["n_seq_max"] = core_->slot_used.size();
+        d["chunk"] = core_->chunk;
+        d["steps"] = core_->n_steps;
+        d["finished"] = core_->n_finished;
+        d["max_running"] = core_->max_running;
+        d["n_prompt_tokens"] = core_->n_prompt_tokens;
+        d["n_gen_tokens"] = core_->n_gen_tokens;
+        d["t_prompt_steps_us"] = core_->t_prompt_steps_us;
+        d["t_gen_steps_us"] = core_->t_gen_steps_us;
+        d["closed"] = core_->closed;
+        return d;
+    }
+
+private:
+    static bool has_work(const engine_core & c) { return !c.waiting.empty() || !c.active.empty(); }
+
+    // One step (GIL held on entry and exit).
+    void step(llama_batch & b) {
+        engine_core & c = *core_;
+        context_lease lease(c.st);
+        context_state & st = *lease;
+        begin_operation(st);
+        llama_context * lc = st.ctx.get();
+        llama_memory_t mem = llama_get_memory(lc);
+        const int32_t n_batch = int32_t(llama_n_batch(lc));
+        const llama_pos n_ctx_seq = llama_pos(llama_n_ctx_seq(lc));
+        std::vector<request *> in_batch;  // requests with tokens in this batch
+        int32_t n_out = 0, n_prompt = 0, n_gen = 0;
+        {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> lk(c.mu);
+            release_finished(st);
+            // admit waiting requests into free slots, in order of arrival
+            while (!c.waiting.empty()) {
+                auto it = std::find(c.slot_used.begin(), c.slot_used.end(), false);
+                if (it == c.slot_used.end()) break;
+                request_ptr r = c.waiting.front();
+                c.waiting.pop_front();
+                r->slot = int32_t(it - c.slot_used.begin());
+                *it = true;
+                llama_memory_seq_rm(mem, r->slot, -1, -1);
+                if (r->slot == 0) st.tokens.clear();  // sequence 0's token mirror (single-sequence prefix reuse)
+                r->sampler->accept_prompt(r->prompt.data(), r->prompt.size());
+                r->t_admit = llama_time_us();
+                c.active.push_back(r);
+            }
+            c.max_running = std::max<int64_t>(c.max_running, int64_t(c.active.size()));
+            b.n_tokens = 0;
+            for (const request_ptr & r : c.active) {  // one token of each generating sequence
+                r->out = -1;
+                if (!r->has_pending) continue;
+                r->out = batch_add(b, r->pending, r->pos, r->slot, true);
+                in_batch.push_back(r.get());
+                ++n_out;
+                ++n_gen;
+            }
+            for (const request_ptr & r : c.active) {  // prompt chunks in the room left
+                if (r->has_pending || r->n_fed >= r->prompt.size()) continue;
+                const int32_t room = n_batch - b.n_tokens;
+                if (room <= 0) break;
+                const size_t take = std::min<size_t>(size_t(std::min(room, c.chunk)), r->prompt.size() - r->n_fed);
+                for (size_t k = 0; k < take; ++k) {
+                    const size_t i = r->n_fed + k;
+                    const bool last = i + 1 == r->prompt.size();
+                    const int32_t at = batch_add(b, r->prompt[i], llama_pos(i), r->slot, last);
+                    if (last) {
+                        r->out = at;
+                        ++n_out;
+                    }
+                }
+                r->feeding = take;
+                in_batch.push_back(r.get());
+                n_prompt += int32_t(take);
+            }
+        }
+        if (b.n_tokens == 0) return;
+        const int64_t t0 = llama_time_us();
+        int rc;
+        signal_watch watch(b.n_tokens > 1 && on_main_thread());
+        st.signals_here = watch.active();
+        {
+            nb::gil_scoped_release nogil;
+            caller_pin pin(b.n_tokens > 1 ? st.pin_batch : st.pin_gen);
+            rc = decode_checked(st, b, false);
+        }
+        st.signals_here = false;
+        if (rc != 0) {
+            decode_failed_step(st, b, in_batch, rc);
+            return;
+        }
+        st.last_outputs = n_out;
+        st.max_outputs = std::max(st.max_outputs, n_out);
+        {
+            nb::gil_scoped_release nogil;
+            // sample without the mutex (readers keep reading), then publish under it
+            std::vector<llama_token> picked(in_batch.size(), -1);
+            for (size_t i = 0; i < in_batch.size(); ++i) {
+                if (in_batch[i]->out >= 0) picked[i] = pick(st, *in_batch[i]);
+            }
+            const int64_t t1 = llama_time_us();
+            std::lock_guard<std::mutex> lk(c.mu);
+            bool news = false;
+            for (size_t i = 0; i < in_batch.size(); ++i) {
+                request & r = *in_batch[i];
+                if (r.has_pending) {
+                    r.has_pending = false;
+                    ++r.pos;
+                } else {
+                    r.n_fed += r.feeding;
+                    r.feeding = 0;
+                    if (r.n_fed == r.prompt.size()) r.pos = llama_pos(r.n_fed);
+                }
+                if (r.out < 0) continue;
+                news |= publish(r, picked[i], n_ctx_seq);
+            }
+            release_finished(st);  // a request seen ended has its sequence free
+            ++c.n_steps;
+            c.n_prompt_tokens += n_prompt;
+            if (n_prompt > 0) c.t_prompt_steps_us += t1 - t0; else c.t_gen_steps_us += t1 - t0;
+            c.n_gen_tokens += n_prompt > 0 ? 0 : n_gen;
+            if (news) c.signal_news();
+        }
+    }
+
+    // After a decode: r's next token is t. Records it, its text, and why r ends, if it does.
+    bool publish(request & r, llama_token t, llama_pos n_ctx_seq) {
+        engine_core & c = *core_;
+        const model_state & m = *c.st->model;
+        if (r.t_first == 0) r.t_first = llama_time_us();
+        if (r.cancel) {
+            c.end(r, "cancelled");
+            return true;
+        }
+        if (!r.ignore_eos && llama_vocab_is_eog(m.vocab, t)) {
+            c.end(r, "stop");
+            return true;
+        }
+        r.generated.push_back(t);
+        append_piece(m, t, false, r.text);
+        r.ends.push_back(r.text.size());
+        if (!r.stops.empty()) {
+            size_t longest = 0;
+            for (const std::string & s : r.stops) longest = std::max(longest, s.size());
+            const size_t from = r.scanned >= longest ? r.scanned - longest + 1 : 0;
+            size_t cut = std::string::npos;
+            for (const std::string & s : r.stops) cut = std::min(cut, r.text.find(s, from));
+            r.scanned = r.text.size();
+            if (cut != std::string::npos) {  // keep the tokens whose text lies wholly before the stop
+                size_t keep = 0;
+                while (keep < r.ends.size() && r.ends[keep] <= cut) ++keep;
+                r.generated.resize(keep);
+                r.ends.resize(keep);
+                r.text.resize(cut);
+                c.end(r, "stop");
+                return true;
+            }
+        }
+        if (int32_t(r.generated.size()) >= r.max_tokens || r.pos + 1 > n_ctx_seq) {
+            c.end(r, "length");
+            return true;
+        }
+        r.pending = t;
+        r.has_pending = true;
+        const size_t whole = utf8_complete(r.text);
+        const size_t safe = std::min(whole, r.text.size() - stop_holdback(r.text, r.stops));
+        if (safe > r.released) {
+            r.released = safe;
+            return true;
+        }
+        return false;
+    }
+
+    // Free the slots of ended requests (mutex held, under the lease).
+    void release_finished(context_state & st) {
+        engine_core & c = *core_;
+        llama_memory_t mem = llama_get_memory(st.ctx.get());
+        bool news = false;
+        for (const request_ptr & r : c.active) {
+            if (r->cancel && r->finish.empty()) {
+                c.end(*r, "cancelled");
+                news = true;
+            }
+        }
+        auto keep = std::stable_partition(c.active.begin(), c.active.end(), [](const request_ptr & r) { return r->finish.empty(); });
+        for (auto it = keep; it != c.active.end(); ++it) {
+            llama_memory_seq_rm(mem, (*it)->slot, -1, -1);
+            if ((*it)->slot == 0) st.tokens.clear();
+            c.slot_used[size_t((*it)->slot)] = false;
+            (*it)->slot = -1;
+            (*it)->has_pending = false;
+        }
+        c.active.erase(keep, c.active.end());
+        if (news) c.signal_news();
+    }
+
+    // A failed decode (GIL held): llama.cpp may keep ubatches that finished before the failure, so
+    // every sequence in the batch is cut back to what the loop knows it holds. A full unified cache
+    // (status 1) ends the longest request ("length") and the step is retried; any other status ends
+    // the requests in the batch with the error; a signal handler's exception propagates.
+    void decode_failed_step(context_state & st, const llama_batch & b, const std::vector<request *> & in_batch, int rc) {
+        engine_core & c = *core_;
+        llama_memory_t mem = llama_get_memory(st.ctx.get());
+        st.last_outputs = 0;
+        st.abort = false;
+        for (request * r : in_batch) {
+            const llama_pos held = r->has_pending ? r->pos : llama_pos(r->n_fed);
+            r->feeding = 0;
+            if (!llama_memory_seq_rm(mem, r->slot, held, -1)) llama_memory_seq_rm(mem, r->slot, -1, -1);
+        }
+        (void)b;
+        if (st.signal_type.is_valid()) {
+            PyErr_Restore(st.signal_type.release().ptr(), st.signal_value.release().ptr(), st.signal_tb.release().ptr());
+            throw nb::python_error();
+        }
+        const std::string why = decode_message(rc, st);
+        std::lock_guard<std::mutex> lk(c.mu);
+        if (rc == 1 && c.active.size() > 1) {
+            request * longest = nullptr;
+            for (const request_ptr & r : c.active) {
+                if (longest == nullptr || r->pos + llama_pos(r->n_fed) > longest->pos + llama_pos(longest->n_fed)) longest = r.get();
+            }
+            c.end(*longest, "length");  // its slot is freed at the next step, which retries the others
+        } else {
+            for (request * r : in_batch) {
+                r->error = why;
+                r->error_code = rc;
+                c.end(*r, "error");
+            }
+        }
+        c.signal_news();
+    }
+
+    // The loop stops with an exception: every request ends with it as its error.
+    void cancel_all(const std::string & why) {
+        nb::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> lk(core_->mu);
+        for (const request_ptr & r : core_->waiting) {
+            r->error = why;
+            core_->end(*r, "error");
+        }
+        core_->waiting.clear();
+        for (const request_ptr & r : core_->active) {
+            if (r->finish.empty()) {
+                r->error = why;
+                core_->end(*r, "error");
+            }
+        }
+        core_->signal_news();
+    }
+
+    // Closed: every request ends ("cancelled") and the slots are freed when the context is free.
+    void shutdown() {
+        engine_core & c = *core_;
+        {
+            std::lock_guard<std::mutex> lk(c.mu);
+            for (const request_ptr & r : c.waiting) c.end(*r, "cancelled");
+            c.waiting.clear();
+            for (const request_ptr & r : c.active) c.end(*r, "cancelled");
+            c.signal_news();
+        }
+        if (c.st->busy.load()) return;  // someone else holds the context: the slots stay as they are
+        try {
+            context_lease lease(c.st);
+            std::lock_guard<std::mutex> lk(c.mu);
+            release_finished(*lease);
+        } catch (const std::exception &) {  // busy, closed or forked: nothing to free here
+        }
+    }
+
+    std::shared_ptr<engine_core> core_;
+};
+
+// A request as Python holds it: the request plus the engine that serves it.
+struct request_handle {
+    std::shared_ptr<engine> eng;
+    std::shared_ptr<request> req;
+};
+
+}  // namespace
+
+void init_batcher(nb::module_ & m) {
+    nb::class_<request_handle>(m, "BatchRequest", "One request of a Batcher: its text, tokens and end.")
+        .def("next", [](request_handle & h, double timeout) { return h.eng->next(*h.req, timeout); }, nb::arg("timeout") = -1.0,
+             "The next piece of text (blocks up to timeout seconds, < 0: no limit; None on timeout). "
+             "StopIteration at the end; the request's error if it failed.")
+        .def("poll", [](request_handle & h) { return h.eng->poll(*h.req); }, "(text available now, ended) without waiting.")
+        .def("wait", [](request_handle & h, double timeout) { return h.eng->wait(*h.req, timeout); }, nb::arg("timeout") = -1.0,
+             "Block until the request ends (False when timeout seconds passed first).")
+        .def("cancel", [](request_handle & h) { h.eng->cancel(*h.req); }, "End it: a queued request at once, a running one at the next step.")
+        .def("result", [](request_handle & h) { return h.eng->result(*h.req); }, "tokens, text, finish_reason, error, counts, times (us).")
+        .def("raise_if_failed", [](request_handle & h) { h.eng->raise_if_failed(*h.req); })
+        .def_prop_ro("id", [](const request_handle & h) { return h.req->id; });
+
+    nb::class_<engine>(m, "Batcher", "Continuous batching over one context (see cpp/batcher.cpp).")
+        .def("__init__", [](engine * self, nb::handle ctx, int32_t chunk) { new (self) engine(ctx, chunk); },
+             nb::arg("ctx"), nb::arg("chunk") = 0)
+        .def("submit", [](nb::handle self, tokens_in prompt, const sampler_options & opts, int32_t max_tokens, bool ignore_eos,
+                          std::vector<std::string> stops) {
+            engine & e = nb::cast<engine &>(self);
+            // the handle shares the engine: Python's Batcher object may go while a request lives
+            auto keep = std::shared_ptr<engine>(&e, [ref = nb::borrow(self)](engine *) mutable {
+                nb::gil_scoped_acquire gil;
+                ref.reset();
+            });
+            return request_handle{keep, e.submit(prompt, opts, max_tokens, ignore_eos, std::move(stops))};
+        }, nb::arg("prompt"), nb::arg("sampler"), nb::arg("max_tokens"), nb::arg("ignore_eos") = false,
+           nb::arg("stop") = std::vector<std::string>{})
+        .def("run", &engine::run, nb::arg("until_idle"),
+             "Serve requests in this thread: until none is queued or running (until_idle), or until close().")
+        .def("close", &engine::close, "Cancel every request, refuse new ones; a running loop ends.")
+        .def("wake_fd", &engine::wake_fd, "A pipe's read end that gets a byte after each step with news (asyncio).")
+        .def("stats", &engine::stats);
+}
+
+}  // namespace lamina

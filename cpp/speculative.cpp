@@ -1,0 +1,160 @@
+// Speculative decoding for a generation on sequence 0, built on llama.cpp's common/speculative: a
+// draft (a small model with the same vocabulary, or n-gram lookup in the tokens so far) proposes
+// tokens, the target decodes the last token and the draft in one batch, and the target's own
+// sampler keeps the drafted tokens it would have picked itself (common_sampler_sample_and_accept_n's
+// rule, as llama-speculative-simple does): greedy output is token for token the plain output.
+#include "lamina.h"
+
+#include "sampler.h"
+#include "speculative.h"
+
+namespace lamina {
+
+struct speculation::impl {
+    std::shared_ptr<context_state> dft;  // the draft model's context (null: n-gram lookup)
+    common_params_speculative params;
+    common_speculative_ptr spec;
+    draft_options opts;
+    std::vector<llama_token> draft;
+    llama_batch batch{};
+    std::unique_ptr<common_batch> dft_batch;  // the target's batch, as the draft context sees it
+    int64_t n_steps = 0, n_drafted = 0, n_accepted = 0;
+    ~impl() {
+        if (batch.token != nullptr) llama_batch_free(batch);
+    }
+};
+
+speculation::speculation(context_state & tgt, std::shared_ptr<context_state> dft, const draft_options & o)
+    : p_(std::make_unique<impl>()) {
+    if (o.n_max < 1 || o.n_max > 256) throw std::invalid_argument("draft n_max must be in [1, 256]");
+    if (o.n_min < 0 || o.n_min > o.n_max) throw std::invalid_argument("draft n_min must be in [0, n_max]");
+    if (!(o.p_min >= 0.0f && o.p_min <= 1.0f)) throw std::invalid_argument("draft p_min must be in [0, 1]");
+    if (o.ngram_n < 1 || o.ngram_n > 1024) throw std::invalid_argument("ngram n must be in [1, 1024]");
+    p_->opts = o;
+    p_->dft = std::move(dft);
+    common_params_speculative & sp = p_->params;
+    if (p_->dft) {
+        const llama_vocab * vt = tgt.model->vocab;
+        const llama_vocab * vd = p_->dft->model->vocab;
+        if (llama_vocab_type(vt) != llama_vocab_type(vd) || llama_vocab_n_tokens(vt) != llama_vocab_n_tokens(vd)) {
+            throw std::invalid_argument("the draft model's vocabulary differs from the target's (type or size): "
+                                        "speculative decoding needs the same tokens");
+        }
+        if (llama_n_seq_max(p_->dft->ctx.get()) != 1) throw std::invalid_argument("the draft context needs n_seq_max=1");
+        sp.types = {COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE};
+        sp.draft.n_max = o.n_max;
+        sp.draft.n_min = o.n_min;
+        sp.draft.p_min = o.p_min;
+        sp.draft.ctx_tgt = tgt.ctx.get();
+        sp.draft.ctx_dft = p_->dft->ctx.get();
+    } else {
+        sp.types = {COMMON_SPECULATIVE_TYPE_NGRAM_SIMPLE};
+        sp.ngram_simple.size_n = uint16_t(o.ngram_n);
+        sp.ngram_simple.size_m = uint16_t(o.n_max);
+    }
+    try {
+        p_->spec.reset(common_speculative_init(sp, 1));
+    } catch (const std::runtime_error & e) {  // e.g. vocabularies that differ in their tokens
+        throw std::invalid_argument(std::string("speculative decoding cannot start: ") + e.what());
+    }
+    if (!p_->spec) throw lamina_error("llama.cpp's speculative decoding did not start");
+    const int32_t n_batch = int32_t(llama_n_batch(tgt.ctx.get()));
+    p_->batch = llama_batch_init(std::max(n_batch, o.n_max + 1), 0, 1);
+    if (p_->dft) p_->dft_batch = std::make_unique<common_batch>(p_->dft->ctx.get());
+}
+
+speculation::~speculation() = default;
+
+void speculation::begin(const std::vector<llama_token> & prompt) {
+    if (p_->dft) eval_prompt(*p_->dft, prompt);  // the draft context holds the prompt too (its own prefix reuse)
+    common_speculative_begin(p_->spec.get(), 0, prompt);
+}
+
+const std::shared_ptr<context_state> & speculation::draft_context() const { return p_->dft; }
+
+int speculation::step(context_state & st, sampler_handle & s, llama_token last, int32_t n_draft_max,
+                      std::vector<llama_token> & ids) {
+    impl & p = *p_;
+    llama_context * ctx = st.ctx.get();
+    const llama_pos n_past = llama_pos(st.tokens.size());
+    const int32_t n_batch = int32_t(llama_n_batch(ctx));
+    n_draft_max = std::min({n_draft_max, p.opts.n_max, n_batch - 1});
+    p.draft.clear();
+    if (n_draft_max > 0) {
+        common_speculative_get_draft_params(p.spec.get(), 0) = {
+            /* .drafting = */ true,
+            /* .n_max    = */ n_draft_max,
+            /* .pos0     = */ n_past,
+            /* .id_last  = */ last,
+            /* .prompt   = */ &st.tokens,
+            /* .result   = */ &p.draft,
+        };
+        common_speculative_draft(p.spec.get());
+        if (int32_t(p.draft.size()) < p.opts.n_min) p.draft.clear();
+        if (int32_t(p.draft.size()) > n_draft_max) p.draft.resize(size_t(n_draft_max));
+    }
+    // the draft decoded `last` (and its proposals) in its own context: back to the target's tokens
+    if (p.dft) llama_memory_seq_rm(llama_get_memory(p.dft->ctx.get()), 0, n_past, -1);
+    llama_batch & b = p.batch;
+    b.n_tokens = 0;
+    batch_add(b, last, n_past, 0, true);
+    for (size_t i = 0; i < p.draft.size(); ++i) batch_add(b, p.draft[i], n_past + 1 + llama_pos(i), 0, true);
+    if (st.live_views.load() > 0 && b.n_tokens > st.max_outputs) {
+        throw lamina_error("speculative decoding asks for " + std::to_string(b.n_tokens) +
+                           " logits rows, more than any decode before, while numpy views of ctx.logits are alive; "
+                           "delete them (or copy with np.array(ctx.logits)) first");
+    }
+    int rc = decode_checked(st, b, false);
+    if (rc != 0) return rc;
+    st.max_outputs = std::max(st.max_outputs, b.n_tokens);
+    st.last_outputs = b.n_tokens;
+    if (p.dft) {  // the draft context decodes the same tokens (llama.cpp's draft-simple keeps in step this way)
+        p.dft_batch->clear();
+        for (int32_t i = 0; i < b.n_tokens; ++i) p.dft_batch->add(b.token[i], b.pos[i], 0, i == b.n_tokens - 1);
+        if (!common_speculative_process(p.spec.get(), *p.dft_batch)) {
+            throw lamina_error("the draft model's decode failed: " + last_log_error());
+        }
+    }
+    // the target's sampler keeps each drafted token it picks itself; its first other pick ends the step
+    ids.clear();
+    for (int32_t i = 0; i < b.n_tokens; ++i) {
+        llama_token t = s.greedy() ? argmax(llama_get_logits_ith(ctx, i), st.model->n_vocab)
+                                   : llama_sampler_sample(s.chain(), ctx, i);
+        ids.push_back(t);
+        if (size_t(i) >= p.draft.size() || t != p.draft[size_t(i)]) break;
+    }
+    const size_t n_acc = ids.size() - 1;
+    common_speculative_accept(p.spec.get(), 0, uint16_t(n_acc));
+    ++p.n_steps;
+    p.n_drafted += int64_t(p.draft.size());
+    p.n_accepted += int64_t(n_acc);
+    // the caches keep `last` and the accepted drafts; the last id is sampled, not decoded
+    st.tokens.push_back(last);
+    st.tokens.insert(st.tokens.end(), p.draft.begin(), p.draft.begin() + std::ptrdiff_t(n_acc));
+    const llama_pos keep = n_past + 1 + llama_pos(n_acc);
+    llama_memory_seq_rm(llama_get_memory(ctx), 0, keep, -1);
+    if (p.dft) {
+        llama_memory_seq_rm(llama_get_memory(p.dft->ctx.get()), 0, keep, -1);
+        p.dft->tokens = st.tokens;
+    }
+    return 0;
+}
+
+void speculation::truncate(context_state & st, size_t n_tokens) {
+    if (n_tokens >= st.tokens.size()) return;
+    st.tokens.resize(n_tokens);
+    llama_memory_seq_rm(llama_get_memory(st.ctx.get()), 0, llama_pos(n_tokens), -1);
+    if (p_->dft) {
+        llama_memory_seq_rm(llama_get_memory(p_->dft->ctx.get()), 0, llama_pos(n_tokens), -1);
+        p_->dft->tokens.resize(std::min(p_->dft->tokens.size(), n_tokens));
+    }
+}
+
+void speculation::stats(nb::dict & d) const {
+    d["n_draft_steps"] = p_->n_steps;
+    d["n_drafted"] = p_->n_drafted;
+    d["n_accepted"] = p_->n_accepted;
+    d["acceptance"] = p_->n_drafted > 0 ? double(p_->n_accepted) / double(p_->n_drafted) : 0.0;
+}
+
+}  // namespace lamina

@@ -1,0 +1,175 @@
+"""lamina.Batcher: requests join and leave a running batch and get what they would get alone."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import lamina
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPTS = ["the sky is", "hello world", "Paris is the capital of", "one two three four five six seven"]
+
+
+def alone(model: lamina.Model, prompt: str, n: int) -> list[int]:
+    with model.context(n_ctx=256) as ctx:
+        return list(ctx.complete(prompt, max_tokens=n, ignore_eos=True).tokens)
+
+
+def test_requests_that_join_and_leave_mid_run_get_their_tokens_alone(tiny_model: lamina.Model) -> None:
+    lengths = [60, 5, 20, 9]
+    want = [alone(tiny_model, p, n) for p, n in zip(PROMPTS, lengths)]
+    with lamina.Batcher(tiny_model, n_seq_max=3, n_ctx=3 * 256, chunk=4) as b:
+        first = b.submit(PROMPTS[0], max_tokens=lengths[0], ignore_eos=True)
+        pieces = iter(first)
+        head = next(pieces)  # the first request is generating before the others join
+        second = b.submit(PROMPTS[1], max_tokens=lengths[1], ignore_eos=True)
+        third = b.submit(PROMPTS[2], max_tokens=lengths[2], ignore_eos=True)
+        assert second.result(timeout=60).finish_reason == "length"  # leaves while the others run
+        fourth = b.submit(PROMPTS[3], max_tokens=lengths[3], ignore_eos=True)  # takes its sequence
+        got = [r.result(timeout=60) for r in (first, second, third, fourth)]
+        assert [list(c.tokens) for c in got] == want
+        assert first.finish_reason == "length" and head + "".join(pieces) == got[0].text
+        s = b.stats
+        assert s["finished"] == 4 and s["running"] == 0 and s["waiting"] == 0
+        assert 2 <= s["max_running"] <= 3
+
+
+def test_the_stream_is_the_text(tiny_model: lamina.Model) -> None:
+    with lamina.Batcher(tiny_model, n_seq_max=2, n_ctx=512) as b:
+        r = b.submit(PROMPTS[0], max_tokens=30, ignore_eos=True)
+        text = "".join(r)
+        c = r.result()
+        assert text == c.text == tiny_model.detokenize(c.tokens) and len(c.tokens) == 30
+
+
+def test_more_requests_than_sequences_wait_in_order(tiny_model: lamina.Model) -> None:
+    want = [alone(tiny_model, p, 8) for p in PROMPTS]
+    with lamina.Batcher(tiny_model, n_seq_max=1, n_ctx=256) as b:
+        assert [list(c.tokens) for c in b.generate(PROMPTS, max_tokens=8, ignore_eos=True)] == want
+        assert b.stats["max_running"] == 1
+
+
+def test_cancel_frees_the_sequence(tiny_model: lamina.Model) -> None:
+    with lamina.Batcher(tiny_model, n_seq_max=1, n_ctx=256) as b:
+        long = b.submit(PROMPTS[0], max_tokens=10_000, ignore_eos=True)  # would hold the only sequence
+        queued = b.submit(PROMPTS[1], max_tokens=4, ignore_eos=True)
+        queued.cancel()  # never admitted: ends at once
+        assert queued.finish_reason == "cancelled"
+        next(iter(long))
+        long.cancel()
+        assert long.result(timeout=30).finish_reason == "cancelled"
+        after = b.submit(PROMPTS[2], max_tokens=12, ignore_eos=True)  # needs the freed sequence
+        assert list(after.result(timeout=30).tokens) == alone(tiny_model, PROMPTS[2], 12)
+        long.cancel()  # cancelling an ended request does nothing
+        assert long.finish_reason == "cancelled"
+
+
+def test_stop_strings_end_a_request_and_free_it(tiny_model: lamina.Model) -> None:
+    full = "".join(lamina.Batcher(tiny_model, n_seq_max=1, n_ctx=256).submit(PROMPTS[0], max_tokens=40, ignore_eos=True))
+    stop = full[10:14]
+    with lamina.Batcher(tiny_model, n_seq_max=1, n_ctx=256) as b:
+        r = b.submit(PROMPTS[0], max_tokens=40, ignore_eos=True, stop=stop)
+        text = "".join(r)
+        c = r.result()
+        assert c.finish_reason == "stop" and text == c.text == full[: full.index(stop)]
+        kept = b"".join(tiny_model.token_to_piece(t) for t in c.tokens).decode("utf-8", errors="replace")
+        assert text.startswith(kept) and stop not in kept
+
+
+def test_asyncio(tiny_model: lamina.Model) -> None:
+    want = [alone(tiny_model, p, 10) for p in PROMPTS]
+
+    async def main(b: lamina.Batcher) -> None:
+        results = await asyncio.gather(*(b.submit(p, max_tokens=10, ignore_eos=True) for p in PROMPTS))
+        assert [list(c.tokens) for c in results] == want
+        pieces = [p async for p in b.submit(PROMPTS[0], max_tokens=10, ignore_eos=True)]
+        assert "".join(pieces) == results[0].text
+        # a cancelled task cancels its request, which frees its sequence
+        long = b.submit(PROMPTS[1], max_tokens=10_000, ignore_eos=True)
+        task = asyncio.ensure_future(_await(long))
+        while len(long.tokens) == 0:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert long.result(timeout=30).finish_reason == "cancelled"
+
+    async def _await(r: lamina.Request) -> lamina.Completion:
+        return await r
+
+    with lamina.Batcher(tiny_model, n_seq_max=4, n_ctx=4 * 256) as b:
+        asyncio.run(main(b))
+        asyncio.run(main(b))  # a second event loop works too
+
+
+def test_submit_from_many_threads(tiny_model: lamina.Model) -> None:
+    want = {p: alone(tiny_model, p, 12) for p in PROMPTS}
+    got: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    with lamina.Batcher(tiny_model, n_seq_max=2, n_ctx=512) as b:
+        def worker(p: str) -> None:
+            try:
+                got[p] = list(b.submit(p, max_tokens=12, ignore_eos=True).result(timeout=60).tokens)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=worker, args=(p,)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and got == want
+
+
+def test_a_full_unified_cache_ends_the_longest_request(tiny_model: lamina.Model) -> None:
+    with lamina.Batcher(tiny_model, n_seq_max=2, n_ctx=256, kv=lamina.KV(unified=True)) as b:
+        rs = [b.submit(p, max_tokens=200, ignore_eos=True) for p in PROMPTS[:2]]
+        done = [r.result(timeout=60) for r in rs]
+        assert [c.finish_reason for c in done] == ["length", "length"]
+        n = [len(c.tokens) + c.n_prompt for c in done]
+        assert min(n) < 200 < max(n)  # the longest ended when the shared cache was full, the other ran on
+        assert list(done[0].tokens[:20]) == alone(tiny_model, PROMPTS[0], 20)
+        # the cache is free again
+        assert len(b.submit(PROMPTS[2], max_tokens=4, ignore_eos=True).result(timeout=30).tokens) == 4
+
+
+def test_misuse_raises(tiny_model: lamina.Model) -> None:
+    b = lamina.Batcher(tiny_model, n_seq_max=2, n_ctx=256)
+    with pytest.raises(ValueError, match="n_ctx / n_seq_max"):
+        b.submit("the " * 400)
+    with pytest.raises(ValueError):
+        b.submit("hi", max_tokens=0)
+    with pytest.raises(TypeError):
+        b.submit("hi", sampler="greedy")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        b.submit("hi", stop=[1])  # type: ignore[list-item]
+    with pytest.raises(IndexError):
+        b.submit([1, 10**6])
+    with pytest.raises(ValueError):
+        b.submit("hi", stop=[""])
+    r = b.submit(PROMPTS[0], max_tokens=10_000, ignore_eos=True)
+    with pytest.raises(TimeoutError):
+        r.result(timeout=0)
+    queued = [b.submit(PROMPTS[1], max_tokens=10_000, ignore_eos=True) for _ in range(3)]
+    b.close()
+    b.close()
+    assert queued[-1].finish_reason == "cancelled" and r.done
+    with pytest.raises(lamina.ClosedError):
+        b.submit("hi")
+    with pytest.raises(ValueError):
+        lamina.Batcher(tiny_model, n_seq_max=0)
+
+
+def test_sampled_requests_are_reproducible(tiny_model: lamina.Model) -> None:
+    hot = lamina.Sampler(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=3, repeat_penalty=1.2)
+    with tiny_model.context(n_ctx=256) as one:
+        want = list(one.complete(PROMPTS[0], max_tokens=16, sampler=hot, ignore_eos=True).tokens)
+    with lamina.Batcher(tiny_model, n_seq_max=2, n_ctx=512) as b:
+        other = b.submit(PROMPTS[1], max_tokens=30, ignore_eos=True)
+        time.sleep(0.01)
+        r = b.submit(PROMPTS[0], max_tokens=16, sampler=hot, ignore_eos=True)
+        assert list(r.result(timeout=30).tokens) == want
+        other.result(timeout=30)
