@@ -188,7 +188,9 @@ LLAMA_1B = dict(n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_ct
 
 # ~125M parameters (12 x 768 wide, 32k vocabulary): CPU thread sweeps on machines without the Gemma package.
 SMALL = dict(n_layer=12, n_embd=768, n_head=12, n_head_kv=4, n_ff=2048, n_ctx=4096, n_vocab=32000, f16=True)
-PRESETS = {"llama-1b": LLAMA_1B, "small": SMALL}
+# A draft for LLAMA_1B (speculative decoding benchmarks): its 128k vocabulary, 4 narrow layers.
+DRAFT_1B = dict(n_layer=4, n_embd=512, n_head=8, n_head_kv=4, n_ff=1024, n_ctx=8192, n_vocab=128256, f16=True)
+PRESETS = {"llama-1b": LLAMA_1B, "small": SMALL, "draft-1b": DRAFT_1B}
 
 if __name__ == "__main__":
     import sys
