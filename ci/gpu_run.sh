@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # GPU measurements on the device machine (no internet), in stages so one session fits in a few calls:
 #   build   CUDA build from the carried llama.cpp tree (.device/llama.cpp.tgz: trimmed pinned source)
-#   model   random Llama-3.2-1B-shaped and ~125M "small" models, quantized to Q4_K_M
+#   model   random Llama-3.2-1B-shaped and ~125M "small" models and a 4-layer draft with the 1B's
+#           vocabulary, quantized to Q4_K_M
 #   bench   lamina vs llama-bench, every layer on GPU 0 (tg128, pp512)
+#   parallel  batched and speculative generation, every layer on GPU 0: lamina bench --parallel 8,16,32
+#           (the Batcher vs llama-batched-bench) and --draft (vs llama-speculative-simple) with the
+#           draft model, the 1B drafting for itself (every draft accepted: the machinery's cost), and
+#           n-gram lookup
 #   probe   ci/tg_probe.cpp: where a generated token's time goes beyond llama-bench's loop
 #   auto    n_gpu_layers="auto" on GPU 0: free memory, memory held by another process, memory_limit
 #   ngl     tg128 / pp512 against n_gpu_layers 0, 25, 50, 75, 100 %
@@ -36,12 +41,13 @@ for stage in "$@"; do
   build)
     $py -m pip install --no-build-isolation --no-deps . -Cbuild-dir=build/cuda \
        -Ccmake.define.GGML_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
-       -Ccmake.define.LAMINA_EXTRA_TOOLS=llama-quantize > "$OUT/build.log" 2>&1 \
+       "-Ccmake.define.LAMINA_EXTRA_TOOLS=llama-quantize;llama-batched-bench;llama-speculative-simple" \
+       > "$OUT/build.log" 2>&1 \
        || { tail -50 "$OUT/build.log"; exit 1; }
     (cd /tmp && $py -c "import lamina; print(lamina.system_info())") | tee "$OUT/system_info.txt" ;;
   model)
     bin=$($py -c "import lamina; print(lamina.system_info().llama_cpp['package_dir'])")/bin
-    for m in llama-1b small; do
+    for m in llama-1b small draft-1b; do
       $py tests/tiny_gguf.py /tmp/$m-f16.gguf $m > /dev/null
       "$bin/llama-quantize" /tmp/$m-f16.gguf /tmp/$m.gguf Q4_K_M "$(nproc)" > "$OUT/quantize.log" 2>&1 || { tail "$OUT/quantize.log"; exit 1; }
       echo "$m: $(stat -c %s /tmp/$m.gguf) bytes"
@@ -53,6 +59,16 @@ for stage in "$@"; do
     echo "with backend sampling (greedy argmax in the graph):"
     CUDA_VISIBLE_DEVICES=0 $py ci/bench_generate.py --model /tmp/llama-1b.gguf -n 128 -p 0 -r 1 --rounds 5 \
       --backend-sampling 2>/dev/null ;;
+  parallel)
+    [ -f /tmp/llama-1b.gguf ] && [ -f /tmp/draft-1b.gguf ] || { echo "parallel: run the model stage first"; exit 1; }
+    CUDA_VISIBLE_DEVICES=0 $py -m lamina bench -m /tmp/llama-1b.gguf -ngl all --parallel 8,16,32 -npp 128 -ntg 128 \
+      -r 1 --rounds 3 | tee "$OUT/parallel.md"
+    for draft in /tmp/draft-1b.gguf ngram; do
+      CUDA_VISIBLE_DEVICES=0 $py -m lamina bench -m /tmp/llama-1b.gguf -ngl all --draft $draft -n 128 -r 1 --rounds 3 \
+        | tee -a "$OUT/draft.md"
+    done
+    CUDA_VISIBLE_DEVICES=0 $py -m lamina bench -m /tmp/llama-1b.gguf -ngl all --draft /tmp/llama-1b.gguf \
+      --draft-p-min 0 -n 128 -r 1 --rounds 3 | tee -a "$OUT/draft.md" ;;
   probe)
     pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
     g++ -O2 -std=c++17 -I$LAMINA_LLAMA_CPP_DIR/include -I$LAMINA_LLAMA_CPP_DIR/ggml/include ci/tg_probe.cpp \

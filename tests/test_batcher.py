@@ -101,7 +101,7 @@ def test_asyncio(tiny_model: lamina.Model) -> None:
     async def _await(r: lamina.Request) -> lamina.Completion:
         return await r
 
-    with lamina.Batcher(tiny_model, n_seq_max=4, n_ctx=4 * 256) as b:
+    with lamina.Batcher(tiny_model, n_seq_max=4, n_ctx=4 * 4096) as b:  # the long request runs for seconds
         asyncio.run(main(b))
         asyncio.run(main(b))  # a second event loop works too
 
@@ -173,3 +173,18 @@ def test_sampled_requests_are_reproducible(tiny_model: lamina.Model) -> None:
         r = b.submit(PROMPTS[0], max_tokens=16, sampler=hot, ignore_eos=True)
         assert list(r.result(timeout=30).tokens) == want
         other.result(timeout=30)
+
+
+def test_a_batcher_nobody_holds_is_collected(tiny_model: lamina.Model) -> None:
+    """Requests hold their Batcher; when neither is held, the Batcher goes and its loop thread ends."""
+    import gc
+    import weakref
+
+    b = lamina.Batcher(tiny_model, n_seq_max=1, n_ctx=256)
+    b.submit(PROMPTS[0], max_tokens=10_000, ignore_eos=True)
+    thread, ref = b._thread, weakref.ref(b)
+    del b
+    gc.collect()
+    assert ref() is None
+    thread.join(timeout=30)
+    assert not thread.is_alive()

@@ -90,3 +90,126 @@ def test_bench_ngl_sweep_over_rpc_offloads_per_value(tiny_path: Path, rpc_endpoi
     assert rows[("tg4", 0)]["layers_offloaded"] == 0
     assert rows[("tg4", "all")]["layers_offloaded"] == 3  # 2 blocks + the output layer
     assert any(d.startswith("RPC") for d in rows[("tg4", "all")]["devices"])
+
+
+# -- --parallel (llama-batched-bench) and --draft (llama-speculative-simple) -------------------
+from lamina import bench_batch  # noqa: E402
+
+PARALLEL = ("-npp", "8", "-ntg", "4", "-t", "1")  # a few milliseconds per level on the tiny model
+SPEC_PROMPT = "the city of the world is the capital of the country " * 4  # repeats: n-grams find drafts
+
+
+def tool(name: str) -> None:
+    if lamina.tools.path(name) is None:
+        if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
+            raise FileNotFoundError(f"{name} missing: build with -DLAMINA_EXTRA_TOOLS={name}")
+        pytest.skip(f"{name} not shipped in this build")
+
+
+def test_lamina_parallel_times_one_prompt_step_and_ntg_generation_steps(tiny_model: lamina.Model) -> None:
+    # lamina_parallel raises when the engine's counters are not pl*npp prompt tokens and pl*ntg
+    # generation tokens: every prompt in the first step, then ntg steps of one token per sequence
+    n_ctx, samples = bench_batch.lamina_parallel(tiny_model, 3, 8, 5, 1, 2)
+    assert n_ctx >= 3 * (8 + 5)
+    assert len(samples) == 2 and all(pp > 0 and tg > 0 for pp, tg in samples)
+
+
+@pytest.mark.timeout(180)
+def test_bench_parallel_against_llama_batched_bench(tiny_path: Path) -> None:
+    tool("llama-batched-bench")
+    out = run_cli("-m", str(tiny_path), "--parallel", "1,3", *PARALLEL, "-r", "1", "--rounds", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["pl"] for r in rows] == [1, 3]
+    for r in rows:
+        for side in ("lamina_pp", "llama_pp", "lamina_tg", "llama_tg"):
+            assert len(r[f"{side}_samples_ts"]) == 2 and r[f"{side}_median_ts"] > 0, (side, r)
+        assert r["pp_ratio"] > 0 and r["tg_ratio"] > 0 and r["tg_paired_ratio_median"] > 0
+        # the same context on both sides: n_seq_max = pl, pl * (npp + ntg) cells as llama.cpp pads them
+        assert r["n_ctx"] == r["n_kv_max"] >= r["pl"] * 12 and r["n_batch"] == r["pl"] * 8
+    md = run_cli("-m", str(tiny_path), "--parallel", "2", *PARALLEL, "-r", "2")
+    assert md.returncode == 0, md.stderr
+    lines = md.stdout.splitlines()
+    assert lines[0].startswith("| model | threads | pl | n_ctx | lamina pp t/s | llama pp t/s | pp ratio |")
+    assert len([ln for ln in lines if re.match(r"\| .* \| 1 \| 2 \| \d+ \|", ln)]) == 1, md.stdout
+
+
+def test_parse_batched_bench_reads_jsonl_and_refuses_rows_without_speeds() -> None:
+    text = ('main: n_kv_max = 1024\n{"n_kv_max": 1024, "pp": 32, "tg": 16, "pl": 4, "t_pp": 0.17, '
+            '"speed_pp": 716.7, "t_tg": 0.49, "speed_tg": 129.7}\n')
+    assert bench_batch.parse_batched_bench(text)[0]["speed_tg"] == 129.7
+    with pytest.raises(ValueError, match="speed_tg"):
+        bench_batch.parse_batched_bench('{"n_kv_max": 1, "pp": 1, "tg": 1, "pl": 1, "speed_pp": 1.0}')
+
+
+def test_parse_speculative_reads_the_summary_and_refuses_a_log_without_it() -> None:
+    log = ("0.05.5 I encoded  301 tokens in    1.108 seconds, speed:  271.673 t/s\n"
+           "0.05.5 I decoded   81 tokens in    2.686 seconds, speed:   30.155 t/s\n"
+           "0.05.5 I n_draft   = 16\n0.05.5 I n_predict = 81\n0.05.5 I n_drafted = 76\n"
+           "0.05.5 I n_accept  = 70\n0.05.5 I accept    = 92.105%\n")
+    s = bench_batch.parse_speculative(log)
+    assert (s["n_prompt"], s["n_predict"], s["n_drafted"], s["n_accept"]) == (301, 81, 76, 70)
+    assert s["tg_ts"] == 30.155  # the printed speed (its seconds are rounded to ms)
+    with pytest.raises(ValueError, match="decoded"):
+        bench_batch.parse_speculative(log.replace("decoded", "done"))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("drafter", ["ngram", "self"])
+def test_llama_speculative_simple_runs_with_lamina_settings(tiny_model: lamina.Model, drafter: str) -> None:
+    tool("llama-speculative-simple")
+    n_prompt = len(tiny_model.tokenize(SPEC_PROMPT))
+    draft = tiny_model if drafter == "self" else None
+    s = bench_batch.run_speculative(tiny_model, draft, SPEC_PROMPT, 24, 1,
+                                    n_ctx=bench_batch.spec_n_ctx(n_prompt, 24, 8), n_batch=512, n_ubatch=512,
+                                    n_max=8, p_min=0.0, ngram_n=2)
+    assert s["n_prompt"] == n_prompt  # the same tokens as lamina's tokenizer gives
+    assert s["n_predict"] > 24 and s["tg_ts"] > 0
+    if drafter == "self":  # the target drafting for itself: greedy drafts it then accepts
+        assert s["n_drafted"] > 0 and s["n_accept"] >= 0.8 * s["n_drafted"], s
+
+
+@pytest.mark.timeout(240)
+def test_bench_draft_against_llama_speculative_simple(tiny_path: Path) -> None:
+    tool("llama-speculative-simple")
+    out = run_cli("-m", str(tiny_path), "--draft", str(tiny_path), "--prompt", SPEC_PROMPT, "-n", "24", "-t", "1",
+                  "--draft-max", "8", "--draft-p-min", "0", "-r", "1", "--rounds", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    [row] = json.loads(out.stdout)
+    assert row["draft"] == tiny_path.name and row["n_prompt"] == row["llama_n_prompt"]
+    for side in ("lamina_plain", "lamina_spec", "llama_spec"):
+        assert len(row[f"{side}_samples_ts"]) == 2 and row[f"{side}_median_ts"] > 0, (side, row)
+    assert row["speedup"] > 0 and row["ratio"] > 0 and row["paired_ratio_median"] > 0
+    # the target drafting for itself, p_min 0: drafts every step, and greedy accepts them
+    assert row["lamina_n_drafted"] > 0 and row["lamina_acceptance"] >= 0.8, row
+    assert row["llama_n_drafted"] > 0 and row["llama_acceptance"] >= 0.8, row
+    md = run_cli("-m", str(tiny_path), "--draft", "ngram", "--ngram-n", "2", "--prompt", SPEC_PROMPT, "-n", "24",
+                 "-t", "1", "-r", "1")
+    assert md.returncode == 0, md.stderr
+    assert md.stdout.startswith("| model | draft | threads | lamina plain t/s | lamina spec t/s | speedup |")
+    row = re.search(r"\| ngram \| 1 \| [\d.]+ ± [\d.]+ \| [\d.]+ ± [\d.]+ \| [\d.]+x \| ([\d.]+)% \|"
+                    r" [\d.]+ ± [\d.]+ \| ([\d.]+)% \| [\d.]+ \|", md.stdout)
+    assert row, md.stdout
+
+
+@pytest.mark.parametrize("args", [["--parallel", "0"], ["--parallel", "1,x"], ["--parallel", "1", "-npp", "0"],
+                                  ["--draft-p-min", "1.5"], ["--parallel", "1", "--draft", "ngram"],
+                                  ["--parallel", "1", "--plot", "x.png"], ["--draft", "ngram", "--compare"],
+                                  ["--draft", "/nonexistent/draft.gguf"], ["--draft", "ngram", "-n", "0"]])
+def test_bad_parallel_or_draft_arguments_are_usage_errors(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "Traceback" not in err
+
+
+@pytest.mark.model
+@pytest.mark.timeout(300)
+def test_bench_parallel_on_the_real_model(real_path: Path) -> None:
+    tool("llama-batched-bench")
+    out = run_cli("-m", str(real_path), "--parallel", "1,2", "-npp", "16", "-ntg", "8", "-t", "2", "-r", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["pl"] for r in rows] == [1, 2]
+    assert all(r["n_ctx"] == r["n_kv_max"] and r["pp_ratio"] > 0 and r["tg_ratio"] > 0 for r in rows)

@@ -110,3 +110,4 @@ def test_misuse(tiny_model: lamina.Model, tmp_path: Path) -> None:
             with pytest.raises(ValueError, match="vocabulary"):
                 ctx.generate("x", draft=lamina.Draft(m))
         assert plain(ctx, "the sky is", 4)  # the context is fine
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 from .config import Config, Setting, load_config
 from .model import Model
@@ -80,3 +80,20 @@ def config_from_args(args: argparse.Namespace, *, strict: bool = False) -> Confi
 def load_model(args: argparse.Namespace) -> Model:
     cfg = config_from_args(args)
     return Model.from_config(cfg, progress=load_bar(f"loading {os.path.basename(cfg['model'])}"))
+
+
+def models(args: argparse.Namespace) -> Iterator[Model]:
+    """The model as run/chat load it (--config, LAMINA_* and the flags), once per -ngl value
+    (lamina bench sweeps them), each closed before the next loads. -t stays out of the config:
+    in bench it is a list to sweep."""
+    sweep, ngls = args.threads, args.n_gpu_layers
+    for ngl in ngls or [None]:
+        args.threads, args.n_gpu_layers = None, ngl
+        try:
+            model = load_model(args)
+        finally:
+            args.threads, args.n_gpu_layers = sweep, ngls
+        try:
+            yield model
+        finally:
+            model.close()

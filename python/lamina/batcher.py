@@ -32,6 +32,13 @@ def _close_all() -> None:  # the loop threads end before the interpreter does
         b.close()
 
 
+def _serve(native: _native.Batcher) -> None:
+    try:
+        native.run(False)
+    except Exception:  # every request already ended with this error
+        _log.exception("lamina.Batcher: the batch loop stopped")
+
+
 class Request:
     """One prompt submitted to a Batcher. Iterate it for text pieces as they come (blocking),
     ``await`` it (or call result()) for the Completion, ``async for`` its pieces, or cancel() it:
@@ -120,15 +127,10 @@ class Batcher:
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: set[asyncio.Event] = set()
-        self._thread = threading.Thread(target=self._serve, name="lamina-batcher", daemon=True)
+        # the thread holds the native loop, not this object: a Batcher nobody holds is collected
+        self._thread = threading.Thread(target=_serve, args=(self._native,), name="lamina-batcher", daemon=True)
         self._thread.start()
         _live.add(self)
-
-    def _serve(self) -> None:
-        try:
-            self._native.run(False)
-        except Exception:  # every request already ended with this error
-            _log.exception("lamina.Batcher: the batch loop stopped")
 
     def submit(self, prompt: Any, *, max_tokens: int = 256, sampler: Sampler | None = None,
                stop: str | Sequence[str] = (), ignore_eos: bool = False) -> Request:
@@ -165,6 +167,11 @@ class Batcher:
         self._loop = None
         self._context.close()
         _live.discard(self)
+
+    def __del__(self) -> None:
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.close()  # requests end "cancelled"; the loop thread ends by itself
 
     def __enter__(self) -> "Batcher":
         return self

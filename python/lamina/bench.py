@@ -1,5 +1,7 @@
 """`lamina bench`: pp/tg throughput through lamina's own API, like llama-bench, and side by side
-with llama-bench built from the same pinned source (--compare).
+with llama-bench built from the same pinned source (--compare). --parallel (batched generation
+against llama-batched-bench) and --draft (speculative decoding against llama-speculative-simple)
+live in lamina.bench_batch, which says what each side times.
 
 tg<N>: llama-bench decodes BOS plus N-1 random tokens, one per decode. lamina streams
        ctx.generate([BOS], max_tokens=N, ignore_eos=True): the same N decodes plus real greedy
@@ -27,16 +29,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import plot, tools
-from .args import add_model_args, load_model
+from . import bench_batch, plot, tools
+from .args import add_model_args, models
 from .model import Model
-from .params import KV, NGL
+from .params import BENCH_KV, NGL
 from .system import system_info
 from .threads import Threads
 
 
-# llama-bench's context settings (its to_llama_cparams): f16 K/V, sliding-window caches at window size.
-BENCH_KV = KV(type_k="f16", type_v="f16", swa_full=False)
 
 
 @dataclass
@@ -249,35 +249,21 @@ def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p.add_argument("--rounds", type=_count(1), default=1)
     p.add_argument("--compare", action="store_true", help="run llama-bench from the same source in the same run")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md")
+    p.add_argument("--json", dest="output", action="store_const", const="json", help="the same as -o json")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw t/s against threads or -ngl layers (needs matplotlib: pip install \"lamina[plot]\")")
-    p.set_defaults(func=cmd_bench)
-
-
-def models(args: "argparse.Namespace") -> Iterator[Model]:
-    """The model as run/chat load it (--config, LAMINA_* and the flags), once per -ngl value, each
-    closed before the next loads. -t stays out of the config: here it is a list to sweep."""
-    sweep, ngls = args.threads, args.n_gpu_layers
-    for ngl in ngls or [None]:
-        args.threads, args.n_gpu_layers = None, ngl
-        try:
-            model = load_model(args)
-        finally:
-            args.threads, args.n_gpu_layers = sweep, ngls
-        try:
-            yield model
-        finally:
-            model.close()
+    bench_batch.add_args(p, _count)
+    p.set_defaults(func=cmd_bench, bench_parser=p)
 
 
 def plot_title(model: Model) -> str:
-
     return f"lamina bench: {model.info.desc} ({model.path.name})\n{system_info().cpu_model or 'unknown CPU'}"
 
 
 def cmd_bench(args: "argparse.Namespace") -> int:
+    if args.parallel or args.draft:
+        return bench_batch.cmd_bench(args)
     if args.plot:
-
         plot.require()  # before minutes of measuring, not after
     results: list[Result] = []
     first: Model | None = None  # names the model in the table and the plot (info outlives close())

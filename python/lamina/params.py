@@ -78,6 +78,10 @@ class KV:
         return self.type_v not in ("f32", "f16", "bf16")
 
 
+# llama-bench's context settings (its to_llama_cparams): f16 K/V, sliding-window caches at window size.
+BENCH_KV = KV(type_k="f16", type_v="f16", swa_full=False)
+
+
 ROPE_SCALING = {None: -1, "none": 0, "linear": 1, "yarn": 2, "longrope": 3}
 
 

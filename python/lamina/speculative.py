@@ -23,7 +23,9 @@ class Draft:
     ``ngram_n`` tokens where they occurred before (prompt or output) are proposed, up to n_max
     (llama.cpp's ngram-simple); it pays on repetitive text (code, lists, edits of the prompt).
     Drafts shorter than ``n_min`` are not used. The target's own sampler keeps each drafted token
-    it picks itself, so greedy output is the plain greedy output, token for token.
+    it picks itself, so greedy output is the plain greedy output, token for token, as far as the
+    kernels round a batch as they round one token: exact with f32 weights; with quantized CPU
+    weights a near-tie can go the other way and the text part from plain greedy (README).
 
     A Draft with a model holds one context of that model per target context size: use one Draft
     per thread (a second concurrent generation with it raises BusyError).
