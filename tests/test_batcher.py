@@ -188,3 +188,16 @@ def test_a_batcher_nobody_holds_is_collected(tiny_model: lamina.Model) -> None:
     assert ref() is None
     thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_greedy_rows_on_the_argmax_threads_are_the_same(tiny_model: lamina.Model) -> None:
+    """Machines with >= 8 CPUs take many greedy rows' argmaxes on a few threads: the same tokens."""
+    prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS][:10]
+    want = [alone(tiny_model, p, 12) for p in prompts]
+    with tiny_model.context(n_ctx=10 * 64, n_seq_max=10) as ctx:
+        eng = lamina._native.Batcher(ctx.native, 0, 3)
+        reqs = [eng.submit(ctx._prompt_tokens(p), lamina.Sampler().params(), 12, True, []) for p in prompts]
+        eng.run(True)
+        assert [list(r.result()["tokens"]) for r in reqs] == want
+    with pytest.raises(ValueError):
+        lamina._native.Batcher(ctx.native, 0, -2)

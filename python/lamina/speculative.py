@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import _native
@@ -57,8 +58,10 @@ class Draft:
         with self._lock:
             ctx = self._contexts.get(key)
             if ctx is None:
+                # the target's threads, sleeping as soon as a decode ends (poll 0): the two pools take
+                # turns, and a pool spinning while the other works would take its cores
                 ctx = self.model.context(n_ctx=target.n_ctx, n_batch=n_batch, n_seq_max=1,
-                                         threads=target.threads_config)
+                                         threads=replace(target.threads_config, poll=0))
                 self._contexts[key] = ctx
             return ctx
 
