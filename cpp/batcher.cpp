@@ -135,76 +135,12 @@ struct engine_core {
     }
 };
 
-// Threads that take the argmax of many logits rows at once, with the caller. A step of 32 greedy
-// sequences on a fast GPU otherwise spends ~1 ms of one core on argmaxes over a 128k vocabulary,
-// a quarter of the step (H200, 1B model). Made on the first step with enough greedy rows.
-class argmax_pool {
-public:
-    explicit argmax_pool(unsigned n_workers) {
-        for (unsigned i = 0; i < n_workers; ++i) workers_.emplace_back([this] { loop(); });
-    }
-    ~argmax_pool() {
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            stop_ = true;
-        }
-        wake_.notify_all();
-        for (std::thread & t : workers_) t.join();
-    }
-    // out[i] = argmax(rows[i]) (no GIL needed)
-    void run(const std::vector<const float *> & rows, int32_t n_vocab, std::vector<llama_token> & out) {
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            rows_ = &rows;
-            out_ = &out;
-            n_vocab_ = n_vocab;
-            next_.store(0);
-            busy_ = workers_.size();
-            ++round_;
-        }
-        wake_.notify_all();
-        work();
-        std::unique_lock<std::mutex> lk(mu_);
-        done_.wait(lk, [this] { return busy_ == 0; });
-    }
-
-private:
-    void work() {
-        for (size_t i = next_.fetch_add(1); i < rows_->size(); i = next_.fetch_add(1)) {
-            (*out_)[i] = argmax((*rows_)[i], n_vocab_);
-        }
-    }
-    void loop() {
-        uint64_t seen = 0;
-        std::unique_lock<std::mutex> lk(mu_);
-        while (true) {
-            wake_.wait(lk, [&] { return stop_ || round_ != seen; });
-            if (stop_) return;
-            seen = round_;
-            lk.unlock();
-            work();
-            lk.lock();
-            if (--busy_ == 0) done_.notify_all();
-        }
-    }
-    std::vector<std::thread> workers_;
-    std::mutex mu_;
-    std::condition_variable wake_, done_;
-    const std::vector<const float *> * rows_ = nullptr;
-    std::vector<llama_token> * out_ = nullptr;
-    int32_t n_vocab_ = 0;
-    std::atomic<size_t> next_{0};
-    size_t busy_ = 0;
-    uint64_t round_ = 0;
-    bool stop_ = false;
-};
-
 class engine {
 public:
-    engine(nb::handle ctx, int32_t chunk, int32_t argmax_threads) : core_(std::make_shared<engine_core>()) {
-        const unsigned hw = std::thread::hardware_concurrency();
-        if (argmax_threads < -1 || argmax_threads > 64) throw std::invalid_argument("argmax_threads must be in [-1, 64]");
-        argmax_threads_ = argmax_threads >= 0 ? unsigned(argmax_threads) : (hw >= 8 ? std::min(7u, hw / 2 - 1) : 0u);
+    engine(const engine &) = delete;
+    engine & operator=(const engine &) = delete;
+    engine(nb::handle ctx, int32_t chunk, bool backend_sampling)
+        : core_(std::make_shared<engine_core>()), backend_sampling_(backend_sampling) {
         core_->st = context_shared(ctx);
         context_lease lease(core_->st);
         context_state & st = *lease;
@@ -214,6 +150,7 @@ public:
         if (chunk < 0) throw std::invalid_argument("chunk must be >= 0 (0: n_batch)");
         core_->chunk = chunk == 0 ? n_batch : std::min(chunk, n_batch);
         core_->slot_used.assign(llama_n_seq_max(st.ctx.get()), false);
+        slot_samplers_.resize(core_->slot_used.size());
         int fds[2];
         if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
         core_->wake_rd = fds[0];
@@ -272,6 +209,16 @@ public:
                 c.looping = false;
             }
         } flag{c};
+        struct detach_guard {  // the context gets its logits rows back when the loop ends
+            engine & e;
+            ~detach_guard() {
+                try {
+                    context_lease lease(e.core_->st);
+                    e.detach_samplers(*lease);
+                } catch (const std::exception &) {  // busy or forked: the next lease's owner deals with it
+                }
+            }
+        } detach{*this};
         llama_batch b = llama_batch_init(int32_t(llama_n_batch(c.st->ctx.get())), 0, 1);
         struct batch_guard { llama_batch & b; ~batch_guard() { llama_batch_free(b); } } guard{b};
         while (true) {
@@ -486,6 +433,7 @@ private:
                 llama_memory_seq_rm(mem, r->slot, -1, -1);
                 if (r->slot == 0) st.tokens.clear();  // sequence 0's token mirror (single-sequence prefix reuse)
                 r->sampler->accept_prompt(r->prompt.data(), r->prompt.size());
+                place_sampler(st, *r);
                 r->t_admit = llama_time_us();
                 c.active.push_back(r);
             }
@@ -565,32 +513,53 @@ private:
         }
     }
 
-    // The next token of every request with an output: greedy rows' argmaxes in parallel when there
-    // are many (argmax_pool), the others through their sampler chains (no GIL).
+    // The next token of every request with an output (no GIL): a greedy request in a slot with a
+    // backend sampler has its token from the graph; others take the argmax of their logits row or
+    // run their sampler chain.
     void sample(context_state & st, const std::vector<request *> & in_batch, std::vector<llama_token> & picked) {
         llama_context * lc = st.ctx.get();
-        std::vector<const float *> rows;
-        std::vector<size_t> where;
         for (size_t i = 0; i < in_batch.size(); ++i) {
             request & r = *in_batch[i];
             if (r.out < 0) continue;
             if (r.sampler->greedy()) {
-                rows.push_back(llama_get_logits_ith(lc, r.out));
-                where.push_back(i);
+                llama_token t = slot_samplers_[size_t(r.slot)] ? llama_get_sampled_token_ith(lc, r.out) : LLAMA_TOKEN_NULL;
+                if (t == LLAMA_TOKEN_NULL) {
+                    const float * row = llama_get_logits_ith(lc, r.out);
+                    if (row == nullptr) throw lamina_error("llama.cpp returned neither a token nor logits for a sequence");
+                    t = argmax(row, st.model->n_vocab);
+                }
+                picked[i] = t;
             } else {
                 picked[i] = llama_sampler_sample(r.sampler->chain(), lc, r.out);
             }
         }
-        if (argmax_threads_ > 0 && rows.size() >= 4) {
-            if (pool_ == nullptr) {
-                pool_ = new argmax_pool(argmax_threads_);
-                pool_fork_gen_ = fork_generation();
-            }
-            std::vector<llama_token> best(rows.size());
-            pool_->run(rows, st.model->n_vocab, best);
-            for (size_t k = 0; k < rows.size(); ++k) picked[where[k]] = best[k];
-        } else {
-            for (size_t k = 0; k < rows.size(); ++k) picked[where[k]] = argmax(rows[k], st.model->n_vocab);
+    }
+
+    // Backend sampling (llama.cpp's, experimental): a slot whose request is greedy gets a greedy
+    // chain attached, so the argmax runs in the graph on the device holding the output layer and
+    // only the token comes back (no vocabulary-sized logits row to copy and scan on the host); a
+    // slot whose request samples otherwise has it detached. Not while numpy views of the logits are
+    // alive (attaching reallocates llama.cpp's output buffer). Under the lease.
+    void place_sampler(context_state & st, const request & r) {
+        if (!backend_sampling_ || st.live_views.load() > 0) return;
+        llama_context * lc = st.ctx.get();
+        llama_sampler_ptr & slot = slot_samplers_[size_t(r.slot)];
+        if (r.sampler->greedy() && !slot) {
+            llama_sampler_ptr chain(llama_sampler_chain_init(llama_sampler_chain_default_params()));
+            llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
+            if (llama_set_sampler(lc, r.slot, chain.get())) slot = std::move(chain);
+        } else if (!r.sampler->greedy() && slot) {
+            llama_set_sampler(lc, r.slot, nullptr);
+            slot.reset();
+        }
+    }
+
+    // Detach every backend sampler (the context gets its logits rows back). Under the lease.
+    void detach_samplers(context_state & st) {
+        for (size_t i = 0; i < slot_samplers_.size(); ++i) {
+            if (!slot_samplers_[i]) continue;
+            llama_set_sampler(st.ctx.get(), llama_seq_id(i), nullptr);
+            slot_samplers_[i].reset();
         }
     }
 
@@ -740,14 +709,8 @@ private:
     }
 
     std::shared_ptr<engine_core> core_;
-    unsigned argmax_threads_ = 0;   // workers of the pool beside the loop's thread (0: no pool)
-    argmax_pool * pool_ = nullptr;  // owned; left alone in a forked child (its threads are not there)
-    uint32_t pool_fork_gen_ = 0;
-
-public:
-    ~engine() {
-        if (pool_ != nullptr && pool_fork_gen_ == fork_generation()) delete pool_;
-    }
+    bool backend_sampling_;
+    std::vector<llama_sampler_ptr> slot_samplers_;  // greedy chains attached to slots (place_sampler)
 };
 
 // A request as Python holds it: the request plus the engine that serves it.
@@ -772,11 +735,11 @@ void init_batcher(nb::module_ & m) {
         .def_prop_ro("id", [](const request_handle & h) { return h.req->id; });
 
     nb::class_<engine>(m, "Batcher", "Continuous batching over one context (see cpp/batcher.cpp).")
-        .def("__init__", [](engine * self, nb::handle ctx, int32_t chunk, int32_t argmax_threads) {
-            new (self) engine(ctx, chunk, argmax_threads);
-        }, nb::arg("ctx"), nb::arg("chunk") = 0, nb::arg("argmax_threads") = -1,
-        "chunk: prompt tokens per request and step (0: n_batch). argmax_threads: threads beside the loop's "
-        "for greedy rows (-1: up to 7 on machines with >= 8 CPUs, else none).")
+        .def("__init__", [](engine * self, nb::handle ctx, int32_t chunk, bool backend_sampling) {
+            new (self) engine(ctx, chunk, backend_sampling);
+        }, nb::arg("ctx"), nb::arg("chunk") = 0, nb::arg("backend_sampling") = false,
+        "chunk: prompt tokens per request and step (0: n_batch). backend_sampling: greedy requests take "
+        "their token from llama.cpp's backend sampling (the argmax in the graph), not from a logits row.")
         .def("submit", [](nb::handle self, tokens_in prompt, const sampler_options & opts, int32_t max_tokens, bool ignore_eos,
                           std::vector<std::string> stops) {
             engine & e = nb::cast<engine &>(self);

@@ -120,7 +120,8 @@ class Batcher:
             check_int("chunk", chunk, 1)
         self._context: Context = model.context(n_ctx=n_ctx, n_seq_max=n_seq_max, **context_kwargs)
         try:
-            self._native = _native.Batcher(self._context.native, chunk or 0)
+            # greedy tokens come from the graph when the logits live on a GPU (no row copied per request)
+            self._native = _native.Batcher(self._context.native, chunk or 0, model.output_on_gpu)
         except BaseException:
             self._context.close()
             raise

@@ -482,7 +482,7 @@ class Context:
             if len(samplers) != len(toks) or not all(isinstance(x, Sampler) for x in samplers):
                 raise ValueError("sampler must be one Sampler or one per prompt")
         stops = stop_strings(stop)
-        engine = _native.Batcher(self.native)
+        engine = _native.Batcher(self.native, 0, self.model.output_on_gpu)
         reqs = []
         for i, (t, s) in enumerate(zip(toks, samplers)):
             try:

@@ -189,6 +189,13 @@ class Model:
         return int(fit["n_ctx"]) if n_ctx == 0 else n_ctx
 
     @property
+    def output_on_gpu(self) -> bool:
+        """Whether the output layer (the logits) was placed on a GPU device at load."""
+        if not self.on_gpu or not self._layers:
+            return False
+        return not max(self._layers)[1].upper().startswith("CPU")
+
+    @property
     def on_gpu(self) -> bool:
         """Whether anything of this model may go to a device (gpu on, and a device to use)."""
         return self._plan.use_gpu
