@@ -221,7 +221,16 @@ public:
         } detach{*this};
         llama_batch b = llama_batch_init(int32_t(llama_n_batch(c.st->ctx.get())), 0, 1);
         struct batch_guard { llama_batch & b; ~batch_guard() { llama_batch_free(b); } } guard{b};
+        const bool signals = until_idle && on_main_thread();  // generate_batch in the main thread: Ctrl-C
         while (true) {
+            if (signals) {
+                try {
+                    check_signals();  // between steps; a long decode has its own watch
+                } catch (const nb::python_error & e) {
+                    cancel_all(e.what());
+                    throw;
+                }
+            }
             {
                 nb::gil_scoped_release nogil;
                 std::unique_lock<std::mutex> lk(c.mu);
@@ -262,6 +271,7 @@ public:
 
     // Cancel every request and refuse new ones; the loop ends at its next step.
     void close() {
+        if (core_->fork_gen != fork_generation()) return;  // a forked child: the loop is the parent's
         nb::gil_scoped_release nogil;
         bool loop_runs;
         {
@@ -274,6 +284,7 @@ public:
     }
 
     void cancel(request & r) {
+        check_fork(core_->fork_gen, "Batcher");
         nb::gil_scoped_release nogil;
         std::lock_guard<std::mutex> lk(core_->mu);
         if (!r.finish.empty()) return;
@@ -324,6 +335,7 @@ public:
 
     // Without waiting: (text available now, whether the request ended). Raises its error at the end.
     std::pair<nb::str, bool> poll(request & r) {
+        check_fork(core_->fork_gen, "Batcher");
         std::string piece;
         bool end;
         {
@@ -339,6 +351,7 @@ public:
 
     // Block until r ends (or timeout seconds pass: False).
     bool wait(request & r, double timeout) {
+        check_fork(core_->fork_gen, "Batcher");
         const bool main = on_main_thread();
         const auto until = deadline(timeout);
         while (true) {
@@ -356,6 +369,7 @@ public:
     }
 
     nb::dict result(request & r) {
+        check_fork(core_->fork_gen, "Batcher");
         nb::dict d;
         std::lock_guard<std::mutex> lk(core_->mu);
         auto * heap = new std::vector<int32_t>(r.generated.begin(), r.generated.end());
@@ -380,12 +394,14 @@ public:
     }
 
     int wake_fd() {
+        check_fork(core_->fork_gen, "Batcher");
         std::lock_guard<std::mutex> lk(core_->mu);
         core_->wake_armed = true;
         return core_->wake_rd;
     }
 
     nb::dict stats() {
+        check_fork(core_->fork_gen, "Batcher");
         nb::dict d;
         std::lock_guard<std::mutex> lk(core_->mu);
         d["waiting"] = core_->waiting.size();

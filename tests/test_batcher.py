@@ -209,3 +209,60 @@ def test_greedy_tokens_from_backend_sampling_are_the_same(tiny_model: lamina.Mod
                 assert g == (want_hot if s is hot and i == 1 else want[i] if s is not hot else g), i
         ctx.decode([1, 2, 3], logits="all")  # the samplers are detached: logits rows are back
         assert ctx.logits.shape == (3, tiny_model.info.n_vocab)
+
+
+def test_ctrl_c_stops_generate_batch_between_steps(tiny_model: lamina.Model) -> None:
+    import signal
+
+    with tiny_model.context(n_ctx=2 * 16384, n_seq_max=2) as ctx:
+        timer = threading.Timer(0.2, lambda: signal.raise_signal(signal.SIGINT))
+        timer.start()
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            ctx.generate_batch(["hello world"] * 2, max_tokens=16000, ignore_eos=True)  # seconds without it
+        assert time.perf_counter() - t0 < 2.0
+        timer.join()
+        assert len(ctx.generate_batch(["hi"], max_tokens=3, ignore_eos=True)[0].tokens) == 3  # usable after
+
+
+def test_a_forked_child_gets_fork_error_not_a_hang(tiny_model: lamina.Model) -> None:
+    import os
+
+    with lamina.Batcher(tiny_model, n_seq_max=1, n_ctx=16384) as b:
+        r = b.submit("hello world", max_tokens=16000, ignore_eos=True)
+        pid = os.fork()
+        if pid == 0:  # the loop thread is the parent's: waiting on it here would never end
+            code = 1
+            try:
+                r.result()
+            except lamina.ForkError:
+                code = 0
+            except BaseException:  # noqa: BLE001 - the exit code says it
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        r.cancel()
+
+
+def test_a_closed_event_loop_does_not_swallow_later_wake_ups(tiny_model: lamina.Model) -> None:
+    with lamina.Batcher(tiny_model, n_seq_max=4, n_ctx=4 * 4096) as b:
+        stale = [b.submit(p, max_tokens=4000, ignore_eos=True) for p in PROMPTS]
+        loop = asyncio.new_event_loop()
+
+        async def wait(r: lamina.Request) -> lamina.Completion:
+            return await r
+
+        tasks = [loop.create_task(wait(r)) for r in stale]
+        loop.run_until_complete(asyncio.sleep(0.05))
+        loop.close()  # the tasks' awaits never end
+        for r in stale:
+            r.cancel()
+
+        async def one() -> lamina.Completion:
+            return await asyncio.wait_for(b.submit("hello", max_tokens=1), 10)
+
+        for _ in range(5):
+            assert len(asyncio.run(one()).tokens) == 1
+        assert len(b._events) == 0
+        del tasks

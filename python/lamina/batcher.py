@@ -204,7 +204,10 @@ class Batcher:
         except BlockingIOError:
             pass
         for ev in list(self._events):
-            ev.set()
+            try:
+                ev.set()
+            except RuntimeError:  # its event loop was closed while a coroutine waited on it
+                self._events.discard(ev)
 
     async def _wait_async(self, req: Request) -> Completion:
         ev = self._arm()
