@@ -484,15 +484,7 @@ private:
         }
         if (b.n_tokens == 0) return;
         const int64_t t0 = llama_time_us();
-        int rc;
-        signal_watch watch(b.n_tokens > 1 && on_main_thread());
-        st.signals_here = watch.active();
-        {
-            nb::gil_scoped_release nogil;
-            caller_pin pin(b.n_tokens > 1 ? st.pin_batch : st.pin_gen);
-            rc = decode_checked(st, b, false);
-        }
-        st.signals_here = false;
+        const int rc = decode_watched(st, b, false);
         if (rc != 0) {
             decode_failed_step(st, b, in_batch, rc);
             return;

@@ -200,6 +200,19 @@ int decode_checked(context_state & st, const llama_batch & batch, bool sync) {
     return rc;
 }
 
+int decode_watched(context_state & st, const llama_batch & batch, bool sync) {
+    int rc;
+    signal_watch watch(batch.n_tokens > 1 && on_main_thread());  // ends with the GIL held, below
+    st.signals_here = watch.active();
+    {
+        nb::gil_scoped_release nogil;
+        caller_pin pin(batch.n_tokens > 1 ? st.pin_batch : st.pin_gen);
+        rc = decode_checked(st, batch, sync);
+    }
+    st.signals_here = false;
+    return rc;
+}
+
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs) {
     if (st.live_views.load() > 0 && n_outputs > st.max_outputs) {
         // llama.cpp would grow (reallocate) its output buffer under the live numpy views.
@@ -207,15 +220,7 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
                            " logits rows, more than any decode before, while numpy views of ctx.logits "
                            "are alive; delete them (or copy with np.array(ctx.logits)) first");
     }
-    int rc;
-    signal_watch watch(batch.n_tokens > 1 && on_main_thread());  // ends with the GIL held, below
-    st.signals_here = watch.active();
-    {
-        nb::gil_scoped_release nogil;
-        caller_pin pin(batch.n_tokens > 1 ? st.pin_batch : st.pin_gen);
-        rc = decode_checked(st, batch, true);
-    }
-    st.signals_here = false;
+    const int rc = decode_watched(st, batch, true);
     if (rc != 0) {
         decode_failed(st, rc);
     }

@@ -202,6 +202,9 @@ std::string decode_message(int rc, const context_state & st);
 int decode_checked(context_state & st, const llama_batch & batch, bool sync);
 // decode_checked's status when an RPC server holding part of the model went away
 constexpr int decode_rc_rpc_lost = -100;
+// decode_checked with the GIL released (held on entry and exit), the caller pinned as the pool's
+// worker 0, and Ctrl-C watched inside a multi-token decode in the main thread. Returns the status.
+int decode_watched(context_state & st, const llama_batch & batch, bool sync);
 // Decode a batch with the GIL released; converts llama.cpp's status codes into exceptions.
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs);
 // Evaluate tokens for sequence 0 starting at st.tokens.size(); logits for the last token only.
