@@ -14,7 +14,7 @@ from .errors import OutOfMemoryError
 from .params import (FLASH, KV, KV_TYPES, LOGITS, POOLING, as_tokens, check_int, check_pos, check_seq,
                      context_settings, out_of_memory)
 from .system import host_memory
-from .sampling import Sampler
+from .sampling import Sampler, response_format_schema
 from .speculative import Draft
 from .threads import Threads
 
@@ -396,6 +396,8 @@ class Context:
         n_keep: int = 0,
         backend_sampling: bool = False,
         draft: "Draft | Literal['ngram'] | None" = None,
+        json_schema: Mapping[str, Any] | str | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> Generation:
         """Stream text pieces for ``prompt`` (text, or token ids).
 
@@ -409,6 +411,9 @@ class Context:
         draft: speculative decoding with a lamina.Draft (a small model with the same vocabulary)
         or "ngram" (prompt lookup, no second model); greedy output stays token for token the same,
         and stats gain n_drafted, n_accepted and acceptance.
+        json_schema (a dict or JSON text) constrains the output to JSON valid against it, through
+        llama.cpp's schema-to-grammar converter; response_format={"type": "json_object"} to any
+        JSON object ({"type": "json_schema", "json_schema": {"schema": ...}} as OpenAI's API).
         """
         if context_full not in ("stop", "shift"):
             raise ValueError(f"context_full must be 'stop' or 'shift', got {context_full!r}")
@@ -421,6 +426,14 @@ class Context:
         stops = stop_strings(stop)
         tokens = self._prompt_tokens(prompt)
         sampler = sampler or Sampler()
+        if response_format is not None:
+            if json_schema is not None:
+                raise ValueError("give json_schema or response_format, not both")
+            json_schema = response_format_schema(response_format)
+        if json_schema is not None:
+            if sampler.grammar is not None or sampler.json_schema is not None:
+                raise ValueError("the sampler has a grammar already: give json_schema there or here, not both")
+            sampler = replace(sampler, json_schema=json_schema)
         shift_keep = n_keep if context_full == "shift" else -1
         chain = sampler.native(self.model, self.n_ctx)
         if backend_sampling and not chain.greedy:

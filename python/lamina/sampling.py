@@ -1,8 +1,9 @@
 """lamina.Sampler: sampling settings, run by llama.cpp's sampler chain inside the native loop."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from . import _native
 
@@ -56,6 +57,7 @@ class Sampler:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: str | None = None
     grammar_root: str = _D.grammar_root
+    json_schema: Mapping[str, Any] | str | None = None
     seed: int = _D.seed
 
     def __post_init__(self) -> None:
@@ -66,6 +68,10 @@ class Sampler:
                 raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
         if isinstance(self.dry_sequence_breakers, str):
             raise TypeError("dry_sequence_breakers must be a sequence of strings, not one string")
+        if self.json_schema is not None:
+            if self.grammar is not None:
+                raise ValueError("give grammar or json_schema, not both")
+            schema_grammar(self.json_schema)  # an invalid schema fails here, naming its part
 
     def native(self, model: "Model", n_ctx: int = 0) -> _native.Sampler:
         """A fresh llama.cpp chain for ``model``; last_n = -1 covers ``n_ctx`` tokens
@@ -76,6 +82,8 @@ class Sampler:
         """These settings as the native struct (a Batcher builds each request's chain from it)."""
         p = _native.SamplerParams()
         for f in fields(self):
+            if f.name == "json_schema":
+                continue
             value = getattr(self, f.name)
             if f.name == "dry_sequence_breakers":
                 value = list(value)
@@ -87,4 +95,38 @@ class Sampler:
                 raise TypeError(f"Sampler.{f.name}={value!r}: not a value of this field's C type "
                                 f"({type(getattr(p, f.name)).__name__}, in range)") from None
         p.n_ctx = n_ctx
+        if self.json_schema is not None:
+            p.grammar, p.grammar_root = schema_grammar(self.json_schema), "root"
         return p
+
+
+def schema_grammar(schema: Mapping[str, Any] | str) -> str:
+    """A JSON schema (a dict, or its JSON text) as a GBNF grammar, by llama.cpp's own converter
+    (common/json-schema-to-grammar). ValueError names the part of the schema it cannot use."""
+    if not isinstance(schema, (str, Mapping)):
+        raise TypeError(f"json_schema must be a dict or JSON text, got {type(schema).__name__}")
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    return str(_native.json_schema_to_grammar(text))
+
+
+def response_format_schema(response_format: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The schema behind an OpenAI-style response_format: {"type": "json_object"} (any JSON
+    object; a "schema" key narrows it, as llama-server allows), {"type": "json_schema",
+    "json_schema": {"schema": {...}}}, or {"type": "text"} (None: no constraint)."""
+    if not isinstance(response_format, Mapping):
+        raise TypeError(f"response_format must be a dict, got {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema", {"type": "object"})
+    elif kind == "json_schema":
+        inner = response_format.get("json_schema")
+        schema = inner.get("schema") if isinstance(inner, Mapping) else None
+        if schema is None:
+            raise ValueError('response_format {"type": "json_schema"} needs {"json_schema": {"schema": {...}}}')
+    else:
+        raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    if not isinstance(schema, Mapping):
+        raise TypeError("the response_format's schema must be a dict")
+    return schema
