@@ -538,7 +538,7 @@ private:
                 }
                 picked[i] = t;
             } else {
-                picked[i] = llama_sampler_sample(r.sampler->chain(), lc, r.out);
+                picked[i] = r.sampler->sample(lc, r.out);
             }
         }
     }

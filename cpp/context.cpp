@@ -396,6 +396,7 @@ public:
                    const pool_params & batch_pool) {
         auto ms = model_shared(model);
         check_fork(ms->fork_gen, "model");
+        if (ms->vocab_only) throw std::invalid_argument("a vocabulary-only model (a tokenizer) has no weights to run");
         if (!ms->rpc_endpoints.empty() && rpc_lost(*ms)) throw closed_error(ms->lost_why);
         threadpool_config gen = pool_config(gen_pool), batch = pool_config(batch_pool);
         llama_context_params p = build_context_params(args);

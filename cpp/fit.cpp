@@ -241,7 +241,9 @@ void init_fit(nb::module_ & m) {
           "that loading with these settings would allocate; llama.cpp's no-alloc load, nothing allocated.");
     m.def("kv_tensor_refusals", [](nb::handle model, int64_t n_ctx, int type_k, int type_v,
                                    const std::vector<std::string> & devices) {
-        return refusals(dims_of_model(model_shared(model)->model.get()), n_ctx, type_k, type_v, devices);
+        auto ms = model_shared(model);
+        if (ms->vocab_only) throw std::invalid_argument("a vocabulary-only model (a tokenizer) has no KV cache shapes");
+        return refusals(dims_of_model(ms->model.get()), n_ctx, type_k, type_v, devices);
     }, nb::arg("model"), nb::arg("n_ctx"), nb::arg("type_k"), nb::arg("type_v"), nb::arg("devices"),
     "[(device, bytes)] of the devices that cannot use one layer's K or V cache tensor for n_ctx positions.");
     m.def("kv_tensor_refusals_file", [](const std::string & path, int64_t n_ctx, int type_k, int type_v,

@@ -14,7 +14,7 @@ llama_token sample_token(context_state & st, sampler_handle & s, bool use_chain)
         const float * logits = llama_get_logits_ith(st.ctx.get(), -1);
         return argmax(logits, st.model->n_vocab);
     }
-    return llama_sampler_sample(s.chain(), st.ctx.get(), -1);
+    return s.sample(st.ctx.get(), -1);
 }
 
 namespace {

@@ -65,6 +65,7 @@ struct model_state {
     const llama_vocab * vocab = nullptr;
     int32_t n_vocab = 0;
     std::string path;
+    bool vocab_only = false;  // loaded without weights (a tokenizer): no hyperparameters, no contexts
     // RPC servers holding part of the model ("host:port"), and whether one of them went away: then
     // every context of the model is closed (rpc_lost, devices.cpp)
     std::vector<std::string> rpc_endpoints;

@@ -2,6 +2,7 @@
 #include "lamina.h"
 
 #include "ggml-backend.h"
+#include "gguf.h"
 
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/shared_ptr.h>
@@ -77,6 +78,18 @@ std::string meta_string(const llama_model * model, const char * key) {
     return s;
 }
 
+// tokenizer.chat_template from the file's metadata (a file validate_gguf accepted), if present.
+std::optional<std::string> file_chat_template(const std::string & path) {
+    gguf_init_params params{true, nullptr};
+    gguf_context * g = gguf_init_from_file(path.c_str(), params);
+    if (g == nullptr) return std::nullopt;
+    std::optional<std::string> out;
+    const int64_t k = gguf_find_key(g, "tokenizer.chat_template");
+    if (k >= 0 && gguf_get_kv_type(g, k) == GGUF_TYPE_STRING) out = std::string(gguf_get_val_str(g, k));
+    gguf_free(g);
+    return out;
+}
+
 class model_handle {
 public:
     model_handle(const std::string & path, const placement & args, int load_mode, bool vocab_only,
@@ -124,6 +137,7 @@ public:
         st_->vocab = llama_model_get_vocab(raw);
         st_->n_vocab = llama_vocab_n_tokens(st_->vocab);
         st_->path = path;
+        st_->vocab_only = vocab_only;
         {
             std::vector<ggml_backend_dev_t> used;
             for (size_t i = 0; i + 1 < mp.devs.size(); ++i) used.push_back(mp.devs[i]);
@@ -235,19 +249,24 @@ public:
         d["name"] = meta_string(mdl, "general.name");
         d["n_params"] = llama_model_n_params(mdl);
         d["size"] = llama_model_size(mdl);
-        d["n_layer"] = llama_model_n_layer(mdl);
-        d["n_ctx_train"] = llama_model_n_ctx_train(mdl);
-        d["n_embd"] = llama_model_n_embd(mdl);
-        d["n_head"] = llama_model_n_head(mdl);
-        d["n_head_kv"] = llama_model_n_head_kv(mdl);
-        d["n_swa"] = llama_model_n_swa(mdl);
+        // a vocab-only load reads no hyperparameters: llama.cpp aborts on n_head() etc. without them
+        const bool hp = !m.vocab_only;
+        d["n_layer"] = hp ? llama_model_n_layer(mdl) : 0;
+        d["n_ctx_train"] = hp ? llama_model_n_ctx_train(mdl) : 0;
+        d["n_embd"] = hp ? llama_model_n_embd(mdl) : 0;
+        d["n_head"] = hp ? llama_model_n_head(mdl) : 0;
+        d["n_head_kv"] = hp ? llama_model_n_head_kv(mdl) : 0;
+        d["n_swa"] = hp ? llama_model_n_swa(mdl) : 0;
         d["n_vocab"] = m.n_vocab;
         d["has_encoder"] = llama_model_has_encoder(mdl);
         d["has_decoder"] = llama_model_has_decoder(mdl);
         d["is_recurrent"] = llama_model_is_recurrent(mdl);
         d["is_hybrid"] = llama_model_is_hybrid(mdl);
         const char * tmpl = llama_model_chat_template(mdl, nullptr);
-        d["chat_template"] = tmpl ? nb::cast(std::string(tmpl)) : nb::none();
+        std::optional<std::string> chat_template;
+        if (tmpl != nullptr) chat_template = std::string(tmpl);
+        if (!chat_template && m.vocab_only) chat_template = file_chat_template(m.path);  // not kept by that load
+        d["chat_template"] = chat_template ? nb::cast(*chat_template) : nb::none();
         d["bos"] = llama_vocab_bos(m.vocab);
         d["eos"] = llama_vocab_eos(m.vocab);
         d["eot"] = llama_vocab_eot(m.vocab);

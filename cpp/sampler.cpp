@@ -69,7 +69,11 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
     clear_last_log_error();
     bool shaped = false;  // anything that can change the argmax of the raw logits
     if (o.grammar) {
-        add(c, llama_sampler_init_grammar(vocab, o.grammar->c_str(), o.grammar_root.c_str()), "grammar");
+        grammar_.reset(llama_sampler_init_grammar(vocab, o.grammar->c_str(), o.grammar_root.c_str()));
+        if (!grammar_) {
+            std::string why = last_log_error();
+            throw std::invalid_argument(std::string("invalid grammar") + (why.empty() ? "" : ": " + why));
+        }
         shaped = true;
     }
     if (!o.logit_bias.empty()) {
@@ -121,6 +125,33 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
     add(c, llama_sampler_init_dist(o.seed), "dist");
 }
 
+llama_token sampler_handle::sample(llama_context * ctx, int32_t idx) {
+    if (!grammar_) return llama_sampler_sample(chain_.get(), ctx, idx);
+    const float * logits = llama_get_logits_ith(ctx, idx);
+    if (logits == nullptr) throw lamina_error("no logits for output " + std::to_string(idx));
+    const int32_t n_vocab = model_->n_vocab;
+    auto candidates = [&] {
+        cur_.resize(size_t(n_vocab));
+        for (int32_t i = 0; i < n_vocab; ++i) cur_[size_t(i)] = llama_token_data{i, logits[i], 0.0f};
+        return llama_token_data_array{cur_.data(), cur_.size(), -1, false};
+    };
+    llama_token_data_array all = candidates();
+    llama_sampler_apply(chain_.get(), &all);
+    llama_token id = all.data[all.selected >= 0 ? all.selected : 0].id;
+    llama_token_data one{id, 1.0f, 0.0f};
+    llama_token_data_array single{&one, 1, -1, false};
+    llama_sampler_apply(grammar_.get(), &single);
+    if (!(one.logit > -INFINITY)) {  // rejected: the grammar over every candidate, then the chain again
+        all = candidates();
+        llama_sampler_apply(grammar_.get(), &all);
+        llama_sampler_apply(chain_.get(), &all);
+        id = all.data[all.selected >= 0 ? all.selected : 0].id;
+    }
+    llama_sampler_accept(grammar_.get(), id);
+    llama_sampler_accept(chain_.get(), id);
+    return id;
+}
+
 void sampler_handle::accept_prompt(const llama_token * toks, size_t n) {
     if (greedy_) return;  // a plain argmax has no history
     llama_sampler * c = chain_.get();
@@ -154,6 +185,7 @@ llama.cpp): grammar, logit bias, temperature, mirostat. temperature 0 ends with 
         .def_prop_ro("greedy", &sampler_handle::greedy, "True when the chain is a plain argmax of the logits.")
         .def("describe", [](const sampler_handle & s) {
             std::vector<std::string> names;
+            if (s.grammar() != nullptr) names.emplace_back(llama_sampler_name(s.grammar()));
             for (int32_t i = 0; i < llama_sampler_chain_n(s.chain()); ++i) {
                 names.emplace_back(llama_sampler_name(llama_sampler_chain_get(s.chain(), i)));
             }

@@ -41,10 +41,18 @@ public:
     // as llama.cpp's completion does (common_sampler_accept(..., accept_grammar=false)).
     void accept_prompt(const llama_token * toks, size_t n);
     llama_sampler * chain() const { return chain_.get(); }
+    llama_sampler * grammar() const { return grammar_.get(); }
+    // The next token from output idx of ctx, accepted by the chain (and the grammar). With a grammar,
+    // llama.cpp's common_sampler order: the chain picks from the raw candidates, the grammar checks
+    // only that token, and only a token it rejects makes it run over the whole vocabulary and the
+    // chain pick again (a grammar over every candidate costs ~30 ms per token at a 262k vocabulary).
+    llama_token sample(llama_context * ctx, int32_t idx);
 
 private:
     std::shared_ptr<model_state> model_;  // DRY and grammar samplers point into its vocabulary
     llama_sampler_ptr chain_;
+    llama_sampler_ptr grammar_;           // outside the chain: see sample()
+    std::vector<llama_token_data> cur_;   // candidates (reused)
     bool greedy_ = false;
 };
 

@@ -119,7 +119,7 @@ int speculation::step(context_state & st, sampler_handle & s, llama_token last, 
     ids.clear();
     for (int32_t i = 0; i < b.n_tokens; ++i) {
         llama_token t = s.greedy() ? argmax(llama_get_logits_ith(ctx, i), st.model->n_vocab)
-                                   : llama_sampler_sample(s.chain(), ctx, i);
+                                   : s.sample(ctx, i);
         ids.push_back(t);
         if (size_t(i) >= p.draft.size() || t != p.draft[size_t(i)]) break;
     }

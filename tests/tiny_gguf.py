@@ -75,7 +75,7 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
                      n_ff: int = 128, n_ctx: int = 512, n_vocab: int | None = None, f16: bool = False,
                      seed: int = 0, truncate_to: int | None = None, causal: bool = True,
                      arch: str = "llama", tokenizer: str = "llama", n_expert: int = 0,
-                     n_expert_used: int = 2, long_piece: int = 0) -> Path:
+                     n_expert_used: int = 2, long_piece: int = 0, chat_template: str | None = None) -> Path:
     """Write a GGUF with random weights (f32, or f16 for big shapes) of a llama architecture, or
     with arch="gemma3" of Gemma 3's (QK norms, post norms, sliding-window layers).
 
@@ -83,6 +83,7 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     causal=False writes llama.attention.causal = false (bidirectional attention, as embedding models).
     tokenizer="gpt2" writes a byte-level BPE vocabulary with merges instead of SentencePiece's.
     long_piece > 0 adds a last token whose text is that many bytes ("▁" and x's; no merge reaches it).
+    chat_template writes tokenizer.chat_template.
     n_expert > 0 makes a mixture of experts (Mixtral's layout: n_expert feed-forward experts per
     layer, n_expert_used of them per token).
     """
@@ -132,6 +133,8 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
         writer.add_rope_freq_base(10000.0)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model(tokenizer)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)

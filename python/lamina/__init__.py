@@ -15,7 +15,8 @@ from .threads import Threads
 from .errors import (BusyError, ClosedError, ConfigWarning, DecodeError, ForkError, InertSettingWarning, LaminaError, LoadError,
                      ModelFormatError, OutOfMemoryError)
 from .memory import DeviceMemory, MemoryEstimate, Offload
-from .model import Model, ModelInfo
+from .model import Model
+from .tokenizer import ModelInfo, Tokenizer
 from .models import default_model_path
 from .sampling import Sampler
 from .speculative import Draft
@@ -33,7 +34,7 @@ def chat_templates() -> list[str]:
 __version__: str = _n.VERSION  # pyproject.toml's, compiled in
 
 __all__ = [
-    "Config", "load_config", "Model", "ModelInfo", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Batcher", "Request", "Threads", "KV", "Sampler", "Draft",
+    "Config", "load_config", "Model", "ModelInfo", "Tokenizer", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Batcher", "Request", "Threads", "KV", "Sampler", "Draft",
     "Device", "SystemInfo", "AddOn", "addons", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
     "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "ModelFormatError", "InertSettingWarning", "ConfigWarning", "logger", "__version__",
 ]

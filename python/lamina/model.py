@@ -19,6 +19,7 @@ from .params import KV, NGL, as_tokens, check_int, context_settings, kv_tensor_e
 from .system import Device, gpu_absent_reason, rpc_connect
 from .system import devices as list_devices
 from .threads import Threads
+from .tokenizer import ModelInfo, Vocabulary
 
 if TYPE_CHECKING:
     from .config import Config
@@ -26,33 +27,7 @@ if TYPE_CHECKING:
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """Facts about a loaded model (model.info)."""
-
-    path: str
-    arch: str
-    name: str
-    desc: str
-    n_params: int
-    size: int
-    n_layer: int
-    n_ctx_train: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    n_swa: int
-    n_vocab: int
-    bos: int
-    eos: int
-    eot: int
-    add_bos: bool
-    chat_template: str | None
-    has_encoder: bool
-    is_recurrent: bool
-
-
-class Model:
+class Model(Vocabulary):
     """A GGUF model loaded by llama.cpp.
 
     Args:
@@ -292,49 +267,6 @@ class Model:
         if self._native is None:
             raise RuntimeError("model failed to initialise")
         return self._native
-
-    # -- vocabulary ----------------------------------------------------------------------
-    def tokenize(self, text: str | bytes, *, add_special: bool = True, special: bool = False) -> npt.NDArray[np.int32]:
-        """Text -> int32 token ids. add_special adds BOS/EOS as the model wants; special parses
-        markup such as ``<start_of_turn>`` into control tokens."""
-        data = text.encode("utf-8") if isinstance(text, str) else text
-        if not isinstance(data, bytes):
-            raise TypeError(f"text must be str or bytes, got {type(text).__name__}")
-        return self.native.tokenize(data, add_special, special)
-
-    def detokenize(self, tokens: Any, *, special: bool = False) -> str:
-        """Token ids -> text (invalid UTF-8 at the edges becomes U+FFFD)."""
-        arr = as_tokens(tokens, self.info.n_vocab)
-        return self.native.detokenize(arr, False, special).decode("utf-8", errors="replace")
-
-    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
-        return self.native.token_to_piece(int(token), special)
-
-    def is_eog(self, token: int) -> bool:
-        return self.native.is_eog(int(token))
-
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None,
-                            add_assistant: bool = True) -> str:
-        """Render chat messages ({"role": ..., "content": ...}) with llama.cpp's template support.
-
-        template: a template string or a built-in name (lamina.chat_templates()); default: the
-        model's own (tokenizer.chat_template). Raises ValueError if there is none llama.cpp supports.
-        """
-        tmpl = template if template is not None else self.info.chat_template
-        if tmpl is None:
-            raise ValueError(f"{self.info.name or self.path.name} has no chat template in its metadata; pass "
-                             f"template= a template string or a built-in name from lamina.chat_templates()")
-        msgs = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise TypeError(f"message {i} must be a mapping with str 'role' and 'content', got {m!r}")
-            msgs.append((m["role"], m["content"]))
-        return _native.chat_apply_template(tmpl, msgs, add_assistant).decode("utf-8", errors="replace")
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """Every GGUF metadata key/value (values as strings)."""
-        return self.native.metadata()
 
     # -- embeddings ----------------------------------------------------------------------
     def embed(self, texts: str | Sequence[str], *, normalize: bool = True,
