@@ -172,8 +172,10 @@ def test_llama_speculative_simple_runs_with_lamina_settings(tiny_model: lamina.M
 @pytest.mark.timeout(240)
 def test_bench_draft_against_llama_speculative_simple(tiny_path: Path) -> None:
     tool("llama-speculative-simple")
-    out = run_cli("-m", str(tiny_path), "--draft", str(tiny_path), "--prompt", SPEC_PROMPT, "-n", "24", "-t", "1",
-                  "--draft-max", "8", "--draft-p-min", "0", "-r", "1", "--rounds", "2", "--json")
+    # on the CPU: a GPU's batched and one-token kernels round a random model's near-ties apart, so
+    # even a self-draft is rejected there (4% on the H200); the CPU's f32 kernels agree
+    out = run_cli("-m", str(tiny_path), "--no-gpu", "--draft", str(tiny_path), "--prompt", SPEC_PROMPT, "-n", "24",
+                  "-t", "1", "--draft-max", "8", "--draft-p-min", "0", "-r", "1", "--rounds", "2", "--json")
     assert out.returncode == 0, out.stderr
     [row] = json.loads(out.stdout)
     assert row["draft"] == tiny_path.name and row["n_prompt"] == row["llama_n_prompt"]
