@@ -387,6 +387,14 @@ public:
         return d;
     }
 
+    // Why r ended ("" while queued or running), without copying its tokens or text.
+    std::string finish_reason(const request & r) {
+        check_fork(core_->fork_gen, "Batcher");
+        nb::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> lk(core_->mu);
+        return r.finish;
+    }
+
     void raise_if_failed(const request & r) {
         if (r.finish != "error") return;
         if (r.error_code != 0) throw decode_error(r.error_code, r.error);
@@ -740,6 +748,11 @@ void init_batcher(nb::module_ & m) {
         .def("cancel", [](request_handle & h) { h.eng->cancel(*h.req); }, "End it: a queued request at once, a running one at the next step.")
         .def("result", [](request_handle & h) { return h.eng->result(*h.req); }, "tokens, text, finish_reason, error, counts, times (us).")
         .def("raise_if_failed", [](request_handle & h) { h.eng->raise_if_failed(*h.req); })
+        .def_prop_ro("finish_reason", [](const request_handle & h) -> std::optional<std::string> {
+            std::string why = h.eng->finish_reason(*h.req);
+            if (why.empty()) return std::nullopt;
+            return why;
+        }, "Why it ended (stop, length, cancelled, error), or None while queued or running.")
         .def_prop_ro("id", [](const request_handle & h) { return h.req->id; });
 
     nb::class_<engine>(m, "Batcher", "Continuous batching over one context (see cpp/batcher.cpp).")

@@ -75,11 +75,11 @@ class Request:
 
     @property
     def done(self) -> bool:
-        return self._native.result()["finish_reason"] is not None
+        return self._native.finish_reason is not None  # no copy of the tokens or text: asyncio asks every step
 
     @property
     def finish_reason(self) -> str | None:
-        reason: str | None = self._native.result()["finish_reason"]
+        reason: str | None = self._native.finish_reason
         return reason
 
     @property
