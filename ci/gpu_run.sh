@@ -9,6 +9,8 @@
 #           draft model, the 1B drafting for itself (every draft accepted: the machinery's cost), and
 #           n-gram lookup
 #   probe   ci/tg_probe.cpp: where a generated token's time goes beyond llama-bench's loop
+#   batchprobe  ci/batch_probe.cpp: pl 8,16,32 sequences, llama-batched-bench's loop against loops that
+#           read their tokens back (host argmax, backend sampling); once more without CUDA graphs
 #   auto    n_gpu_layers="auto" on GPU 0: free memory, memory held by another process, memory_limit
 #   ngl     tg128 / pp512 against n_gpu_layers 0, 25, 50, 75, 100 %
 #   two     layer / row / tensor_split over two GPUs (needs a 2-GPU machine)
@@ -75,6 +77,13 @@ for stage in "$@"; do
       -o /tmp/tg_probe -L"$pkg" -lllama -lggml -lggml-base -Wl,-rpath,"$pkg" || exit 1
     CUDA_VISIBLE_DEVICES=0 /tmp/tg_probe /tmp/llama-1b.gguf 128 10 3
     CUDA_VISIBLE_DEVICES=0 /tmp/tg_probe /tmp/llama-1b.gguf 128 10 7 | grep -E "argmax|bench" ;;
+  batchprobe)
+    pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
+    g++ -O2 -std=c++17 -I$LAMINA_LLAMA_CPP_DIR/include -I$LAMINA_LLAMA_CPP_DIR/ggml/include ci/batch_probe.cpp \
+      -o /tmp/batch_probe -L"$pkg" -lllama -lggml -lggml-base -Wl,-rpath,"$pkg" || exit 1
+    CUDA_VISIBLE_DEVICES=0 /tmp/batch_probe /tmp/llama-1b.gguf 8,16,32 128 128 5
+    echo "without CUDA graphs:"
+    GGML_CUDA_DISABLE_GRAPHS=1 CUDA_VISIBLE_DEVICES=0 /tmp/batch_probe /tmp/llama-1b.gguf 32 128 128 3 ;;
   auto)
     CUDA_VISIBLE_DEVICES=0 $py ci/gpu_offload.py auto /tmp/llama-1b.gguf ;;
   ngl)

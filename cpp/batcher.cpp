@@ -111,6 +111,7 @@ struct engine_core {
     uint32_t fork_gen = fork_generation();
     // counters (mutex)
     int64_t n_steps = 0, n_prompt_tokens = 0, n_gen_tokens = 0, t_prompt_steps_us = 0, t_gen_steps_us = 0;
+    int64_t n_gen_steps = 0, t_gen_sample_us = 0;  // generation steps, and their time after the decode returned
     int64_t n_finished = 0, max_running = 0;
 
     ~engine_core() {
@@ -423,6 +424,8 @@ public:
         d["n_gen_tokens"] = core_->n_gen_tokens;
         d["t_prompt_steps_us"] = core_->t_prompt_steps_us;
         d["t_gen_steps_us"] = core_->t_gen_steps_us;
+        d["n_gen_steps"] = core_->n_gen_steps;
+        d["t_gen_sample_us"] = core_->t_gen_sample_us;
         d["closed"] = core_->closed;
         return d;
     }
@@ -503,6 +506,7 @@ private:
             nb::gil_scoped_release nogil;
             // sample without the mutex (readers keep reading), then publish under it
             std::vector<llama_token> picked(in_batch.size(), -1);
+            const int64_t t_dec = llama_time_us();
             sample(st, in_batch, picked);
             const int64_t t1 = llama_time_us();
             std::lock_guard<std::mutex> lk(c.mu);
@@ -523,7 +527,13 @@ private:
             release_finished(st);  // a request seen ended has its sequence free
             ++c.n_steps;
             c.n_prompt_tokens += n_prompt;
-            if (n_prompt > 0) c.t_prompt_steps_us += t1 - t0; else c.t_gen_steps_us += t1 - t0;
+            if (n_prompt > 0) {
+                c.t_prompt_steps_us += t1 - t0;
+            } else {
+                c.t_gen_steps_us += t1 - t0;
+                c.t_gen_sample_us += t1 - t_dec;
+                ++c.n_gen_steps;
+            }
             c.n_gen_tokens += n_prompt > 0 ? 0 : n_gen;
             if (news) c.signal_news();
         }

@@ -16,8 +16,9 @@ with one 16-token decode, then runs -r repetitions in the same context:
       (lamina.Batcher's engine, run in this thread) before its first step, greedy, ignore_eos,
       max_tokens = ntg+1: the first token is sampled from the prompt step, the other ntg each from
       a generation step that decodes one token of every sequence. The engine's own counters time
-      its steps: decode, then sampling each sequence's token (argmax over the vocabulary); a step
-      with any prompt token is a prompt step. pp t/s = n_prompt_tokens / t_prompt_steps;
+      its steps: decode, then sampling each sequence's token (argmax over the vocabulary: on the
+      host, or, with the output layer on a GPU, in the graph by llama.cpp's backend sampling, as
+      lamina.Batcher and generate_batch do); a step with any prompt token is a prompt step. pp t/s = n_prompt_tokens / t_prompt_steps;
       tg t/s = n_gen_tokens / t_gen_steps (detokenization and publishing fall outside, as building
       the batch does; llama's loop times its batch building).
 
@@ -199,6 +200,8 @@ class ParallelResult:
     lamina_tg: list[float] = field(default_factory=list)
     llama_pp: list[float] = field(default_factory=list)
     llama_tg: list[float] = field(default_factory=list)
+    lamina_step_us: list[float] = field(default_factory=list)  # per generation step: the whole step
+    lamina_sample_us: list[float] = field(default_factory=list)  # ... and its part after the decode returned
     placed: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -214,6 +217,9 @@ class ParallelResult:
         for name, xs in (("lamina_pp", self.lamina_pp), ("llama_pp", self.llama_pp), ("lamina_tg", self.lamina_tg),
                          ("llama_tg", self.llama_tg)):
             d.update({f"{name}_{k}": v for k, v in _stats(xs).items()})
+        if self.lamina_step_us:
+            d["lamina_gen_step_us_median"] = statistics.median(self.lamina_step_us)
+            d["lamina_gen_sample_us_median"] = statistics.median(self.lamina_sample_us)
         for t in ("pp", "tg"):
             d[f"{t}_ratio"] = d[f"lamina_{t}_median_ts"] / d[f"llama_{t}_median_ts"]
             if self.paired:
@@ -230,8 +236,9 @@ def parallel_shape(pl: int, n_prompt: int, n_gen: int, n_ubatch: int) -> tuple[i
 
 def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: int, reps: int, *,
                     n_ubatch: int = 512, flash_attn: FlashAttn = "auto", kv: KV = BENCH_KV,
-                    seed: int = 0) -> tuple[int, list[tuple[float, float]]]:
-    """(the context's n_ctx, [(pp t/s, tg t/s)] per repetition) through the Batcher's engine."""
+                    seed: int = 0) -> tuple[int, list[tuple[float, float, float, float]]]:
+    """(the context's n_ctx, [(pp t/s, tg t/s, us per generation step, us of it after the decode
+    returned)] per repetition) through the Batcher's engine."""
     n_ctx, n_batch, n_ub = parallel_shape(pl, n_prompt, n_gen, n_ubatch)
     info = model.info
     rng = np.random.default_rng(seed)
@@ -242,11 +249,11 @@ def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: i
             toks[0] = info.bos
         return toks
 
-    keys = ("n_prompt_tokens", "t_prompt_steps_us", "n_gen_tokens", "t_gen_steps_us")
+    keys = ("n_prompt_tokens", "t_prompt_steps_us", "n_gen_tokens", "t_gen_steps_us", "n_gen_steps", "t_gen_sample_us")
     out = []
     with model.context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ub, n_seq_max=pl,
                        threads=Threads(n=threads, batch=threads), kv=kv, flash_attn=FLASH[flash_attn]) as ctx:
-        engine = _native.Batcher(ctx.native)
+        engine = _native.Batcher(ctx.native, 0, model.output_on_gpu)  # as lamina.Batcher: backend argmax on a GPU
         try:
             greedy = Sampler().params(ctx.n_ctx)
             engine.submit(prompt(WARMUP_TOKENS), greedy, 1, True, [])
@@ -264,7 +271,8 @@ def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: i
                                        f"generation tokens, not {pl * n_prompt} and {pl * n_gen}: the steps were not "
                                        "the ones llama-batched-bench times")
                 out.append((d["n_prompt_tokens"] / (d["t_prompt_steps_us"] / 1e6),
-                            d["n_gen_tokens"] / (d["t_gen_steps_us"] / 1e6)))
+                            d["n_gen_tokens"] / (d["t_gen_steps_us"] / 1e6),
+                            d["t_gen_steps_us"] / d["n_gen_steps"], d["t_gen_sample_us"] / d["n_gen_steps"]))
         finally:
             engine.close()
         return ctx.n_ctx, out
@@ -317,8 +325,10 @@ def run_parallel(model: Model, *, levels: list[int], n_prompt: int = 128, n_gen:
                                               flash_attn=flash_attn, seed=rnd)
             res.llama_pp += [p for p, _ in llama]
             res.llama_tg += [t for _, t in llama]
-            res.lamina_pp += [p for p, _ in ours]
-            res.lamina_tg += [t for _, t in ours]
+            res.lamina_pp += [o[0] for o in ours]
+            res.lamina_tg += [o[1] for o in ours]
+            res.lamina_step_us += [o[2] for o in ours]
+            res.lamina_sample_us += [o[3] for o in ours]
     return list(results.values())
 
 
@@ -342,7 +352,11 @@ def parallel_markdown(model: Model, results: list[ParallelResult]) -> str:
               f"n_batch = pl*{r0.n_prompt}, n_ubatch <= {max(r.n_ubatch for r in results)}, "
               f"flash_attn {r0.flash_attn}, "
               f"per-sequence KV streams; medians of {len(r0.lamina_tg)} runs; llama = llama-batched-bench; "
-              f"device: {', '.join(r0.placed.get('devices') or ['CPU'])}"]
+              f"device: {', '.join(r0.placed.get('devices') or ['CPU'])}",
+              "", "lamina's generation step, median µs: " + "; ".join(
+                  f"pl {r.pl}: {r.as_dict().get('lamina_gen_step_us_median', 0):.0f}, of it "
+                  f"{r.as_dict().get('lamina_gen_sample_us_median', 0):.0f} after the decode call returned (the wait "
+                  "for the device, sampling)" for r in results)]
     return "\n".join(lines)
 
 
