@@ -112,6 +112,7 @@ struct engine_core {
     // counters (mutex)
     int64_t n_steps = 0, n_prompt_tokens = 0, n_gen_tokens = 0, t_prompt_steps_us = 0, t_gen_steps_us = 0;
     int64_t n_gen_steps = 0, t_gen_sample_us = 0;  // generation steps, and their time after the decode returned
+    int64_t graphs_reused = 0;  // the context's decodes that reused llama.cpp's previous graph (all users)
     int64_t n_finished = 0, max_running = 0;
 
     ~engine_core() {
@@ -426,6 +427,7 @@ public:
         d["t_gen_steps_us"] = core_->t_gen_steps_us;
         d["n_gen_steps"] = core_->n_gen_steps;
         d["t_gen_sample_us"] = core_->t_gen_sample_us;
+        d["graphs_reused"] = core_->graphs_reused;
         d["closed"] = core_->closed;
         return d;
     }
@@ -526,6 +528,7 @@ private:
             }
             release_finished(st);  // a request seen ended has its sequence free
             ++c.n_steps;
+            c.graphs_reused = llama_perf_context(lc).n_reused;
             c.n_prompt_tokens += n_prompt;
             if (n_prompt > 0) {
                 c.t_prompt_steps_us += t1 - t0;

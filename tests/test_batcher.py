@@ -91,6 +91,7 @@ def test_asyncio(tiny_model: lamina.Model) -> None:
         # a cancelled task cancels its request, which frees its sequence
         long = b.submit(PROMPTS[1], max_tokens=10_000, ignore_eos=True)
         task = asyncio.ensure_future(_await(long))
+        await asyncio.sleep(0)  # the task starts awaiting (a task cancelled before it ran never awaited the request)
         while len(long.tokens) == 0:
             await asyncio.sleep(0)
         task.cancel()

@@ -111,7 +111,8 @@ def test_lamina_parallel_times_one_prompt_step_and_ntg_generation_steps(tiny_mod
     # generation tokens: every prompt in the first step, then ntg steps of one token per sequence
     n_ctx, samples = bench_batch.lamina_parallel(tiny_model, 3, 8, 5, 1, 2)
     assert n_ctx >= 3 * (8 + 5)
-    assert len(samples) == 2 and all(pp > 0 and tg > 0 for pp, tg in samples)
+    assert len(samples) == 2 and all(pp > 0 and tg > 0 and step >= after >= 0 and 0 <= reused <= 1
+                                        for pp, tg, step, after, reused in samples)
 
 
 @pytest.mark.timeout(180)

@@ -202,6 +202,7 @@ class ParallelResult:
     llama_tg: list[float] = field(default_factory=list)
     lamina_step_us: list[float] = field(default_factory=list)  # per generation step: the whole step
     lamina_sample_us: list[float] = field(default_factory=list)  # ... and its part after the decode returned
+    lamina_reused: list[float] = field(default_factory=list)  # llama.cpp graphs reused per generation step
     placed: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -220,6 +221,7 @@ class ParallelResult:
         if self.lamina_step_us:
             d["lamina_gen_step_us_median"] = statistics.median(self.lamina_step_us)
             d["lamina_gen_sample_us_median"] = statistics.median(self.lamina_sample_us)
+            d["lamina_graphs_reused_per_step"] = statistics.median(self.lamina_reused)
         for t in ("pp", "tg"):
             d[f"{t}_ratio"] = d[f"lamina_{t}_median_ts"] / d[f"llama_{t}_median_ts"]
             if self.paired:
@@ -236,9 +238,9 @@ def parallel_shape(pl: int, n_prompt: int, n_gen: int, n_ubatch: int) -> tuple[i
 
 def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: int, reps: int, *,
                     n_ubatch: int = 512, flash_attn: FlashAttn = "auto", kv: KV = BENCH_KV,
-                    seed: int = 0) -> tuple[int, list[tuple[float, float, float, float]]]:
+                    seed: int = 0) -> tuple[int, list[tuple[float, float, float, float, float]]]:
     """(the context's n_ctx, [(pp t/s, tg t/s, us per generation step, us of it after the decode
-    returned)] per repetition) through the Batcher's engine."""
+    returned, graphs reused per generation step)] per repetition) through the Batcher's engine."""
     n_ctx, n_batch, n_ub = parallel_shape(pl, n_prompt, n_gen, n_ubatch)
     info = model.info
     rng = np.random.default_rng(seed)
@@ -249,7 +251,8 @@ def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: i
             toks[0] = info.bos
         return toks
 
-    keys = ("n_prompt_tokens", "t_prompt_steps_us", "n_gen_tokens", "t_gen_steps_us", "n_gen_steps", "t_gen_sample_us")
+    keys = ("n_prompt_tokens", "t_prompt_steps_us", "n_gen_tokens", "t_gen_steps_us", "n_gen_steps", "t_gen_sample_us",
+            "graphs_reused")
     out = []
     with model.context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ub, n_seq_max=pl,
                        threads=Threads(n=threads, batch=threads), kv=kv, flash_attn=FLASH[flash_attn]) as ctx:
@@ -272,7 +275,8 @@ def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: i
                                        "the ones llama-batched-bench times")
                 out.append((d["n_prompt_tokens"] / (d["t_prompt_steps_us"] / 1e6),
                             d["n_gen_tokens"] / (d["t_gen_steps_us"] / 1e6),
-                            d["t_gen_steps_us"] / d["n_gen_steps"], d["t_gen_sample_us"] / d["n_gen_steps"]))
+                            d["t_gen_steps_us"] / d["n_gen_steps"], d["t_gen_sample_us"] / d["n_gen_steps"],
+                            d["graphs_reused"] / d["n_gen_steps"]))
         finally:
             engine.close()
         return ctx.n_ctx, out
@@ -329,6 +333,7 @@ def run_parallel(model: Model, *, levels: list[int], n_prompt: int = 128, n_gen:
             res.lamina_tg += [o[1] for o in ours]
             res.lamina_step_us += [o[2] for o in ours]
             res.lamina_sample_us += [o[3] for o in ours]
+            res.lamina_reused += [o[4] for o in ours]
     return list(results.values())
 
 
@@ -356,7 +361,8 @@ def parallel_markdown(model: Model, results: list[ParallelResult]) -> str:
               "", "lamina's generation step, median µs: " + "; ".join(
                   f"pl {r.pl}: {r.as_dict().get('lamina_gen_step_us_median', 0):.0f}, of it "
                   f"{r.as_dict().get('lamina_gen_sample_us_median', 0):.0f} after the decode call returned (the wait "
-                  "for the device, sampling)" for r in results)]
+                  f"for the device, sampling), llama.cpp's graph reused in "
+                  f"{100 * r.as_dict().get('lamina_graphs_reused_per_step', 0):.0f}% of steps" for r in results)]
     return "\n".join(lines)
 
 
