@@ -317,9 +317,9 @@ def run_case(path: Path, timeout: float, action: Callable[[], None] | None = Non
 
 
 # ---- saved state ------------------------------------------------------------------------------
-# lamina's header (cpp/memory.cpp): magic, 14 int64 fields, the token mirror, then llama.cpp's bytes
+# lamina's header (cpp/memory.cpp): magic, 15 int64 fields, the token mirror, then llama.cpp's bytes
 STATE_FIELDS = ("n_vocab", "n_layer", "n_embd", "n_params", "model_size", "n_ctx", "n_seq_max", "type_k", "type_v",
-                "embeddings", "last_outputs", "n_tokens", "src_seq", "payload_size")
+                "embeddings", "last_outputs", "n_tokens", "src_seq", "payload_size", "adapters")
 
 
 def state_targets(blob: bytes) -> list[Target]:

@@ -38,7 +38,8 @@ context_state::~context_state() {
         (void) backend_sampler.release();
         return;
     }
-    ctx.reset();  // free the context before the model it points into and the pools it runs on
+    ctx.reset();  // free the context before the model it points into, its adapters and the pools it runs on
+    loras.clear();
     pool_free(pool);
     pool_free(pool_batch);
     for (ggml_threadpool * tp : retired_pools) pool_free(tp);

@@ -110,9 +110,18 @@ private:
     std::unique_ptr<saved> saved_;
 };
 
+struct lora_state;  // a loaded LoRA adapter (lora.cpp)
+struct context_state;
+// What saved states record of a context's adapters: 0 for none, else a hash of each adapter's file
+// name and size and its scale (independent of their order).
+int64_t lora_fingerprint(const context_state & st);
+
 struct context_state {
     std::shared_ptr<model_state> model;
     llama_context_ptr ctx;
+    // LoRA adapters applied to this context, with their scales (kept alive while applied; freed
+    // after ctx by ~context_state)
+    std::vector<std::pair<std::shared_ptr<lora_state>, float>> loras;
     // One thread at a time: every native operation holds a context_lease (busy) for its duration.
     std::atomic<bool> busy{false};
     uint32_t fork_gen = fork_generation();
@@ -244,6 +253,8 @@ ggml_backend_dev_t device_named(const std::string & name);
 void check_gguf_file(const std::string & path);
 // Values in the file that llama.cpp would abort on (raises model_format_error; validate.cpp).
 void validate_gguf(const std::string & path);
+// A LoRA adapter file against the tensors of the model file it is for (raises model_format_error).
+void validate_lora_gguf(const std::string & path, const std::string & model_path);
 std::string last_log_error();
 std::string first_log_error();  // the first error-level line since clear_last_log_error()
 void clear_last_log_error();
@@ -392,5 +403,6 @@ void init_memory(nb::module_ & m);
 void init_fit(nb::module_ & m);
 void init_batcher(nb::module_ & m);
 void init_bandwidth(nb::module_ & m);
+void init_lora(nb::module_ & m);
 
 }  // namespace lamina

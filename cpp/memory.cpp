@@ -58,25 +58,27 @@ void resync_seq0(context_state & st, bool suffix_removed_at, size_t cut) {
     st.last_outputs = 0;
 }
 
-// A saved state: an 8-byte magic ("LAMINAS2" whole context, "LAMINAQ2" one sequence), the header,
+// A saved state: an 8-byte magic ("LAMINAS3" whole context, "LAMINAQ3" one sequence), the header,
 // the token mirror (n_tokens int32 ids, -1 where unknown), then llama.cpp's own bytes
 // (llama_state_get_data / llama_state_seq_get_data), payload_size of them. Saved state is
 // untrusted input like a model file: parse_state checks all of it against this context before
 // llama.cpp sees the payload (whose parser has its own bounds checks; ci/fuzz.py --state).
-constexpr char k_magic[8] = {'L', 'A', 'M', 'I', 'N', 'A', 'S', '2'};
-constexpr char k_seq_magic[8] = {'L', 'A', 'M', 'I', 'N', 'A', 'Q', '2'};
+constexpr char k_magic[8] = {'L', 'A', 'M', 'I', 'N', 'A', 'S', '3'};
+constexpr char k_seq_magic[8] = {'L', 'A', 'M', 'I', 'N', 'A', 'Q', '3'};
 
 struct state_header {
     int64_t n_vocab, n_layer, n_embd, n_params, model_size;  // the model
     int64_t n_ctx, n_seq_max, type_k, type_v, embeddings;     // the context's settings
     int64_t last_outputs, n_tokens, src_seq, payload_size;    // this state
+    int64_t adapters;  // the LoRA adapters and scales the cache was computed with (lora_fingerprint; 0: none)
 };
 
 state_header header_of(const context_state & st) {
     const llama_model * m = st.model->model.get();
     return {st.model->n_vocab, llama_model_n_layer(m), llama_model_n_embd(m), int64_t(llama_model_n_params(m)),
             int64_t(llama_model_size(m)), int64_t(llama_n_ctx(st.ctx.get())), int64_t(llama_n_seq_max(st.ctx.get())),
-            st.type_k, st.type_v, st.embeddings ? 1 : 0, st.last_outputs, int64_t(st.tokens.size()), -1, 0};
+            st.type_k, st.type_v, st.embeddings ? 1 : 0, st.last_outputs, int64_t(st.tokens.size()), -1, 0,
+            lora_fingerprint(st)};
 }
 
 // magic, header, tokens, then llama.cpp's bytes from fill(dst, n) (which returns the bytes written)
@@ -143,6 +145,12 @@ parsed_state parse_state(const char * p, size_t size, bool seq, const context_st
                                         (i == 7 ? " (llama.cpp keeps one KV stream per sequence; their number must match)"
                                                 : ""));
         }
+    }
+    if (r.h.adapters != mine.adapters) {
+        throw std::invalid_argument(std::string("the ") + what + " was computed with " +
+                                    (r.h.adapters == 0 ? "no LoRA adapter" : "other LoRA adapters or scales") +
+                                    " than this context applies (" + (mine.adapters == 0 ? "none" : "ctx.lora") +
+                                    "): set the same ones first");
     }
     // the token mirror is bounded by the bytes, not by n_ctx: positions shifted by kv.seq_add can
     // make it longer than the context, and it is kept only when it matches the restored cache

@@ -16,4 +16,5 @@ NB_MODULE(_native, m) {
     lamina::init_fit(m);
     lamina::init_batcher(m);
     lamina::init_bandwidth(m);
+    lamina::init_lora(m);
 }

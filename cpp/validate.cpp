@@ -227,6 +227,87 @@ public:
         return out;
     }
 
+    // the tensors structure() read: shape (ggml's ne), ggml type, where the tensor's info starts
+    struct tensor_meta {
+        int64_t ne[4];
+        uint32_t type;
+        uint64_t at;
+    };
+    const std::unordered_map<std::string, tensor_meta> & tensor_metas() const { return tensor_meta_; }
+
+    // A LoRA adapter (after structure()) against the tensors of its base model: what llama.cpp's
+    // adapter loader reads with asserting getters, and what its graph would abort on at the first
+    // decode (it checks ne[0] and ne[1] only; see the comment of validate_lora_gguf).
+    void adapter(const std::unordered_map<std::string, tensor_meta> & base) const {
+        for (const char * key : {"general.type", "general.architecture", "adapter.type"}) {
+            const kv_info * kv = find(key);
+            if (kv != nullptr && kv->type != STR) {
+                bad(key, kv->off, std::string("a ") + k_type_name[kv->type] + ", not a string (llama.cpp aborts reading it)");
+            }
+        }
+        const auto type = str_key("general.type");
+        if (!type || *type != "adapter") {
+            bad("general.type", find("general.type") ? find("general.type")->off : 0,
+                (type ? "'" + std::string(*type) + "'" : std::string("missing")) + ", not 'adapter': this file is not "
+                "a LoRA adapter" + (!type || *type == "model" ? " (a model file?)" : ""));
+        }
+        if (const kv_info * kv = find("adapter.lora.alpha")) {
+            if (kv->type != F32) {
+                bad("adapter.lora.alpha", kv->off, std::string("a ") + k_type_name[kv->type] + ", not an f32 (llama.cpp aborts reading it)");
+            }
+            const float alpha = get<float>(*kv, 0);
+            if (!std::isfinite(alpha)) bad("adapter.lora.alpha", kv->off, "not a finite number");
+        }
+        auto ends_with = [](const std::string & s, const std::string & tail) {
+            return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+        };
+        for (const auto & [name, a] : tensor_meta_) {
+            if (!ends_with(name, ".lora_a")) continue;
+            const std::string t = "tensor '" + name + "'";
+            std::string target = name;  // llama.cpp removes every ".lora_a" from the name
+            for (size_t i; (i = target.find(".lora_a")) != std::string::npos;) target.erase(i, 7);
+            auto bi = tensor_meta_.find(target + ".lora_b");
+            if (bi == tensor_meta_.end()) continue;  // llama.cpp refuses a lone half itself
+            const tensor_meta & b = bi->second;
+            for (const tensor_meta * m : {&a, &b}) {
+                const ggml_type ty = ggml_type(m->type);
+                if (ty != GGML_TYPE_F32 && ty != GGML_TYPE_F16 && ty != GGML_TYPE_BF16 && ty != GGML_TYPE_Q8_0) {
+                    bad(m == &a ? t : "tensor '" + target + ".lora_b'", m->at,
+                        std::string("type ") + ggml_type_name(ty) + "; LoRA tensors must be f32, f16, bf16 or q8_0 "
+                        "(what llama.cpp's converter writes)");
+                }
+                for (int d = 0; d < 4; ++d) {
+                    if (m->ne[d] < 1) bad(m == &a ? t : "tensor '" + target + ".lora_b'", m->at, "an empty dimension");
+                }
+            }
+            auto mi = base.find(target);
+            if (mi == base.end()) {
+                bad(t, a.at, "the model has no tensor '" + target + "': an adapter for another model");
+            }
+            const tensor_meta & m = mi->second;
+            if (ggml_type(m.type) == GGML_TYPE_NVFP4) {
+                bad(t, a.at, "the model's '" + target + "' is NVFP4, which llama.cpp cannot combine with a LoRA");
+            }
+            auto shape = [](const tensor_meta & x) {
+                return "[" + std::to_string(x.ne[0]) + ", " + std::to_string(x.ne[1]) + ", " + std::to_string(x.ne[2]) +
+                       ", " + std::to_string(x.ne[3]) + "]";
+            };
+            bool ok;
+            if (ends_with(target, "token_embd.weight")) {  // A holds rows per token, B maps the rank to n_embd
+                ok = b.ne[1] == m.ne[0] && a.ne[1] == m.ne[1] && a.ne[0] == b.ne[0] && a.ne[2] == 1 && b.ne[2] == 1 &&
+                     m.ne[2] == 1;
+            } else {
+                ok = a.ne[0] == m.ne[0] && b.ne[1] == m.ne[1] && a.ne[1] == b.ne[0] && a.ne[2] == m.ne[2] &&
+                     b.ne[2] == m.ne[2];
+            }
+            ok = ok && a.ne[3] == 1 && b.ne[3] == 1 && m.ne[3] == 1;
+            if (!ok) {
+                bad(t, a.at, "lora_a " + shape(a) + " and lora_b " + shape(b) + " do not fit the model's '" + target +
+                                 "' " + shape(m) + " (ggml ne order): an adapter for another model");
+            }
+        }
+    }
+
 private:
     [[noreturn]] void bad(const std::string & field, uint64_t off, const std::string & reason) const {
         throw model_format_error("'" + path_ + "' is malformed at byte " + std::to_string(off) + ": " + field +
@@ -390,6 +471,7 @@ private:
             }
             if (uint64_t(nel / blck) > (UINT64_MAX - align_) / tsize) bad(t, dims_at, "the byte size overflows");
             const uint64_t offset = read<uint64_t>(t);
+            tensor_meta_.emplace(name, tensor_meta{{ne[0], ne[1], ne[2], ne[3]}, type, at});
             infos.push_back({std::move(name), uint64_t(nel / blck) * tsize, offset, pos_ - 8});
         }
         const uint64_t data = n_tensors_ > 0 ? (pos_ + align_ - 1) / align_ * align_ : pos_;
@@ -786,6 +868,7 @@ private:
     uint32_t align_ = 32;  // GGUF_DEFAULT_ALIGNMENT
     std::unordered_map<std::string, kv_info> kv_;
     std::vector<std::pair<uint64_t, uint64_t>> token_off_;  // offset and length of each token text
+    std::unordered_map<std::string, tensor_meta> tensor_meta_;
 };
 
 // Files validated in this process, by identity and modification time: Model() validates in
@@ -849,6 +932,29 @@ void validate_gguf(const std::string & path) {
         if (g_seen.size() >= 16) g_seen.erase(g_seen.begin());
         g_seen.push_back(*id);
     }
+}
+
+// A LoRA adapter for the model in model_path. llama.cpp's loader (llama-adapter.cpp) reads
+// general.type, general.architecture and adapter.type with gguf_get_val_str and adapter.lora.alpha
+// with gguf_get_val_f32, which abort on another type; it checks a pair's ne[0] and ne[1] against
+// the model's tensor but not ne[2] / ne[3], nor token_embd's rank, nor the types: ggml_mul_mat /
+// ggml_get_rows then abort in the first decode's graph (or a 3-D expert adapter reads past its
+// experts). The model's tensors come from its file (and split files), as it was loaded.
+void validate_lora_gguf(const std::string & path, const std::string & model_path) {
+    validator a(path);
+    a.structure();
+    std::unordered_map<std::string, validator::tensor_meta> base;
+    {
+        validator m(model_path);
+        m.structure();
+        base = m.tensor_metas();
+        for (const std::string & split : m.other_splits()) {
+            validator s(split);
+            s.structure();
+            base.insert(s.tensor_metas().begin(), s.tensor_metas().end());
+        }
+    }
+    a.adapter(base);
 }
 
 }  // namespace lamina

@@ -64,12 +64,12 @@ def test_a_damaged_state_is_refused_before_llama_cpp_reads_it(tiny_model: lamina
     b = tiny_model.context(n_ctx=256)
     b.decode([1, 310, 311, 312])
     logits = b.logits.copy()
-    head = 8 + 14 * 8
+    head = 8 + 15 * 8
     cases = {
         f"{len(blob) - 1} bytes where the header accounts for {len(blob)}": blob[:-1],
         f"{len(blob) + 1} bytes where the header accounts for {len(blob)}": blob + b"\0",
         "outside the vocabulary": blob[:head] + struct.pack("<i", 10**6) + blob[head + 4:],
-        "this lamina reads 'S2'": b"LAMINAS1" + blob[8:],
+        "this lamina reads 'S3'": b"LAMINAS1" + blob[8:],
         "load it with seq=": a.save_state(seq=0),
         "n_tokens": blob[:8 + 11 * 8] + struct.pack("<q", 10**9) + blob[8 + 12 * 8:],
     }

@@ -186,6 +186,56 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     return path
 
 
+def write_tiny_lora(path: Path, base: Path, *, rank: int = 4, targets: tuple[str, ...] = ("attn_q", "attn_v", "ffn_down"),
+                    alpha: float | None = None, scale: float = 0.5, seed: int = 0, arch: str | None = None,
+                    f16: bool = False, embd: bool = False, kv: dict[str, tuple[object, object]] | None = None,
+                    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None) -> Path:
+    """Write a LoRA adapter for the model file ``base`` as llama.cpp's convert_lora_to_gguf.py
+    does: general.type "adapter", adapter.type "lora", and for every layer's tensor named in
+    ``targets`` a pair <name>.lora_a (ggml shape [n_in, rank]) and .lora_b ([rank, n_out]), random,
+    B scaled by ``scale`` (so the adapter changes the logits). embd adds token_embd's pair.
+
+    For malformed adapters: ``arch`` writes another architecture; ``shapes`` replaces pairs'
+    shapes ({tensor: (lora_a ggml shape, lora_b ggml shape)}); ``kv`` sets or replaces metadata
+    ({key: (value, gguf.GGUFValueType)}).
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(base))
+    base_arch = str(reader.fields["general.architecture"].contents())
+    ne = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+    rng = np.random.default_rng(seed)
+    dtype = np.float16 if f16 else np.float32
+    writer = gguf.GGUFWriter(str(path), arch or base_arch)
+    kv = dict(kv or {})
+    for key, default in (("general.type", "adapter"), ("adapter.type", "lora")):
+        value, vtype = kv.pop(key, (default, gguf.GGUFValueType.STRING))
+        writer.add_key_value(key, value, vtype)
+    if alpha is not None:
+        writer.add_float32("adapter.lora.alpha", alpha)
+    for key, (value, vtype) in kv.items():
+        writer.add_key_value(key, value, vtype)
+
+    def pair(name: str, a_ne: tuple[int, ...], b_ne: tuple[int, ...]) -> None:
+        a_ne, b_ne = (shapes or {}).get(name, (a_ne, b_ne))
+        a = rng.standard_normal(tuple(reversed(a_ne)), dtype=np.float32)
+        b = rng.standard_normal(tuple(reversed(b_ne)), dtype=np.float32) * scale
+        writer.add_tensor(f"{name}.lora_a", a.astype(dtype))
+        writer.add_tensor(f"{name}.lora_b", b.astype(dtype))
+
+    if embd:
+        n_embd, n_vocab = ne["token_embd.weight"]
+        pair("token_embd.weight", (rank, n_vocab), (rank, n_embd))
+    for name, shape in ne.items():
+        if name.startswith("blk.") and name.split(".")[2] in targets and len(shape) >= 2:
+            pair(name, (shape[0], rank, *shape[2:]), (rank, *shape[1:]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # Llama-3.2-1B shape (1.24B parameters with a 128k vocabulary), for GPU benchmarks.
 LLAMA_1B = dict(n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_ctx=8192, n_vocab=128256, f16=True)
 

@@ -122,6 +122,23 @@ def _path(v: Any) -> str:
     return v
 
 
+def _loras(v: Any) -> list[tuple[str, float]]:
+    """LoRA adapters: a path, or a list of paths (scale 1) and {path: ..., scale: ...} mappings."""
+    out: list[tuple[str, float]] = []
+    for item in v if isinstance(v, list) else [v]:
+        if isinstance(item, dict):
+            extra = set(item) - {"path", "scale"}
+            if extra or "path" not in item:
+                raise ValueError(f"a LoRA entry takes path and scale, got {_short(item)}")
+            path, scale = _path(item["path"]), _float(item.get("scale", 1.0))
+        else:
+            path, scale = _path(item), 1.0
+        if any(p == path for p, _ in out):
+            raise ValueError(f"{path!r} is listed twice")
+        out.append((path, scale))
+    return out
+
+
 def _list(v: Any) -> list[Any]:
     """A YAML list, or a comma (or slash) separated string as llama.cpp's flags take it."""
     if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -316,6 +333,7 @@ SETTINGS: dict[str, Spec] = {
     "fit_ctx": Spec(_ranged(_int, 0, INT32_MAX, "tokens"), 4096),
     "use_mmap": Spec(_bool, True, ("mmap",)),
     "use_mlock": Spec(_bool, False, ("mlock",)),
+    "lora": Spec(_loras, None, ("lora_adapters",)),
     # the context
     "n_ctx": Spec(_ranged(_int, 0, UINT32_MAX, "tokens"), 4096, ("ctx_len", "context_length", "ctx_size")),
     "n_batch": Spec(_ranged(_int, 1, UINT32_MAX, "tokens"), _CTX.n_batch, ("batch_size",)),
@@ -665,6 +683,16 @@ OTHER_VARIABLES = {"ADDONS", "CUDA_RUNTIME", "CPU_VARIANT", "REQUIRE_MODEL", "RE
                    "SANITIZE", "STUBGEN", "WHEEL", "VULKAN_WHEEL", "ADDON"}
 
 
+def _beside(file: Path, value: str, source: str, name: str) -> Path:
+    """A path a config file names: relative to the file's folder; FileNotFoundError if it is not there."""
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else file.parent / p
+    if not p.exists():
+        raise FileNotFoundError(f"{source}: {name}: {value!r} does not exist"
+                                + ("" if Path(value).is_absolute() else f" (looked in {file.parent})"))
+    return p
+
+
 def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
                 strict: bool = False, **overrides: Any) -> Config:
     """Settings from ``path`` (a model.yml), then LAMINA_* variables of ``env`` (default
@@ -734,12 +762,10 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
             s = values[name]
             if s.value is None or s.source == "default":
                 continue
-            p = Path(s.value).expanduser()
-            p = p if p.is_absolute() else file.parent / p
-            if not p.exists():
-                raise FileNotFoundError(f"{s.source}: {name}: {s.value!r} does not exist"
-                                        + ("" if Path(s.value).is_absolute() else f" (looked in {file.parent})"))
-            values[name] = Setting(str(p), s.source)
+            values[name] = Setting(str(_beside(file, s.value, s.source, name)), s.source)
+        if values["lora"].value and values["lora"].source != "default":
+            values["lora"] = Setting([(str(_beside(file, p, values["lora"].source, "lora")), scale)
+                                      for p, scale in values["lora"].value], values["lora"].source)
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX):
             continue

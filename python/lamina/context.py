@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from . import _core, _native
 from .errors import OutOfMemoryError
+from .lora import Lora, LoraSpec, lora_items
 from .params import (FLASH, KV, KV_TYPES, LOGITS, POOLING, as_tokens, check_int, check_pos, check_seq,
                      context_settings, out_of_memory)
 from .system import host_memory
@@ -240,7 +241,8 @@ class Context:
     (even one equal to the default); then, for a model loaded from a config, the config's value;
     then the defaults: n_ctx the model's planned n_ctx (Model(n_ctx=...), 4096), kv the model's
     KV, n_batch 2048, n_ubatch 512, n_seq_max 1, threads lamina.Threads() (physical cores),
-    flash_attn "auto", rope from the model's metadata (rope_scaling None, frequencies 0).
+    flash_attn "auto", rope from the model's metadata (rope_scaling None, frequencies 0), and the
+    config's LoRA adapters (else none; see set_lora).
     """
 
     DEFAULTS: dict[str, Any] = {"n_batch": _NATIVE.n_batch, "n_ubatch": _NATIVE.n_ubatch,
@@ -264,8 +266,10 @@ class Context:
         rope_scaling: Literal["none", "linear", "yarn", "longrope"] | None = None,
         rope_freq_base: float | None = None,
         rope_freq_scale: float | None = None,
+        lora: LoraSpec = None,
     ) -> None:
         self._native: _native.Context | None = None
+        self._lora: dict[Lora, float] = {}
         if pooling not in POOLING:
             raise ValueError(f"pooling must be None (the model's), 'none', 'mean', 'cls' or 'last', got {pooling!r}")
         given: dict[str, Any] = {"n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": n_seq_max, "threads": threads,
@@ -292,6 +296,9 @@ class Context:
         self.n_ctx = int(self.params["n_ctx"])
         if model.config is not None:
             model.config.check_context(self)
+        adapters = lora if lora is not None else model.config_lora
+        if adapters:
+            self.set_lora(adapters)
 
     # -- lifetime ------------------------------------------------------------------------
     @property
@@ -368,6 +375,22 @@ class Context:
             _native.state_set(self.native, data)
         else:
             _native.seq_state_set(self.native, data, check_seq("seq", seq))
+
+    # -- LoRA adapters -------------------------------------------------------------------
+    def set_lora(self, lora: LoraSpec) -> None:
+        """Apply LoRA adapters of this context's model (model.load_lora) with scales: a Lora
+        (scale 1), {lora: scale, ...} or [(lora, scale), ...]; None or {} removes them. Only the
+        adapters change, not the model. A change clears the KV cache (every sequence: it was
+        computed with the old weights); the set applied now again keeps it. A scale of 0 is the
+        same as leaving the adapter out."""
+        items = lora_items(lora)
+        _native.set_lora(self.native, [(a.native, s) for a, s in items])
+        self._lora = {a: s for a, s in items if s != 0.0}
+
+    @property
+    def lora(self) -> dict[Lora, float]:
+        """The adapters this context applies, with their scales."""
+        return dict(self._lora)
 
     def set_threads(self, threads: int | Threads, batch: int | None = None) -> None:
         """Change thread counts, pinning or priority on the live context (new threadpools, no reload)."""

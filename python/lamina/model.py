@@ -13,6 +13,7 @@ import numpy.typing as npt
 from . import _core, _native
 from .context import Context
 from .errors import InertSettingWarning
+from .lora import Lora
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
 from .params import KV, NGL, as_tokens, check_int, context_settings, kv_tensor_error
@@ -100,6 +101,7 @@ class Model(Vocabulary):
         self.path = Path(path)
         self.gpu_requested = gpu
         self.config: "Config | None" = None
+        self.config_lora: dict[Lora, float] = {}  # the config's LoRA adapters: its contexts' default
         self.kv = kv or KV()
 
         # values llama.cpp would abort on (its memory fit below reads the file too): ModelFormatError
@@ -216,6 +218,7 @@ class Model(Vocabulary):
         kw.update(kwargs)
         model = cls(config["model"], **kw)
         model.config = config
+        model.config_lora = {model.load_lora(p): scale for p, scale in config["lora"] or ()}
         config.check_model(model)
         if config.inert:
             model._plan.reasons.extend(r for r in config.inert if r not in model._plan.reasons)
@@ -298,6 +301,14 @@ class Model(Vocabulary):
             norms = np.linalg.norm(out, axis=1, keepdims=True).astype(np.float32)
             out = (out / np.where(norms == 0, np.float32(1), norms)).astype(np.float32, copy=False)
         return out[0] if single else out
+
+    # -- LoRA adapters -------------------------------------------------------------------
+    def load_lora(self, path: str | os.PathLike[str]) -> Lora:
+        """Load a LoRA adapter (GGUF) for this model; apply it to contexts with a scale
+        (``model.context(lora={adapter: 1.0})``, ``ctx.set_lora(...)``). Raises
+        FileNotFoundError, ModelFormatError (malformed, or for another model's shapes), LoadError
+        (llama.cpp's reason: another architecture, ...)."""
+        return Lora(self, path)
 
     # -- contexts ------------------------------------------------------------------------
     def context(self, n_ctx: int | None = None, **kwargs: Any) -> Context:

@@ -1,0 +1,195 @@
+// LoRA adapters: loaded once per model (llama_adapter_lora_init), applied to contexts with scales
+// (llama_set_adapters_lora), hot-swapped without reloading the model.
+//
+// Lifetimes: an adapter points into its model (llama.cpp frees the adapters left over when the
+// model goes), so lora_state keeps its model alive and frees the adapter first; a context keeps
+// the adapters it applies alive, so closing a Lora never frees one a context still runs.
+// Swapping: the KV cache holds keys and values the old weights computed, so a change of adapters
+// or scales clears every sequence (and the token mirror); the same set again changes nothing.
+#include "lamina.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+namespace lamina {
+
+namespace {
+// llama_adapter_lora_init and _free change the model's set of adapters (a std::set): one at a time
+std::mutex g_lora_mu;
+}  // namespace
+
+struct lora_state {
+    std::shared_ptr<model_state> model;
+    llama_adapter_lora * adapter = nullptr;
+    std::string path;
+    uint64_t file_size = 0;
+    uint32_t fork_gen = fork_generation();
+    lora_state() = default;
+    lora_state(const lora_state &) = delete;
+    lora_state & operator=(const lora_state &) = delete;
+    ~lora_state() {
+        if (adapter == nullptr || fork_gen != fork_generation()) return;  // a forked child: the parent's
+        std::lock_guard<std::mutex> lk(g_lora_mu);
+        llama_adapter_lora_free(adapter);
+    }
+};
+
+namespace {
+
+std::string meta_value(const llama_adapter_lora * a, const char * key) {
+    const int32_t n = llama_adapter_meta_val_str(a, key, nullptr, 0);
+    if (n < 0) return {};
+    std::string out(size_t(n) + 1, '\0');
+    llama_adapter_meta_val_str(a, key, out.data(), out.size());
+    out.resize(size_t(n));
+    return out;
+}
+
+class lora_handle {
+public:
+    lora_handle(nb::handle model, const std::string & path) {
+        auto ms = model_shared(model);
+        check_fork(ms->fork_gen, "model");
+        if (ms->vocab_only) throw std::invalid_argument("a vocabulary-only model (a tokenizer) has no weights to adapt");
+        if (!ms->rpc_endpoints.empty() && rpc_lost(*ms)) throw closed_error(ms->lost_why);
+        check_gguf_file(path);
+        auto st = std::make_shared<lora_state>();
+        st->model = ms;
+        st->path = path;
+        std::error_code ec;
+        st->file_size = std::filesystem::file_size(path, ec);
+        {
+            nb::gil_scoped_release nogil;
+            validate_lora_gguf(path, ms->path);
+            clear_last_log_error();
+            std::lock_guard<std::mutex> lk(g_lora_mu);
+            st->adapter = llama_adapter_lora_init(ms->model.get(), path.c_str());
+        }
+        if (st->adapter == nullptr) raise_failed("failed to load the LoRA adapter '" + path + "'", failure::load);
+        st_ = std::move(st);
+    }
+
+    const std::shared_ptr<lora_state> & shared() const {
+        if (!st_) throw closed_error("the LoRA adapter is closed");
+        check_fork(st_->fork_gen, "LoRA adapter");
+        return st_;
+    }
+    void close() { st_.reset(); }
+    bool closed() const { return !st_; }
+    std::string path() const { return shared()->path; }
+
+    nb::dict metadata() const {
+        const llama_adapter_lora * a = shared()->adapter;
+        nb::dict d;
+        const int32_t n = llama_adapter_meta_count(a);
+        for (int32_t i = 0; i < n; ++i) {
+            char key[256];
+            if (llama_adapter_meta_key_by_index(a, i, key, sizeof key) < 0) continue;
+            const int32_t len = llama_adapter_meta_val_str_by_index(a, i, nullptr, 0);
+            if (len < 0) continue;
+            std::string v(size_t(len) + 1, '\0');
+            llama_adapter_meta_val_str_by_index(a, i, v.data(), v.size());
+            v.resize(size_t(len));
+            d[nb::str(key)] = nb::str(v.c_str(), v.size());
+        }
+        return d;
+    }
+
+    // adapter.lora.alpha (0: none, the scale applies as given; else scale * alpha / rank)
+    float alpha() const {
+        const std::string v = meta_value(shared()->adapter, "adapter.lora.alpha");
+        return v.empty() ? 0.0f : std::strtof(v.c_str(), nullptr);
+    }
+
+    std::vector<int32_t> invocation_tokens() const {
+        const llama_adapter_lora * a = shared()->adapter;
+        const uint64_t n = llama_adapter_get_alora_n_invocation_tokens(a);
+        const llama_token * t = llama_adapter_get_alora_invocation_tokens(a);
+        return n == 0 || t == nullptr ? std::vector<int32_t>{} : std::vector<int32_t>(t, t + n);
+    }
+
+private:
+    std::shared_ptr<lora_state> st_;
+};
+
+// Apply adapters with scales to a context (under a lease). A change clears the KV cache.
+// Returns whether anything changed.
+bool set_lora(nb::handle ctx, const std::vector<std::pair<nb::handle, float>> & items) {
+    context_lease lease(context_shared(ctx));
+    context_state & st = *lease;
+    std::vector<std::pair<std::shared_ptr<lora_state>, float>> next;
+    for (const auto & [h, scale] : items) {
+        std::shared_ptr<lora_state> l = nb::cast<lora_handle &>(h).shared();
+        if (l->model != st.model) {
+            throw std::invalid_argument("the LoRA adapter '" + l->path + "' was loaded for another model ('" +
+                                        l->model->path + "'); load it with this context's model.load_lora()");
+        }
+        if (!std::isfinite(scale)) throw std::invalid_argument("the scale of '" + l->path + "' is not a finite number");
+        for (const auto & [other, s] : next) {
+            if (other == l) throw std::invalid_argument("the LoRA adapter '" + l->path + "' is given twice");
+        }
+        if (scale != 0.0f) next.emplace_back(std::move(l), scale);  // llama.cpp drops zero scales too
+    }
+    auto same = [&] {
+        if (next.size() != st.loras.size()) return false;
+        for (const auto & e : next) {
+            if (std::find(st.loras.begin(), st.loras.end(), e) == st.loras.end()) return false;
+        }
+        return true;
+    };
+    if (same()) return false;
+    std::vector<llama_adapter_lora *> adapters;
+    std::vector<float> scales;
+    for (const auto & [l, s] : next) {
+        adapters.push_back(l->adapter);
+        scales.push_back(s);
+    }
+    llama_set_adapters_lora(st.ctx.get(), adapters.empty() ? nullptr : adapters.data(), adapters.size(),
+                            scales.empty() ? nullptr : scales.data());
+    // what the cache holds was computed with the old weights
+    llama_memory_clear(llama_get_memory(st.ctx.get()), true);
+    st.tokens.clear();
+    st.last_outputs = 0;
+    st.loras = std::move(next);
+    return true;
+}
+
+}  // namespace
+
+int64_t lora_fingerprint(const context_state & st) {
+    uint64_t sum = 0;
+    for (const auto & [l, scale] : st.loras) {
+        const std::string name = std::filesystem::path(l->path).filename().string();
+        uint64_t h = 1469598103934665603ull;
+        auto mix = [&h](const void * p, size_t n) {
+            for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<const unsigned char *>(p)[i]) * 1099511628211ull;
+        };
+        mix(name.data(), name.size());
+        mix(&l->file_size, sizeof l->file_size);
+        uint32_t bits;
+        std::memcpy(&bits, &scale, sizeof bits);
+        mix(&bits, sizeof bits);
+        sum += h;
+    }
+    return st.loras.empty() ? 0 : int64_t(sum | 1);
+}
+
+void init_lora(nb::module_ & m) {
+    nb::class_<lora_handle>(m, "Lora", "A LoRA adapter loaded for one model (owns llama_adapter_lora).")
+        .def(nb::init<nb::handle, const std::string &>(), nb::arg("model"), nb::arg("path"),
+             "Load (GIL released). Raises ModelFormatError for a malformed or mismatched file, LoadError "
+             "with llama.cpp's reason.")
+        .def("close", &lora_handle::close, "Release this handle (contexts applying it keep it alive).")
+        .def_prop_ro("closed", &lora_handle::closed)
+        .def_prop_ro("path", &lora_handle::path)
+        .def_prop_ro("alpha", &lora_handle::alpha)
+        .def("metadata", &lora_handle::metadata, "The adapter file's scalar metadata, as strings.")
+        .def("invocation_tokens", &lora_handle::invocation_tokens, "An activated LoRA's invocation tokens (else empty).");
+    m.def("set_lora", &set_lora, nb::arg("ctx"), nb::arg("adapters"),
+          "Apply [(Lora, scale)] to a context (none: no adapter). A change clears the KV cache; returns "
+          "whether anything changed.");
+}
+
+}  // namespace lamina
