@@ -238,9 +238,11 @@ def parallel_shape(pl: int, n_prompt: int, n_gen: int, n_ubatch: int) -> tuple[i
 
 def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: int, reps: int, *,
                     n_ubatch: int = 512, flash_attn: FlashAttn = "auto", kv: KV = BENCH_KV,
-                    seed: int = 0) -> tuple[int, list[tuple[float, float, float, float, float]]]:
+                    seed: int = 0, backend_sampling: bool | None = None
+                    ) -> tuple[int, list[tuple[float, float, float, float, float]]]:
     """(the context's n_ctx, [(pp t/s, tg t/s, us per generation step, us of it after the decode
-    returned, graphs reused per generation step)] per repetition) through the Batcher's engine."""
+    returned, graphs reused per generation step)] per repetition) through the Batcher's engine.
+    backend_sampling None: lamina.Batcher's choice (on when the output layer is on a GPU)."""
     n_ctx, n_batch, n_ub = parallel_shape(pl, n_prompt, n_gen, n_ubatch)
     info = model.info
     rng = np.random.default_rng(seed)
@@ -256,7 +258,7 @@ def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: i
     out = []
     with model.context(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ub, n_seq_max=pl,
                        threads=Threads(n=threads, batch=threads), kv=kv, flash_attn=FLASH[flash_attn]) as ctx:
-        engine = _native.Batcher(ctx.native, 0, model.output_on_gpu)  # as lamina.Batcher: backend argmax on a GPU
+        engine = _native.Batcher(ctx.native, 0, model.output_on_gpu if backend_sampling is None else backend_sampling)
         try:
             greedy = Sampler().params(ctx.n_ctx)
             engine.submit(prompt(WARMUP_TOKENS), greedy, 1, True, [])
@@ -316,7 +318,7 @@ def run_batched_bench(model: Model, pl: int, n_prompt: int, n_gen: int, threads:
 
 def run_parallel(model: Model, *, levels: list[int], n_prompt: int = 128, n_gen: int = 128, threads: list[int],
                  reps: int = 1, rounds: int = 1, n_ubatch: int = 512,
-                 flash_attn: FlashAttn = "auto") -> list[ParallelResult]:
+                 flash_attn: FlashAttn = "auto", backend_sampling: bool | None = None) -> list[ParallelResult]:
     require_tool("llama-batched-bench")
     results = {(pl, th): ParallelResult(pl, n_prompt, n_gen, th, *parallel_shape(pl, n_prompt, n_gen, n_ubatch)[1:],
                                         flash_attn, reps_per_round=reps, placed=_placed(model))
@@ -326,7 +328,7 @@ def run_parallel(model: Model, *, levels: list[int], n_prompt: int = 128, n_gen:
             res.n_kv_max, llama = run_batched_bench(model, pl, n_prompt, n_gen, th, reps, n_ubatch=n_ubatch,
                                                     flash_attn=flash_attn)
             res.n_ctx, ours = lamina_parallel(model, pl, n_prompt, n_gen, th, reps, n_ubatch=n_ubatch,
-                                              flash_attn=flash_attn, seed=rnd)
+                                              flash_attn=flash_attn, seed=rnd, backend_sampling=backend_sampling)
             res.llama_pp += [p for p, _ in llama]
             res.llama_tg += [t for _, t in llama]
             res.lamina_pp += [o[0] for o in ours]
@@ -575,6 +577,9 @@ def add_args(p: argparse.ArgumentParser, count: Any) -> None:
     g.add_argument("-ub", "--ubatch-size", type=count(1), default=512, metavar="N",
                    help="--parallel/--draft: n_ubatch (512)")
     g.add_argument("-fa", "--flash-attn", choices=("auto", "on", "off"), default="auto")
+    g.add_argument("--backend-sampling", choices=("auto", "on", "off"), default="auto",
+                   help="--parallel: greedy tokens from llama.cpp's backend sampling (the argmax in the graph) or a "
+                        "host argmax over the logits; auto: lamina.Batcher's choice (on with the output layer on a GPU)")
     g.add_argument("--draft", default=None, metavar="SMALL.gguf|ngram",
                    help="speculative decoding (greedy, -n tokens) with a draft model or n-gram lookup, against "
                         "llama-speculative-simple; plain generation is measured too")
@@ -610,7 +615,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.parallel:
             results += run_parallel(model, levels=args.parallel, n_prompt=args.n_prompt_parallel,
                                     n_gen=args.n_gen_parallel, threads=threads, reps=args.reps, rounds=args.rounds,
-                                    n_ubatch=args.ubatch_size, flash_attn=args.flash_attn)
+                                    n_ubatch=args.ubatch_size, flash_attn=args.flash_attn,
+                                    backend_sampling={"auto": None, "on": True, "off": False}[args.backend_sampling])
         else:
             results += run_draft(model, draft=args.draft, prompt=args.prompt or DEFAULT_PROMPT, n_gen=args.n_gen,
                                  threads=threads, reps=args.reps, rounds=args.rounds, n_max=args.draft_max,
