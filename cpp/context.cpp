@@ -185,7 +185,11 @@ int decode_checked(context_state & st, const llama_batch & batch, bool sync) {
         throw std::invalid_argument("this decode would place tokens at position " + std::to_string(last) +
                                     ", past llama.cpp's int32 positions: clear the cache or shift it back first");
     }
-    int rc = llama_decode(st.ctx.get(), batch);
+    int rc;
+    {
+        std::shared_lock<std::shared_mutex> adapters(lora_registry());  // a reserve reads the model's adapters
+        rc = llama_decode(st.ctx.get(), batch);
+    }
     if (rc == 0) {
         // GPU backends return before the graph has run: a decode returns when the evaluation is done,
         // so Python timings mean what they say and backend errors surface here
@@ -416,6 +420,7 @@ public:
         llama_context * raw;
         {
             nb::gil_scoped_release nogil;
+            std::shared_lock<std::shared_mutex> adapters(lora_registry());  // it reads the model's adapters
             raw = llama_init_from_model(ms->model.get(), p);
         }
         if (raw == nullptr && !ms->rpc_endpoints.empty() && rpc_lost(*ms)) throw closed_error(ms->lost_why);

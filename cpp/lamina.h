@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <mutex>
+#include <shared_mutex>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -65,6 +66,7 @@ struct model_state {
     const llama_vocab * vocab = nullptr;
     int32_t n_vocab = 0;
     std::string path;
+    std::string file_id;  // file_identity(path) when it was loaded (adapters are checked against the same file)
     bool vocab_only = false;  // loaded without weights (a tokenizer): no hyperparameters, no contexts
     // RPC servers holding part of the model ("host:port"), and whether one of them went away: then
     // every context of the model is closed (rpc_lost, devices.cpp)
@@ -113,8 +115,12 @@ private:
 struct lora_state;  // a loaded LoRA adapter (lora.cpp)
 struct context_state;
 // What saved states record of a context's adapters: 0 for none, else a hash of each adapter's file
-// name and size and its scale (independent of their order).
+// content and its scale (independent of their order).
 int64_t lora_fingerprint(const context_state & st);
+// llama.cpp reads a model's set of loaded adapters (graph_max_nodes) when it creates a context and
+// reserves a graph (the first decode after a change of adapters); loading and freeing an adapter
+// change that set. Readers share this lock (context creation, decode_checked), writers own it.
+std::shared_mutex & lora_registry();
 
 struct context_state {
     std::shared_ptr<model_state> model;
@@ -253,8 +259,11 @@ ggml_backend_dev_t device_named(const std::string & name);
 void check_gguf_file(const std::string & path);
 // Values in the file that llama.cpp would abort on (raises model_format_error; validate.cpp).
 void validate_gguf(const std::string & path);
-// A LoRA adapter file against the tensors of the model file it is for (raises model_format_error).
-void validate_lora_gguf(const std::string & path, const std::string & model_path);
+// A LoRA adapter file against the tensors of the model file it is for (raises model_format_error;
+// load_error when that file is no longer the one loaded: model_identity, from file_identity at load).
+void validate_lora_gguf(const std::string & path, const std::string & model_path, const std::string & model_identity);
+// A file's identity (canonical path, size, times, inode); "" when it cannot be read.
+std::string file_identity(const std::string & path);
 std::string last_log_error();
 std::string first_log_error();  // the first error-level line since clear_last_log_error()
 void clear_last_log_error();

@@ -11,27 +11,65 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <filesystem>
+#include <cstdio>
+#include <shared_mutex>
 
 namespace lamina {
 
+std::shared_mutex & lora_registry() {
+    static std::shared_mutex mu;
+    return mu;
+}
+
 namespace {
-// llama_adapter_lora_init and _free change the model's set of adapters (a std::set): one at a time
-std::mutex g_lora_mu;
+// The exclusive side of lora_registry, for a thread that may hold the GIL: a reader (a decode in
+// the main thread) may need the GIL for its Ctrl-C check, so the GIL is let go while waiting.
+std::unique_lock<std::shared_mutex> registry_writer() {
+    std::unique_lock<std::shared_mutex> lk(lora_registry(), std::try_to_lock);
+    if (lk.owns_lock()) return lk;
+    if (PyGILState_Check()) {
+        nb::gil_scoped_release nogil;
+        lk.lock();
+    } else {
+        lk.lock();
+    }
+    return lk;
+}
+
+// A 64-bit hash of the file's bytes (saved states compare adapters by content, not by name).
+uint64_t content_hash(const std::string & path) {
+    std::FILE * f = std::fopen(path.c_str(), "rb");
+    if (f == nullptr) return 0;
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    std::vector<unsigned char> buf(1 << 20);
+    size_t n;
+    while ((n = std::fread(buf.data(), 1, buf.size(), f)) > 0) {
+        size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            uint64_t w;
+            std::memcpy(&w, buf.data() + i, 8);
+            h = (h ^ w) * 0x100000001B3ull;
+            h ^= h >> 29;
+        }
+        for (; i < n; ++i) h = (h ^ buf[i]) * 0x100000001B3ull;
+    }
+    std::fclose(f);
+    return h;
+}
 }  // namespace
 
 struct lora_state {
     std::shared_ptr<model_state> model;
     llama_adapter_lora * adapter = nullptr;
     std::string path;
-    uint64_t file_size = 0;
+    uint64_t content = 0;  // content_hash of the file
     uint32_t fork_gen = fork_generation();
     lora_state() = default;
     lora_state(const lora_state &) = delete;
     lora_state & operator=(const lora_state &) = delete;
     ~lora_state() {
         if (adapter == nullptr || fork_gen != fork_generation()) return;  // a forked child: the parent's
-        std::lock_guard<std::mutex> lk(g_lora_mu);
+        auto lk = registry_writer();
         llama_adapter_lora_free(adapter);
     }
 };
@@ -58,13 +96,12 @@ public:
         auto st = std::make_shared<lora_state>();
         st->model = ms;
         st->path = path;
-        std::error_code ec;
-        st->file_size = std::filesystem::file_size(path, ec);
         {
             nb::gil_scoped_release nogil;
-            validate_lora_gguf(path, ms->path);
+            validate_lora_gguf(path, ms->path, ms->file_id);
+            st->content = content_hash(path);
             clear_last_log_error();
-            std::lock_guard<std::mutex> lk(g_lora_mu);
+            std::unique_lock<std::shared_mutex> lk(lora_registry());
             st->adapter = llama_adapter_lora_init(ms->model.get(), path.c_str());
         }
         if (st->adapter == nullptr) raise_failed("failed to load the LoRA adapter '" + path + "'", failure::load);
@@ -119,7 +156,7 @@ private:
 bool set_lora(nb::handle ctx, const std::vector<std::pair<nb::handle, float>> & items) {
     context_lease lease(context_shared(ctx));
     context_state & st = *lease;
-    std::vector<std::pair<std::shared_ptr<lora_state>, float>> next;
+    std::vector<std::pair<std::shared_ptr<lora_state>, float>> next, given;
     for (const auto & [h, scale] : items) {
         std::shared_ptr<lora_state> l = nb::cast<lora_handle &>(h).shared();
         if (l->model != st.model) {
@@ -127,9 +164,10 @@ bool set_lora(nb::handle ctx, const std::vector<std::pair<nb::handle, float>> & 
                                         l->model->path + "'); load it with this context's model.load_lora()");
         }
         if (!std::isfinite(scale)) throw std::invalid_argument("the scale of '" + l->path + "' is not a finite number");
-        for (const auto & [other, s] : next) {
+        for (const auto & [other, s] : given) {
             if (other == l) throw std::invalid_argument("the LoRA adapter '" + l->path + "' is given twice");
         }
+        given.emplace_back(l, scale);
         if (scale != 0.0f) next.emplace_back(std::move(l), scale);  // llama.cpp drops zero scales too
     }
     auto same = [&] {
@@ -161,13 +199,11 @@ bool set_lora(nb::handle ctx, const std::vector<std::pair<nb::handle, float>> & 
 int64_t lora_fingerprint(const context_state & st) {
     uint64_t sum = 0;
     for (const auto & [l, scale] : st.loras) {
-        const std::string name = std::filesystem::path(l->path).filename().string();
         uint64_t h = 1469598103934665603ull;
         auto mix = [&h](const void * p, size_t n) {
             for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<const unsigned char *>(p)[i]) * 1099511628211ull;
         };
-        mix(name.data(), name.size());
-        mix(&l->file_size, sizeof l->file_size);
+        mix(&l->content, sizeof l->content);
         uint32_t bits;
         std::memcpy(&bits, &scale, sizeof bits);
         mix(&bits, sizeof bits);

@@ -137,6 +137,7 @@ public:
         st_->vocab = llama_model_get_vocab(raw);
         st_->n_vocab = llama_vocab_n_tokens(st_->vocab);
         st_->path = path;
+        st_->file_id = file_identity(path);
         st_->vocab_only = vocab_only;
         {
             std::vector<ggml_backend_dev_t> used;

@@ -261,23 +261,34 @@ public:
         auto ends_with = [](const std::string & s, const std::string & tail) {
             return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
         };
+        // llama.cpp pairs tensors by removing every ".lora_a" / ".lora_b" from their names (the last
+        // of equal names wins): only names with the suffix once, at the end, pair as they read
+        for (const auto & [name, m] : tensor_meta_) {
+            for (const char * tag : {".lora_a", ".lora_b"}) {
+                const size_t at = name.find(tag);
+                if (at != std::string::npos && at + 7 != name.size()) {
+                    bad("tensor '" + name + "'", m.at, std::string("'") + tag + "' inside the name: llama.cpp would "
+                        "pair this tensor under another name");
+                }
+            }
+        }
         for (const auto & [name, a] : tensor_meta_) {
             if (!ends_with(name, ".lora_a")) continue;
             const std::string t = "tensor '" + name + "'";
-            std::string target = name;  // llama.cpp removes every ".lora_a" from the name
-            for (size_t i; (i = target.find(".lora_a")) != std::string::npos;) target.erase(i, 7);
+            const std::string target = name.substr(0, name.size() - 7);
+            const std::string tb = "tensor '" + target + ".lora_b'";
             auto bi = tensor_meta_.find(target + ".lora_b");
             if (bi == tensor_meta_.end()) continue;  // llama.cpp refuses a lone half itself
             const tensor_meta & b = bi->second;
             for (const tensor_meta * m : {&a, &b}) {
                 const ggml_type ty = ggml_type(m->type);
                 if (ty != GGML_TYPE_F32 && ty != GGML_TYPE_F16 && ty != GGML_TYPE_BF16 && ty != GGML_TYPE_Q8_0) {
-                    bad(m == &a ? t : "tensor '" + target + ".lora_b'", m->at,
+                    bad(m == &a ? t : tb, m->at,
                         std::string("type ") + ggml_type_name(ty) + "; LoRA tensors must be f32, f16, bf16 or q8_0 "
                         "(what llama.cpp's converter writes)");
                 }
                 for (int d = 0; d < 4; ++d) {
-                    if (m->ne[d] < 1) bad(m == &a ? t : "tensor '" + target + ".lora_b'", m->at, "an empty dimension");
+                    if (m->ne[d] < 1) bad(m == &a ? t : tb, m->at, "an empty dimension");
                 }
             }
             auto mi = base.find(target);
@@ -293,6 +304,10 @@ public:
                        ", " + std::to_string(x.ne[3]) + "]";
             };
             bool ok;
+            if (target == "token_embd.weight" && base.count("output.weight") == 0) {
+                bad(t, a.at, "this model has no output.weight: llama.cpp then uses token_embd.weight as the output "
+                             "matrix too and would apply this pair there, where its shapes abort");
+            }
             if (ends_with(target, "token_embd.weight")) {  // A holds rows per token, B maps the rank to n_embd
                 ok = b.ne[1] == m.ne[0] && a.ne[1] == m.ne[1] && a.ne[0] == b.ne[0] && a.ne[2] == 1 && b.ne[2] == 1 &&
                      m.ne[2] == 1;
@@ -940,7 +955,18 @@ void validate_gguf(const std::string & path) {
 // the model's tensor but not ne[2] / ne[3], nor token_embd's rank, nor the types: ggml_mul_mat /
 // ggml_get_rows then abort in the first decode's graph (or a 3-D expert adapter reads past its
 // experts). The model's tensors come from its file (and split files), as it was loaded.
-void validate_lora_gguf(const std::string & path, const std::string & model_path) {
+std::string file_identity(const std::string & path) {
+    const auto id = identity(path);
+    if (!id) return {};
+    return id->path + "|" + std::to_string(id->size) + "|" + std::to_string(id->mtime) + "|" +
+           std::to_string(id->ctime) + "|" + std::to_string(id->inode);
+}
+
+void validate_lora_gguf(const std::string & path, const std::string & model_path, const std::string & model_identity) {
+    if (model_identity.empty() || file_identity(model_path) != model_identity) {
+        throw load_error("the model file '" + model_path + "' is gone or changed since the model was loaded: its "
+                         "tensors cannot be checked against the adapter's; load the model again");
+    }
     validator a(path);
     a.structure();
     std::unordered_map<std::string, validator::tensor_meta> base;

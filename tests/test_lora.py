@@ -276,3 +276,55 @@ def test_saved_states_remember_the_adapters(tiny_model: lamina.Model, adapters) 
         ctx.set_lora({a: 1.0})
         ctx.load_state(whole)
         np.testing.assert_allclose(ctx.logits[-1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_adapters_llama_cpp_would_misapply_are_refused(tmp_path: Path) -> None:
+    """A token_embd pair on a model whose output matrix is token_embd (no output.weight, as Gemma's
+    files): llama.cpp applies the pair to the output matmul too, where it aborts. And names with
+    '.lora_b' inside: llama.cpp strips every occurrence, pairing a tensor nobody checked."""
+    tied = write_tiny_llama(tmp_path / "tied.gguf", tied=True)
+    with lamina.Model(tied, gpu=False) as model:
+        embd = write_tiny_lora(tmp_path / "embd.gguf", tied, embd=True, targets=())
+        with pytest.raises(lamina.ModelFormatError, match="no output.weight"):
+            model.load_lora(embd)
+        ok = model.load_lora(write_tiny_lora(tmp_path / "q.gguf", tied))  # other tensors are fine
+        with model.context(n_ctx=64, lora=ok) as ctx:
+            assert np.isfinite(last_logits(ctx)).all()
+    q = "blk.0.attn_q.weight"
+    inner = _raw_adapter(tmp_path / "inner.gguf", {f"{q}.lora_a": np.ones((4, 64), np.float32),
+                                                   "blk.0.attn_q.lora_b.weight.lora_b": np.ones((2, 64, 4), np.float32)})
+    with lamina.Model(write_tiny_llama(tmp_path / "m.gguf"), gpu=False) as model:
+        with pytest.raises(lamina.ModelFormatError, match="inside the name"):
+            model.load_lora(inner)
+
+
+def test_the_model_file_must_still_be_the_one_loaded(tmp_path: Path) -> None:
+    path = write_tiny_llama(tmp_path / "m.gguf")
+    lora = write_tiny_lora(tmp_path / "a.gguf", path)
+    with lamina.Model(path, gpu=False) as model:
+        write_tiny_llama(tmp_path / "other.gguf", n_embd=128)
+        (tmp_path / "other.gguf").replace(path)  # the adapter would be checked against another file
+        with pytest.raises(lamina.LoadError, match="changed since the model was loaded"):
+            model.load_lora(lora)
+
+
+def test_states_compare_adapters_by_content_and_scales_by_value(tiny_model: lamina.Model, tiny_path: Path,
+                                                                tmp_path: Path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    a = write_tiny_lora(tmp_path / "x" / "same.gguf", tiny_path, seed=1)
+    b = write_tiny_lora(tmp_path / "y" / "same.gguf", tiny_path, seed=2)  # same name and size, other weights
+    assert a.stat().st_size == b.stat().st_size
+    la, lb = tiny_model.load_lora(a), tiny_model.load_lora(b)
+    with tiny_model.context(n_ctx=128, lora={la: 1.0}) as ctx:
+        last_logits(ctx)
+        state = ctx.save_state()
+        ctx.set_lora({lb: 1.0})
+        with pytest.raises(ValueError, match="LoRA"):
+            ctx.load_state(state)
+        ctx.set_lora({tiny_model.load_lora(a): np.float32(1.0)})  # the same file loaded again; a numpy scale
+        ctx.load_state(state)
+        with pytest.raises(ValueError, match="twice"):
+            ctx.set_lora([(la, 1.0), (la, 0.0)])
+        with pytest.raises(ValueError, match="twice"):
+            ctx.set_lora([(la, 0.0), (la, 1.0)])

@@ -75,7 +75,8 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
                      n_ff: int = 128, n_ctx: int = 512, n_vocab: int | None = None, f16: bool = False,
                      seed: int = 0, truncate_to: int | None = None, causal: bool = True,
                      arch: str = "llama", tokenizer: str = "llama", n_expert: int = 0,
-                     n_expert_used: int = 2, long_piece: int = 0, chat_template: str | None = None) -> Path:
+                     n_expert_used: int = 2, long_piece: int = 0, chat_template: str | None = None,
+                     tied: bool = False) -> Path:
     """Write a GGUF with random weights (f32, or f16 for big shapes) of a llama architecture, or
     with arch="gemma3" of Gemma 3's (QK norms, post norms, sliding-window layers).
 
@@ -83,7 +84,8 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     causal=False writes llama.attention.causal = false (bidirectional attention, as embedding models).
     tokenizer="gpt2" writes a byte-level BPE vocabulary with merges instead of SentencePiece's.
     long_piece > 0 adds a last token whose text is that many bytes ("▁" and x's; no merge reaches it).
-    chat_template writes tokenizer.chat_template.
+    chat_template writes tokenizer.chat_template. tied leaves output.weight out (llama.cpp then uses
+    token_embd.weight for the output too, as Gemma's files do).
     n_expert > 0 makes a mixture of experts (Mixtral's layout: n_expert feed-forward experts per
     layer, n_expert_used of them per token).
     """
@@ -174,7 +176,8 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
             writer.add_tensor(f"blk.{i}.post_attention_norm.weight", np.ones(n_embd, dtype=np.float32))
             writer.add_tensor(f"blk.{i}.post_ffw_norm.weight", np.ones(n_embd, dtype=np.float32))
     writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    writer.add_tensor("output.weight", w(n_vocab, n_embd, scale=1.0))
+    if not tied:
+        writer.add_tensor("output.weight", w(n_vocab, n_embd, scale=1.0))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -764,8 +764,11 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
                 continue
             values[name] = Setting(str(_beside(file, s.value, s.source, name)), s.source)
         if values["lora"].value and values["lora"].source != "default":
-            values["lora"] = Setting([(str(_beside(file, p, values["lora"].source, "lora")), scale)
-                                      for p, scale in values["lora"].value], values["lora"].source)
+            s = values["lora"]
+            resolved = [(str(_beside(file, p, s.source, "lora").resolve()), scale) for p, scale in s.value]
+            if len({p for p, _ in resolved}) < len(resolved):
+                raise ValueError(_err(s.source, "lora", "one adapter file is listed twice"))
+            values["lora"] = Setting(resolved, s.source)
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX):
             continue

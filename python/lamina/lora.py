@@ -1,6 +1,7 @@
 """lamina.Lora: a LoRA adapter loaded for one model, applied to its contexts with a scale."""
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
@@ -77,7 +78,7 @@ def lora_items(spec: LoraSpec) -> list[tuple[Lora, float]]:
         lora, scale = item
         if not isinstance(lora, Lora):
             raise TypeError(f"expected a lamina.Lora (model.load_lora(path)), got {type(lora).__name__}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"the scale of {lora!r} must be a number, got {scale!r}")
-        out.append((lora, float(scale)))
+        out.append((lora, float(scale)))  # OverflowError for an int beyond a float
     return out
