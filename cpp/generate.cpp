@@ -94,7 +94,13 @@ public:
         std::optional<context_lease> draft_lease;  // the draft model's context is ours for the step too
         if (spec_ && spec_->draft_context()) draft_lease.emplace(spec_->draft_context());
         begin_operation(st, op_);  // an abort between two tokens stops the next one
+        if (started_ && !done_ && st.lora_epoch != lora_epoch_) {
+            finish("error");
+            throw lamina_error("the context's LoRA adapters changed during this generation (set_lora cleared the KV "
+                               "cache it continued from): start a new generation");
+        }
         if (!started_) {
+            lora_epoch_ = st.lora_epoch;
             if (backend_wanted_) attach_backend(st);  // may refuse (live views): next() can be retried
             started_ = true;
             int64_t t0 = llama_time_us();
@@ -380,6 +386,7 @@ private:
     int32_t shift_keep_;      // < 0: stop when the context is full; else tokens kept when shifting
     int64_t n_shifts_ = 0;
     bool started_ = false, done_ = false, pending_ = false, failed_ = false;
+    uint64_t lora_epoch_ = 0;  // the context's adapters when this generation started
     llama_token last_ = -1;
     bool slow_tokens_ = false;     // the last token's decode took > 20 ms: watch for signals inside it
     bool backend_wanted_ = false;  // greedy sampling inside the graph (llama_set_sampler), at the first next()

@@ -128,6 +128,7 @@ struct context_state {
     // LoRA adapters applied to this context, with their scales (kept alive while applied; freed
     // after ctx by ~context_state)
     std::vector<std::pair<std::shared_ptr<lora_state>, float>> loras;
+    uint64_t lora_epoch = 0;  // counts changes of loras (each cleared the cache an open generation continues from)
     // One thread at a time: every native operation holds a context_lease (busy) for its duration.
     std::atomic<bool> busy{false};
     uint32_t fork_gen = fork_generation();

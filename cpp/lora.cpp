@@ -122,14 +122,17 @@ public:
         nb::dict d;
         const int32_t n = llama_adapter_meta_count(a);
         for (int32_t i = 0; i < n; ++i) {
-            char key[256];
-            if (llama_adapter_meta_key_by_index(a, i, key, sizeof key) < 0) continue;
+            const int32_t klen = llama_adapter_meta_key_by_index(a, i, nullptr, 0);
+            if (klen < 0) continue;
+            std::string key(size_t(klen) + 1, '\0');
+            llama_adapter_meta_key_by_index(a, i, key.data(), key.size());
+            key.resize(size_t(klen));
             const int32_t len = llama_adapter_meta_val_str_by_index(a, i, nullptr, 0);
             if (len < 0) continue;
             std::string v(size_t(len) + 1, '\0');
             llama_adapter_meta_val_str_by_index(a, i, v.data(), v.size());
             v.resize(size_t(len));
-            d[nb::str(key)] = nb::str(v.c_str(), v.size());
+            d[nb::str(key.c_str(), key.size())] = nb::str(v.c_str(), v.size());
         }
         return d;
     }
@@ -191,6 +194,7 @@ bool set_lora(nb::handle ctx, const std::vector<std::pair<nb::handle, float>> & 
     st.tokens.clear();
     st.last_outputs = 0;
     st.loras = std::move(next);
+    ++st.lora_epoch;
     return true;
 }
 

@@ -232,13 +232,14 @@ public:
         int64_t ne[4];
         uint32_t type;
         uint64_t at;
+        uint64_t offset = 0, nbytes = 0;  // its data, relative to the data section (data_start_)
     };
     const std::unordered_map<std::string, tensor_meta> & tensor_metas() const { return tensor_meta_; }
 
     // A LoRA adapter (after structure()) against the tensors of its base model: what llama.cpp's
     // adapter loader reads with asserting getters, and what its graph would abort on at the first
     // decode (it checks ne[0] and ne[1] only; see the comment of validate_lora_gguf).
-    void adapter(const std::unordered_map<std::string, tensor_meta> & base) const {
+    void adapter(const std::unordered_map<std::string, tensor_meta> & base) {
         for (const char * key : {"general.type", "general.architecture", "adapter.type"}) {
             const kv_info * kv = find(key);
             if (kv != nullptr && kv->type != STR) {
@@ -291,6 +292,11 @@ public:
                     if (m->ne[d] < 1) bad(m == &a ? t : tb, m->at, "an empty dimension");
                 }
             }
+            for (const tensor_meta * m : {&a, &b}) {
+                if (!finite(*m)) {
+                    bad(m == &a ? t : tb, m->at, "NaN or infinite values in its data (the logits would be NaN)");
+                }
+            }
             auto mi = base.find(target);
             if (mi == base.end()) {
                 bad(t, a.at, "the model has no tensor '" + target + "': an adapter for another model");
@@ -324,6 +330,42 @@ public:
     }
 
 private:
+    // Whether a tensor's f32 / f16 / bf16 values (q8_0: its f16 block scales) are all finite.
+    bool finite(const tensor_meta & m) {
+        const uint64_t off = data_start_ + m.offset;
+        if (!f_.need(off, m.nbytes)) return true;  // structure() checked the bounds; nothing to read
+        const unsigned char * p = reinterpret_cast<const unsigned char *>(f_.at(off));
+        auto half_ok = [](const unsigned char * q) { return ((q[1] & 0x7C) != 0x7C); };  // exponent not all ones
+        switch (ggml_type(m.type)) {
+            case GGML_TYPE_F32:
+                for (uint64_t i = 0; i + 4 <= m.nbytes; i += 4) {
+                    float v;
+                    std::memcpy(&v, p + i, 4);
+                    if (!std::isfinite(v)) return false;
+                }
+                return true;
+            case GGML_TYPE_F16:
+                for (uint64_t i = 0; i + 2 <= m.nbytes; i += 2) {
+                    if (!half_ok(p + i)) return false;
+                }
+                return true;
+            case GGML_TYPE_BF16:
+                for (uint64_t i = 0; i + 2 <= m.nbytes; i += 2) {
+                    if ((p[i + 1] & 0x7F) == 0x7F && (p[i] & 0x80) == 0x80) return false;
+                }
+                return true;
+            case GGML_TYPE_Q8_0: {
+                const uint64_t block = ggml_type_size(GGML_TYPE_Q8_0);  // an f16 scale, then 32 int8
+                for (uint64_t i = 0; i + block <= m.nbytes; i += block) {
+                    if (!half_ok(p + i)) return false;
+                }
+                return true;
+            }
+            default:
+                return true;
+        }
+    }
+
     [[noreturn]] void bad(const std::string & field, uint64_t off, const std::string & reason) const {
         throw model_format_error("'" + path_ + "' is malformed at byte " + std::to_string(off) + ": " + field +
                                      ": " + reason,
@@ -486,10 +528,11 @@ private:
             }
             if (uint64_t(nel / blck) > (UINT64_MAX - align_) / tsize) bad(t, dims_at, "the byte size overflows");
             const uint64_t offset = read<uint64_t>(t);
-            tensor_meta_.emplace(name, tensor_meta{{ne[0], ne[1], ne[2], ne[3]}, type, at});
+            tensor_meta_.emplace(name, tensor_meta{{ne[0], ne[1], ne[2], ne[3]}, type, at, offset, uint64_t(nel / blck) * tsize});
             infos.push_back({std::move(name), uint64_t(nel / blck) * tsize, offset, pos_ - 8});
         }
         const uint64_t data = n_tensors_ > 0 ? (pos_ + align_ - 1) / align_ * align_ : pos_;
+        data_start_ = data;
         uint64_t expect = 0;
         for (const info & ti : infos) {
             const std::string t = "tensor '" + ti.name + "'";
@@ -884,6 +927,7 @@ private:
     std::unordered_map<std::string, kv_info> kv_;
     std::vector<std::pair<uint64_t, uint64_t>> token_off_;  // offset and length of each token text
     std::unordered_map<std::string, tensor_meta> tensor_meta_;
+    uint64_t data_start_ = 0;
 };
 
 // Files validated in this process, by identity and modification time: Model() validates in

@@ -156,8 +156,9 @@ def _raw_adapter(path: Path, tensors: dict[str, np.ndarray]) -> Path:
 
 
 def test_malformed_and_mismatched_adapters_raise(tiny_model: lamina.Model, tiny_path: Path, tmp_path: Path) -> None:
-    """Each of these aborted llama.cpp (an assert in its loader, or in the first decode's graph) or
-    is llama.cpp's own refusal; here all are exceptions, and the model stays usable."""
+    """Each of these aborted llama.cpp (an assert in its loader, or in the first decode's graph), is
+    llama.cpp's own refusal, or (NaN / inf data) would make every logit NaN; here all are
+    exceptions, and the model stays usable."""
     S, F, U = gguf.GGUFValueType.STRING, gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.UINT32
     wide = write_tiny_llama(tmp_path / "wide.gguf", n_embd=128, n_head=4, n_head_kv=2)
     moe = write_tiny_llama(tmp_path / "moe.gguf", n_expert=4)
@@ -191,6 +192,11 @@ def test_malformed_and_mismatched_adapters_raise(tiny_model: lamina.Model, tiny_
                                                   "blk.9.attn_q.weight.lora_b": np.ones((64, 4), f32)}),
          lamina.ModelFormatError, "no tensor 'blk.9.attn_q.weight'"),
         (truncated, lamina.ModelFormatError, "end"),
+        (_raw_adapter(tmp_path / "nan.gguf", {f"{q}.lora_a": np.full((4, 64), np.nan, f32),
+                                              f"{q}.lora_b": np.ones((64, 4), f32)}), lamina.ModelFormatError, "NaN"),
+        (_raw_adapter(tmp_path / "inf16.gguf", {f"{q}.lora_a": np.ones((4, 64), np.float16),
+                                                f"{q}.lora_b": np.full((64, 4), np.inf, np.float16)}),
+         lamina.ModelFormatError, "lora_b'.*infinite"),
     ]
     for path, exc, words in cases:
         with pytest.raises(exc, match=words):
@@ -328,3 +334,20 @@ def test_states_compare_adapters_by_content_and_scales_by_value(tiny_model: lami
             ctx.set_lora([(la, 1.0), (la, 0.0)])
         with pytest.raises(ValueError, match="twice"):
             ctx.set_lora([(la, 0.0), (la, 1.0)])
+
+
+def test_a_generation_open_across_a_swap_raises(tiny_model: lamina.Model, adapters) -> None:
+    lora = tiny_model.load_lora(adapters[0])
+    with tiny_model.context(n_ctx=256) as ctx:
+        g = ctx.generate(PROMPT, max_tokens=20, ignore_eos=True)
+        next(g)
+        ctx.set_lora({lora: 1.0})  # clears the cache this generation continues from
+        with pytest.raises(lamina.LaminaError, match="adapters changed during this generation"):
+            next(g)
+        assert g.finish_reason == "error"
+        with pytest.raises(StopIteration):
+            next(g)
+        h = ctx.generate(PROMPT, max_tokens=5, ignore_eos=True)
+        next(h)
+        ctx.set_lora({lora: 1.0})  # the same set: nothing changed, the generation goes on
+        assert len("".join(h)) >= 0 and h.finish_reason == "length"

@@ -382,8 +382,8 @@ class Context:
         (scale 1), {lora: scale, ...} or [(lora, scale), ...]; None or {} removes them. Only the
         adapters change, not the model. A change clears the KV cache (every sequence: it was
         computed with the old weights); the set applied now again keeps it. A scale of 0 is the
-        same as leaving the adapter out. A generation still open on this context goes on from the
-        emptied cache: finish or close it first."""
+        same as leaving the adapter out. A generation still open on this context raises LaminaError
+        at its next piece after a change (its cache is gone): finish or close it first."""
         items = lora_items(lora)
         _native.set_lora(self.native, [(a.native, s) for a, s in items])
         self._lora = {a: s for a, s in items if s != 0.0}
