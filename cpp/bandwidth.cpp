@@ -104,7 +104,7 @@ void init_bandwidth(nb::module_ & m) {
         probe_result rd, cp;
         uint64_t sink = 0;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             buf.reset(static_cast<uint64_t *>(std::malloc(words * 8)));
             if (buf) {
                 uint64_t * p = buf.get();

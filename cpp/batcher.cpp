@@ -183,7 +183,7 @@ public:
         r->stops = std::move(stops);
         r->t_submit = llama_time_us();
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             std::lock_guard<std::mutex> lk(core_->mu);
             if (core_->closed) throw closed_error("this Batcher is closed");
             r->id = core_->next_id++;
@@ -234,7 +234,7 @@ public:
                 }
             }
             {
-                nb::gil_scoped_release nogil;
+                gil_release nogil;
                 std::unique_lock<std::mutex> lk(c.mu);
                 if (until_idle) {
                     if (!has_work(c) && !c.closed) return;
@@ -259,7 +259,7 @@ public:
                     throw;
                 }
                 // the background loop waits for the other user of its context
-                nb::gil_scoped_release nogil;
+                gil_release nogil;
                 std::this_thread::sleep_for(std::chrono::milliseconds(1));
             } catch (const nb::python_error & e) {  // KeyboardInterrupt in generate_batch's loop
                 cancel_all(e.what());
@@ -274,7 +274,7 @@ public:
     // Cancel every request and refuse new ones; the loop ends at its next step.
     void close() {
         if (core_->fork_gen != fork_generation()) return;  // a forked child: the loop is the parent's
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         bool loop_runs;
         {
             std::lock_guard<std::mutex> lk(core_->mu);
@@ -287,7 +287,7 @@ public:
 
     void cancel(request & r) {
         check_fork(core_->fork_gen, "Batcher");
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         std::lock_guard<std::mutex> lk(core_->mu);
         if (!r.finish.empty()) return;
         r.cancel = true;
@@ -311,7 +311,7 @@ public:
             std::string piece;
             bool end = false, timed_out = false;
             {
-                nb::gil_scoped_release nogil;
+                gil_release nogil;
                 std::unique_lock<std::mutex> lk(core_->mu);
                 auto ready = [&r] { return r.taken < r.released || !r.finish.empty(); };
                 auto slice = std::min(until, steady::now() + std::chrono::milliseconds(main ? 100 : 1000));
@@ -341,7 +341,7 @@ public:
         std::string piece;
         bool end;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             std::lock_guard<std::mutex> lk(core_->mu);
             piece.assign(r.text, r.taken, r.released - r.taken);
             r.taken = r.released;
@@ -359,7 +359,7 @@ public:
         while (true) {
             bool done;
             {
-                nb::gil_scoped_release nogil;
+                gil_release nogil;
                 std::unique_lock<std::mutex> lk(core_->mu);
                 auto slice = std::min(until, steady::now() + std::chrono::milliseconds(main ? 100 : 1000));
                 done = core_->news.wait_until(lk, slice, [&r] { return !r.finish.empty(); });
@@ -392,7 +392,7 @@ public:
     // Why r ended ("" while queued or running), without copying its tokens or text.
     std::string finish_reason(const request & r) {
         check_fork(core_->fork_gen, "Batcher");
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         std::lock_guard<std::mutex> lk(core_->mu);
         return r.finish;
     }
@@ -448,7 +448,7 @@ private:
         std::vector<request *> in_batch;  // requests with tokens in this batch
         int32_t n_out = 0, n_prompt = 0, n_gen = 0;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             std::lock_guard<std::mutex> lk(c.mu);
             release_finished(st);
             // admit waiting requests into free slots, in order of arrival
@@ -505,7 +505,7 @@ private:
         st.last_outputs = n_out;
         st.max_outputs = std::max(st.max_outputs, n_out);
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             // sample without the mutex (readers keep reading), then publish under it
             std::vector<llama_token> picked(in_batch.size(), -1);
             const int64_t t_dec = llama_time_us();
@@ -702,7 +702,7 @@ private:
 
     // The loop stops with an exception: every request ends with it as its error.
     void cancel_all(const std::string & why) {
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         std::lock_guard<std::mutex> lk(core_->mu);
         for (const request_ptr & r : core_->waiting) {
             r->error = why;
@@ -779,7 +779,7 @@ void init_batcher(nb::module_ & m) {
             engine & e = nb::cast<engine &>(self);
             // the handle shares the engine: Python's Batcher object may go while a request lives
             auto keep = std::shared_ptr<engine>(&e, [ref = nb::borrow(self)](engine *) mutable {
-                nb::gil_scoped_acquire gil;
+                gil_acquire gil;
                 ref.reset();
             });
             return request_handle{keep, e.submit(prompt, opts, max_tokens, ignore_eos, std::move(stops))};

@@ -101,6 +101,9 @@ bool abort_requested(void * data) {
     if (st->abort.load(std::memory_order_relaxed)) {
         return true;
     }
+    if (g_exiting.load(std::memory_order_relaxed) && !on_main_thread()) {
+        return true;  // the interpreter exits: a daemon thread's decode stops (its thread then parks)
+    }
     if (!st->signals_here) {
         return false;  // no watch: not Python's main thread, or a one-token decode
     }
@@ -187,6 +190,7 @@ int decode_checked(context_state & st, const llama_batch & batch, bool sync) {
     }
     int rc;
     {
+        llama_work work;
         std::shared_lock<std::shared_mutex> adapters(lora_registry());  // a reserve reads the model's adapters
         rc = llama_decode(st.ctx.get(), batch);
     }
@@ -210,7 +214,7 @@ int decode_watched(context_state & st, const llama_batch & batch, bool sync) {
     signal_watch watch(batch.n_tokens > 1 && on_main_thread());  // ends with the GIL held, below
     st.signals_here = watch.active();
     {
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         caller_pin pin(batch.n_tokens > 1 ? st.pin_batch : st.pin_gen);
         rc = decode_checked(st, batch, sync);
     }
@@ -419,7 +423,8 @@ public:
         clear_last_log_error();
         llama_context * raw;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
+            llama_work work;
             std::shared_lock<std::shared_mutex> adapters(lora_registry());  // it reads the model's adapters
             raw = llama_init_from_model(ms->model.get(), p);
         }

@@ -209,7 +209,7 @@ void init_devices(nb::module_ & m) {
         if (std::find(added.begin(), added.end(), endpoint) == added.end()) {
             std::string why;
             {
-                nb::gil_scoped_release nogil;
+                gil_release nogil;
                 why = rpc_handshake(endpoint, timeout_ms);
             }
             if (!why.empty()) {
@@ -218,7 +218,7 @@ void init_devices(nb::module_ & m) {
             }
             ggml_backend_reg_t reg;
             {
-                nb::gil_scoped_release nogil;  // connects to the server
+                gil_release nogil;  // connects to the server
                 reg = add(endpoint.c_str());
             }
             if (reg == nullptr) {
@@ -264,7 +264,7 @@ void init_devices(nb::module_ & m) {
             } else if (memory) {
                 size_t free = 0, total = 0;
                 {
-                    nb::gil_scoped_release nogil;  // opens the device (a CUDA context) or asks a server
+                    gil_release nogil;  // opens the device (a CUDA context) or asks a server
                     ggml_backend_dev_memory(dev, &free, &total);
                 }
                 d["memory_free"] = free;
@@ -284,7 +284,7 @@ void init_devices(nb::module_ & m) {
         if (index >= ggml_backend_dev_count()) throw std::out_of_range("no device " + std::to_string(index));
         size_t free = 0, total = 0;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             ggml_backend_dev_memory(ggml_backend_dev_get(index), &free, &total);
         }
         return std::make_pair(free, total);

@@ -35,12 +35,12 @@ nb::list memory_estimate(const std::string & path, const placement & margs, cons
     common_device_memory_data_vec data;
     clear_last_log_error();
     {
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         try {
             data = common_get_device_memory_data(path.c_str(), &mp.p, &cp, devs, hp_ngl, hp_n_ctx_train,
                                                  hp_n_expert, GGML_LOG_LEVEL_ERROR);
         } catch (const std::exception & e) {
-            nb::gil_scoped_acquire gil;
+            gil_acquire gil;
             rethrow(e, "memory estimate failed");
         }
     }
@@ -88,12 +88,12 @@ nb::dict fit(const std::string & path, const placement & margs, const context_pa
     common_params_fit_status status;
     clear_last_log_error();
     {
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         try {
             status = common_fit_params(path.c_str(), &mp.p, &cp, split.data(), ov.data(), margins.data(), n_ctx_min,
                                        nullptr, GGML_LOG_LEVEL_ERROR);
         } catch (const std::exception & e) {
-            nb::gil_scoped_acquire gil;
+            gil_acquire gil;
             rethrow(e, "memory fit failed");
         }
     }

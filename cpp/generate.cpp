@@ -107,7 +107,7 @@ public:
             n_prompt_eval_ = int64_t(eval_prompt(st, prompt_));
             if (spec_) spec_->begin(prompt_);
             {
-                nb::gil_scoped_release nogil;
+                gil_release nogil;
                 sampler_.accept_prompt(prompt_.data(), prompt_.size());  // penalties and DRY see the prompt
             }
             n_reused_ = int64_t(prompt_.size()) - n_prompt_eval_;
@@ -125,7 +125,7 @@ public:
         signal_watch watch(slow_tokens_ && on_main_thread());  // destroyed with the GIL held
         st.signals_here = watch.active();
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             caller_pin pin(st.pin_gen);
             while (true) {
                 if (pending_ && spec_) {
@@ -143,7 +143,7 @@ public:
                     int rc = spec_->step(st, sampler_, last_, n_draft_max, ids_);
                     slow_tokens_ = llama_time_us() - t_dec > 20000;
                     if (rc != 0) {
-                        nb::gil_scoped_acquire gil;
+                        gil_acquire gil;
                         st.signals_here = false;
                         decode_failed(st, rc);
                     }
@@ -187,7 +187,7 @@ public:
                     int rc = decode_checked(st, llama_batch_get_one(&t, 1), false);  // sampling syncs
                     slow_tokens_ = llama_time_us() - t_dec > 20000;
                     if (rc != 0) {
-                        nb::gil_scoped_acquire gil;
+                        gil_acquire gil;
                         st.signals_here = false;
                         decode_failed(st, rc);  // raises (KeyboardInterrupt from a signal handler, or DecodeError)
                     }

@@ -300,6 +300,67 @@ void check_signals();
 // Whether the calling thread (GIL held) is Python's main thread, where signal handlers run.
 bool on_main_thread();
 
+// ---- interpreter exit ---------------------------------------------------------------------
+// Set by prepare_exit (lamina's last atexit handler, in the main thread) before the interpreter
+// finalizes. From then on a thread other than the main one that leaves a GIL-free section parks
+// (sleeps until the process ends) instead of taking the GIL back: Python 3.11 ends such a thread
+// with pthread_exit, whose unwinding through lamina's C++ ends in std::terminate, and a daemon
+// thread still inside llama.cpp when C++'s static objects are destroyed crashed the process.
+extern std::atomic<bool> g_exiting;
+// Calls into llama.cpp running now (llama_work scopes), and threads taking the GIL back (past the
+// check of g_exiting): prepare_exit waits for both.
+extern std::atomic<int> g_llama_work;
+extern std::atomic<int> g_taking_gil;
+[[noreturn]] void park_forever();
+
+// nb::gil_scoped_release, with the park above; used for every GIL-free section of lamina.
+class gil_release {
+public:
+    gil_release() : state_(PyEval_SaveThread()) {}
+    ~gil_release() {
+        g_taking_gil.fetch_add(1);  // seq_cst with prepare_exit's store of g_exiting: one sees the other
+        if (g_exiting.load() && !on_main_thread()) {
+            g_taking_gil.fetch_sub(1);
+            park_forever();
+        }
+        PyEval_RestoreThread(state_);
+        g_taking_gil.fetch_sub(1);
+    }
+    gil_release(const gil_release &) = delete;
+    gil_release & operator=(const gil_release &) = delete;
+private:
+    PyThreadState * state_;
+};
+
+// nb::gil_scoped_acquire for a thread that runs without the GIL, with the same park.
+class gil_acquire {
+public:
+    gil_acquire() {
+        g_taking_gil.fetch_add(1);
+        if (g_exiting.load() && !on_main_thread() && !PyGILState_Check()) {  // never park holding the GIL
+            g_taking_gil.fetch_sub(1);
+            park_forever();
+        }
+        state_ = PyGILState_Ensure();
+        g_taking_gil.fetch_sub(1);
+    }
+    ~gil_acquire() { PyGILState_Release(state_); }
+    gil_acquire(const gil_acquire &) = delete;
+    gil_acquire & operator=(const gil_acquire &) = delete;
+private:
+    PyGILState_STATE state_;
+};
+
+// A call into llama.cpp that must not be running when the process ends (decode, load, context
+// creation, a draft): counted for prepare_exit.
+class llama_work {
+public:
+    llama_work() { g_llama_work.fetch_add(1, std::memory_order_acq_rel); }
+    ~llama_work() { g_llama_work.fetch_sub(1, std::memory_order_acq_rel); }
+    llama_work(const llama_work &) = delete;
+    llama_work & operator=(const llama_work &) = delete;
+};
+
 // For one multi-token decode in Python's main thread (GIL held when made and destroyed): Python's
 // signal wakeup fd points at lamina's pipe, so the abort callback notices a signal with a read()
 // and takes the GIL only then (signals.cpp). Inactive when `on` is false or Python refuses.
@@ -414,5 +475,6 @@ void init_fit(nb::module_ & m);
 void init_batcher(nb::module_ & m);
 void init_bandwidth(nb::module_ & m);
 void init_lora(nb::module_ & m);
+void init_exit(nb::module_ & m);
 
 }  // namespace lamina

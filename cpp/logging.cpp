@@ -63,7 +63,8 @@ void log_callback(ggml_log_level level, const char * text, void *) {
     if (line.empty() || lvl < g_min_level.load() || !g_enabled.load()) {
         return;
     }
-    nb::gil_scoped_acquire gil;
+    if (g_exiting.load() && !on_main_thread()) return;  // the interpreter exits: no Python from other threads
+    gil_acquire gil;
     if (!g_enabled.load() || g_sink == nullptr) {
         return;
     }

@@ -28,7 +28,7 @@ std::unique_lock<std::shared_mutex> registry_writer() {
     std::unique_lock<std::shared_mutex> lk(lora_registry(), std::try_to_lock);
     if (lk.owns_lock()) return lk;
     if (PyGILState_Check()) {
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         lk.lock();
     } else {
         lk.lock();
@@ -97,7 +97,7 @@ public:
         st->model = ms;
         st->path = path;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             validate_lora_gguf(path, ms->path, ms->file_id);
             st->content = content_hash(path);
             clear_last_log_error();

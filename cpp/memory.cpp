@@ -88,7 +88,7 @@ nb::bytes state_blob(const char (&magic)[8], state_header h, const std::vector<l
     const size_t head = sizeof(magic) + sizeof(h) + toks.size() * sizeof(llama_token);
     std::string out;
     {
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         const size_t n = size();
         out.resize(head + n);
         h.payload_size = int64_t(fill(reinterpret_cast<uint8_t *>(out.data() + head), n));
@@ -196,7 +196,7 @@ void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
     llama_memory_seq_rm(mem_of(*st), seq, -1, -1);
     size_t got;
     {
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         got = llama_state_seq_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size), seq);
     }
     if (seq == 0) st->tokens.clear();
@@ -341,7 +341,7 @@ void init_memory(nb::module_ & m) {
         }
         size_t got;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             got = llama_state_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size));
         }
         if (got == 0) {

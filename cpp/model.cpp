@@ -41,7 +41,7 @@ struct load_progress {
 
 bool on_progress(float progress, void * user) {
     auto * lp = static_cast<load_progress *>(user);
-    nb::gil_scoped_acquire gil;
+    gil_acquire gil;
     if (PyErr_CheckSignals() != 0) {
         lp->python_error = true;
     } else if (lp->callback != nullptr) {
@@ -96,7 +96,7 @@ public:
                  nb::object progress) {
         check_gguf_file(path);
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             validate_gguf(path);
         }
         if (!progress.is_none() && !PyCallable_Check(progress.ptr())) {
@@ -120,8 +120,9 @@ public:
         llama_model * raw = nullptr;
         std::vector<std::pair<int, std::string>> layers;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             capture_layer_devices(&layers);
+            llama_work work;
             raw = llama_model_load_from_file(path.c_str(), p);
             capture_layer_devices(nullptr);
         }
@@ -174,7 +175,7 @@ public:
         std::vector<int32_t> out(len + 8);
         int32_t n;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             n = llama_tokenize(m.vocab, s, int32_t(len), out.data(), int32_t(out.size()), add_special, parse_special);
             if (n < 0) {
                 out.resize(size_t(-n));
@@ -197,7 +198,7 @@ public:
         std::string out(n * 8 + 16, '\0');
         int32_t got;
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             got = llama_detokenize(m.vocab, t, int32_t(n), out.data(), int32_t(out.size()), remove_special, unparse_special);
             if (got < 0) {
                 out.resize(size_t(-got));
@@ -426,7 +427,7 @@ void init_model(nb::module_ & m) {
     }
     m.def("validate_gguf", [](const std::string & path) {
         check_gguf_file(path);
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         validate_gguf(path);
     }, nb::arg("path"),
     "Check a GGUF file for values llama.cpp would abort on; raises ModelFormatError (or "

@@ -17,4 +17,5 @@ NB_MODULE(_native, m) {
     lamina::init_batcher(m);
     lamina::init_bandwidth(m);
     lamina::init_lora(m);
+    lamina::init_exit(m);
 }

@@ -194,7 +194,7 @@ llama.cpp): grammar, logit bias, temperature, mirostat. temperature 0 ends with 
         .def("sample", [](sampler_handle & s, nb::handle ctx, bool use_chain) {
             auto st = context_leased(ctx);
             if (st->last_outputs == 0) throw lamina_error("no logits: decode with logits first");
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             return sample_token(*st, s, use_chain);
         }, nb::arg("ctx"), nb::arg("use_chain") = false,
         "Sample from the context's last logits (use_chain forces llama.cpp's chain even for greedy).");

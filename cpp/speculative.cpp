@@ -67,7 +67,10 @@ speculation::~speculation() = default;
 
 void speculation::begin(const std::vector<llama_token> & prompt) {
     if (p_->dft) eval_prompt(*p_->dft, prompt);  // the draft context holds the prompt too (its own prefix reuse)
-    common_speculative_begin(p_->spec.get(), 0, prompt);
+    {
+        llama_work work;  // the draft model may decode the prompt
+        common_speculative_begin(p_->spec.get(), 0, prompt);
+    }
 }
 
 const std::shared_ptr<context_state> & speculation::draft_context() const { return p_->dft; }
@@ -89,7 +92,10 @@ int speculation::step(context_state & st, sampler_handle & s, llama_token last, 
             /* .prompt   = */ &st.tokens,
             /* .result   = */ &p.draft,
         };
-        common_speculative_draft(p.spec.get());
+        {
+            llama_work work;  // the draft model decodes
+            common_speculative_draft(p.spec.get());
+        }
         if (int32_t(p.draft.size()) < p.opts.n_min) p.draft.clear();
         if (int32_t(p.draft.size()) > n_draft_max) p.draft.resize(size_t(n_draft_max));
     }

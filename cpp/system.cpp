@@ -51,12 +51,12 @@ std::string load_with_cpu_variant(const std::string & dir, const std::string & v
         if (sc <= 0) {
             warning = "LAMINA_CPU_VARIANT=" + variant + ": this CPU lacks instructions that variant needs";
         } else {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             cpu_loaded = ggml_backend_load(want.c_str()) != nullptr;
         }
     }
     if (!cpu_loaded) {  // the best CPU variant, and everything else, as without the variable
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         ggml_backend_load_all_from_path(dir.c_str());
         return warning + "; using the best variant for this CPU instead";
     }
@@ -65,7 +65,7 @@ std::string load_with_cpu_variant(const std::string & dir, const std::string & v
         const std::string name = e.path().filename().string();
         const bool so = name.size() > ext.size() && name.compare(name.size() - ext.size(), ext.size(), ext) == 0;
         if (!so || name.rfind(lib, 0) != 0 || name.rfind(cpu, 0) == 0 || name == lib + "base" + ext) continue;
-        nb::gil_scoped_release nogil;
+        gil_release nogil;
         ggml_backend_load(e.path().c_str());
     }
     return warning;  // empty: the variant asked for is in use
@@ -85,13 +85,13 @@ void init_system(nb::module_ & m) {
     m.def("backends_load", [](const std::string & dir, const std::string & cpu_variant) {
 #if LAMINA_BACKEND_DL
         if (cpu_variant.empty()) {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             ggml_backend_load_all_from_path(dir.c_str());
             return std::string();
         }
 #if defined(_WIN32)
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
             ggml_backend_load_all_from_path(dir.c_str());
         }
         return std::string("LAMINA_CPU_VARIANT is not supported on Windows yet: using the best variant");
@@ -119,7 +119,7 @@ void init_system(nb::module_ & m) {
         size_t n_devices = 0;
 #if LAMINA_BACKEND_DL
         {
-            nb::gil_scoped_release nogil;
+            gil_release nogil;
 #if !defined(_WIN32)
             void * h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);  // the loader's own words on failure
             if (h == nullptr) {

@@ -368,3 +368,57 @@ def test_a_multiprocessing_fork_pool_returns(tiny_model: lamina.Model) -> None:
             _POOL_CTX = None
         assert out == ["ForkError"] * 4
         assert len(greedy(ctx, 8)) == 8
+
+
+EXIT_CASES = {
+    # a daemon thread generating when the main thread ends: 2 exits in 10 segfaulted (the thread
+    # was inside llama.cpp while C++'s static objects were destroyed) and others printed ggml's
+    # terminate handler (Python 3.11 ends a thread taking the GIL back with pthread_exit)
+    "generate": """
+        def work():
+            while True:
+                for _ in ctx.generate("the cat sat", max_tokens=50, ignore_eos=True):
+                    pass
+    """,
+    # a daemon thread decoding long batches, and one reading a Batcher's request
+    "decode": """
+        def work():
+            toks = m.tokenize("the cat sat on the mat " * 20)
+            while True:
+                ctx.kv_clear()
+                ctx.decode(toks)
+    """,
+    "batcher": """
+        b = lamina.Batcher(m, n_seq_max=2, n_ctx=1024)
+        def work():  # the Batcher closes at exit: its requests end, a new one is refused
+            try:
+                while True:
+                    for _ in b.submit("the cat sat", max_tokens=200, ignore_eos=True):
+                        pass
+            except lamina.ClosedError:
+                pass
+    """,
+}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("case", sorted(EXIT_CASES))
+def test_exit_with_a_daemon_thread_in_lamina(case: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    model = write_tiny_llama(tmp_path / "m.gguf", n_layer=4, n_embd=256, n_head=4, n_head_kv=4, n_ff=1024)
+    code = textwrap.dedent(f"""
+        import threading, time, lamina
+        m = lamina.Model({str(model)!r}, gpu=False)
+        ctx = m.context(n_ctx=512)
+    """) + textwrap.dedent(EXIT_CASES[case]) + textwrap.dedent("""
+        threading.Thread(target=work, daemon=True).start()
+        time.sleep(0.3)
+        print("exiting")
+    """)
+    for _ in range(6):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        bad = [ln for ln in r.stderr.splitlines() if "terminate" in ln or "ptrace" in ln or "Traceback" in ln]
+        assert r.returncode == 0 and r.stdout.strip() == "exiting" and not bad, (r.returncode, r.stderr[-3000:])

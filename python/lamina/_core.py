@@ -43,3 +43,6 @@ for _addon in ADDONS:
         warnings.warn(f"lamina: GPU add-on {_addon}", RuntimeWarning, stacklevel=2)
 # No Python callbacks from llama.cpp threads once the interpreter is going away.
 atexit.register(_native.log_set_sink, None, 5)
+# Registered first, so it runs last (after the Batchers closed): daemon threads' llama.cpp calls end
+# and their threads park before the interpreter finalizes (cpp/exit.cpp).
+atexit.register(_native.prepare_exit)

@@ -1,0 +1,51 @@
+// Interpreter exit with lamina work still running in daemon threads (see gil_release in
+// lamina.h). prepare_exit runs as lamina's last atexit handler: after the Batchers closed, before
+// the interpreter finalizes and C++'s static objects (ggml's backends among them) are destroyed.
+#include "lamina.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
+namespace lamina {
+
+std::atomic<bool> g_exiting{false};
+std::atomic<int> g_llama_work{0};
+std::atomic<int> g_taking_gil{0};
+
+void park_forever() {
+    while (true) std::this_thread::sleep_for(std::chrono::hours(1));
+}
+
+namespace {
+
+// Stop daemon threads' llama.cpp work: decodes abort at their next graph node (abort_requested),
+// every thread that leaves a GIL-free section parks; waits up to `timeout` seconds for the calls
+// into llama.cpp to end. Returns how many were still running.
+int prepare_exit(double timeout) {
+    (void)on_main_thread();  // caches the main thread's id while the GIL is held
+    if (!on_main_thread()) return 0;  // only the interpreter's own exit, in its main thread
+    g_exiting.store(true);  // seq_cst: see gil_release
+    // A parked thread keeps its objects: nanobind would call them leaks ("likely a reference
+    // counting issue") at the module's teardown. LAMINA_LEAK_WARNINGS=1 keeps the report.
+    const char * keep = std::getenv("LAMINA_LEAK_WARNINGS");
+    if (keep == nullptr || std::string(keep) != "1") nb::set_leak_warnings(false);
+    gil_release nogil;
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout);
+    // a thread that passed the check before the store takes the GIL now, while this one waits
+    // without it, and runs Python code (which Python ends at finalization as any daemon thread)
+    while ((g_llama_work.load() > 0 || g_taking_gil.load() > 0) && std::chrono::steady_clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return g_llama_work.load() + g_taking_gil.load();
+}
+
+}  // namespace
+
+void init_exit(nb::module_ & m) {
+    m.def("prepare_exit", &prepare_exit, nb::arg("timeout") = 10.0,
+          "At interpreter exit (lamina's last atexit handler): other threads' decodes abort and their "
+          "threads park instead of taking the GIL back; waits for running llama.cpp calls. Not for other use.");
+}
+
+}  // namespace lamina
