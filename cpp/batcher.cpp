@@ -507,6 +507,7 @@ private:
         {
             gil_release nogil;
             // sample without the mutex (readers keep reading), then publish under it
+            llama_work work;  // sampling reads the decode's results (a device synchronize)
             std::vector<llama_token> picked(in_batch.size(), -1);
             const int64_t t_dec = llama_time_us();
             sample(st, in_batch, picked);

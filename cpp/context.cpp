@@ -16,7 +16,10 @@ namespace lamina {
 
 namespace {
 std::atomic<uint32_t> g_fork_generation{0};
-void on_fork_child() { g_fork_generation.fetch_add(1, std::memory_order_relaxed); }
+void on_fork_child() {
+    g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+    exit_state_after_fork();
+}
 }  // namespace
 
 uint32_t fork_generation() { return g_fork_generation.load(std::memory_order_relaxed); }
@@ -189,8 +192,8 @@ int decode_checked(context_state & st, const llama_batch & batch, bool sync) {
                                     ", past llama.cpp's int32 positions: clear the cache or shift it back first");
     }
     int rc;
+    llama_work work;  // to the end: the synchronize below too
     {
-        llama_work work;
         std::shared_lock<std::shared_mutex> adapters(lora_registry());  // a reserve reads the model's adapters
         rc = llama_decode(st.ctx.get(), batch);
     }

@@ -52,15 +52,15 @@ void raise_failed(const std::string & what, failure fallback) {
 }
 
 namespace {
-unsigned long g_main_thread_ident = 0;
+std::atomic<unsigned long> g_main_thread_ident{0};  // read without the GIL once set
 }
 
 bool on_main_thread() {
-    if (g_main_thread_ident == 0) {  // threading.main_thread().ident, once
+    if (g_main_thread_ident.load() == 0) {  // threading.main_thread().ident, once
         g_main_thread_ident = nb::cast<unsigned long>(
             nb::module_::import_("threading").attr("main_thread")().attr("ident"));
     }
-    return PyThread_get_thread_ident() == g_main_thread_ident;
+    return PyThread_get_thread_ident() == g_main_thread_ident.load();
 }
 
 void check_signals() {

@@ -36,6 +36,7 @@ nb::list memory_estimate(const std::string & path, const placement & margs, cons
     clear_last_log_error();
     {
         gil_release nogil;
+        llama_work work;
         try {
             data = common_get_device_memory_data(path.c_str(), &mp.p, &cp, devs, hp_ngl, hp_n_ctx_train,
                                                  hp_n_expert, GGML_LOG_LEVEL_ERROR);
@@ -89,6 +90,7 @@ nb::dict fit(const std::string & path, const placement & margs, const context_pa
     clear_last_log_error();
     {
         gil_release nogil;
+        llama_work work;
         try {
             status = common_fit_params(path.c_str(), &mp.p, &cp, split.data(), ov.data(), margins.data(), n_ctx_min,
                                        nullptr, GGML_LOG_LEVEL_ERROR);

@@ -127,6 +127,7 @@ public:
         {
             gil_release nogil;
             caller_pin pin(st.pin_gen);
+            llama_work work;  // decodes and the sampling reads that synchronize with them
             while (true) {
                 if (pending_ && spec_) {
                     // `last_` and a draft in one decode; every token the target's sampler keeps is out at once

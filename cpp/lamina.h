@@ -311,7 +311,10 @@ extern std::atomic<bool> g_exiting;
 // check of g_exiting): prepare_exit waits for both.
 extern std::atomic<int> g_llama_work;
 extern std::atomic<int> g_taking_gil;
+// Sleep until the process ends (never holding the GIL or a lock), no longer counted in g_llama_work.
 [[noreturn]] void park_forever();
+// After fork(): the child's counters start again (the parent's threads do not exist there).
+void exit_state_after_fork();
 
 // nb::gil_scoped_release, with the park above; used for every GIL-free section of lamina.
 class gil_release {
@@ -337,7 +340,7 @@ class gil_acquire {
 public:
     gil_acquire() {
         g_taking_gil.fetch_add(1);
-        if (g_exiting.load() && !on_main_thread() && !PyGILState_Check()) {  // never park holding the GIL
+        if (g_exiting.load() && !on_main_thread() && !PyGILState_Check()) {  // never parks holding the GIL
             g_taking_gil.fetch_sub(1);
             park_forever();
         }
@@ -351,12 +354,22 @@ private:
     PyGILState_STATE state_;
 };
 
-// A call into llama.cpp that must not be running when the process ends (decode, load, context
-// creation, a draft): counted for prepare_exit.
+// A call into llama.cpp that must not be running when the process ends (decode, sampling reads,
+// load, context creation, state, a draft, adapters): counted for prepare_exit. Once the
+// interpreter exits, a thread other than the main one parks here instead of starting one (it
+// holds no lock yet: make it before taking any). A thread parking anywhere stops counting its own.
+extern thread_local int t_llama_work;
 class llama_work {
 public:
-    llama_work() { g_llama_work.fetch_add(1, std::memory_order_acq_rel); }
-    ~llama_work() { g_llama_work.fetch_sub(1, std::memory_order_acq_rel); }
+    llama_work() {
+        g_llama_work.fetch_add(1);
+        ++t_llama_work;
+        if (g_exiting.load() && !on_main_thread() && !PyGILState_Check()) park_forever();
+    }
+    ~llama_work() {
+        --t_llama_work;
+        g_llama_work.fetch_sub(1);
+    }
     llama_work(const llama_work &) = delete;
     llama_work & operator=(const llama_work &) = delete;
 };

@@ -22,18 +22,21 @@ std::shared_mutex & lora_registry() {
 }
 
 namespace {
-// The exclusive side of lora_registry, for a thread that may hold the GIL: a reader (a decode in
-// the main thread) may need the GIL for its Ctrl-C check, so the GIL is let go while waiting.
-std::unique_lock<std::shared_mutex> registry_writer() {
-    std::unique_lock<std::shared_mutex> lk(lora_registry(), std::try_to_lock);
-    if (lk.owns_lock()) return lk;
+// Free an adapter: the exclusive side of lora_registry, taken and let go without the GIL (a reader,
+// a decode in the main thread, may need the GIL for its Ctrl-C check; and a thread that parks at
+// interpreter exit must not hold the lock).
+void free_adapter(llama_adapter_lora * adapter) {
+    auto run = [adapter] {
+        llama_work work;
+        std::unique_lock<std::shared_mutex> lk(lora_registry());
+        llama_adapter_lora_free(adapter);
+    };
     if (PyGILState_Check()) {
         gil_release nogil;
-        lk.lock();
+        run();
     } else {
-        lk.lock();
+        run();
     }
-    return lk;
 }
 
 // A 64-bit hash of the file's bytes (saved states compare adapters by content, not by name).
@@ -69,8 +72,7 @@ struct lora_state {
     lora_state & operator=(const lora_state &) = delete;
     ~lora_state() {
         if (adapter == nullptr || fork_gen != fork_generation()) return;  // a forked child: the parent's
-        auto lk = registry_writer();
-        llama_adapter_lora_free(adapter);
+        free_adapter(adapter);
     }
 };
 
@@ -101,6 +103,7 @@ public:
             validate_lora_gguf(path, ms->path, ms->file_id);
             st->content = content_hash(path);
             clear_last_log_error();
+            llama_work work;
             std::unique_lock<std::shared_mutex> lk(lora_registry());
             st->adapter = llama_adapter_lora_init(ms->model.get(), path.c_str());
         }

@@ -89,6 +89,7 @@ nb::bytes state_blob(const char (&magic)[8], state_header h, const std::vector<l
     std::string out;
     {
         gil_release nogil;
+        llama_work work;
         const size_t n = size();
         out.resize(head + n);
         h.payload_size = int64_t(fill(reinterpret_cast<uint8_t *>(out.data() + head), n));
@@ -197,6 +198,7 @@ void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
     size_t got;
     {
         gil_release nogil;
+        llama_work work;
         got = llama_state_seq_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size), seq);
     }
     if (seq == 0) st->tokens.clear();
@@ -342,6 +344,7 @@ void init_memory(nb::module_ & m) {
         size_t got;
         {
             gil_release nogil;
+            llama_work work;
             got = llama_state_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size));
         }
         if (got == 0) {

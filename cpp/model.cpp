@@ -41,6 +41,7 @@ struct load_progress {
 
 bool on_progress(float progress, void * user) {
     auto * lp = static_cast<load_progress *>(user);
+    if (g_exiting.load() && !on_main_thread()) return false;  // the interpreter exits: the load stops
     gil_acquire gil;
     if (PyErr_CheckSignals() != 0) {
         lp->python_error = true;

@@ -388,6 +388,30 @@ EXIT_CASES = {
                 ctx.kv_clear()
                 ctx.decode(toks)
     """,
+    # a daemon thread loading a model (the load's progress callback must not park inside it: the
+    # exit waited its full 10 s), and one freeing LoRA adapters while another decodes (it parked
+    # holding the adapters' lock: the exit hung)
+    "load": """
+        def work():
+            while True:
+                lamina.Model(m.path, gpu=False).close()
+    """,
+    "lora": """
+        import sys
+        sys.path.insert(0, TESTS)
+        from tiny_gguf import write_tiny_lora
+        adapter = write_tiny_lora(__import__("pathlib").Path(DIR) / "a.gguf", m.path)
+        ctx.set_lora(m.load_lora(adapter))
+        def churn():
+            while True:
+                m.load_lora(adapter).close()
+        threading.Thread(target=churn, daemon=True).start()
+        def work():
+            toks = m.tokenize("the cat sat on the mat " * 8)
+            while True:
+                ctx.kv_clear()
+                ctx.decode(toks)
+    """,
     "batcher": """
         b = lamina.Batcher(m, n_seq_max=2, n_ctx=1024)
         def work():  # the Batcher closes at exit: its requests end, a new one is refused
@@ -411,6 +435,7 @@ def test_exit_with_a_daemon_thread_in_lamina(case: str, tmp_path: Path) -> None:
     model = write_tiny_llama(tmp_path / "m.gguf", n_layer=4, n_embd=256, n_head=4, n_head_kv=4, n_ff=1024)
     code = textwrap.dedent(f"""
         import threading, time, lamina
+        TESTS, DIR = {str(Path(__file__).parent)!r}, {str(tmp_path)!r}
         m = lamina.Model({str(model)!r}, gpu=False)
         ctx = m.context(n_ctx=512)
     """) + textwrap.dedent(EXIT_CASES[case]) + textwrap.dedent("""
@@ -419,6 +444,40 @@ def test_exit_with_a_daemon_thread_in_lamina(case: str, tmp_path: Path) -> None:
         print("exiting")
     """)
     for _ in range(6):
+        t0 = time.monotonic()
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         bad = [ln for ln in r.stderr.splitlines() if "terminate" in ln or "ptrace" in ln or "Traceback" in ln]
         assert r.returncode == 0 and r.stdout.strip() == "exiting" and not bad, (r.returncode, r.stderr[-3000:])
+        assert time.monotonic() - t0 < 8, "the exit waited for lamina's 10 s timeout"
+
+
+@pytest.mark.timeout(120)
+def test_a_forked_child_exits_at_once(tmp_path: Path) -> None:
+    """The child inherits the parent's count of running llama.cpp calls: its exit waited 10 s."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model = write_tiny_llama(tmp_path / "m.gguf")
+    code = textwrap.dedent(f"""
+        import os, sys, threading, time, lamina
+        m = lamina.Model({str(model)!r}, gpu=False)
+        ctx = m.context(n_ctx=512)
+        toks = m.tokenize("the cat sat on the mat " * 20)
+        def work():
+            while True:
+                ctx.kv_clear()
+                ctx.decode(toks)
+        threading.Thread(target=work, daemon=True).start()
+        time.sleep(0.2)
+        pid = os.fork()
+        if pid == 0:
+            t0 = time.monotonic()
+            sys.exit(0)  # atexit runs in the child
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+        """)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "child 0" in r.stdout, r.stderr[-2000:]
+    assert time.monotonic() - t0 < 8

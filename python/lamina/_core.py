@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -43,6 +44,15 @@ for _addon in ADDONS:
         warnings.warn(f"lamina: GPU add-on {_addon}", RuntimeWarning, stacklevel=2)
 # No Python callbacks from llama.cpp threads once the interpreter is going away.
 atexit.register(_native.log_set_sink, None, 5)
-# Registered first, so it runs last (after the Batchers closed): daemon threads' llama.cpp calls end
-# and their threads park before the interpreter finalizes (cpp/exit.cpp).
-atexit.register(_native.prepare_exit)
+
+
+def _prepare_exit() -> None:
+    """Daemon threads' llama.cpp calls end and their threads park before the interpreter finalizes
+    (cpp/exit.cpp). Registered at lamina's import, before lamina.batcher's handler, so it runs
+    after the Batchers closed. atexit handlers registered before lamina's import run after it:
+    lamina work in them runs in the main thread, other threads' lamina calls park."""
+    others = any(t is not threading.main_thread() and t.is_alive() for t in threading.enumerate())
+    _native.prepare_exit(10.0, others)
+
+
+atexit.register(_prepare_exit)
