@@ -34,8 +34,7 @@ namespace {
 // every thread that leaves a GIL-free section parks; waits up to `timeout` seconds for the calls
 // into llama.cpp to end. Returns how many were still running.
 int prepare_exit(double timeout, bool others) {
-    (void)on_main_thread();  // caches the main thread's id while the GIL is held
-    if (!on_main_thread()) return 0;  // only the interpreter's own exit, in its main thread
+    if (!on_main_thread()) return 0;  // only the interpreter's own exit (this call caches the id, GIL held)
     g_exiting.store(true);  // seq_cst: see gil_release
     // With other threads alive, one may park and keep its objects: nanobind would call them leaks ("likely a reference
     // counting issue") at the module's teardown. LAMINA_LEAK_WARNINGS=1 keeps the report.

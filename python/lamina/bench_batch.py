@@ -361,10 +361,11 @@ def parallel_markdown(model: Model, results: list[ParallelResult]) -> str:
               f"per-sequence KV streams; medians of {len(r0.lamina_tg)} runs; llama = llama-batched-bench; "
               f"device: {', '.join(r0.placed.get('devices') or ['CPU'])}",
               "", "lamina's generation step, median µs: " + "; ".join(
-                  f"pl {r.pl}: {r.as_dict().get('lamina_gen_step_us_median', 0):.0f}, of it "
-                  f"{r.as_dict().get('lamina_gen_sample_us_median', 0):.0f} after the decode call returned (the wait "
+                  f"pl {d['pl']}: {d.get('lamina_gen_step_us_median', 0):.0f}, of it "
+                  f"{d.get('lamina_gen_sample_us_median', 0):.0f} after the decode call returned (the wait "
                   f"for the device, sampling), llama.cpp's graph reused in "
-                  f"{100 * r.as_dict().get('lamina_graphs_reused_per_step', 0):.0f}% of steps" for r in results)]
+                  f"{100 * d.get('lamina_graphs_reused_per_step', 0):.0f}% of steps"
+                  for d in (r.as_dict() for r in results))]
     return "\n".join(lines)
 
 
