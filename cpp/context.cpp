@@ -121,7 +121,7 @@ bool abort_requested(void * data) {
     if (!signal_arrived() || !Py_IsInitialized()) {
         return false;  // the common case: no GIL
     }
-    PyGILState_STATE g = PyGILState_Ensure();
+    gil_acquire gil;
     bool raised = PyErr_CheckSignals() != 0;
     if (raised) {
         PyObject *t, *v, *tb;
@@ -130,7 +130,6 @@ bool abort_requested(void * data) {
         st->signal_value = nb::steal(v);
         st->signal_tb = nb::steal(tb);
     }
-    PyGILState_Release(g);
     return raised;
 }
 

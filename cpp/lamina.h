@@ -316,10 +316,19 @@ extern std::atomic<int> g_taking_gil;
 // After fork(): the child's counters start again (the parent's threads do not exist there).
 void exit_state_after_fork();
 
+// Whether the calling thread holds the GIL. PyGILState_Check is not in the limited API that the
+// abi3 build (Python >= 3.12) compiles against, so lamina keeps the answer itself: a thread
+// Python has no state for (ggml's workers, the Batcher's loop) holds no GIL; a Python thread runs
+// lamina code with the GIL (it called in from Python) except inside a gil_release, where
+// t_gil_released is set, and outside a gil_acquire nested in one, which clears it again. Every
+// GIL release and acquire in cpp/ goes through these two classes.
+extern thread_local bool t_gil_released;
+inline bool gil_held() { return !t_gil_released && PyGILState_GetThisThreadState() != nullptr; }
+
 // nb::gil_scoped_release, with the park above; used for every GIL-free section of lamina.
 class gil_release {
 public:
-    gil_release() : state_(PyEval_SaveThread()) {}
+    gil_release() : state_(PyEval_SaveThread()), was_released_(t_gil_released) { t_gil_released = true; }
     ~gil_release() {
         g_taking_gil.fetch_add(1);  // seq_cst with prepare_exit's store of g_exiting: one sees the other
         if (g_exiting.load() && !on_main_thread()) {
@@ -327,12 +336,14 @@ public:
             park_forever();
         }
         PyEval_RestoreThread(state_);
+        t_gil_released = was_released_;
         g_taking_gil.fetch_sub(1);
     }
     gil_release(const gil_release &) = delete;
     gil_release & operator=(const gil_release &) = delete;
 private:
     PyThreadState * state_;
+    bool was_released_;
 };
 
 // nb::gil_scoped_acquire for a thread that runs without the GIL, with the same park.
@@ -340,18 +351,24 @@ class gil_acquire {
 public:
     gil_acquire() {
         g_taking_gil.fetch_add(1);
-        if (g_exiting.load() && !on_main_thread() && !PyGILState_Check()) {  // never parks holding the GIL
+        if (g_exiting.load() && !on_main_thread() && !gil_held()) {  // never parks holding the GIL
             g_taking_gil.fetch_sub(1);
             park_forever();
         }
         state_ = PyGILState_Ensure();
+        was_released_ = t_gil_released;
+        t_gil_released = false;
         g_taking_gil.fetch_sub(1);
     }
-    ~gil_acquire() { PyGILState_Release(state_); }
+    ~gil_acquire() {
+        t_gil_released = was_released_;
+        PyGILState_Release(state_);
+    }
     gil_acquire(const gil_acquire &) = delete;
     gil_acquire & operator=(const gil_acquire &) = delete;
 private:
     PyGILState_STATE state_;
+    bool was_released_ = false;
 };
 
 // A call into llama.cpp that must not be running when the process ends (decode, sampling reads,
@@ -364,7 +381,7 @@ public:
     llama_work() {
         g_llama_work.fetch_add(1);
         ++t_llama_work;
-        if (g_exiting.load() && !on_main_thread() && !PyGILState_Check()) park_forever();
+        if (g_exiting.load() && !on_main_thread() && !gil_held()) park_forever();
     }
     ~llama_work() {
         --t_llama_work;

@@ -31,7 +31,7 @@ void free_adapter(llama_adapter_lora * adapter) {
         std::unique_lock<std::shared_mutex> lk(lora_registry());
         llama_adapter_lora_free(adapter);
     };
-    if (PyGILState_Check()) {
+    if (gil_held()) {
         gil_release nogil;
         run();
     } else {
