@@ -69,11 +69,9 @@ def rpc_endpoint() -> Iterator[str]:
     test's traceback keeps alive until interpreter exit still finds it there (ggml's RPC client
     aborts the process when its server is gone)."""
     import lamina
+    import requires
 
-    if lamina.tools.path("ggml-rpc-server") is None:
-        if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
-            raise FileNotFoundError("ggml-rpc-server missing: build with -Ccmake.define.GGML_RPC=ON")
-        pytest.skip("built without GGML_RPC")
+    requires.tool("ggml-rpc-server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

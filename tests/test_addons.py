@@ -19,6 +19,7 @@ import pytest
 
 import lamina
 from lamina import _native
+import requires
 
 PROBE = textwrap.dedent("""
     import json, sys, warnings
@@ -120,8 +121,8 @@ def test_lamina_addons_none_loads_none(tmp_path: Path, tiny_path: Path) -> None:
     assert [a["name"] for a in probe(tmp_path, tiny_path, LAMINA_ADDONS="bogus")["addons"]] == ["bogus"]
 
 
-@pytest.mark.skipif(not _native.BACKEND_DL, reason="backend libraries load at run time only in portable builds")
 def test_a_library_that_is_no_backend_is_refused(tmp_path: Path, tiny_path: Path) -> None:
+    requires.portable()  # backend libraries load at run time only in portable builds
     # lamina's own libggml-base.so: a real library, already loaded, with no ggml_backend_init
     base = Path(lamina._core.PACKAGE_DIR) / "libggml-base.so"
     fake_addon(tmp_path, "base", str(base))
@@ -129,11 +130,11 @@ def test_a_library_that_is_no_backend_is_refused(tmp_path: Path, tiny_path: Path
     assert not a["loaded"] and "ggml_backend_init" in a["error"]
 
 
-@pytest.mark.skipif(not _native.BACKEND_DL or shutil.which("cc") is None,
-                    reason="needs a portable build and a C compiler")
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 def test_a_missing_runtime_library_is_named(tmp_path: Path, tiny_path: Path) -> None:
     """The classic: the backend needs libcudart.so.12 and nothing provides it. Here a library that
     needs libghost.so.1, which is gone; its pip-package preload is looked for and not found."""
+    requires.portable()
     (tmp_path / "ghost.c").write_text("int ghost(void) { return 1; }\n")
     (tmp_path / "backend.c").write_text("int ghost(void); int not_a_backend(void) { return ghost(); }\n")
     subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libghost.so.1", "-o", tmp_path / "libghost.so.1",

@@ -197,8 +197,8 @@ def test_greedy_tokens_from_backend_sampling_are_the_same(tiny_model: lamina.Mod
     prompts = [f"{p} {i}" for i in range(2) for p in PROMPTS]
     want = [alone(tiny_model, p, 12) for p in prompts]
     hot = lamina.Sampler(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=3)
-    with tiny_model.context(n_ctx=256) as one:
-        want_hot = list(one.complete(prompts[1], max_tokens=12, sampler=hot, ignore_eos=True).tokens)
+    with tiny_model.context(n_ctx=256) as one:  # each request's sampler has its own seeded chain
+        want_hot = [list(one.complete(p, max_tokens=12, sampler=hot, ignore_eos=True).tokens) for p in prompts]
     with tiny_model.context(n_ctx=8 * 64, n_seq_max=8) as ctx:
         for round_ in range(2):  # slots change hands between greedy and sampled requests
             eng = lamina._native.Batcher(ctx.native, 0, True)
@@ -207,7 +207,7 @@ def test_greedy_tokens_from_backend_sampling_are_the_same(tiny_model: lamina.Mod
             eng.run(True)
             got = [list(r.result()["tokens"]) for r in reqs]
             for i, (g, s) in enumerate(zip(got, samplers)):
-                assert g == (want_hot if s is hot and i == 1 else want[i] if s is not hot else g), i
+                assert g == (want_hot[i] if s is hot else want[i]), (round_, i)
         ctx.decode([1, 2, 3], logits="all")  # the samplers are detached: logits rows are back
         assert ctx.logits.shape == (3, tiny_model.info.n_vocab)
 

@@ -12,6 +12,7 @@ import pytest
 
 import lamina
 from lamina import bench, cli
+import requires
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHORT = ("-p", "8", "-n", "4", "-r", "1")  # a few milliseconds of measuring on the tiny model
@@ -99,13 +100,6 @@ PARALLEL = ("-npp", "8", "-ntg", "4", "-t", "1")  # a few milliseconds per level
 SPEC_PROMPT = "the city of the world is the capital of the country " * 4  # repeats: n-grams find drafts
 
 
-def tool(name: str) -> None:
-    if lamina.tools.path(name) is None:
-        if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
-            raise FileNotFoundError(f"{name} missing: build with -DLAMINA_EXTRA_TOOLS={name}")
-        pytest.skip(f"{name} not shipped in this build")
-
-
 def test_lamina_parallel_times_one_prompt_step_and_ntg_generation_steps(tiny_model: lamina.Model) -> None:
     # lamina_parallel raises when the engine's counters are not pl*npp prompt tokens and pl*ntg
     # generation tokens: every prompt in the first step, then ntg steps of one token per sequence
@@ -117,7 +111,7 @@ def test_lamina_parallel_times_one_prompt_step_and_ntg_generation_steps(tiny_mod
 
 @pytest.mark.timeout(180)
 def test_bench_parallel_against_llama_batched_bench(tiny_path: Path) -> None:
-    tool("llama-batched-bench")
+    requires.tool("llama-batched-bench")
     out = run_cli("-m", str(tiny_path), "--parallel", "1,3", *PARALLEL, "-r", "1", "--rounds", "2", "--json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
@@ -158,7 +152,7 @@ def test_parse_speculative_reads_the_summary_and_refuses_a_log_without_it() -> N
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("drafter", ["ngram", "self"])
 def test_llama_speculative_simple_runs_with_lamina_settings(tiny_model: lamina.Model, drafter: str) -> None:
-    tool("llama-speculative-simple")
+    requires.tool("llama-speculative-simple")
     n_prompt = len(tiny_model.tokenize(SPEC_PROMPT))
     draft = tiny_model if drafter == "self" else None
     s = bench_batch.run_speculative(tiny_model, draft, SPEC_PROMPT, 24, 1,
@@ -172,7 +166,7 @@ def test_llama_speculative_simple_runs_with_lamina_settings(tiny_model: lamina.M
 
 @pytest.mark.timeout(240)
 def test_bench_draft_against_llama_speculative_simple(tiny_path: Path) -> None:
-    tool("llama-speculative-simple")
+    requires.tool("llama-speculative-simple")
     # on the CPU: a GPU's batched and one-token kernels round a random model's near-ties apart, so
     # even a self-draft is rejected there (4% on the H200); the CPU's f32 kernels agree
     out = run_cli("-m", str(tiny_path), "--no-gpu", "--draft", str(tiny_path), "--prompt", SPEC_PROMPT, "-n", "24",
@@ -210,7 +204,7 @@ def test_bad_parallel_or_draft_arguments_are_usage_errors(args: list[str], capsy
 @pytest.mark.model
 @pytest.mark.timeout(300)
 def test_bench_parallel_on_the_real_model(real_path: Path) -> None:
-    tool("llama-batched-bench")
+    requires.tool("llama-batched-bench")
     out = run_cli("-m", str(real_path), "--parallel", "1,2", "-npp", "16", "-ntg", "8", "-t", "2", "-r", "1", "--json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import lamina
+import requires
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 
@@ -80,8 +81,7 @@ def test_cli_bench_uses_the_config(tiny_path: Path, tmp_path: Path) -> None:
 
 
 def test_cli_bench_compare_runs_llama_bench(tiny_path: Path) -> None:
-    if lamina.bench.llama_bench_path() is None:
-        pytest.skip("llama-bench not shipped in this build")
+    requires.tool("llama-bench")
     out = run_cli("bench", "-m", str(tiny_path), "-p", "32", "-n", "16", "-r", "2", "--compare", "-o", "json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)

@@ -18,6 +18,7 @@ import pytest
 
 import lamina
 from lamina._core import PACKAGE_DIR
+import requires
 
 C_API = re.compile(r"(ggml|gguf|llama)_\w*")
 # ggml-base's quantization kernels (GGML_API in ggml-quants.h), called by the CPU backends
@@ -107,9 +108,7 @@ def test_import_and_load_map_no_tool_library(tiny_path: Path) -> None:
 
 
 def test_tool_libraries_live_beside_the_tools() -> None:
-    bin_dir = PACKAGE_DIR / "bin"
-    if not (bin_dir / "llama-bench").exists():
-        pytest.skip("built without LAMINA_BUILD_TOOLS")
+    bin_dir = requires.tool("llama-bench").parent
     assert not (PACKAGE_DIR / "libllama-common.so").exists()
     out = subprocess.run([str(bin_dir / "llama-bench"), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stderr[-500:]

@@ -4,20 +4,17 @@ Needs llama-completion in the package (-Ccmake.define.LAMINA_EXTRA_TOOLS=llama-c
 builds it); CI sets LAMINA_REQUIRE_TOOLS=1 so a missing tool fails instead of skipping."""
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 import lamina
+import requires
 
 
 def tool(name: str) -> str:
-    if lamina.tools.path(name) is None:
-        if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
-            raise FileNotFoundError(f"{name} missing: build with -DLAMINA_EXTRA_TOOLS={name}")
-        pytest.skip(f"{name} not shipped in this build")
+    requires.tool(name)
     return name
 
 

@@ -169,6 +169,12 @@ def test_malformed_and_mismatched_adapters_raise(tiny_model: lamina.Model, tiny_
         return write_tiny_lora(tmp_path / f"{name}.gguf", base, **kw)  # type: ignore[arg-type]
 
     good = lora("good")
+    with tiny_model.context(n_ctx=128) as ctx:
+        plain = last_logits(ctx)
+        with tiny_model.load_lora(good) as first:
+            ctx.set_lora(first)
+            want = last_logits(ctx)
+    assert np.abs(want - plain).max() > 1e-3
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     cases: list[tuple[Path, type[Exception], str]] = [
@@ -205,8 +211,11 @@ def test_malformed_and_mismatched_adapters_raise(tiny_model: lamina.Model, tiny_
     experts = lora("experts", moe, targets=("ffn_up_exps",), shapes={"blk.0.ffn_up_exps.weight": ((64, 4, 2), (4, 128, 2))})
     with lamina.Model(moe, gpu=False) as m, pytest.raises(lamina.ModelFormatError, match="do not fit"):
         m.load_lora(experts)
+    # the model is still usable: the good adapter loads again and gives the logits it gave before
     with tiny_model.context(n_ctx=128, lora={tiny_model.load_lora(good): 1.0}) as ctx:
-        assert ctx.generate(PROMPT, max_tokens=4).tokens.size >= 0
+        assert np.array_equal(last_logits(ctx), want)
+        ctx.set_lora(None)
+        assert np.array_equal(last_logits(ctx), plain)
 
 
 def test_an_expert_adapter_with_every_expert_works(tmp_path: Path) -> None:
@@ -350,4 +359,7 @@ def test_a_generation_open_across_a_swap_raises(tiny_model: lamina.Model, adapte
         h = ctx.generate(PROMPT, max_tokens=5, ignore_eos=True)
         next(h)
         ctx.set_lora({lora: 1.0})  # the same set: nothing changed, the generation goes on
-        assert len("".join(h)) >= 0 and h.finish_reason == "length"
+        "".join(h)
+        assert h.finish_reason == "length" and len(h.tokens) == 5
+        with tiny_model.context(n_ctx=256, lora={lora: 1.0}) as fresh:
+            assert list(h.tokens) == greedy(fresh, 5)  # as if nothing had happened

@@ -4,7 +4,6 @@ answer, answer too slowly, or speak another protocol version (ggml's client woul
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import struct
 import subprocess
@@ -18,6 +17,7 @@ from typing import Callable, Iterator
 import pytest
 
 import lamina
+import requires
 from tiny_gguf import write_tiny_llama
 
 
@@ -54,10 +54,7 @@ def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
 
 @pytest.fixture(scope="module")
 def two_servers() -> Iterator[list[str]]:
-    if lamina.tools.path("ggml-rpc-server") is None:
-        if os.environ.get("LAMINA_REQUIRE_TOOLS") == "1":
-            raise FileNotFoundError("ggml-rpc-server missing: GGML_RPC is on by default, was it turned off?")
-        pytest.skip("built without GGML_RPC")
+    requires.tool("ggml-rpc-server")
     servers = [start_server("--device", "CPU", "--threads", "1") for _ in range(2)]
     yield [ep for _, ep in servers]
     # the servers stay up until the process ends (PR_SET_PDEATHSIG): a model a failing test keeps
@@ -187,8 +184,7 @@ def test_a_server_that_says_nothing_or_hangs_up_raises_within_the_timeout() -> N
 
 
 def test_rpc_server_binds_loopback_and_warns_for_any_other_address() -> None:
-    if lamina.tools.path("ggml-rpc-server") is None:
-        pytest.skip("built without GGML_RPC")
+    requires.tool("ggml-rpc-server")
     proc, endpoint = start_server("--device", "CPU", "--threads", "1")
     proc.terminate()  # the command is the server itself (exec): nothing outlives it
     _, err = proc.communicate(timeout=30)
@@ -229,8 +225,7 @@ def _ip(*args: str) -> None:
 def two_hosts() -> Iterator[list[str]]:
     """Two RPC servers in network namespaces of their own, each joined to this one by a veth pair:
     separate hosts on 10.201.{1,2}.0/24 as far as the network stack goes (needs root and iproute2)."""
-    if lamina.tools.path("ggml-rpc-server") is None:
-        pytest.skip("built without GGML_RPC")
+    requires.tool("ggml-rpc-server")
     try:
         for i, ns in enumerate(NETNS, 1):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
@@ -283,10 +278,8 @@ def test_a_server_killed_mid_generation_raises_and_the_process_survives(tmp_path
     """ggml's RPC client aborted the process when its server went away; with lamina's patch
     (vendor/llama.cpp/patches) the decode raises DecodeError naming host:port, the model is closed
     (ClosedError from then on), and the process, other models and other servers go on."""
-    if lamina.tools.path("ggml-rpc-server") is None:
-        pytest.skip("built without GGML_RPC")
-    if lamina.system_info().llama_cpp["source"] != "pin":
-        pytest.skip("a user llama.cpp tree does not carry lamina's RPC patch")
+    requires.tool("ggml-rpc-server")
+    requires.pinned_source()  # lamina's RPC patch
     script = f"""
 import os, signal, sys, time
 sys.path.insert(0, {str(Path(__file__).parent)!r})

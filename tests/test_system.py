@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lamina
 from lamina import system
+import requires
 
 
 def test_system_info_lists_backends_and_cpu_features() -> None:
@@ -55,9 +56,7 @@ def test_import_prints_nothing_and_cli_doctor_runs() -> None:
 
 
 def test_tools_from_the_same_source_ship_with_the_package() -> None:
-    if lamina.tools.path("llama-bench") is None:  # built with -DLAMINA_BUILD_TOOLS=OFF, or a development tree
-        import pytest
-        pytest.skip("llama-bench not shipped in this build")
+    requires.tool("llama-bench")  # built with -DLAMINA_BUILD_TOOLS=OFF, or a development tree
     out = lamina.tools.run("llama-bench", ["--help"], capture_output=True, timeout=60)
     assert out.returncode == 0 and "usage" in out.stdout.lower()
     # and it runs on the backends lamina has (a portable build's live outside bin/): the CPU at least
@@ -105,8 +104,8 @@ def test_failed_load_explains_why(tiny_path: Path, tmp_path: Path) -> None:
     assert "failed to load model" in str(err.value) and "nosucharch" in str(err.value), str(err.value)
 
 
-@pytest.mark.skipif(not lamina._native.PORTABLE, reason="a portable build (LAMINA_PORTABLE=ON) ships the CPU variants")
 def test_a_forced_lower_cpu_variant_runs_and_an_unusable_one_is_refused(tiny_path: Path) -> None:
+    requires.portable()  # a portable build ships the CPU variants
     # every variant this CPU can run gives the same tokens; one it cannot (or that does not exist)
     # is refused with a warning and the best variant is used: never an illegal instruction
     code = f"""
