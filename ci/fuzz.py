@@ -14,11 +14,12 @@ number always makes the same file:
           merges, alignment, ...), dropped, or given another type; the file is re-laid out
 Every case runs in a forked child that loads the file with lamina.Model(path, gpu=False), then
 generates 2 tokens from token ids and 2 from a text prompt (tokenizer and detokenizer), and is
-classified: loaded / raised (a Python exception) / signal / exit (another exit code, such as a
+classified: loaded / raised (a lamina.LaminaError) / foreign (any other Python exception: a
+message nanobind could not convert, a bare C++ error) / signal / exit (another exit code, such as a
 sanitizer's) / hang.
 
 usage: python ci/fuzz.py [--cases 1000] [--seed 0] [--first 0] [--timeout 20] [--save DIR]
-Exits 1 when any case ends in a signal, an odd exit or a hang; --save keeps those files for
+Exits 1 when any case ends in a foreign exception, a signal, an odd exit or a hang; --save keeps those files for
 reproduction (python ci/fuzz.py --replay FILE runs one file the same way).
 """
 from __future__ import annotations
@@ -279,8 +280,13 @@ def load_and_generate(path: Path) -> None:
         c.complete("Hello\n wörld ✓ <0x0A> 12", max_tokens=2)  # tokenizer, detokenizer
 
 
-def run_case(path: Path, timeout: float, action: Callable[[], None] | None = None) -> tuple[str, str]:
-    """Run action (default: load path and generate) in a forked child and classify how it ended."""
+def run_case(path: Path, timeout: float, action: Callable[[], None] | None = None,
+             expected: tuple[type[BaseException], ...] = ()) -> tuple[str, str]:
+    """Run action (default: load path and generate) in a forked child and classify how it ended.
+    A lamina.LaminaError (or one of ``expected``) is "raised"; any other exception is "foreign":
+    a message nanobind could not convert (RuntimeError) or a bare C++ error escaped lamina."""
+    import lamina
+
     err = tempfile.TemporaryFile()
     pid = os.fork()
     if pid == 0:  # the child: load, generate, report by exit code
@@ -290,8 +296,11 @@ def run_case(path: Path, timeout: float, action: Callable[[], None] | None = Non
         try:
             (action or (lambda: load_and_generate(path)))()
             code = 0
-        except Exception:  # noqa: BLE001 - any Python exception is the good outcome
+        except (lamina.LaminaError, *expected):
             code = 1
+        except Exception as e:  # noqa: BLE001 - reported as the case's last line
+            print(f"foreign exception {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            code = 4
         os._exit(code)
     deadline = time.monotonic() + timeout
     status = None
@@ -308,11 +317,12 @@ def run_case(path: Path, timeout: float, action: Callable[[], None] | None = Non
     elif os.WIFSIGNALED(status):
         outcome = "signal " + signal.Signals(os.WTERMSIG(status)).name
     else:
-        outcome = {0: "loaded", 1: "raised"}.get(os.WEXITSTATUS(status), f"exit {os.WEXITSTATUS(status)}")
+        outcome = {0: "loaded", 1: "raised", 4: "foreign"}.get(os.WEXITSTATUS(status), f"exit {os.WEXITSTATUS(status)}")
     err.seek(0)
     lines = [ln for ln in err.read().decode(errors="replace").splitlines() if ln.strip()]
     err.close()
-    asserts = [ln for ln in lines if "GGML_ASSERT" in ln or "GGML_ABORT" in ln or "terminate" in ln or "error" in ln]
+    foreign = [ln for ln in lines if ln.startswith("foreign exception ")]
+    asserts = foreign or [ln for ln in lines if "GGML_ASSERT" in ln or "GGML_ABORT" in ln or "terminate" in ln or "error" in ln]
     return outcome, (asserts or lines or [""])[-1]
 
 
@@ -442,7 +452,7 @@ def state_fuzz(a: argparse.Namespace, work: Path) -> int:
     for case in range(a.first, a.first + a.cases):
         k = case % 2
         data, what = mutate_state(blobs[k][1], fields[k], case, a.seed)
-        outcome, tail = run_case(model_path, a.timeout, lambda: load(blobs[k][0], data))
+        outcome, tail = run_case(model_path, a.timeout, lambda: load(blobs[k][0], data), expected=(ValueError,))
         record(counts, bad, outcome, f"case {case} ({blobs[k][0]} state): {outcome}: {what} | {tail[:200]}",
                a.save and a.save / f"state-seed{a.seed}-case{case}.bin", data)
     print(f"fuzz --state: {a.cases} cases (seed {a.seed}, from {a.first}) in {time.monotonic() - t0:.0f} s: " +

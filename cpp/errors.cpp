@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <cstdio>
+#include <cstring>
 #include <initializer_list>
 #include <utility>
 
@@ -19,6 +20,15 @@ std::string grouped(uint64_t n) {  // 98304000000 -> "98,304,000,000"
         out += d[i];
     }
     return out;
+}
+
+// Set a Python exception from a C++ message that may not be UTF-8 (a last resort: lamina's own
+// errors are escaped when made).
+void set_error(PyObject * type, const char * msg) {
+    PyObject * text = PyUnicode_DecodeUTF8(msg, Py_ssize_t(std::strlen(msg)), "backslashreplace");
+    if (text == nullptr) return;  // the decode's own error stays set
+    PyErr_SetObject(type, text);
+    Py_DECREF(text);
 }
 
 }  // namespace
@@ -85,12 +95,30 @@ void raise_with(void * type, const char * msg, std::initializer_list<std::pair<c
 }  // namespace
 
 void init_errors(nb::module_ & m) {
-    // Translators run newest first, so subclasses are registered after their base.
+    // Translators run newest first, so subclasses are registered after their base. This one runs
+    // after lamina's own and before nanobind's: the standard exceptions nanobind would raise with
+    // PyErr_SetString (a UnicodeDecodeError for a message that is not UTF-8), with any bytes.
     nb::register_exception_translator([](const std::exception_ptr & p, void *) {
         try {
             std::rethrow_exception(p);
+        } catch (const nb::builtin_exception &) {
+            throw;  // nanobind's own (StopIteration, ...)
         } catch (const permission_error & e) {
-            PyErr_SetString(PyExc_PermissionError, e.what());
+            set_error(PyExc_PermissionError, e.what());
+        } catch (const std::invalid_argument & e) {
+            set_error(PyExc_ValueError, e.what());
+        } catch (const std::domain_error & e) {
+            set_error(PyExc_ValueError, e.what());
+        } catch (const std::length_error & e) {
+            set_error(PyExc_ValueError, e.what());
+        } catch (const std::out_of_range & e) {
+            set_error(PyExc_IndexError, e.what());
+        } catch (const std::range_error & e) {
+            set_error(PyExc_ValueError, e.what());
+        } catch (const std::overflow_error & e) {
+            set_error(PyExc_OverflowError, e.what());
+        } catch (const std::runtime_error & e) {
+            set_error(PyExc_RuntimeError, e.what());
         }
     });
     nb::exception<lamina_error> base(m, "LaminaError", PyExc_RuntimeError);

@@ -28,7 +28,17 @@ namespace nb = nanobind;
 namespace lamina {
 
 // ---- errors (registered as Python exceptions in errors.cpp) ------------------------------
-struct lamina_error : std::runtime_error { using std::runtime_error::runtime_error; };
+// A message as Python can show it: valid UTF-8 is kept, every other byte (and a control character
+// other than newline and tab) becomes \xNN. Text quoted from a file (a GGUF key, a token, a string
+// value, llama.cpp's log line about them) may be any bytes; Python's str must be UTF-8.
+std::string escape_bytes(const std::string & s);
+// A string from a model file as a Python str, its bytes that are not UTF-8 as \xNN (text.cpp).
+nb::str file_text(const std::string & s);
+
+// Every lamina error carries an escaped message (so do a format error's field and reason).
+struct lamina_error : std::runtime_error {
+    explicit lamina_error(const std::string & msg) : std::runtime_error(escape_bytes(msg)) {}
+};
 struct load_error : lamina_error { using lamina_error::lamina_error; };
 struct out_of_memory_error : lamina_error {
     std::string device;  // the device whose allocation failed ("" when llama.cpp did not say)
@@ -41,7 +51,7 @@ struct model_format_error : load_error {  // -> lamina.ModelFormatError(field, o
     std::string field, reason;
     uint64_t offset;  // the byte in the file where the bad field starts
     model_format_error(const std::string & msg, std::string f, uint64_t off, std::string r)
-        : load_error(msg), field(std::move(f)), reason(std::move(r)), offset(off) {}
+        : load_error(msg), field(escape_bytes(f)), reason(escape_bytes(r)), offset(off) {}
 };
 struct decode_error : lamina_error {
     int code;

@@ -135,7 +135,7 @@ public:
             std::string v(size_t(len) + 1, '\0');
             llama_adapter_meta_val_str_by_index(a, i, v.data(), v.size());
             v.resize(size_t(len));
-            d[nb::str(key.c_str(), key.size())] = nb::str(v.c_str(), v.size());
+            d[file_text(key)] = file_text(v);
         }
         return d;
     }

@@ -234,8 +234,8 @@ public:
             val.assign(size_t(vn) + 1, '\0');
             llama_model_meta_val_str_by_index(mdl, i, val.data(), val.size());
             val.resize(size_t(vn));
-            d[nb::str(key.c_str(), size_t(std::min<int32_t>(kn, int32_t(key.size()) - 1)))] =
-                nb::str(val.data(), val.size());
+            d[file_text(std::string(key.c_str(), size_t(std::min<int32_t>(kn, int32_t(key.size()) - 1))))] =
+                file_text(val);
         }
         return d;
     }
@@ -248,8 +248,8 @@ public:
         llama_model_desc(mdl, desc, sizeof(desc));
         d["path"] = m.path;
         d["desc"] = desc;
-        d["arch"] = meta_string(mdl, "general.architecture");
-        d["name"] = meta_string(mdl, "general.name");
+        d["arch"] = file_text(meta_string(mdl, "general.architecture"));
+        d["name"] = file_text(meta_string(mdl, "general.name"));
         d["n_params"] = llama_model_n_params(mdl);
         d["size"] = llama_model_size(mdl);
         // a vocab-only load reads no hyperparameters: llama.cpp aborts on n_head() etc. without them
@@ -269,7 +269,7 @@ public:
         std::optional<std::string> chat_template;
         if (tmpl != nullptr) chat_template = std::string(tmpl);
         if (!chat_template && m.vocab_only) chat_template = file_chat_template(m.path);  // not kept by that load
-        d["chat_template"] = chat_template ? nb::cast(*chat_template) : nb::none();
+        d["chat_template"] = chat_template ? nb::object(file_text(*chat_template)) : nb::none();
         d["bos"] = llama_vocab_bos(m.vocab);
         d["eos"] = llama_vocab_eos(m.vocab);
         d["eot"] = llama_vocab_eot(m.vocab);

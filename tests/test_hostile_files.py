@@ -18,7 +18,7 @@ import lamina
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "ci"))
-from fuzz import ARR, BOOL, F32, STR, U32, kv_bytes, layout, relayout, targets  # noqa: E402
+from fuzz import ARR, BOOL, F32, STR, U32, gguf_str, kv_bytes, layout, relayout, targets  # noqa: E402
 from tiny_gguf import write_tiny_llama  # noqa: E402
 
 
@@ -100,6 +100,36 @@ def test_a_malformed_byte_token_raises(tmp_path: Path, text: str) -> None:
 def test_two_byte_tokens_for_one_byte_raise(tmp_path: Path) -> None:
     err = format_error(with_tokens(tmp_path, {13: "<0x0B>"}))  # token 14 is <0x0B>
     assert err.field == "tokenizer.ggml.tokens[14]" and "second byte token" in err.reason
+
+
+def test_file_text_that_is_not_utf8_is_escaped_in_the_error(tmp_path: Path) -> None:
+    """A message quoting a key, a token or a string value that is not UTF-8 raised
+    RuntimeError('nanobind::str(): conversion error!') instead of ModelFormatError (8 of 10,000
+    fuzzed files): every invalid byte, and a control character, is written as \\xNN."""
+    bad_key = gguf_str(b"general.\xff\xfe\x01name") + struct.pack("<I", 99)  # and a value type that does not exist
+    err = format_error(with_kv(tmp_path, {"bad": bad_key}))
+    assert err.field == "general.\\xff\\xfe\\x01name" and "value type 99" in err.reason
+    assert "general.\\xff\\xfe\\x01name" in str(err)
+    err = format_error(with_tokens(tmp_path, {13: b"<0x\xc3>"}))  # type: ignore[dict-item]
+    assert err.field == "tokenizer.ggml.tokens[13]" and "'<0x\\xc3>'" in err.reason
+    rope = kv_bytes("llama.rope.scaling.type", STR, b"y\xe9arn\xf0\x9f\x98")  # a truncated 4-byte sequence too
+    err = format_error(with_kv(tmp_path, {"llama.rope.scaling.type": rope}))
+    assert "'y\\xe9arn\\xf0\\x9f\\x98'" in err.reason
+    ok = kv_bytes("llama.rope.scaling.type", STR, "ünknöwn ✓".encode())  # valid UTF-8 is kept as it is
+    assert "'ünknöwn ✓'" in format_error(with_kv(tmp_path, {"llama.rope.scaling.type": ok})).reason
+    # a file that loads: its strings reach model.info and model.metadata the same way
+    name = kv_bytes("general.name", STR, b"lam\xc2na\n")
+    with lamina.Model(with_kv(tmp_path, {"general.name": name}), gpu=False) as m:
+        assert m.info.name == "lam\\xc2na\n" and m.metadata["general.name"] == "lam\\xc2na\n"
+    # llama.cpp's own refusal quotes the file too (its log line becomes the message)
+    lay = layout(write_tiny_llama(tmp_path / "arch.gguf"))
+    pairs = dict(lay.pairs)
+    pairs["general.architecture"] = kv_bytes("general.architecture", STR, b"no\xffarch")
+    p = tmp_path / "unknown-arch.gguf"
+    p.write_bytes(relayout((tmp_path / "arch.gguf").read_bytes(), lay, list(pairs.values())))
+    with pytest.raises(lamina.LoadError) as load:
+        lamina.Model(p, gpu=False)
+    assert "unknown model architecture: 'no\\xffarch'" in str(load.value), str(load.value)
 
 
 def test_rope_scaling_type_llama_cpp_does_not_know_raises(tmp_path: Path) -> None:
