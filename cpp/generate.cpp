@@ -237,6 +237,11 @@ public:
             bytes_.clear();
             return out;
         }
+        // A Ctrl-C that arrived during the decode (GIL released) is raised here, inside __next__, with
+        // the piece kept for the next call: a `for` loop's try/except then sees it on every Python.
+        // Left to the interpreter, it is raised at the loop's back edge, which Python 3.13 can match
+        // against the wrong exception-table entry and skip the handler (CPython gh-130279).
+        check_signals();
         size_t k = utf8_complete_prefix(bytes_);
         nb::str out = utf8_str(bytes_.data(), k);
         bytes_.erase(0, k);

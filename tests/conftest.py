@@ -51,6 +51,22 @@ def real_model(real_path: Path):
         yield m
 
 
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """Python's own SIGINT handler (KeyboardInterrupt) for one test. Python keeps SIGINT ignored when
+    its process starts that way: a background job of a shell without job control (`cmd &` in a
+    script, `nohup`, how CI and long runs are often started). Such a process never sees a Ctrl-C,
+    so a test that raises SIGINT to check lamina's reaction to one asks for the handler itself, as
+    a program that wants KeyboardInterrupt there would."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _die_with_parent() -> None:
     import ctypes
     import signal

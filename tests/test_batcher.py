@@ -212,7 +212,7 @@ def test_greedy_tokens_from_backend_sampling_are_the_same(tiny_model: lamina.Mod
         assert ctx.logits.shape == (3, tiny_model.info.n_vocab)
 
 
-def test_ctrl_c_stops_generate_batch_between_steps(tiny_model: lamina.Model) -> None:
+def test_ctrl_c_stops_generate_batch_between_steps(tiny_model: lamina.Model, sigint_raises: None) -> None:
     import signal
 
     with tiny_model.context(n_ctx=2 * 16384, n_seq_max=2) as ctx:

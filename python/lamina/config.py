@@ -678,9 +678,9 @@ def _suggest(key: str, known: list[str]) -> str:
 
 
 # LAMINA_* variables that are not settings (the build, the add-ons, the tests)
-OTHER_VARIABLES = {"ADDONS", "CUDA_RUNTIME", "CPU_VARIANT", "REQUIRE_MODEL", "REQUIRE_TOOLS", "CACHE_DIR",
-                   "LLAMA_CPP_DIR", "LLAMA_CPP_ARCHIVE", "PORTABLE", "BUILD_TOOLS", "EXTRA_TOOLS", "CCACHE",
-                   "SANITIZE", "STUBGEN", "WHEEL", "VULKAN_WHEEL", "ADDON"}
+OTHER_VARIABLES = {"ADDONS", "CUDA_RUNTIME", "CPU_VARIANT", "REQUIRE_MODEL", "REQUIRE_TOOLS", "REQUIRE_PORTABLE",
+                   "CACHE_DIR", "LLAMA_CPP_DIR", "LLAMA_CPP_ARCHIVE", "PORTABLE", "BUILD_TOOLS", "EXTRA_TOOLS",
+                   "CCACHE", "SANITIZE", "STUBGEN", "WHEEL", "VULKAN_WHEEL", "ADDON"}
 
 
 def _beside(file: Path, value: str, source: str, name: str) -> Path:
