@@ -30,7 +30,7 @@ esac
 venv=$(mktemp -d)
 "$py312" -m venv "$venv/audit"
 "$venv/audit/bin/pip" install -q abi3audit
-"$venv/audit/bin/abi3audit" --strict --report "$whl" | tee "$log/abi3audit.txt"
+"$venv/audit/bin/abi3audit" --strict --summary --report --output "$log/abi3audit.json" "$whl"
 
 # no compiler involved: binaries only for lamina and what it pulls in
 for py in "$py312" "$py313"; do
