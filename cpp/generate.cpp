@@ -88,6 +88,12 @@ public:
     }
 
     nb::str next() {
+        if (done_ && final_piece_) {
+            final_piece_ = false;
+            nb::str out = utf8_str(bytes_.data(), bytes_.size());
+            bytes_.clear();
+            return out;
+        }
         if (done_) throw nb::stop_iteration();
         context_lease lease(st_, this);  // BusyError for a second thread, or a re-entrant call
         context_state & st = *lease;
@@ -233,6 +239,9 @@ public:
             t_gen_us_ = llama_time_us() - t_gen_start_;
             detach_backend(st);
             if (bytes_.empty()) throw nb::stop_iteration();
+            final_piece_ = true;
+            check_signals();  // as below; the next call returns the last piece
+            final_piece_ = false;
             nb::str out = utf8_str(bytes_.data(), bytes_.size());
             bytes_.clear();
             return out;
@@ -251,6 +260,7 @@ public:
     // Final: iteration ends, and the context gets its logits back (the backend sampler detached).
     void close() {
         done_ = true;
+        final_piece_ = false;
         if (st_->backend_owner.load() != this) return;
         context_lease lease(st_, this);
         detach_backend(*lease);
@@ -392,6 +402,7 @@ private:
     int32_t shift_keep_;      // < 0: stop when the context is full; else tokens kept when shifting
     int64_t n_shifts_ = 0;
     bool started_ = false, done_ = false, pending_ = false, failed_ = false;
+    bool final_piece_ = false;  // done, and the last piece waits in bytes_ (a Ctrl-C came with it)
     uint64_t lora_epoch_ = 0;  // the context's adapters when this generation started
     llama_token last_ = -1;
     bool slow_tokens_ = false;     // the last token's decode took > 20 ms: watch for signals inside it

@@ -64,29 +64,50 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
-def _stream(native: _native.Generator, stops: Sequence[str], stopped: list[bool]) -> Iterator[str]:
+class _Stream:
     """Pieces of ``native`` cut at the first stop string; sets stopped[0] when one matched, and
-    takes the tokens from the stop on out of the token list and the KV cache. A free function
-    (not a method) so a Generation holds no reference cycle: contexts are freed as soon as the
-    last reference goes, not at the next garbage collection."""
-    held = ""
-    emitted = 0  # characters of text yielded so far
-    for piece in native:
-        held += piece
-        cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            stopped[0] = True
-            native.stop_at(emitted + cut)
-            if cut:
-                yield held[:cut]
-            return
-        keep = _stop_holdback(held, stops)
-        if len(held) > keep:
-            emitted += len(held) - keep
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep:]
-    if held:
-        yield held
+    takes the tokens from the stop on out of the token list and the KV cache. Holds no reference
+    to its Generation (no cycle: contexts are freed as soon as the last reference goes, not at the
+    next garbage collection). An iterator object, not a generator: an exception from the native
+    generator (a Ctrl-C raised by its __next__) keeps the text held back here, and iterating again
+    goes on where it stopped."""
+
+    def __init__(self, native: _native.Generator, stops: Sequence[str], stopped: list[bool]) -> None:
+        self._native = native
+        self._stops = stops
+        self._stopped = stopped
+        self._held = ""
+        self._emitted = 0  # characters of text yielded so far
+        self._done = False
+
+    def __iter__(self) -> "_Stream":
+        return self
+
+    def __next__(self) -> str:
+        while not self._done:
+            try:
+                held = self._held + next(self._native)
+            except StopIteration:
+                self._done = True
+                break
+            cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self._stopped[0] = True
+                self._done = True
+                self._held = ""
+                self._native.stop_at(self._emitted + cut)
+                if cut:
+                    return held[:cut]
+                break
+            keep = _stop_holdback(held, self._stops)
+            self._held = held[len(held) - keep:] if keep else ""
+            if len(held) > keep:
+                self._emitted += len(held) - keep
+                return held[: len(held) - keep]
+        if self._held:
+            held, self._held = self._held, ""
+            return held
+        raise StopIteration
 
 
 class Generation:
@@ -97,7 +118,7 @@ class Generation:
         self._native = native
         self._stops = [s for s in stops if s]
         self._stopped = [False]
-        self._pieces: Iterator[str] = _stream(native, self._stops, self._stopped) if self._stops else native
+        self._pieces: Iterator[str] = _Stream(native, self._stops, self._stopped) if self._stops else native
 
     def __iter__(self) -> Iterator[str]:
         # Without stop strings this is the native generator itself: no Python frame per token.
