@@ -281,10 +281,11 @@ def load_and_generate(path: Path) -> None:
 
 
 def run_case(path: Path, timeout: float, action: Callable[[], None] | None = None,
-             expected: tuple[type[BaseException], ...] = ()) -> tuple[str, str]:
+             expected: tuple[type[BaseException], ...] = (ValueError, IndexError)) -> tuple[str, str]:
     """Run action (default: load path and generate) in a forked child and classify how it ended.
-    A lamina.LaminaError (or one of ``expected``) is "raised"; any other exception is "foreign":
-    a message nanobind could not convert (RuntimeError) or a bare C++ error escaped lamina."""
+    A lamina.LaminaError, or one of ``expected`` (lamina's errors for bad input), is "raised"; any
+    other exception is "foreign": a message nanobind could not convert (RuntimeError), text that
+    could not be decoded (UnicodeError), or a bare C++ error that escaped lamina."""
     import lamina
 
     err = tempfile.TemporaryFile()
@@ -296,7 +297,12 @@ def run_case(path: Path, timeout: float, action: Callable[[], None] | None = Non
         try:
             (action or (lambda: load_and_generate(path)))()
             code = 0
-        except (lamina.LaminaError, *expected):
+        except lamina.LaminaError:
+            code = 1
+        except UnicodeError as e:  # a ValueError, but never the right one: text lamina could not convert
+            print(f"foreign exception {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            code = 4
+        except expected:
             code = 1
         except Exception as e:  # noqa: BLE001 - reported as the case's last line
             print(f"foreign exception {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -452,7 +458,7 @@ def state_fuzz(a: argparse.Namespace, work: Path) -> int:
     for case in range(a.first, a.first + a.cases):
         k = case % 2
         data, what = mutate_state(blobs[k][1], fields[k], case, a.seed)
-        outcome, tail = run_case(model_path, a.timeout, lambda: load(blobs[k][0], data), expected=(ValueError,))
+        outcome, tail = run_case(model_path, a.timeout, lambda: load(blobs[k][0], data))
         record(counts, bad, outcome, f"case {case} ({blobs[k][0]} state): {outcome}: {what} | {tail[:200]}",
                a.save and a.save / f"state-seed{a.seed}-case{case}.bin", data)
     print(f"fuzz --state: {a.cases} cases (seed {a.seed}, from {a.first}) in {time.monotonic() - t0:.0f} s: " +
