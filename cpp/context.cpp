@@ -99,6 +99,8 @@ using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::devi
 // the caller's abort flag, it looks for a signal every 20 ms (a read() on lamina's wakeup pipe,
 // see signals.cpp) and only then takes the GIL to run Python's handlers, so Ctrl-C stops a long
 // CPU decode within one node instead of after the whole batch.
+std::atomic<uint64_t> g_abort_gil_takes{0};  // times abort_requested took the GIL (a signal had arrived)
+
 bool abort_requested(void * data) {
     auto * st = static_cast<context_state *>(data);
     if (st->abort.load(std::memory_order_relaxed)) {
@@ -121,6 +123,7 @@ bool abort_requested(void * data) {
     if (!signal_arrived() || !Py_IsInitialized()) {
         return false;  // the common case: no GIL
     }
+    g_abort_gil_takes.fetch_add(1, std::memory_order_relaxed);
     gil_acquire gil;
     bool raised = PyErr_CheckSignals() != 0;
     if (raised) {
@@ -617,6 +620,9 @@ std::shared_ptr<context_state> context_shared(nb::handle ctx) {
 }
 
 void init_context(nb::module_ & m) {
+    m.def("abort_gil_takes", [] { return g_abort_gil_takes.load(); },
+          "How many times a decode's abort callback has taken the GIL in this process: only when a signal "
+          "arrived (tests check that graph compute never waits for the GIL otherwise).");
     {
         using Params = context_params;
         nb::class_<context_params>(m, "ContextParams",
