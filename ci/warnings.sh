@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 if ! command -v clang++ >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq clang >/dev/null
 fi
+# the configure finds nanobind through this Python (pip's isolated build brings its own)
+python3 -c "import nanobind" 2>/dev/null || python3 -m pip install -q "nanobind>=2.4"
 build=$(mktemp -d /tmp/lamina-warnings.XXXXXX)
 trap 'rm -rf "$build"' EXIT
 # the same configure as the package build (scikit-build-core passes these), with Clang for C++
