@@ -26,28 +26,11 @@ namespace {
 
 using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
-size_t utf8_complete(const std::string & s) {
-    size_t n = s.size();
-    for (size_t back = 1; back <= 4 && back <= n; ++back) {
-        unsigned char c = static_cast<unsigned char>(s[n - back]);
-        if ((c & 0xC0) == 0x80) continue;
-        size_t need = (c & 0x80) == 0 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
-        return back >= need ? n : n - back;
-    }
-    return n;
-}
-
 using steady = std::chrono::steady_clock;
 // timeout seconds from now (< 0 or huge: a billion seconds, far enough)
 steady::time_point deadline(double timeout) {
     const double s = timeout < 0 || !(timeout < 1e9) ? 1e9 : timeout;
     return steady::now() + std::chrono::duration_cast<steady::duration>(std::chrono::duration<double>(s));
-}
-
-nb::str utf8_text(const char * data, size_t n) {
-    PyObject * o = PyUnicode_DecodeUTF8(data, Py_ssize_t(n), "replace");
-    if (o == nullptr) throw nb::python_error();
-    return nb::steal<nb::str>(o);
 }
 
 struct request {
@@ -60,6 +43,8 @@ struct request {
     std::vector<std::string> stops;  // UTF-8
     // the loop's own
     int32_t slot = -1;
+    uint64_t epoch = 0;        // its sequence's epoch when admitted (seq_changed): moved by another client, it ends
+    bool seq_lost = false;     // it ended because another client changed its sequence (left as that client made it)
     size_t n_fed = 0;          // prompt tokens decoded
     size_t feeding = 0;        // prompt tokens in the current batch
     llama_pos pos = 0;         // next position of this sequence
@@ -141,6 +126,11 @@ class engine {
 public:
     engine(const engine &) = delete;
     engine & operator=(const engine &) = delete;
+    // Gone: a later lease by anyone detaches the samplers it left attached (the context owns them).
+    ~engine() {
+        const void * self = this;
+        core_->st->backend_owner.compare_exchange_strong(self, nullptr);
+    }
     engine(nb::handle ctx, int32_t chunk, bool backend_sampling)
         : core_(std::make_shared<engine_core>()), backend_sampling_(backend_sampling) {
         core_->st = context_shared(ctx);
@@ -152,7 +142,6 @@ public:
         if (chunk < 0) throw std::invalid_argument("chunk must be >= 0 (0: n_batch)");
         core_->chunk = chunk == 0 ? n_batch : std::min(chunk, n_batch);
         core_->slot_used.assign(llama_n_seq_max(st.ctx.get()), false);
-        slot_samplers_.resize(core_->slot_used.size());
         int fds[2];
         if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
         core_->wake_rd = fds[0];
@@ -215,7 +204,7 @@ public:
             engine & e;
             ~detach_guard() {
                 try {
-                    context_lease lease(e.core_->st);
+                    context_lease lease(e.core_->st, &e);
                     e.detach_samplers(*lease);
                 } catch (const std::exception &) {  // busy or forked: the next lease's owner deals with it
                 }
@@ -325,7 +314,7 @@ public:
                     timed_out = true;
                 }
             }
-            if (!piece.empty()) return utf8_text(piece.data(), piece.size());
+            if (!piece.empty()) return text_replaced(piece.data(), piece.size());
             if (end) {
                 raise_if_failed(r);
                 throw nb::stop_iteration();
@@ -348,7 +337,7 @@ public:
             end = !r.finish.empty();
         }
         if (end && piece.empty()) raise_if_failed(r);
-        return {utf8_text(piece.data(), piece.size()), end};
+        return {text_replaced(piece.data(), piece.size()), end};
     }
 
     // Block until r ends (or timeout seconds pass: False).
@@ -372,20 +361,34 @@ public:
 
     nb::dict result(request & r) {
         check_fork(core_->fork_gen, "Batcher");
-        nb::dict d;
-        std::lock_guard<std::mutex> lk(core_->mu);
-        auto * heap = new std::vector<int32_t>(r.generated.begin(), r.generated.end());
+        // copied under the mutex with the GIL released (the loop never waits for the GIL holding it,
+        // and neither does a reader), then made into Python objects
+        auto * heap = new std::vector<int32_t>();
         nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
+        std::string text, finish, error;
+        int64_t t_admit, t_first, t_end;
+        {
+            gil_release nogil;
+            std::lock_guard<std::mutex> lk(core_->mu);
+            heap->assign(r.generated.begin(), r.generated.end());
+            text = r.text;
+            finish = r.finish;
+            error = r.error;
+            t_admit = r.t_admit;
+            t_first = r.t_first;
+            t_end = r.t_end;
+        }
+        nb::dict d;
         d["tokens"] = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
-        d["text"] = utf8_text(r.text.data(), r.text.size());
-        d["finish_reason"] = r.finish.empty() ? nb::none() : nb::cast(r.finish);
-        d["error"] = r.error.empty() ? nb::none() : nb::cast(r.error);
-        d["n_prompt"] = r.prompt.size();
-        d["n_generated"] = r.generated.size();
+        d["text"] = text_replaced(text.data(), text.size());
+        d["finish_reason"] = finish.empty() ? nb::none() : nb::cast(finish);
+        d["error"] = error.empty() ? nb::none() : nb::cast(error);
+        d["n_prompt"] = r.prompt.size();  // fixed at submit
+        d["n_generated"] = heap->size();
         d["t_submit_us"] = r.t_submit;
-        d["t_admit_us"] = r.t_admit;
-        d["t_first_us"] = r.t_first;
-        d["t_end_us"] = r.t_end;
+        d["t_admit_us"] = t_admit;
+        d["t_first_us"] = t_first;
+        d["t_end_us"] = t_end;
         return d;
     }
 
@@ -398,13 +401,26 @@ public:
     }
 
     void raise_if_failed(const request & r) {
-        if (r.finish != "error") return;
-        if (r.error_code != 0) throw decode_error(r.error_code, r.error);
-        throw lamina_error(r.error);
+        std::string finish, error;
+        int code;
+        bool lost;
+        {
+            gil_release nogil;
+            std::lock_guard<std::mutex> lk(core_->mu);
+            finish = r.finish;
+            error = r.error;
+            code = r.error_code;
+            lost = r.seq_lost;
+        }
+        if (finish != "error") return;
+        if (lost) throw stale_error(error);
+        if (code != 0) throw decode_error(code, error);
+        throw lamina_error(error);
     }
 
     int wake_fd() {
         check_fork(core_->fork_gen, "Batcher");
+        gil_release nogil;
         std::lock_guard<std::mutex> lk(core_->mu);
         core_->wake_armed = true;
         return core_->wake_rd;
@@ -412,23 +428,30 @@ public:
 
     nb::dict stats() {
         check_fork(core_->fork_gen, "Batcher");
+        std::vector<std::pair<const char *, int64_t>> v;  // read under the mutex without the GIL
+        bool closed;
+        {
+            gil_release nogil;
+            std::lock_guard<std::mutex> lk(core_->mu);
+            v.emplace_back("waiting", int64_t(core_->waiting.size()));
+            v.emplace_back("running", int64_t(core_->active.size()));
+            v.emplace_back("n_seq_max", int64_t(core_->slot_used.size()));
+            v.emplace_back("chunk", int64_t(core_->chunk));
+            v.emplace_back("steps", int64_t(core_->n_steps));
+            v.emplace_back("finished", int64_t(core_->n_finished));
+            v.emplace_back("max_running", int64_t(core_->max_running));
+            v.emplace_back("n_prompt_tokens", int64_t(core_->n_prompt_tokens));
+            v.emplace_back("n_gen_tokens", int64_t(core_->n_gen_tokens));
+            v.emplace_back("t_prompt_steps_us", int64_t(core_->t_prompt_steps_us));
+            v.emplace_back("t_gen_steps_us", int64_t(core_->t_gen_steps_us));
+            v.emplace_back("n_gen_steps", int64_t(core_->n_gen_steps));
+            v.emplace_back("t_gen_sample_us", int64_t(core_->t_gen_sample_us));
+            v.emplace_back("graphs_reused", int64_t(core_->graphs_reused));
+            closed = core_->closed;
+        }
         nb::dict d;
-        std::lock_guard<std::mutex> lk(core_->mu);
-        d["waiting"] = core_->waiting.size();
-        d["running"] = core_->active.size();
-        d["n_seq_max"] = core_->slot_used.size();
-        d["chunk"] = core_->chunk;
-        d["steps"] = core_->n_steps;
-        d["finished"] = core_->n_finished;
-        d["max_running"] = core_->max_running;
-        d["n_prompt_tokens"] = core_->n_prompt_tokens;
-        d["n_gen_tokens"] = core_->n_gen_tokens;
-        d["t_prompt_steps_us"] = core_->t_prompt_steps_us;
-        d["t_gen_steps_us"] = core_->t_gen_steps_us;
-        d["n_gen_steps"] = core_->n_gen_steps;
-        d["t_gen_sample_us"] = core_->t_gen_sample_us;
-        d["graphs_reused"] = core_->graphs_reused;
-        d["closed"] = core_->closed;
+        for (const auto & [k, x] : v) d[k] = x;
+        d["closed"] = closed;
         return d;
     }
 
@@ -438,7 +461,7 @@ private:
     // One step (GIL held on entry and exit).
     void step(llama_batch & b) {
         engine_core & c = *core_;
-        context_lease lease(c.st);
+        context_lease lease(c.st, this);  // keeps the backend samplers this engine attached
         context_state & st = *lease;
         begin_operation(st);
         llama_context * lc = st.ctx.get();
@@ -449,24 +472,37 @@ private:
         int32_t n_out = 0, n_prompt = 0, n_gen = 0;
         {
             gil_release nogil;
-            std::lock_guard<std::mutex> lk(c.mu);
-            release_finished(st);
-            // admit waiting requests into free slots, in order of arrival
-            while (!c.waiting.empty()) {
-                auto it = std::find(c.slot_used.begin(), c.slot_used.end(), false);
-                if (it == c.slot_used.end()) break;
-                request_ptr r = c.waiting.front();
-                c.waiting.pop_front();
-                r->slot = int32_t(it - c.slot_used.begin());
-                *it = true;
+            // Under the mutex only bookkeeping: llama.cpp calls (which can log, and the log callback
+            // takes the GIL) run after it, so a reader holding the GIL never waits on a lock whose
+            // holder waits for the GIL.
+            std::vector<int32_t> freed;
+            std::vector<request *> admitted;
+            {
+                std::lock_guard<std::mutex> lk(c.mu);
+                end_stale(st);
+                freed = take_finished();
+                // admit waiting requests into free slots, in order of arrival
+                while (!c.waiting.empty()) {
+                    auto it = std::find(c.slot_used.begin(), c.slot_used.end(), false);
+                    if (it == c.slot_used.end()) break;
+                    request_ptr r = c.waiting.front();
+                    c.waiting.pop_front();
+                    r->slot = int32_t(it - c.slot_used.begin());
+                    *it = true;
+                    r->t_admit = llama_time_us();
+                    c.active.push_back(r);
+                    admitted.push_back(r.get());
+                }
+                c.max_running = std::max<int64_t>(c.max_running, int64_t(c.active.size()));
+            }
+            free_slots(st, freed);
+            for (request * r : admitted) {
                 llama_memory_seq_rm(mem, r->slot, -1, -1);
                 if (r->slot == 0) st.tokens.clear();  // sequence 0's token mirror (single-sequence prefix reuse)
+                r->epoch = seq_changed(st, r->slot, "a Batcher request (generate_batch or lamina.Batcher)");
                 r->sampler->accept_prompt(r->prompt.data(), r->prompt.size());
                 place_sampler(st, *r);
-                r->t_admit = llama_time_us();
-                c.active.push_back(r);
             }
-            c.max_running = std::max<int64_t>(c.max_running, int64_t(c.active.size()));
             b.n_tokens = 0;
             for (const request_ptr & r : c.active) {  // one token of each generating sequence
                 r->out = -1;
@@ -511,8 +547,13 @@ private:
             std::vector<llama_token> picked(in_batch.size(), -1);
             const int64_t t_dec = llama_time_us();
             sample(st, in_batch, picked);
+            std::vector<std::string> pieces(in_batch.size());  // detokenized before the mutex (llama.cpp calls)
+            for (size_t i = 0; i < in_batch.size(); ++i) {
+                if (in_batch[i]->out >= 0) append_piece(*st.model, picked[i], false, pieces[i]);
+            }
             const int64_t t1 = llama_time_us();
-            std::lock_guard<std::mutex> lk(c.mu);
+            std::vector<int32_t> freed;
+            std::unique_lock<std::mutex> lk(c.mu);
             bool news = false;
             for (size_t i = 0; i < in_batch.size(); ++i) {
                 request & r = *in_batch[i];
@@ -525,9 +566,9 @@ private:
                     if (r.n_fed == r.prompt.size()) r.pos = llama_pos(r.n_fed);
                 }
                 if (r.out < 0) continue;
-                news |= publish(r, picked[i], n_ctx_seq);
+                news |= publish(r, picked[i], pieces[i], n_ctx_seq);
             }
-            release_finished(st);  // a request seen ended has its sequence free
+            freed = take_finished();  // a request seen ended has its sequence free (below, unlocked)
             ++c.n_steps;
             c.graphs_reused = llama_perf_context(lc).n_reused;
             c.n_prompt_tokens += n_prompt;
@@ -540,6 +581,8 @@ private:
             }
             c.n_gen_tokens += n_prompt > 0 ? 0 : n_gen;
             if (news) c.signal_news();
+            lk.unlock();
+            free_slots(st, freed);
         }
     }
 
@@ -552,7 +595,7 @@ private:
             request & r = *in_batch[i];
             if (r.out < 0) continue;
             if (r.sampler->greedy()) {
-                llama_token t = slot_samplers_[size_t(r.slot)] ? llama_get_sampled_token_ith(lc, r.out) : LLAMA_TOKEN_NULL;
+                llama_token t = st.seq_samplers[size_t(r.slot)] ? llama_get_sampled_token_ith(lc, r.out) : LLAMA_TOKEN_NULL;
                 if (t == LLAMA_TOKEN_NULL) {
                     const float * row = llama_get_logits_ith(lc, r.out);
                     if (row == nullptr) throw lamina_error("llama.cpp returned neither a token nor logits for a sequence");
@@ -572,29 +615,22 @@ private:
     // alive (attaching reallocates llama.cpp's output buffer). Under the lease.
     void place_sampler(context_state & st, const request & r) {
         if (!backend_sampling_ || st.live_views.load() > 0) return;
-        llama_context * lc = st.ctx.get();
-        llama_sampler_ptr & slot = slot_samplers_[size_t(r.slot)];
-        if (r.sampler->greedy() && !slot) {
-            llama_sampler_ptr chain(llama_sampler_chain_init(llama_sampler_chain_default_params()));
-            llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
-            if (llama_set_sampler(lc, r.slot, chain.get())) slot = std::move(chain);
-        } else if (!r.sampler->greedy() && slot) {
-            llama_set_sampler(lc, r.slot, nullptr);
-            slot.reset();
+        if (r.sampler->greedy()) {
+            backend_greedy_attach(st, r.slot, this);
+        } else {
+            backend_sampler_detach(st, r.slot);
         }
     }
 
-    // Detach every backend sampler (the context gets its logits rows back). Under the lease.
+    // Detach every backend sampler this engine attached (the context gets its logits rows back).
+    // The context owns the chains: when this cannot run (the context busy), nothing dangles, and
+    // the next lease by another client detaches them. Under the lease.
     void detach_samplers(context_state & st) {
-        for (size_t i = 0; i < slot_samplers_.size(); ++i) {
-            if (!slot_samplers_[i]) continue;
-            llama_set_sampler(st.ctx.get(), llama_seq_id(i), nullptr);
-            slot_samplers_[i].reset();
-        }
+        if (st.backend_owner.load() == this) backend_sampler_detach(st, -1);
     }
 
     // After a decode: r's next token is t. Records it, its text, and why r ends, if it does.
-    bool publish(request & r, llama_token t, llama_pos n_ctx_seq) {
+    bool publish(request & r, llama_token t, const std::string & piece, llama_pos n_ctx_seq) {
         engine_core & c = *core_;
         const model_state & m = *c.st->model;
         if (r.t_first == 0) r.t_first = llama_time_us();
@@ -607,7 +643,7 @@ private:
             return true;
         }
         r.generated.push_back(t);
-        append_piece(m, t, false, r.text);
+        r.text += piece;
         r.ends.push_back(r.text.size());
         if (!r.stops.empty()) {
             size_t longest = 0;
@@ -642,9 +678,11 @@ private:
     }
 
     // Free the slots of ended requests (mutex held, under the lease).
-    void release_finished(context_state & st) {
+    // Requests that ended (or were cancelled) leave the active list (mutex held); returns their
+    // slots, whose sequences free_slots empties after the mutex is released. The slot is taken
+    // again only by a later admission, which runs after that.
+    std::vector<int32_t> take_finished() {
         engine_core & c = *core_;
-        llama_memory_t mem = llama_get_memory(st.ctx.get());
         bool news = false;
         for (const request_ptr & r : c.active) {
             if (r->cancel && r->finish.empty()) {
@@ -652,15 +690,40 @@ private:
                 news = true;
             }
         }
+        std::vector<int32_t> freed;
         auto keep = std::stable_partition(c.active.begin(), c.active.end(), [](const request_ptr & r) { return r->finish.empty(); });
         for (auto it = keep; it != c.active.end(); ++it) {
-            llama_memory_seq_rm(mem, (*it)->slot, -1, -1);
-            if ((*it)->slot == 0) st.tokens.clear();
+            if (!(*it)->seq_lost) freed.push_back((*it)->slot);  // else the sequence is the other client's now
             c.slot_used[size_t((*it)->slot)] = false;
             (*it)->slot = -1;
             (*it)->has_pending = false;
         }
         c.active.erase(keep, c.active.end());
+        if (news) c.signal_news();
+        return freed;
+    }
+    // Empty the sequences of ended requests (no mutex: llama.cpp calls).
+    static void free_slots(context_state & st, const std::vector<int32_t> & slots) {
+        llama_memory_t mem = llama_get_memory(st.ctx.get());
+        for (int32_t s : slots) {
+            llama_memory_seq_rm(mem, s, -1, -1);
+            if (s == 0) st.tokens.clear();
+        }
+    }
+    // A request whose sequence another client changed between steps (ctx.decode, a KV operation,
+    // load_state, set_lora, a generation on sequence 0) ends with the error that names it (mutex held).
+    void end_stale(const context_state & st) {
+        engine_core & c = *core_;
+        bool news = false;
+        for (const request_ptr & r : c.active) {
+            if (!r->finish.empty() || r->slot < 0 || st.seq_epochs[size_t(r->slot)] == r->epoch) continue;
+            r->error = "this request's sequence " + std::to_string(r->slot) + " was changed under it by " +
+                       st.seq_changers[size_t(r->slot)] + "; submit it again";
+            r->error_code = 0;
+            r->seq_lost = true;
+            c.end(*r, "error");
+            news = true;
+        }
         if (news) c.signal_news();
     }
 
@@ -732,15 +795,18 @@ private:
         if (c.st->busy.load()) return;  // someone else holds the context: the slots stay as they are
         try {
             context_lease lease(c.st);
-            std::lock_guard<std::mutex> lk(c.mu);
-            release_finished(*lease);
+            std::vector<int32_t> freed;
+            {
+                std::lock_guard<std::mutex> lk(c.mu);
+                freed = take_finished();
+            }
+            free_slots(*lease, freed);
         } catch (const std::exception &) {  // busy, closed or forked: nothing to free here
         }
     }
 
     std::shared_ptr<engine_core> core_;
     bool backend_sampling_;
-    std::vector<llama_sampler_ptr> slot_samplers_;  // greedy chains attached to slots (place_sampler)
 };
 
 // A request as Python holds it: the request plus the engine that serves it.

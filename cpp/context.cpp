@@ -38,7 +38,7 @@ context_state::~context_state() {
         // a forked child: freeing would join worker threads that only the parent has (a hang);
         // the memory goes with the process
         (void) ctx.release();
-        (void) backend_sampler.release();
+        for (auto & s : seq_samplers) (void) s.release();
         return;
     }
     ctx.reset();  // free the context before the model it points into, its adapters and the pools it runs on
@@ -62,8 +62,10 @@ context_lease::context_lease(std::shared_ptr<context_state> st, const void * own
         throw busy_error("the context is in use by another thread (or by an operation still running in this "
                          "one): use one context per thread, e.g. model.context() in each thread");
     }
-    if (st_->backend_sampler && st_->backend_owner.load() != owner) {
-        backend_sampler_detach(*st_);
+    // backend samplers whose owner is gone (nullptr) or another client: detached
+    const void * holder = st_->backend_owner.load();
+    if (st_->n_backend_samplers > 0 && (holder == nullptr || holder != owner)) {
+        backend_sampler_detach(*st_, -1);
     }
 }
 
@@ -83,12 +85,30 @@ context_lease::~context_lease() {
     if (st_) st_->busy.store(false, std::memory_order_release);
 }
 
-void backend_sampler_detach(context_state & st) {
-    if (!st.backend_sampler) return;
-    llama_set_sampler(st.ctx.get(), 0, nullptr);
-    st.backend_sampler.reset();
-    st.backend_owner.store(nullptr);
-    st.max_outputs = 0;  // llama.cpp resizes its output buffer at the next decode: no live views then
+bool backend_greedy_attach(context_state & st, int32_t seq, const void * owner) {
+    const void * holder = st.backend_owner.load();
+    if (st.n_backend_samplers > 0 && (holder == nullptr || holder != owner)) backend_sampler_detach(st, -1);
+    llama_sampler_ptr & slot = st.seq_samplers.at(size_t(seq));
+    if (slot) return true;
+    llama_sampler_ptr chain(llama_sampler_chain_init(llama_sampler_chain_default_params()));
+    llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
+    if (!llama_set_sampler(st.ctx.get(), seq, chain.get())) return false;
+    slot = std::move(chain);
+    ++st.n_backend_samplers;
+    st.backend_owner.store(owner);
+    st.max_outputs = 0;  // llama.cpp resizes its output buffer at the next decode
+    return true;
+}
+
+void backend_sampler_detach(context_state & st, int32_t seq) {
+    for (size_t i = seq < 0 ? 0 : size_t(seq); i < st.seq_samplers.size() && (seq < 0 || i == size_t(seq)); ++i) {
+        if (!st.seq_samplers[i]) continue;
+        llama_set_sampler(st.ctx.get(), llama_seq_id(i), nullptr);
+        st.seq_samplers[i].reset();
+        --st.n_backend_samplers;
+        st.max_outputs = 0;  // llama.cpp resizes its output buffer at the next decode: no live views then
+    }
+    if (st.n_backend_samplers == 0) st.backend_owner.store(nullptr);
 }
 
 namespace {
@@ -152,6 +172,21 @@ std::string decode_message(int rc, const context_state & st) {
     }
 }
 
+
+uint64_t seq_changed(context_state & st, int32_t seq, const char * what) {
+    const size_t n = st.seq_epochs.size();
+    for (size_t i = seq < 0 ? 0 : size_t(seq); i < (seq < 0 ? n : std::min(n, size_t(seq) + 1)); ++i) {
+        st.seq_epochs[i] = ++st.epoch_counter;
+        st.seq_changers[i] = what;
+    }
+    return st.epoch_counter;
+}
+
+void raise_stale(const context_state & st, int32_t seq, const char * owner) {
+    throw stale_error(std::string(owner) + " on sequence " + std::to_string(seq) +
+                      " has ended: its cache was changed under it by " + st.seq_changers[size_t(seq)] +
+                      ". Start a new generation (it reuses what the cache still holds of its prompt).");
+}
 
 void decode_failed(context_state & st, int rc) {
     // llama.cpp keeps the ubatches that finished before the failure: drop them from sequence 0 so
@@ -441,6 +476,9 @@ public:
         st->type_k = type_k;
         st->type_v = type_v;
         st->max_outputs = int32_t(llama_n_seq_max(raw));
+        st->seq_epochs.assign(llama_n_seq_max(raw), 0);
+        st->seq_changers.assign(llama_n_seq_max(raw), "");
+        st->seq_samplers.resize(llama_n_seq_max(raw));
         threadpools_attach(*st, gen, batch);
         st_ = std::move(st);
     }
@@ -464,6 +502,7 @@ public:
         if (n == 0) throw std::invalid_argument("no tokens to decode");
         if (logits < 0 || logits > 2) throw std::invalid_argument("logits must be 0 (none), 1 (last) or 2 (all)");
         check_tokens(*s.model, t, n);
+        if (seq >= 0 && size_t(seq) < s.seq_epochs.size()) seq_changed(s, seq, "ctx.decode()");
         if (seq != 0) {
             decode_seq(s, t, n, logits, seq);
             return;
@@ -574,6 +613,7 @@ public:
         llama_memory_clear(llama_get_memory(s.ctx.get()), true);
         s.tokens.clear();
         s.last_outputs = 0;
+        seq_changed(s, -1, "kv.clear()");
     }
 
     nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() const {

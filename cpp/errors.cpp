@@ -165,6 +165,11 @@ void init_errors(nb::module_ & m) {
     nb::exception<busy_error>(m, "BusyError", base.ptr()).doc() =
         "The context is in use by another thread: one context serves one thread at a time (a\n"
         "second caller gets this error at once instead of waiting); give each thread its own context.";
+    nb::exception<stale_error>(m, "StaleGenerationError", base.ptr()).doc() =
+        "A generation (or Batcher request) owned a sequence of its context, and something else changed\n"
+        "that sequence's cache before it finished: another generation, ctx.decode, a KV operation,\n"
+        "load_state, set_lora or generate_batch. The message names it. The generation has ended;\n"
+        "start a new one (it reuses what the cache still holds of its prompt).";
     nb::exception<fork_error>(m, "ForkError", base.ptr()).doc() =
         "The object was created before fork() and used in the child process, where its worker\n"
         "threads and device state do not exist: create models and contexts in the child.";

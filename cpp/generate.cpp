@@ -19,24 +19,6 @@ llama_token sample_token(context_state & st, sampler_handle & s, bool use_chain)
 
 namespace {
 
-// Length of the longest prefix of s that does not end inside a UTF-8 sequence.
-size_t utf8_complete_prefix(const std::string & s) {
-    size_t n = s.size();
-    for (size_t back = 1; back <= 4 && back <= n; ++back) {
-        unsigned char c = static_cast<unsigned char>(s[n - back]);
-        if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
-        size_t need = (c & 0x80) == 0 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
-        return back >= need ? n : n - back;
-    }
-    return n;  // no lead byte in the last 4: invalid bytes, let the decoder replace them
-}
-
-nb::str utf8_str(const char * data, size_t n) {
-    PyObject * o = PyUnicode_DecodeUTF8(data, Py_ssize_t(n), "replace");
-    if (o == nullptr) throw nb::python_error();
-    return nb::steal<nb::str>(o);
-}
-
 class generator {
 public:
     generator(nb::handle ctx, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
@@ -90,7 +72,7 @@ public:
     nb::str next() {
         if (done_ && final_piece_) {
             final_piece_ = false;
-            nb::str out = utf8_str(bytes_.data(), bytes_.size());
+            nb::str out = text_replaced(bytes_.data(), bytes_.size());
             bytes_.clear();
             return out;
         }
@@ -100,24 +82,26 @@ public:
         std::optional<context_lease> draft_lease;  // the draft model's context is ours for the step too
         if (spec_ && spec_->draft_context()) draft_lease.emplace(spec_->draft_context());
         begin_operation(st, op_);  // an abort between two tokens stops the next one
-        if (started_ && !done_ && st.lora_epoch != lora_epoch_) {
+        if (started_ && st.seq_epochs[0] != epoch_) {  // another client changed sequence 0 under this generation
             finish("error");
-            throw lamina_error("the context's LoRA adapters changed during this generation (set_lora cleared the KV "
-                               "cache it continued from): start a new generation");
+            raise_stale(st, 0, "this generation");
         }
         if (!started_) {
-            lora_epoch_ = st.lora_epoch;
-            if (backend_wanted_) attach_backend(st);  // may refuse (live views): next() can be retried
-            started_ = true;
-            int64_t t0 = llama_time_us();
-            n_prompt_eval_ = int64_t(eval_prompt(st, prompt_));
+            // Evaluating the prompt takes sequence 0 (a generation still open on it ends at its next
+            // next()). An interrupted evaluation (Ctrl-C, abort) leaves the cache holding a prefix of
+            // the prompt: the next call evaluates the rest, reusing it.
+            if (backend_wanted_ && st.backend_owner.load() != this) attach_backend(st);  // may refuse (live views): retried
+            epoch_ = seq_changed(st, 0, "another generation (ctx.generate, chat or complete)");
+            const int64_t t0 = llama_time_us();
+            n_prompt_eval_ += int64_t(eval_prompt(st, prompt_));
+            t_prompt_us_ += llama_time_us() - t0;
             if (spec_) spec_->begin(prompt_);
             {
                 gil_release nogil;
                 sampler_.accept_prompt(prompt_.data(), prompt_.size());  // penalties and DRY see the prompt
             }
-            n_reused_ = int64_t(prompt_.size()) - n_prompt_eval_;
-            t_prompt_us_ = llama_time_us() - t0;
+            started_ = true;
+            n_reused_ = std::max<int64_t>(int64_t(prompt_.size()) - n_prompt_eval_, 0);
             t_gen_start_ = llama_time_us();
             if (max_tokens_ == 0) {
                 finish("length");
@@ -125,7 +109,7 @@ public:
             }
         }
         // the sampler is ours unless another operation on the context detached it meanwhile
-        const bool backend = st.backend_sampler && st.backend_owner.load() == this;
+        const bool backend = st.seq_samplers[0] && st.backend_owner.load() == this;
         // Signals are handled between pieces; a token slow enough for Ctrl-C to wait on (> 20 ms,
         // a big model on a CPU) also gets the watch inside its decode (it costs a few us per piece)
         signal_watch watch(slow_tokens_ && on_main_thread());  // destroyed with the GIL held
@@ -177,7 +161,7 @@ public:
                     }
                     last_ = ids_.back();
                     pending_ = true;
-                    if (utf8_complete_prefix(bytes_) > 0) break;
+                    if (utf8_complete(bytes_) > 0) break;
                     continue;
                 }
                 if (pending_) {
@@ -227,7 +211,7 @@ public:
                     done_ = true;
                     break;
                 }
-                if (utf8_complete_prefix(bytes_) > 0) break;
+                if (utf8_complete(bytes_) > 0) break;
             }
         }
         st.signals_here = false;
@@ -242,7 +226,7 @@ public:
             final_piece_ = true;
             check_signals();  // as below; the next call returns the last piece
             final_piece_ = false;
-            nb::str out = utf8_str(bytes_.data(), bytes_.size());
+            nb::str out = text_replaced(bytes_.data(), bytes_.size());
             bytes_.clear();
             return out;
         }
@@ -251,8 +235,8 @@ public:
         // Left to the interpreter, it is raised at the loop's back edge, which Python 3.13 can match
         // against the wrong exception-table entry and skip the handler (CPython gh-130279).
         check_signals();
-        size_t k = utf8_complete_prefix(bytes_);
-        nb::str out = utf8_str(bytes_.data(), k);
+        size_t k = utf8_complete(bytes_);
+        nb::str out = text_replaced(bytes_.data(), k);
         bytes_.erase(0, k);
         return out;
     }
@@ -323,7 +307,10 @@ public:
         detach_backend(st);
     }
 
-    nb::dict stats() const {
+    // Under a lease: next() appends to generated_ with the GIL released (another thread reading
+    // meanwhile gets BusyError, as for any use of a context in use).
+    nb::dict stats() {
+        context_lease lease(st_, this);
         nb::dict d;
         d["finish_reason"] = finish_reason_.empty() ? nb::none() : nb::cast(finish_reason_);
         d["n_prompt"] = prompt_.size();
@@ -337,7 +324,8 @@ public:
         return d;
     }
 
-    nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() const {
+    nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() {
+        context_lease lease(st_, this);
         auto * heap = new std::vector<int32_t>(generated_.begin(), generated_.end());
         nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
         return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
@@ -374,18 +362,11 @@ private:
             throw lamina_error("backend sampling reallocates llama.cpp's logits buffer, and numpy views of "
                                "ctx.logits are alive: delete them (or copy with np.array(ctx.logits)) first");
         }
-        llama_sampler_ptr chain(llama_sampler_chain_init(llama_sampler_chain_default_params()));
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
-        if (!llama_set_sampler(st.ctx.get(), 0, chain.get())) {
-            return;  // not supported here (e.g. tensor split): llama.cpp samples on the host
-        }
-        st.backend_sampler = std::move(chain);
-        st.backend_owner.store(this);
-        st.max_outputs = 0;
+        backend_greedy_attach(st, 0, this);  // false: not supported here (e.g. tensor split): sampled on the host
     }
 
     void detach_backend(context_state & st) {
-        if (st.backend_owner.load() == this) backend_sampler_detach(st);
+        if (st.backend_owner.load() == this) backend_sampler_detach(st, -1);
     }
 
 
@@ -403,7 +384,7 @@ private:
     int64_t n_shifts_ = 0;
     bool started_ = false, done_ = false, pending_ = false, failed_ = false;
     bool final_piece_ = false;  // done, and the last piece waits in bytes_ (a Ctrl-C came with it)
-    uint64_t lora_epoch_ = 0;  // the context's adapters when this generation started
+    uint64_t epoch_ = 0;  // sequence 0's epoch when this generation took it (seq_changed)
     llama_token last_ = -1;
     bool slow_tokens_ = false;     // the last token's decode took > 20 ms: watch for signals inside it
     bool backend_wanted_ = false;  // greedy sampling inside the graph (llama_set_sampler), at the first next()

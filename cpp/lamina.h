@@ -34,6 +34,12 @@ namespace lamina {
 std::string escape_bytes(const std::string & s);
 // A string from a model file as a Python str, its bytes that are not UTF-8 as \xNN (text.cpp).
 nb::str file_text(const std::string & s);
+// Generated text as Python shows it: invalid bytes become U+FFFD (the "replace" handler), as
+// everywhere lamina yields text.
+nb::str text_replaced(const char * data, size_t n);
+// The length of the longest prefix of s that does not end inside a UTF-8 sequence (what a stream
+// may hand out now; the tail waits for the next token's bytes).
+size_t utf8_complete(const std::string & s);
 
 // Every lamina error carries an escaped message (so do a format error's field and reason).
 struct lamina_error : std::runtime_error {
@@ -59,6 +65,7 @@ struct decode_error : lamina_error {
 };
 struct closed_error : lamina_error { using lamina_error::lamina_error; };
 struct busy_error : lamina_error { using lamina_error::lamina_error; };   // another thread uses it
+struct stale_error : lamina_error { using lamina_error::lamina_error; };  // its sequence was changed under it
 struct fork_error : lamina_error { using lamina_error::lamina_error; };   // made before fork()
 struct permission_error : std::runtime_error { using std::runtime_error::runtime_error; };  // -> PermissionError
 // std::invalid_argument -> ValueError, std::out_of_range -> IndexError (nanobind built-ins)
@@ -138,13 +145,21 @@ struct context_state {
     // LoRA adapters applied to this context, with their scales (kept alive while applied; freed
     // after ctx by ~context_state)
     std::vector<std::pair<std::shared_ptr<lora_state>, float>> loras;
-    uint64_t lora_epoch = 0;  // counts changes of loras (each cleared the cache an open generation continues from)
+    // Who last changed each sequence's cache (seq_changed): a generation or a Batcher request that
+    // owns a sequence records its epoch when it takes it, and raises stale_error (or ends with an
+    // error) when the epoch moved under it, naming what moved it. Never silently wrong text.
+    std::vector<uint64_t> seq_epochs;       // per sequence id (n_seq_max)
+    std::vector<const char *> seq_changers; // what last moved each epoch (a string literal)
+    uint64_t epoch_counter = 0;             // seq_changed hands out unique epochs
     // One thread at a time: every native operation holds a context_lease (busy) for its duration.
     std::atomic<bool> busy{false};
     uint32_t fork_gen = fork_generation();
-    // llama.cpp's backend sampling: the sampler a generator attached to sequence 0, and that
-    // generator (nullptr once it finished or went away: the next lease detaches the sampler).
-    llama_sampler_ptr backend_sampler;
+    // llama.cpp's backend sampling: the greedy chains attached to sequences (backend_greedy_attach),
+    // owned here because llama.cpp keeps pointers to them until they are detached or ctx is freed;
+    // and the client that attached them (a generator or a Batcher; nullptr once it went away). A
+    // lease by anyone else detaches them all first.
+    std::vector<llama_sampler_ptr> seq_samplers;  // per sequence id
+    int n_backend_samplers = 0;
     std::atomic<const void *> backend_owner{nullptr};
     // tokens held in the KV cache for sequence 0, in position order (prefix reuse, n_past)
     std::vector<llama_token> tokens;
@@ -203,8 +218,18 @@ std::vector<std::string> rpc_endpoints_of(const std::vector<ggml_backend_dev_t> 
 // read-only calls ran) is dropped here, so it never stops a later, unrelated call.
 void begin_operation(context_state & st, uint64_t op = 0);
 uint64_t new_operation_id();
-// Detach a generator's backend sampler (under a lease).
-void backend_sampler_detach(context_state & st);
+// Something changes what sequence `seq` (< 0: every sequence) holds: its epoch moves on, so the
+// generation or Batcher request that owns it ends at its next step with stale_error naming `what`
+// (a string literal). Returns the new epoch (of the last sequence changed). Under a lease.
+uint64_t seq_changed(context_state & st, int32_t seq, const char * what);
+// stale_error for the owner of `seq`, whose epoch was `mine` when it took the sequence.
+[[noreturn]] void raise_stale(const context_state & st, int32_t seq, const char * owner);
+// The one place backend samplers are attached and detached (under a lease). attach: a greedy chain
+// on sequence seq for `owner` (another owner's chains are detached first); false where llama.cpp
+// cannot sample in the graph (e.g. a tensor split). Either changes llama.cpp's output buffer at the
+// next decode (max_outputs reset). detach: one sequence's chain, or every one (seq < 0).
+bool backend_greedy_attach(context_state & st, int32_t seq, const void * owner);
+void backend_sampler_detach(context_state & st, int32_t seq);
 // Raise fork_error when an object made in generation `gen` is used in a forked child.
 void check_fork(uint32_t gen, const char * what);
 

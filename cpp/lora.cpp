@@ -197,7 +197,7 @@ bool set_lora(nb::handle ctx, const std::vector<std::pair<nb::handle, float>> & 
     st.tokens.clear();
     st.last_outputs = 0;
     st.loras = std::move(next);
-    ++st.lora_epoch;
+    seq_changed(st, -1, "set_lora() (the adapters changed, and the cache made with the old ones was cleared)");
     return true;
 }
 

@@ -202,6 +202,7 @@ void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
         got = llama_state_seq_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size), seq);
     }
     if (seq == 0) st->tokens.clear();
+    seq_changed(*st, seq, "load_state(seq=...)");
     if (got == 0) {
         llama_memory_seq_rm(mem_of(*st), seq, -1, -1);
         std::string why = last_log_error();
@@ -234,6 +235,7 @@ void init_memory(nb::module_ & m) {
         check_seq(*st, seq, true);
         check_range(p0, p1);
         bool ok = llama_memory_seq_rm(mem_of(*st), seq, p0, p1);
+        if (ok) seq_changed(*st, seq, "kv.seq_rm()");
         if (ok && (seq == 0 || seq == -1)) resync_seq0(*st, p1 == -1, size_t(std::max(p0, 0)));
         return ok;
     }, nb::arg("ctx"), nb::arg("seq"), nb::arg("p0"), nb::arg("p1"),
@@ -255,6 +257,7 @@ void init_memory(nb::module_ & m) {
                                         "(p0=-1, p1=-1)");
         }
         llama_memory_seq_cp(mem_of(*st), src, dst, p0, p1);
+        if (src != dst) seq_changed(*st, dst, "kv.seq_cp()");
         if (dst == 0) {
             if (src != 0) resync_seq0(*st, false, 0);
         }
@@ -265,6 +268,9 @@ void init_memory(nb::module_ & m) {
         auto st = context_leased(ctx);
         check_seq(*st, seq, false);
         llama_memory_seq_keep(mem_of(*st), seq);
+        for (int32_t other = 0; other < int32_t(st->seq_epochs.size()); ++other) {
+            if (other != seq) seq_changed(*st, other, "kv.seq_keep()");
+        }
         if (seq != 0) resync_seq0(*st, false, 0);
     }, nb::arg("ctx"), nb::arg("seq"), "Drop every sequence but this one.");
 
@@ -282,6 +288,7 @@ void init_memory(nb::module_ & m) {
                                         std::to_string(pmax) + " past llama.cpp's int32 positions");
         }
         llama_memory_seq_add(mem_of(*st), seq, p0, p1, delta);
+        seq_changed(*st, seq, "kv.seq_add()");
         if (seq == 0) resync_seq0(*st, false, 0);
     }, nb::arg("ctx"), nb::arg("seq"), nb::arg("p0"), nb::arg("p1"), nb::arg("delta"),
     "Shift positions [p0, p1) of a sequence by delta (RoPE-corrected).");
@@ -293,6 +300,7 @@ void init_memory(nb::module_ & m) {
         if (d < 1) throw std::invalid_argument("d must be >= 1");
         if (!llama_memory_can_shift(mem_of(*st))) throw lamina_error("this KV cache cannot shift positions");
         llama_memory_seq_div(mem_of(*st), seq, p0, p1, d);
+        seq_changed(*st, seq, "kv.seq_div()");
         if (seq == 0) resync_seq0(*st, false, 0);
     }, nb::arg("ctx"), nb::arg("seq"), nb::arg("p0"), nb::arg("p1"), nb::arg("d"),
     "Integer-divide positions [p0, p1) of a sequence by d.");
@@ -347,6 +355,7 @@ void init_memory(nb::module_ & m) {
             llama_work work;
             got = llama_state_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size));
         }
+        seq_changed(*st, -1, "load_state()");
         if (got == 0) {
             llama_memory_clear(mem_of(*st), true);
             st->tokens.clear();

@@ -164,8 +164,11 @@ public:
     void close() { st_.reset(); }
     bool closed() const { return !st_; }
 
+    // The model's state is held (shared) across the GIL release: close() in another thread meanwhile
+    // drops only this handle's reference, never the vocabulary being read.
     nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokenize(nb::bytes text, bool add_special, bool parse_special) {
-        model_state & m = st();
+        const std::shared_ptr<model_state> keep = shared();
+        model_state & m = *keep;
         require_vocab(m);
         if (add_special) require_specials(m);
         const char * s = text.c_str();
@@ -191,7 +194,8 @@ public:
     }
 
     nb::bytes detokenize(tokens_in tokens, bool remove_special, bool unparse_special) {
-        model_state & m = st();
+        const std::shared_ptr<model_state> keep = shared();
+        model_state & m = *keep;
         const int32_t * t = tokens.data();
         size_t n = tokens.shape(0);
         require_vocab(m);

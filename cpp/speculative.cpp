@@ -30,6 +30,17 @@ speculation::speculation(context_state & tgt, std::shared_ptr<context_state> dft
     if (o.n_min < 0 || o.n_min > o.n_max) throw std::invalid_argument("draft n_min must be in [0, n_max]");
     if (!(o.p_min >= 0.0f && o.p_min <= 1.0f)) throw std::invalid_argument("draft p_min must be in [0, 1]");
     if (o.ngram_n < 1 || o.ngram_n > 1024) throw std::invalid_argument("ngram n must be in [1, 1024]");
+    // a step keeps the drafts the target accepts and cuts the rest out of both caches: a recurrent
+    // state (Mamba, RWKV, or a hybrid's recurrent layers) cannot drop tokens, and would keep them
+    auto can_cut = [](const context_state & c, const char * which) {
+        const llama_model * mdl = c.model->model.get();
+        if (llama_model_is_recurrent(mdl) || llama_model_is_hybrid(mdl)) {
+            throw std::invalid_argument(std::string("speculative decoding cuts rejected drafts out of the cache, and the ") +
+                                        which + " model is recurrent or hybrid (its state cannot drop tokens)");
+        }
+    };
+    can_cut(tgt, "target");
+    if (dft) can_cut(*dft, "draft");
     p_->opts = o;
     p_->dft = std::move(dft);
     common_params_speculative & sp = p_->params;
@@ -65,10 +76,18 @@ speculation::speculation(context_state & tgt, std::shared_ptr<context_state> dft
 
 speculation::~speculation() = default;
 
+// Cut a sequence back to n tokens; a cache that cannot (checked at the start) would keep rejected drafts.
+static void cut(llama_context * ctx, llama_pos n) {
+    if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, n, -1)) {
+        throw lamina_error("llama.cpp could not cut rejected draft tokens out of the cache at position " + std::to_string(n));
+    }
+}
+
 void speculation::begin(const std::vector<llama_token> & prompt) {
     if (p_->dft) eval_prompt(*p_->dft, prompt);  // the draft context holds the prompt too (its own prefix reuse)
     {
         llama_work work;  // the draft model may decode the prompt
+        std::shared_lock<std::shared_mutex> adapters(lora_registry());  // as decode_checked: a reserve reads adapters
         common_speculative_begin(p_->spec.get(), 0, prompt);
     }
 }
@@ -94,13 +113,14 @@ int speculation::step(context_state & st, sampler_handle & s, llama_token last, 
         };
         {
             llama_work work;  // the draft model decodes
+            std::shared_lock<std::shared_mutex> adapters(lora_registry());
             common_speculative_draft(p.spec.get());
         }
         if (int32_t(p.draft.size()) < p.opts.n_min) p.draft.clear();
         if (int32_t(p.draft.size()) > n_draft_max) p.draft.resize(size_t(n_draft_max));
     }
     // the draft decoded `last` (and its proposals) in its own context: back to the target's tokens
-    if (p.dft) llama_memory_seq_rm(llama_get_memory(p.dft->ctx.get()), 0, n_past, -1);
+    if (p.dft) cut(p.dft->ctx.get(), n_past);
     llama_batch & b = p.batch;
     b.n_tokens = 0;
     batch_add(b, last, n_past, 0, true);
@@ -117,7 +137,12 @@ int speculation::step(context_state & st, sampler_handle & s, llama_token last, 
     if (p.dft) {  // the draft context decodes the same tokens (llama.cpp's draft-simple keeps in step this way)
         p.dft_batch->clear();
         for (int32_t i = 0; i < b.n_tokens; ++i) p.dft_batch->add(b.token[i], b.pos[i], 0, i == b.n_tokens - 1);
-        if (!common_speculative_process(p.spec.get(), *p.dft_batch)) {
+        bool ok;
+        {
+            std::shared_lock<std::shared_mutex> adapters(lora_registry());
+            ok = common_speculative_process(p.spec.get(), *p.dft_batch);
+        }
+        if (!ok) {
             throw lamina_error("the draft model's decode failed: " + last_log_error());
         }
     }
@@ -138,9 +163,9 @@ int speculation::step(context_state & st, sampler_handle & s, llama_token last, 
     st.tokens.push_back(last);
     st.tokens.insert(st.tokens.end(), p.draft.begin(), p.draft.begin() + std::ptrdiff_t(n_acc));
     const llama_pos keep = n_past + 1 + llama_pos(n_acc);
-    llama_memory_seq_rm(llama_get_memory(ctx), 0, keep, -1);
+    cut(ctx, keep);
     if (p.dft) {
-        llama_memory_seq_rm(llama_get_memory(p.dft->ctx.get()), 0, keep, -1);
+        cut(p.dft->ctx.get(), keep);
         p.dft->tokens = st.tokens;
     }
     return 0;
@@ -149,9 +174,9 @@ int speculation::step(context_state & st, sampler_handle & s, llama_token last, 
 void speculation::truncate(context_state & st, size_t n_tokens) {
     if (n_tokens >= st.tokens.size()) return;
     st.tokens.resize(n_tokens);
-    llama_memory_seq_rm(llama_get_memory(st.ctx.get()), 0, llama_pos(n_tokens), -1);
+    cut(st.ctx.get(), llama_pos(n_tokens));
     if (p_->dft) {
-        llama_memory_seq_rm(llama_get_memory(p_->dft->ctx.get()), 0, llama_pos(n_tokens), -1);
+        cut(p_->dft->ctx.get(), llama_pos(n_tokens));
         p_->dft->tokens.resize(std::min(p_->dft->tokens.size(), n_tokens));
     }
 }

@@ -53,4 +53,21 @@ nb::str file_text(const std::string & s) {
     return nb::steal<nb::str>(o);
 }
 
+nb::str text_replaced(const char * data, size_t n) {
+    PyObject * o = PyUnicode_DecodeUTF8(data, Py_ssize_t(n), "replace");
+    if (o == nullptr) throw nb::python_error();
+    return nb::steal<nb::str>(o);
+}
+
+size_t utf8_complete(const std::string & s) {
+    const size_t n = s.size();
+    for (size_t back = 1; back <= 4 && back <= n; ++back) {
+        const unsigned char c = static_cast<unsigned char>(s[n - back]);
+        if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
+        const size_t need = (c & 0x80) == 0 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+        return back >= need ? n : n - back;
+    }
+    return n;  // no lead byte in the last 4: invalid bytes, let the decoder replace them
+}
+
 }  // namespace lamina

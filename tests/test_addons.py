@@ -38,11 +38,11 @@ PROBE = textwrap.dedent("""
 
 
 def fake_addon(site: Path, name: str, library: str, version: str | None = None,
-               commit: str | None = None, preload: tuple[str, ...] = ()) -> None:
+               commit: str | None = None, preload: tuple[str, ...] = (), backend: str = "Fake") -> None:
     pkg = site / f"lamina_{name}"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(textwrap.dedent(f"""
-        BACKEND = "Fake"
+        BACKEND = {backend!r}
         LIBRARY = {library!r}
         LAMINA_VERSION = {version or _native.VERSION!r}
         LLAMA_CPP_COMMIT = {commit or _native.LLAMA_CPP_COMMIT!r}
@@ -112,6 +112,17 @@ def test_an_explicit_ngl_without_any_gpu_backend_warns_how_to_get_one(tmp_path: 
     else:
         assert "built without a GPU backend" in inert and "GGML_CUDA=ON" in inert, inert
     assert out["doctor"].count("gpu: none: ") == 1
+
+
+def test_an_addon_for_a_backend_ggml_already_has_is_not_loaded_again(tmp_path: Path, tiny_path: Path) -> None:
+    # lamina-cuda12 next to lamina-cuda13 loaded both, and every CUDA device was listed twice; here the
+    # backend already registered is lamina's own CPU backend, so no GPU is needed
+    fake_addon(tmp_path, "cpu2", str(tmp_path / "libggml-cpu2.so"), backend="CPU")
+    out = probe(tmp_path, tiny_path)
+    (a,) = out["addons"]
+    assert not a["loaded"]
+    assert "ggml already has the CPU backend, from lamina itself" in a["error"], a["error"]
+    assert "pip uninstall lamina-cpu2" in a["error"]
 
 
 def test_lamina_addons_none_loads_none(tmp_path: Path, tiny_path: Path) -> None:

@@ -71,7 +71,7 @@ def test_plot_without_matplotlib_fails_before_measuring(tiny_path: Path, monkeyp
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("-ngl", "3,x"), ("-ngl", "-1"), ("-ngl", "2,,4"), ("-t", "1,x"),
+@pytest.mark.parametrize("flag, value", [("-ngl", "3,x"), ("-ngl", "-2"), ("-ngl", "2,,4"), ("-t", "1,x"),
                                          ("-t", "0")])
 def test_bad_sweep_list_is_a_usage_error(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

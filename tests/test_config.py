@@ -388,3 +388,36 @@ def test_unknown_lamina_variables_and_alias_arguments() -> None:
                                                   r"LAMINA_N_GPU_LAYERS\?\)"):
         lamina.load_config(env={"LAMINA_NGL": "3", "LAMINA_REQUIRE_MODEL": "1"})
     assert quiet_load(None, env={}, ngl=3, ctx_len=512)["n_gpu_layers"] == 3
+
+
+@pytest.mark.filterwarnings("ignore::lamina.InertSettingWarning")
+@pytest.mark.parametrize("value", ["0", "7", "all", "ALL", " auto ", "-1", "-2", "x", "1.5", "", "most"])
+def test_every_reader_of_n_gpu_layers_agrees_on_every_value(tiny_path: Path, value: str) -> None:
+    # model.yml / LAMINA_N_GPU_LAYERS, -ngl, bench's -ngl list and Model: one parser, one answer
+    import argparse
+    from lamina import args, bench
+    from lamina.params import parse_ngl
+    try:
+        want: object = parse_ngl(value)
+    except ValueError as e:
+        want = str(e)
+    assert want in ("all", "auto", 0, 7) or (isinstance(want, str) and want.startswith("expected an int >= 0"))
+
+    def outcome(f: Any) -> object:
+        try:
+            return f()
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            return str(e)
+
+    def from_config() -> object:
+        return lamina.load_config(None, env={"LAMINA_N_GPU_LAYERS": value})["n_gpu_layers"]
+
+    got_config = outcome(from_config)
+    assert got_config == want or (isinstance(want, str) and want in str(got_config)), got_config
+    assert outcome(lambda: args.ngl(value)) == want
+    got_list = outcome(lambda: bench._ngl_list(value))
+    assert got_list == [want] or (isinstance(want, str) and isinstance(got_list, str) and got_list.startswith(want))
+    if isinstance(want, str) and want.startswith("expected an int >= 0"):
+        with pytest.raises(ValueError) as e:
+            lamina.Model(tiny_path, gpu=False, n_gpu_layers=value)  # type: ignore[arg-type]
+        assert str(e.value) == want

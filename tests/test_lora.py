@@ -351,7 +351,7 @@ def test_a_generation_open_across_a_swap_raises(tiny_model: lamina.Model, adapte
         g = ctx.generate(PROMPT, max_tokens=20, ignore_eos=True)
         next(g)
         ctx.set_lora({lora: 1.0})  # clears the cache this generation continues from
-        with pytest.raises(lamina.LaminaError, match="adapters changed during this generation"):
+        with pytest.raises(lamina.StaleGenerationError, match=r"set_lora\(\) \(the adapters changed"):
             next(g)
         assert g.finish_reason == "error"
         with pytest.raises(StopIteration):

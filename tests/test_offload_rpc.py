@@ -205,7 +205,7 @@ def test_placement_settings_are_validated(tiny_path: Path, rpc_device: lamina.De
         lamina.Model(tiny_path, devices=[rpc_device.name, rpc_device.index])
     with pytest.raises(ValueError, match="memory_limit applies"):
         lamina.Model(tiny_path, devices=[rpc_device.name], n_gpu_layers=1, memory_limit={rpc_device.name: 1})
-    with pytest.raises(ValueError, match="n_gpu_layers must be >= 0"):
+    with pytest.raises(ValueError, match="expected an int >= 0, 'all' \\(or -1\\) or 'auto' for n_gpu_layers"):
         lamina.Model(tiny_path, n_gpu_layers=-3)
 
 

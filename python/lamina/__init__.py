@@ -13,7 +13,7 @@ from .batcher import Batcher, Request
 from .params import KV
 from .threads import Threads
 from .errors import (BusyError, ClosedError, ConfigWarning, DecodeError, ForkError, InertSettingWarning, LaminaError, LoadError,
-                     ModelFormatError, OutOfMemoryError)
+                     ModelFormatError, OutOfMemoryError, StaleGenerationError)
 from .memory import DeviceMemory, MemoryEstimate, Offload
 from .model import Model
 from .lora import Lora
@@ -37,5 +37,5 @@ __version__: str = _n.VERSION  # pyproject.toml's, compiled in
 __all__ = [
     "Config", "load_config", "Model", "Lora", "ModelInfo", "Tokenizer", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Batcher", "Request", "Threads", "KV", "Sampler", "Draft",
     "Device", "SystemInfo", "AddOn", "addons", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
-    "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "ModelFormatError", "InertSettingWarning", "ConfigWarning", "logger", "__version__",
+    "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "StaleGenerationError", "ModelFormatError", "InertSettingWarning", "ConfigWarning", "logger", "__version__",
 ]

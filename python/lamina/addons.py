@@ -86,15 +86,15 @@ def _preload(mod: ModuleType) -> tuple[tuple[str, ...], list[str]]:
     return tuple(loaded), missing
 
 
-def _load_one(ep: object) -> AddOn:
+def _load_one(ep: object, loaded: dict[str, str]) -> AddOn:
     try:
-        return _try_load(ep)
+        return _try_load(ep, loaded)
     except Exception as exc:  # a broken add-on must not break `import lamina`
         name = getattr(ep, "name", "?")
         return AddOn(name, f"lamina-{name}", "?", "", "", 0, (), f"could not be loaded: {type(exc).__name__}: {exc}")
 
 
-def _try_load(ep: object) -> AddOn:
+def _try_load(ep: object, loaded: dict[str, str]) -> AddOn:
     name = getattr(ep, "name", "?")
     dist = getattr(ep, "dist", None)
     dist_name = dist.name if dist is not None else f"lamina-{name}"
@@ -113,6 +113,13 @@ def _try_load(ep: object) -> AddOn:
         return failed(f"built for lamina {built_for[0]} (llama.cpp {built_for[1]}), this is lamina {_native.VERSION} "
                       f"(llama.cpp {_native.LLAMA_CPP_COMMIT}): install {dist_name}=={_native.VERSION}",
                       library, backend)
+    # ggml registers a backend as often as it is loaded, and lists its devices once per registration
+    # (one registered without devices, whose runtime found none, lists nothing: another may try)
+    have = {str(b["name"]).lower() for b in _native.backends() if int(b["n_devices"]) > 0}
+    if backend.lower() in have:
+        owner = loaded.get(backend.lower(), "lamina itself")
+        return failed(f"ggml already has the {backend} backend, from {owner}: loading {dist_name} too would list "
+                      f"its devices twice (keep one: pip uninstall {dist_name})", library, backend)
     if not Path(library).is_file():
         return failed(f"{library} is missing (a broken install: reinstall {dist_name})", library, backend)
     preloaded, missing = _preload(mod)
@@ -133,4 +140,13 @@ def load_all() -> list[AddOn]:
         return []
     names = {w.strip() for w in wanted.split(",") if w.strip()} if wanted else None
     found = [ep for ep in entry_points(group=GROUP) if names is None or ep.name in names]
-    return [_load_one(ep) for ep in sorted(found, key=lambda e: e.name)]
+    # two add-ons for one backend (lamina-cuda12 and lamina-cuda13): the newer runtime is tried first,
+    # and the other loads only when it did not
+    loaded: dict[str, str] = {}
+    out = []
+    for ep in sorted(found, key=lambda e: e.name, reverse=True):
+        a = _load_one(ep, loaded)
+        if a.loaded:
+            loaded[a.backend.lower()] = a.distribution
+        out.append(a)
+    return sorted(out, key=lambda a: a.name)

@@ -10,16 +10,15 @@ from typing import Any, Iterator
 from .config import Config, Setting, load_config
 from .model import Model
 from .models import default_model_path
+from .params import NGL, parse_ngl
 from .progress import load_bar
 
 
-def ngl(value: str) -> int | str:
-    if value in ("all", "auto"):
-        return value
+def ngl(value: str) -> NGL:
     try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, 'all' or 'auto', got {value!r}") from None
+        return parse_ngl(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

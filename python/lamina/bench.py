@@ -32,7 +32,7 @@ import numpy as np
 from . import bench_batch, plot, tools
 from .args import add_model_args, models
 from .model import Model
-from .params import BENCH_KV, NGL
+from .params import BENCH_KV, NGL, parse_ngl
 from .system import system_info
 from .threads import Threads
 
@@ -209,18 +209,10 @@ def _int_list(value: str) -> list[int]:
 
 
 def _ngl_list(value: str) -> list[NGL]:
-    out: list[NGL] = []
-    for v in value.split(","):
-        if v == "all":
-            out.append("all")
-        elif v == "auto":
-            out.append("auto")
-        elif v.isdigit():
-            out.append(int(v))
-        else:
-            raise argparse.ArgumentTypeError(f"expected a comma list of layer counts >= 0, 'all' or 'auto' "
-                                             f"(e.g. 0,4,8,all), got {v!r} in {value!r}")
-    return out
+    try:
+        return [parse_ngl(v) for v in value.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} in the list {value!r} (e.g. 0,4,8,all)") from None
 
 
 def _count(lo: int) -> "Callable[[str], int]":

@@ -25,7 +25,7 @@ import yaml
 
 from . import _native
 from .errors import ConfigWarning, InertSettingWarning
-from .params import INT32_MAX, KV, KV_TYPES, UINT32_MAX
+from .params import INT32_MAX, KV, KV_TYPES, UINT32_MAX, parse_ngl
 from .sampling import Sampler
 from .system import allowed_cpus, devices, gpu_absent_reason
 from .threads import PRIORITIES, Threads
@@ -93,17 +93,6 @@ def _choice(*options: str) -> Callable[[Any], str]:
             raise ValueError(f"expected one of {', '.join(options)}, got {_short(v)}")
         return v.strip().lower()
     return check
-
-
-def _ngl(v: Any) -> int | str:
-    if isinstance(v, str) and v.strip().lower() in ("all", "auto"):
-        return v.strip().lower()
-    n = _int(v)
-    if n == -1:  # llama.cpp's -1: every layer
-        return "all"
-    if n < 0:
-        raise ValueError(f"expected an int >= 0, 'all' or 'auto', got {_short(v)}")
-    return n
 
 
 def _flash(v: Any) -> bool | str:
@@ -319,7 +308,7 @@ SETTINGS: dict[str, Spec] = {
     # the model and where it goes
     "model": Spec(_path, None, ("model_path", "llama_model_path", "files", "path")),
     "gpu": Spec(_bool, True),
-    "n_gpu_layers": Spec(_ngl, "auto", ("ngl", "gpu_layers")),
+    "n_gpu_layers": Spec(parse_ngl, "auto", ("ngl", "gpu_layers")),
     "main_gpu": Spec(_ranged(_int, 0, INT32_MAX, "a device index"), 0),
     "split_mode": Spec(_choice("none", "layer", "row", "tensor"), "layer", ("sm",)),
     "tensor_split": Spec(_tensor_split, None, ("ts",)),

@@ -16,7 +16,7 @@ from .errors import InertSettingWarning
 from .lora import Lora
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
-from .params import KV, NGL, as_tokens, check_int, context_settings, kv_tensor_error
+from .params import KV, NGL, as_tokens, check_int, context_settings, kv_tensor_error, parse_ngl
 from .system import Device, gpu_absent_reason, rpc_connect
 from .system import devices as list_devices
 from .threads import Threads
@@ -86,10 +86,7 @@ class Model(Vocabulary):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if split_mode not in _SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
-        if not ((isinstance(n_gpu_layers, int) and not isinstance(n_gpu_layers, bool)) or n_gpu_layers in ("all", "auto")):
-            raise ValueError(f"n_gpu_layers must be an int, 'all' or 'auto', got {n_gpu_layers!r}")
-        if isinstance(n_gpu_layers, int) and n_gpu_layers < 0:
-            raise ValueError(f"n_gpu_layers must be >= 0 (or 'all'), got {n_gpu_layers}")
+        n_gpu_layers = parse_ngl(n_gpu_layers)
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 0:
             raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
         margins_given = [fit_margin] if isinstance(fit_margin, int) else list(fit_margin)

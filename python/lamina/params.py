@@ -29,6 +29,28 @@ UINT32_MAX = 2**32 - 1
 NGL = Union[int, Literal["all", "auto"]]  # n_gpu_layers: a count, every layer, or llama.cpp's memory fit
 
 
+def parse_ngl(value: Any) -> NGL:
+    """The one reading of n_gpu_layers, for Model, model.yml, LAMINA_N_GPU_LAYERS, -ngl and bench's
+    -ngl lists: an int >= 0 (or its digits), "all" or -1 (llama.cpp's "every layer"), or "auto".
+    Anything else raises ValueError with the same message wherever it came from."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("all", "auto"):
+            return text  # type: ignore[return-value]
+        if text.lstrip("-").isdigit() and text.count("-") <= 1 and not text.endswith("-"):
+            value = int(text)
+    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    elif isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value == -1:
+            return "all"
+        if value >= 0:
+            return value
+    raise ValueError(f"expected an int >= 0, 'all' (or -1) or 'auto' for n_gpu_layers, got {value!r}")
+
+
 def check_int(name: str, value: Any, lo: int, hi: int = INT32_MAX) -> int:
     """``value`` as an int in [lo, hi]; TypeError for a non-int (bools included), ValueError out of range."""
     if not isinstance(value, int) or isinstance(value, bool):
