@@ -40,7 +40,6 @@ struct request {
     std::unique_ptr<sampler_handle> sampler;  // the request's own chain (no Python object: any thread may free it)
     int32_t max_tokens = 1;
     bool ignore_eos = false;
-    std::vector<std::string> stops;  // UTF-8
     // the loop's own
     int32_t slot = -1;
     uint64_t epoch = 0;        // its sequence's epoch when admitted (seq_changed): moved by another client, it ends
@@ -51,12 +50,10 @@ struct request {
     llama_token pending = -1;  // sampled, not decoded yet
     bool has_pending = false;
     int32_t out = -1;          // its logits row in the current batch
-    size_t scanned = 0;        // bytes of text searched for stop strings
     // shared (engine mutex)
     std::vector<llama_token> generated;
-    std::vector<size_t> ends;  // bytes of text after each generated token
-    std::string text;          // generated text, bytes (cut at a stop string)
-    size_t released = 0;       // bytes readers may take: whole UTF-8, no possible start of a stop string
+    stop_text said{{}};        // the generated text as users see it, cut at a stop string (stops fixed at submit)
+    size_t released = 0;       // bytes of it readers may take: whole UTF-8, no possible start of a stop string
     size_t taken = 0;          // bytes next() handed out
     std::string finish;        // "" while queued or running: stop, length, cancelled, error
     std::string error;         // finish == "error": what failed
@@ -65,20 +62,6 @@ struct request {
     int64_t t_submit = 0, t_admit = 0, t_first = 0, t_end = 0;
 };
 using request_ptr = std::shared_ptr<request>;
-
-// Longest tail of text that is a proper prefix of a stop string (held back from readers).
-size_t stop_holdback(const std::string & text, const std::vector<std::string> & stops) {
-    size_t keep = 0;
-    for (const std::string & s : stops) {
-        for (size_t k = std::min(s.size() - 1, text.size()); k > keep; --k) {
-            if (text.compare(text.size() - k, k, s, 0, k) == 0) {
-                keep = k;
-                break;
-            }
-        }
-    }
-    return keep;
-}
 
 struct engine_core {
     std::shared_ptr<context_state> st;
@@ -116,7 +99,8 @@ struct engine_core {
     void end(request & r, const char * why) {
         if (!r.finish.empty()) return;
         r.finish = why;
-        r.released = r.text.size();
+        r.said.finish();  // an incomplete character at the end is shown replaced
+        r.released = r.said.text().size();
         r.t_end = llama_time_us();
         ++n_finished;
     }
@@ -169,7 +153,7 @@ public:
         r->sampler = std::make_unique<sampler_handle>(st.model, opts);
         r->max_tokens = max_tokens;
         r->ignore_eos = ignore_eos;
-        r->stops = std::move(stops);
+        r->said = stop_text(std::move(stops));
         r->t_submit = llama_time_us();
         {
             gil_release nogil;
@@ -306,7 +290,7 @@ public:
                 auto slice = std::min(until, steady::now() + std::chrono::milliseconds(main ? 100 : 1000));
                 core_->news.wait_until(lk, slice, ready);
                 if (r.taken < r.released) {
-                    piece.assign(r.text, r.taken, r.released - r.taken);
+                    piece.assign(r.said.text(), r.taken, r.released - r.taken);
                     r.taken = r.released;
                 } else if (!r.finish.empty()) {
                     end = true;
@@ -332,7 +316,7 @@ public:
         {
             gil_release nogil;
             std::lock_guard<std::mutex> lk(core_->mu);
-            piece.assign(r.text, r.taken, r.released - r.taken);
+            piece.assign(r.said.text(), r.taken, r.released - r.taken);
             r.taken = r.released;
             end = !r.finish.empty();
         }
@@ -371,7 +355,7 @@ public:
             gil_release nogil;
             std::lock_guard<std::mutex> lk(core_->mu);
             heap->assign(r.generated.begin(), r.generated.end());
-            text = r.text;
+            text = r.said.text();
             finish = r.finish;
             error = r.error;
             t_admit = r.t_admit;
@@ -643,24 +627,10 @@ private:
             return true;
         }
         r.generated.push_back(t);
-        r.text += piece;
-        r.ends.push_back(r.text.size());
-        if (!r.stops.empty()) {
-            size_t longest = 0;
-            for (const std::string & s : r.stops) longest = std::max(longest, s.size());
-            const size_t from = r.scanned >= longest ? r.scanned - longest + 1 : 0;
-            size_t cut = std::string::npos;
-            for (const std::string & s : r.stops) cut = std::min(cut, r.text.find(s, from));
-            r.scanned = r.text.size();
-            if (cut != std::string::npos) {  // keep the tokens whose text lies wholly before the stop
-                size_t keep = 0;
-                while (keep < r.ends.size() && r.ends[keep] <= cut) ++keep;
-                r.generated.resize(keep);
-                r.ends.resize(keep);
-                r.text.resize(cut);
-                c.end(r, "stop");
-                return true;
-            }
+        if (r.said.push(piece)) {  // keep the tokens whose text lies wholly before the stop
+            r.generated.resize(r.said.tokens_before_stop());
+            c.end(r, "stop");
+            return true;
         }
         if (int32_t(r.generated.size()) >= r.max_tokens || r.pos + 1 > n_ctx_seq) {
             c.end(r, "length");
@@ -668,8 +638,7 @@ private:
         }
         r.pending = t;
         r.has_pending = true;
-        const size_t whole = utf8_complete(r.text);
-        const size_t safe = std::min(whole, r.text.size() - stop_holdback(r.text, r.stops));
+        const size_t safe = r.said.releasable();
         if (safe > r.released) {
             r.released = safe;
             return true;

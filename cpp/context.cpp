@@ -83,6 +83,8 @@ uint64_t new_operation_id() {
 
 context_lease::~context_lease() {
     if (st_) st_->busy.store(false, std::memory_order_release);
+    // llama.cpp's lines from this operation (a GIL-holding call logs too), once the context is free
+    if (g_log_queued.load(std::memory_order_relaxed) > 0 && gil_held()) log_deliver();
 }
 
 bool backend_greedy_attach(context_state & st, int32_t seq, const void * owner) {

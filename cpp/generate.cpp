@@ -23,9 +23,10 @@ class generator {
 public:
     generator(nb::handle ctx, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
               sampler_handle & sampler, int32_t max_tokens, bool ignore_eos, nb::handle sampler_obj, int32_t shift_keep,
-              bool backend_sampling, const std::optional<draft_options> & draft, nb::handle draft_ctx)
+              bool backend_sampling, const std::optional<draft_options> & draft, nb::handle draft_ctx,
+              std::vector<std::string> stops)
         : st_(context_shared(ctx)), sampler_(sampler), sampler_ref_(nb::borrow(sampler_obj)),
-          max_tokens_(max_tokens), ignore_eos_(ignore_eos), shift_keep_(shift_keep) {
+          text_(std::move(stops)), max_tokens_(max_tokens), ignore_eos_(ignore_eos), shift_keep_(shift_keep) {
         context_lease lease(st_, this);  // the checks below read the context
         require_vocab(*st_->model);     // generated tokens become text
         if (draft) {
@@ -149,6 +150,12 @@ public:
                         }
                         generated_.push_back(tok);
                         append_piece(*st.model, tok, false, bytes_);
+                        take_piece();
+                        if (stopped_) {
+                            finish_reason_ = "stop";
+                            done_ = true;
+                            break;
+                        }
                         if (int32_t(generated_.size()) >= max_tokens_) {
                             finish_reason_ = "length";
                             done_ = true;
@@ -161,7 +168,7 @@ public:
                     }
                     last_ = ids_.back();
                     pending_ = true;
-                    if (utf8_complete(bytes_) > 0) break;
+                    if (ready()) break;
                     continue;
                 }
                 if (pending_) {
@@ -206,12 +213,18 @@ public:
                 last_ = tok;
                 pending_ = true;
                 append_piece(*st.model, tok, false, bytes_);
+                take_piece();
+                if (stopped_) {
+                    finish_reason_ = "stop";
+                    done_ = true;
+                    break;
+                }
                 if (int32_t(generated_.size()) >= max_tokens_) {
                     finish_reason_ = "length";
                     done_ = true;
                     break;
                 }
-                if (utf8_complete(bytes_) > 0) break;
+                if (ready()) break;
             }
         }
         st.signals_here = false;
@@ -222,6 +235,15 @@ public:
         if (done_) {
             t_gen_us_ = llama_time_us() - t_gen_start_;
             detach_backend(st);
+            if (text_.active()) {  // the rest of the text, up to a stop string (an incomplete tail may complete one)
+                if (!stopped_ && text_.finish()) stopped_ = true;
+                if (stopped_) {
+                    finish_reason_ = "stop";
+                    cut_tokens(st, text_.tokens_before_stop());
+                }
+                bytes_.assign(text_.text(), released_);
+                released_ = text_.text().size();
+            }
             if (bytes_.empty()) throw nb::stop_iteration();
             final_piece_ = true;
             check_signals();  // as below; the next call returns the last piece
@@ -235,6 +257,12 @@ public:
         // Left to the interpreter, it is raised at the loop's back edge, which Python 3.13 can match
         // against the wrong exception-table entry and skip the handler (CPython gh-130279).
         check_signals();
+        if (text_.active()) {
+            const size_t upto = text_.releasable();
+            nb::str out = text_replaced(text_.text().data() + released_, upto - released_);
+            released_ = upto;
+            return out;
+        }
         size_t k = utf8_complete(bytes_);
         nb::str out = text_replaced(bytes_.data(), k);
         bytes_.erase(0, k);
@@ -256,33 +284,9 @@ public:
         st_->backend_owner.compare_exchange_strong(self, nullptr);
     }
 
-    // A stop string begins after the first text_chars characters of the generated text (as yielded:
-    // UTF-8 decoded, invalid bytes replaced): keep the tokens whose text lies wholly before it, take
-    // the others out of the token list and the KV cache (the next generation reuses the prefix up to
-    // the stop), and end the iteration. Characters, not bytes: a replaced byte is one character but
-    // three bytes of the Python text. Called with the GIL (it decodes token prefixes).
-    void stop_at(size_t text_chars) {
-        context_lease lease(st_, this);
-        context_state & st = *lease;
-        std::string raw;
-        std::vector<size_t> ends;  // raw bytes after each token
-        for (llama_token t : generated_) {
-            append_piece(*st.model, t, false, raw);
-            ends.push_back(raw.size());
-        }
-        auto chars_in = [&raw](size_t nbytes) {
-            PyObject * o = PyUnicode_DecodeUTF8(raw.data(), Py_ssize_t(nbytes), "replace");
-            if (o == nullptr) throw nb::python_error();
-            const size_t n = size_t(PyUnicode_GetLength(o));
-            Py_DECREF(o);
-            return n;
-        };
-        // the most tokens whose text fits in text_chars (the decoded length grows with the prefix)
-        size_t keep = 0, hi = generated_.size();
-        while (keep < hi) {
-            const size_t mid = (keep + hi + 1) / 2;
-            if (chars_in(ends[mid - 1]) <= text_chars) keep = mid; else hi = mid - 1;
-        }
+    // A stop string ended the text after the first `keep` tokens: take the others out of the token
+    // list and the KV cache (the next generation reuses the prefix up to the stop). Under the lease.
+    void cut_tokens(context_state & st, size_t keep) {
         const size_t drop = generated_.size() - keep;
         const size_t decoded = drop - (pending_ && drop > 0 ? 1 : 0);  // the last sampled token is not decoded yet
         const bool mirrored = decoded <= st.tokens.size() &&
@@ -300,11 +304,18 @@ public:
         }
         generated_.resize(keep);
         pending_ = false;
+    }
+
+    // A token's bytes were appended to bytes_: with stop strings they go to the text (stopped_ when
+    // one appeared).
+    void take_piece() {
+        if (!text_.active()) return;
+        stopped_ = text_.push(bytes_);
         bytes_.clear();
-        if (!done_ && started_) t_gen_us_ = llama_time_us() - t_gen_start_;
-        done_ = true;
-        finish_reason_ = "stop";
-        detach_backend(st);
+    }
+    // Whether next() has a piece to hand out: whole characters (none that may start a stop string).
+    bool ready() const {
+        return text_.active() ? text_.releasable() > released_ : utf8_complete(bytes_) > 0;
     }
 
     // Under a lease: next() appends to generated_ with the GIL released (another thread reading
@@ -377,6 +388,9 @@ private:
     nb::object sampler_ref_;  // keeps the Python sampler (owner of sampler_) alive
     std::vector<llama_token> prompt_, generated_;
     std::string bytes_;       // detokenized bytes not yet returned (an incomplete UTF-8 tail)
+    stop_text text_;          // with stop strings: the text, cut at the first one
+    size_t released_ = 0;     // bytes of text_ returned
+    bool stopped_ = false;    // a stop string ended it
     std::string finish_reason_;
     int32_t max_tokens_;
     bool ignore_eos_;
@@ -408,6 +422,10 @@ void init_generate(nb::module_ & m) {
     }, nb::arg("x"), nb::arg("impl") = "auto",
     "First index of the largest value (llama.cpp greedy semantics); impl picks the SIMD version (tests).");
 
+    m.def("utf8_replace", [](nb::bytes b) {
+        const std::string out = utf8_replace(std::string(b.c_str(), b.size()));
+        return nb::bytes(out.data(), out.size());
+    }, nb::arg("data"), "bytes.decode('utf-8', 'replace').encode() without Python: how generated text and stop strings see bytes (tests).");
     {
         using Params = draft_options;
         nb::class_<Params>(m, "DraftParams", "A draft's settings for speculative decoding (the defaults live here).")
@@ -418,25 +436,25 @@ void init_generate(nb::module_ & m) {
         .def("__init__", [](generator * self, nb::handle ctx,
                             nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
                             nb::handle sampler, int32_t max_tokens, bool ignore_eos, int32_t shift_keep,
-                            bool backend_sampling, std::optional<draft_options> draft, nb::handle draft_ctx) {
+                            bool backend_sampling, std::optional<draft_options> draft, nb::handle draft_ctx,
+                            std::vector<std::string> stop) {
             new (self) generator(ctx, prompt, nb::cast<sampler_handle &>(sampler), max_tokens, ignore_eos, sampler,
-                                 shift_keep, backend_sampling, draft, draft_ctx);
+                                 shift_keep, backend_sampling, draft, draft_ctx, std::move(stop));
         }, nb::arg("ctx"), nb::arg("prompt"), nb::arg("sampler"), nb::arg("max_tokens"), nb::arg("ignore_eos") = false,
         nb::arg("shift_keep") = -1, nb::arg("backend_sampling") = false, nb::arg("draft").none() = nb::none(),
-        nb::arg("draft_ctx").none() = nb::none(),
+        nb::arg("draft_ctx").none() = nb::none(), nb::arg("stop") = std::vector<std::string>{},
         R"(Prepare generation on sequence 0 of ctx; nothing runs until the first next().
 
 The first next() evaluates the prompt, reusing the longest prefix already in the KV cache.
 Each next() returns the next piece of UTF-8-complete text (GIL released while decoding).
 shift_keep < 0 stops with finish reason 'length' when the context is full; otherwise the first
 shift_keep tokens stay and half of the rest is dropped (context shift). draft (DraftParams): speculative
-decoding with the draft model's context draft_ctx (n_seq_max 1), or n-gram lookup without one.)")
+decoding with the draft model's context draft_ctx (n_seq_max 1), or n-gram lookup without one. stop:
+strings that end the text before them (finish reason 'stop'), matched in the text as yielded; the tokens
+from the stop on leave the token list and the KV cache.)")
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
         .def("__next__", &generator::next)
         .def("close", &generator::close, "Stop: iteration ends, and the context gets its logits back.")
-        .def("stop_at", &generator::stop_at, nb::arg("text_chars"),
-             "A stop string starts after text_chars characters of generated text: drop the tokens from there "
-             "on (token list and KV cache) and end.")
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
         .def_prop_ro("tokens", &generator::tokens, nb::rv_policy::automatic, "Generated token ids so far (a copy).");
 }

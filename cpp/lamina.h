@@ -14,6 +14,8 @@
 #include "llama.h"
 #include "ggml.h"
 
+#include "text.h"
+
 #include <atomic>
 #include <mutex>
 #include <shared_mutex>
@@ -28,19 +30,6 @@ namespace nb = nanobind;
 namespace lamina {
 
 // ---- errors (registered as Python exceptions in errors.cpp) ------------------------------
-// A message as Python can show it: valid UTF-8 is kept, every other byte (and a control character
-// other than newline and tab) becomes \xNN. Text quoted from a file (a GGUF key, a token, a string
-// value, llama.cpp's log line about them) may be any bytes; Python's str must be UTF-8.
-std::string escape_bytes(const std::string & s);
-// A string from a model file as a Python str, its bytes that are not UTF-8 as \xNN (text.cpp).
-nb::str file_text(const std::string & s);
-// Generated text as Python shows it: invalid bytes become U+FFFD (the "replace" handler), as
-// everywhere lamina yields text.
-nb::str text_replaced(const char * data, size_t n);
-// The length of the longest prefix of s that does not end inside a UTF-8 sequence (what a stream
-// may hand out now; the tail waits for the next token's bytes).
-size_t utf8_complete(const std::string & s);
-
 // Every lamina error carries an escaped message (so do a format error's field and reason).
 struct lamina_error : std::runtime_error {
     explicit lamina_error(const std::string & msg) : std::runtime_error(escape_bytes(msg)) {}
@@ -360,6 +349,14 @@ void exit_state_after_fork();
 extern thread_local bool t_gil_released;
 inline bool gil_held() { return !t_gil_released && PyGILState_GetThisThreadState() != nullptr; }
 
+// llama.cpp's log lines wait in a queue (logging.cpp) until a thread holding the GIL delivers them:
+// after every GIL-free section (the classes below), and in the main thread through a pending call.
+extern std::atomic<int> g_log_queued;
+void log_deliver();  // GIL held
+inline void log_deliver_queued() {
+    if (g_log_queued.load(std::memory_order_relaxed) > 0) log_deliver();
+}
+
 // nb::gil_scoped_release, with the park above; used for every GIL-free section of lamina.
 class gil_release {
 public:
@@ -373,6 +370,7 @@ public:
         PyEval_RestoreThread(state_);
         t_gil_released = was_released_;
         g_taking_gil.fetch_sub(1);
+        if (!t_gil_released) log_deliver_queued();
     }
     gil_release(const gil_release &) = delete;
     gil_release & operator=(const gil_release &) = delete;
@@ -396,6 +394,7 @@ public:
         g_taking_gil.fetch_sub(1);
     }
     ~gil_acquire() {
+        log_deliver_queued();
         t_gil_released = was_released_;
         PyGILState_Release(state_);
     }

@@ -1,12 +1,16 @@
 // llama.cpp / ggml log output -> a Python callable (lamina routes it to logging "lamina").
 //
-// ggml logs in fragments (GGML_LOG_LEVEL_CONT continues a line) and from any thread, often
-// with the GIL released; lines are assembled per thread and the GIL is taken only for lines at
-// or above the threshold that Python set.
+// ggml logs in fragments (GGML_LOG_LEVEL_CONT continues a line) and from any thread, often with
+// the GIL released and inside llama.cpp. Lines are assembled per thread; those at or above the
+// threshold Python set go to a queue. The log callback never takes the GIL: the queue is delivered
+// to Python where the GIL is held already, outside llama.cpp (when a lamina call takes the GIL back
+// after a GIL-free section: gil_release, gil_acquire), and by a pending call in the main thread for
+// lines from threads that never return to Python (ggml's workers).
 #include "lamina.h"
 
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 
 namespace lamina {
@@ -19,6 +23,18 @@ std::mutex g_last_error_mutex;
 std::string g_last_error;
 std::string g_first_error;  // the first error since clear_last_log_error: usually the cause
 alloc_failure g_alloc_failure;  // guarded by g_last_error_mutex
+
+std::mutex g_queue_mutex;                      // guards g_queue and g_dropped (held for a push or a swap only)
+std::deque<std::pair<int, std::string>> g_queue;
+size_t g_dropped = 0;                          // lines the full queue could not take
+constexpr size_t k_queue_max = 10000;
+std::atomic<bool> g_pending_call{false};       // a pending call to deliver is scheduled
+
+int deliver_pending(void *) {  // Python's pending call: the main thread, GIL held
+    g_pending_call.store(false);
+    log_deliver();
+    return 0;
+}
 
 thread_local std::string t_line;
 thread_local std::vector<std::pair<int, std::string>> * t_layers = nullptr;
@@ -63,23 +79,53 @@ void log_callback(ggml_log_level level, const char * text, void *) {
     if (line.empty() || lvl < g_min_level.load() || !g_enabled.load()) {
         return;
     }
-    if (g_exiting.load() && !on_main_thread()) return;  // the interpreter exits: no Python from other threads
-    gil_acquire gil;
-    if (!g_enabled.load() || g_sink == nullptr) {
-        return;
+    {
+        std::lock_guard<std::mutex> lock(g_queue_mutex);
+        if (g_queue.size() >= k_queue_max) {
+            ++g_dropped;
+        } else {
+            g_queue.emplace_back(lvl, std::move(line));
+        }
+        g_log_queued.store(int(g_queue.size()) + (g_dropped > 0));
     }
-    // no "s#" format: nanobind does not define PY_SSIZE_T_CLEAN, and without it the call fails
-    PyObject * text_obj = PyUnicode_DecodeUTF8(line.data(), Py_ssize_t(line.size()), "replace");
-    PyObject * res = text_obj ? PyObject_CallFunction(g_sink, "iO", lvl, text_obj) : nullptr;
-    Py_XDECREF(text_obj);
-    if (res == nullptr) {
-        PyErr_WriteUnraisable(g_sink);  // report a failing handler, but never break a load or decode
-    } else {
-        Py_DECREF(res);
+    // the main thread delivers at its next bytecode boundary, unless a lamina call does it first
+    if (!g_exiting.load() && !g_pending_call.exchange(true)) {
+        if (Py_AddPendingCall(deliver_pending, nullptr) != 0) g_pending_call.store(false);
     }
 }
 
 }  // namespace
+
+std::atomic<int> g_log_queued{0};
+
+void log_deliver() {
+    std::deque<std::pair<int, std::string>> lines;
+    size_t dropped;
+    {
+        std::lock_guard<std::mutex> lock(g_queue_mutex);
+        lines.swap(g_queue);
+        dropped = g_dropped;
+        g_dropped = 0;
+        g_log_queued.store(0);
+    }
+    if (dropped > 0) {
+        lines.emplace_back(GGML_LOG_LEVEL_WARN, "lamina: " + std::to_string(dropped) +
+                                                " llama.cpp log lines were dropped (more than " +
+                                                std::to_string(k_queue_max) + " waited for Python)");
+    }
+    for (const auto & [lvl, line] : lines) {
+        if (!g_enabled.load() || g_sink == nullptr) return;
+        // no "s#" format: nanobind does not define PY_SSIZE_T_CLEAN, and without it the call fails
+        PyObject * text_obj = PyUnicode_DecodeUTF8(line.data(), Py_ssize_t(line.size()), "replace");
+        PyObject * res = text_obj ? PyObject_CallFunction(g_sink, "iO", lvl, text_obj) : nullptr;
+        Py_XDECREF(text_obj);
+        if (res == nullptr) {
+            PyErr_WriteUnraisable(g_sink);  // report a failing handler, but never break a load or decode
+        } else {
+            Py_DECREF(res);
+        }
+    }
+}
 
 void capture_layer_devices(std::vector<std::pair<int, std::string>> * out) { t_layers = out; }
 
@@ -116,6 +162,7 @@ void init_logging(nb::module_ & m) {
         if (!sink.is_none() && !PyCallable_Check(sink.ptr())) {
             throw std::invalid_argument("log sink must be callable or None");
         }
+        log_deliver();  // lines queued for the old sink go to it
         g_enabled = false;
         PyObject * old = g_sink;
         g_sink = sink.is_none() ? nullptr : sink.inc_ref().ptr();
@@ -128,6 +175,7 @@ void init_logging(nb::module_ & m) {
 
     m.def("log_set_level", [](int min_level) { g_min_level = min_level; }, nb::arg("min_level"),
           "Change the lowest ggml log level forwarded to the sink.");
+    m.def("log_flush", &log_deliver, "Deliver the llama.cpp log lines waiting for Python now.");
 }
 
 }  // namespace lamina

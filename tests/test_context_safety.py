@@ -412,6 +412,21 @@ EXIT_CASES = {
                 ctx.kv_clear()
                 ctx.decode(toks)
     """,
+    # llama.cpp logging at DEBUG into a Python handler while daemon threads load and generate: the log
+    # callback took the GIL from inside llama.cpp (and could park there holding the adapters' lock)
+    "log": """
+        import logging, os
+        logging.basicConfig(level=logging.DEBUG, stream=open(os.devnull, "w"))
+        lamina._core.sync_log_level()
+        def churn():
+            while True:
+                lamina.Model(m.path, gpu=False).close()
+        threading.Thread(target=churn, daemon=True).start()
+        def work():
+            while True:
+                for _ in ctx.generate("the cat sat", max_tokens=50, ignore_eos=True):
+                    pass
+    """,
     "batcher": """
         b = lamina.Batcher(m, n_seq_max=2, n_ctx=1024)
         def work():  # the Batcher closes at exit: its requests end, a new one is refused

@@ -309,3 +309,30 @@ def test_a_stop_after_invalid_utf8_trims_the_tokens_at_the_stop(tiny_model: lami
     assert ctx.n_past == len(tiny_model.tokenize("hello world", special=True)) + len(tokens)
     if stop == "after":
         assert "\ufffd" in text  # the case this test is for
+
+
+def test_native_text_decoding_is_pythons_replace_decoding() -> None:
+    # stop strings are matched natively in the text as yielded: the native decoder must see every
+    # byte sequence as Python's bytes.decode("utf-8", "replace") does
+    import random
+    from lamina import _native
+    rng = random.Random(7)
+    pieces = [b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"\xf0\x9f\x98", b"\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
+              b"\xe0\x80\xaf", b"\xc0\xaf", b"\xff", b"a", b"\xf0\x90", b"\xef\xbf\xbd"]
+    cases = [bytes(rng.randrange(256) for _ in range(rng.randrange(12))) for _ in range(20000)]
+    cases += [b"".join(rng.choice(pieces) for _ in range(rng.randrange(8))) for _ in range(20000)]
+    for data in cases:
+        assert _native.utf8_replace(data) == data.decode("utf-8", "replace").encode(), data
+
+
+@pytest.mark.parametrize("stop", ["after", "\ufffd", "capita"])
+def test_generate_and_generate_batch_stop_at_the_same_character(tiny_model: lamina.Model, stop: str) -> None:
+    # one stop-string matcher: the Batcher used to match bytes (a U+FFFD the user sees in the text never
+    # matched the invalid bytes behind it), generate matched characters in Python
+    ctx = tiny_model.context(n_ctx=256)
+    gen = ctx.generate("hello world", max_tokens=40, stop=stop)
+    text = "".join(gen)
+    (c,) = ctx.generate_batch(["hello world"], max_tokens=40, stop=stop)
+    assert gen.finish_reason == c.finish_reason == "stop"
+    assert c.text == text and stop not in text
+    assert [int(t) for t in c.tokens] == [int(t) for t in gen.tokens]

@@ -53,75 +53,16 @@ def completion_from_row(r: Mapping[str, Any]) -> Completion:
                       tokens_per_s=r["n_generated"] / t_gen if t_gen > 0 else 0.0)
 
 
-def _stop_holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of text could start one of the stop strings."""
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), keep, -1):
-            if text.endswith(s[:k]):
-                keep = k
-                break
-    return keep
-
-
-class _Stream:
-    """Pieces of ``native`` cut at the first stop string; sets stopped[0] when one matched, and
-    takes the tokens from the stop on out of the token list and the KV cache. Holds no reference
-    to its Generation (no cycle: contexts are freed as soon as the last reference goes, not at the
-    next garbage collection). An iterator object, not a generator: an exception from the native
-    generator (a Ctrl-C raised by its __next__) keeps the text held back here, and iterating again
-    goes on where it stopped."""
-
-    def __init__(self, native: _native.Generator, stops: Sequence[str], stopped: list[bool]) -> None:
-        self._native = native
-        self._stops = stops
-        self._stopped = stopped
-        self._held = ""
-        self._emitted = 0  # characters of text yielded so far
-        self._done = False
-
-    def __iter__(self) -> "_Stream":
-        return self
-
-    def __next__(self) -> str:
-        while not self._done:
-            try:
-                held = self._held + next(self._native)
-            except StopIteration:
-                self._done = True
-                break
-            cut = min((i for i in (held.find(s) for s in self._stops) if i >= 0), default=-1)
-            if cut >= 0:
-                self._stopped[0] = True
-                self._done = True
-                self._held = ""
-                self._native.stop_at(self._emitted + cut)
-                if cut:
-                    return held[:cut]
-                break
-            keep = _stop_holdback(held, self._stops)
-            self._held = held[len(held) - keep:] if keep else ""
-            if len(held) > keep:
-                self._emitted += len(held) - keep
-                return held[: len(held) - keep]
-        if self._held:
-            held, self._held = self._held, ""
-            return held
-        raise StopIteration
-
-
 class Generation:
     """Iterator of text pieces from Context.generate(); stats are filled in as it runs. A
     context manager: leaving the block closes it (close() is final: no piece after it)."""
 
-    def __init__(self, native: _native.Generator, stops: Sequence[str]) -> None:
+    def __init__(self, native: _native.Generator) -> None:
         self._native = native
-        self._stops = [s for s in stops if s]
-        self._stopped = [False]
-        self._pieces: Iterator[str] = _Stream(native, self._stops, self._stopped) if self._stops else native
+        self._pieces: Iterator[str] = native
 
     def __iter__(self) -> Iterator[str]:
-        # Without stop strings this is the native generator itself: no Python frame per token.
+        # The native generator itself (stop strings included): no Python frame per token.
         return self._pieces
 
     def __next__(self) -> str:
@@ -141,8 +82,10 @@ class Generation:
 
     @property
     def finish_reason(self) -> str | None:
-        """'stop' (end-of-generation token or stop string), 'length' (max_tokens or context full), or None while running."""
-        return "stop" if self._stopped[0] else self._native.stats()["finish_reason"]
+        """'stop' (end-of-generation token or stop string), 'length' (max_tokens or context full), 'error'
+        (its sequence was taken: StaleGenerationError), or None while running."""
+        reason: str | None = self._native.stats()["finish_reason"]
+        return reason
 
     @property
     def tokens(self) -> npt.NDArray[np.int32]:
@@ -151,7 +94,6 @@ class Generation:
     @property
     def stats(self) -> dict[str, Any]:
         s: dict[str, Any] = self._native.stats()
-        s["finish_reason"] = self.finish_reason
         s["prompt_tokens_per_s"] = s["n_prompt_eval"] / (s["t_prompt_us"] / 1e6) if s["t_prompt_us"] else 0.0
         s["tokens_per_s"] = s["n_generated"] / (s["t_gen_us"] / 1e6) if s["t_gen_us"] else 0.0
         return s
@@ -490,8 +432,8 @@ class Context:
         draft_params = draft.params() if draft is not None else None
         draft_ctx = draft.context_for(self) if draft is not None else None
         native = _native.Generator(self.native, tokens, chain, max_tokens, ignore_eos, shift_keep, backend_sampling,
-                                   draft_params, draft_ctx.native if draft_ctx is not None else None)
-        return Generation(native, stops)
+                                   draft_params, draft_ctx.native if draft_ctx is not None else None, stops)
+        return Generation(native)
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None, **kwargs: Any) -> Generation:
         """Stream the assistant's reply to chat messages, rendered by llama.cpp's chat template
