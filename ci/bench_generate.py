@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import lamina
-from lamina import bench
+from lamina.cli import bench
 
 
 def main() -> int:

@@ -112,7 +112,7 @@ for stage in "$@"; do
       for kind in cuda-build cpu-build; do
         pp=""; [ $kind = cpu-build ] && pp=/tmp/cpu_site
         (cd /tmp && PYTHONPATH=$pp $py -c "
-import lamina, lamina.bench as b, statistics as s
+import lamina, lamina.cli.bench as b, statistics as s
 m = lamina.Model('/tmp/llama-1b.gguf', gpu=False)
 t = 16
 pp = b.lamina_pp(m, 512, t, 5); tg = b.lamina_tg(m, 128, t, 5)

@@ -62,6 +62,7 @@ context_lease::context_lease(std::shared_ptr<context_state> st, const void * own
         throw busy_error("the context is in use by another thread (or by an operation still running in this "
                          "one): use one context per thread, e.g. model.context() in each thread");
     }
+    ++t_leases;
     // backend samplers whose owner is gone (nullptr) or another client: detached
     const void * holder = st_->backend_owner.load();
     if (st_->n_backend_samplers > 0 && (holder == nullptr || holder != owner)) {
@@ -82,9 +83,11 @@ uint64_t new_operation_id() {
 }
 
 context_lease::~context_lease() {
-    if (st_) st_->busy.store(false, std::memory_order_release);
+    if (!st_) return;
+    st_->busy.store(false, std::memory_order_release);
+    --t_leases;
     // llama.cpp's lines from this operation (a GIL-holding call logs too), once the context is free
-    if (g_log_queued.load(std::memory_order_relaxed) > 0 && gil_held()) log_deliver();
+    if (g_log_queued.load(std::memory_order_relaxed) > 0 && t_leases <= 0 && gil_held()) log_deliver();
 }
 
 bool backend_greedy_attach(context_state & st, int32_t seq, const void * owner) {

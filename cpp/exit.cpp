@@ -15,6 +15,7 @@ std::atomic<int> g_taking_gil{0};
 
 thread_local int t_llama_work = 0;
 thread_local bool t_gil_released = false;
+thread_local int t_leases = 0;
 
 void park_forever() {
     g_llama_work.fetch_sub(t_llama_work);  // this thread's calls into llama.cpp end here, as far as exit goes

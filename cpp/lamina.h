@@ -1,5 +1,8 @@
-// Shared declarations of lamina's native layer: handles, errors, and one init function per
-// concern (each defined in cpp/<concern>.cpp and called from cpp/module.cpp).
+// Shared declarations of lamina's native layer: the owned native state (models, contexts), the
+// decode helpers every client uses, and one init function per concern (each defined in
+// cpp/<concern>.cpp and called from cpp/module.cpp). The rest is in one named place each:
+// errors.h, lease.h (leases, locks and their order), exit.h (GIL, signals, exit), params.h,
+// speculation.h, text.h.
 #pragma once
 
 #include <nanobind/nanobind.h>
@@ -14,6 +17,11 @@
 #include "llama.h"
 #include "ggml.h"
 
+#include "errors.h"
+#include "exit.h"
+#include "lease.h"
+#include "params.h"
+#include "speculation.h"
 #include "text.h"
 
 #include <atomic>
@@ -28,36 +36,6 @@
 namespace nb = nanobind;
 
 namespace lamina {
-
-// ---- errors (registered as Python exceptions in errors.cpp) ------------------------------
-// Every lamina error carries an escaped message (so do a format error's field and reason).
-struct lamina_error : std::runtime_error {
-    explicit lamina_error(const std::string & msg) : std::runtime_error(escape_bytes(msg)) {}
-};
-struct load_error : lamina_error { using lamina_error::lamina_error; };
-struct out_of_memory_error : lamina_error {
-    std::string device;  // the device whose allocation failed ("" when llama.cpp did not say)
-    uint64_t bytes = 0;  // the bytes it asked for (0 when unknown)
-    using lamina_error::lamina_error;
-    out_of_memory_error(const std::string & msg, std::string dev, uint64_t n)
-        : lamina_error(msg), device(std::move(dev)), bytes(n) {}
-};
-struct model_format_error : load_error {  // -> lamina.ModelFormatError(field, offset, reason)
-    std::string field, reason;
-    uint64_t offset;  // the byte in the file where the bad field starts
-    model_format_error(const std::string & msg, std::string f, uint64_t off, std::string r)
-        : load_error(msg), field(escape_bytes(f)), reason(escape_bytes(r)), offset(off) {}
-};
-struct decode_error : lamina_error {
-    int code;
-    decode_error(int code_, const std::string & msg) : lamina_error(msg), code(code_) {}
-};
-struct closed_error : lamina_error { using lamina_error::lamina_error; };
-struct busy_error : lamina_error { using lamina_error::lamina_error; };   // another thread uses it
-struct stale_error : lamina_error { using lamina_error::lamina_error; };  // its sequence was changed under it
-struct fork_error : lamina_error { using lamina_error::lamina_error; };   // made before fork()
-struct permission_error : std::runtime_error { using std::runtime_error::runtime_error; };  // -> PermissionError
-// std::invalid_argument -> ValueError, std::out_of_range -> IndexError (nanobind built-ins)
 
 // ---- owned native state -------------------------------------------------------------------
 // Handles are shared so that a context keeps its model alive and a numpy view keeps its
@@ -84,49 +62,11 @@ struct model_state {
     ~model_state();
 };
 
-// Settings of one ggml CPU threadpool (threadpool.cpp).
-struct threadpool_config {
-    int n_threads = 1;
-    int prio = 0;          // ggml_sched_priority: 0 normal, 1 medium, 2 high, 3 realtime (-1 low)
-    uint32_t poll = 50;    // 0 sleep at once .. 100 spin; 50 is llama.cpp's default
-    bool strict = false;   // one thread per listed CPU
-    std::vector<int> cpus; // empty: the process's affinity
-    bool operator==(const threadpool_config & o) const {
-        return n_threads == o.n_threads && prio == o.prio && poll == o.poll && strict == o.strict && cpus == o.cpus;
-    }
-};
-
-// What a decode must do to the calling thread, which ggml makes worker 0 of the pool: its CPU
-// mask (empty: leave it) and scheduling priority (0: leave it). See caller_pin.
-struct pin_plan {
-    std::vector<int> cpus;
-    int prio = 0;
-    bool active() const { return !cpus.empty() || prio != 0; }
-};
-
-// For one scope, gives the calling thread the pool's worker-0 CPU mask and priority (ggml pins the
-// thread that creates or resumes a pool, never the one that calls a later decode, and never undoes
-// it), then restores the caller's own mask and priority. Inactive plans cost nothing.
-class caller_pin {
-public:
-    explicit caller_pin(const pin_plan & plan);
-    ~caller_pin();
-    caller_pin(const caller_pin &) = delete;
-    caller_pin & operator=(const caller_pin &) = delete;
-private:
-    struct saved;
-    std::unique_ptr<saved> saved_;
-};
-
 struct lora_state;  // a loaded LoRA adapter (lora.cpp)
 struct context_state;
 // What saved states record of a context's adapters: 0 for none, else a hash of each adapter's file
 // content and its scale (independent of their order).
 int64_t lora_fingerprint(const context_state & st);
-// llama.cpp reads a model's set of loaded adapters (graph_max_nodes) when it creates a context and
-// reserves a graph (the first decode after a change of adapters); loading and freeing an adapter
-// change that set. Readers share this lock (context creation, decode_checked), writers own it.
-std::shared_mutex & lora_registry();
 
 struct context_state {
     std::shared_ptr<model_state> model;
@@ -180,33 +120,11 @@ struct context_state {
     ~context_state();
 };
 
-// Exclusive use of a context for one native operation. Raises busy_error when another thread is
-// using it (never waits: no deadlock with the GIL or a second lease in the same thread) and
-// fork_error in a child process. `owner`: the generator taking it (others detach its backend
-// sampler first).
-class context_lease {
-public:
-    explicit context_lease(std::shared_ptr<context_state> st, const void * owner = nullptr);
-    ~context_lease();
-    context_lease(const context_lease &) = delete;
-    context_lease & operator=(const context_lease &) = delete;
-    context_state & operator*() const { return *st_; }
-    context_state * operator->() const { return st_.get(); }
-    const std::shared_ptr<context_state> & shared() const { return st_; }
-private:
-    std::shared_ptr<context_state> st_;
-};
 // Whether an RPC server holding part of the model went away (ggml's RPC client with lamina's patch
 // marks it instead of aborting): sets model.lost. Cheap when no RPC server ever failed.
 bool rpc_lost(model_state & model);
 // The RPC endpoints among ggml devices (descriptions of devices whose backend is RPC).
 std::vector<std::string> rpc_endpoints_of(const std::vector<ggml_backend_dev_t> & devs);
-// A compute operation starts on a leased context: a decode call (op 0), or a generation's step (op:
-// its number from new_operation_id(), the same for every token). ctx.abort() stops the operation
-// running when it is called; one that arrived after the last operation ended (or while only
-// read-only calls ran) is dropped here, so it never stops a later, unrelated call.
-void begin_operation(context_state & st, uint64_t op = 0);
-uint64_t new_operation_id();
 // Something changes what sequence `seq` (< 0: every sequence) holds: its epoch moves on, so the
 // generation or Batcher request that owns it ends at its next step with stale_error naming `what`
 // (a string literal). Returns the new epoch (of the last sequence changed). Under a lease.
@@ -270,12 +188,6 @@ void require_specials(const model_state & m);
 void append_piece(const model_state & m, llama_token tok, bool special, std::string & out);
 // The shared model state behind a lamina._native.Model (raises ClosedError).
 std::shared_ptr<model_state> model_shared(nb::handle model);
-// The shared context state behind a lamina._native.Context (raises ClosedError).
-std::shared_ptr<context_state> context_shared(nb::handle ctx);
-// context_shared, leased (raises ClosedError, BusyError, ForkError).
-inline context_lease context_leased(nb::handle ctx, const void * owner = nullptr) {
-    return context_lease(context_shared(ctx), owner);
-}
 
 // The device behind a device or buffer-type name as ggml logs it: "CUDA0", "CPU_Mapped", and RPC's
 // "RPC0[127.0.0.1:50052]"; nullptr if none.
@@ -318,208 +230,6 @@ inline void threadpools_release_retired(context_state & st) {
     for (ggml_threadpool * tp : st.retired_pools) pool_free(tp);
     st.retired_pools.clear();
 }
-
-// Python's signal check, done with the GIL held; raises KeyboardInterrupt etc. as nb::python_error.
-void check_signals();
-// Whether the calling thread (GIL held) is Python's main thread, where signal handlers run.
-bool on_main_thread();
-
-// ---- interpreter exit ---------------------------------------------------------------------
-// Set by prepare_exit (lamina's last atexit handler, in the main thread) before the interpreter
-// finalizes. From then on a thread other than the main one that leaves a GIL-free section parks
-// (sleeps until the process ends) instead of taking the GIL back: Python 3.11 ends such a thread
-// with pthread_exit, whose unwinding through lamina's C++ ends in std::terminate, and a daemon
-// thread still inside llama.cpp when C++'s static objects are destroyed crashed the process.
-extern std::atomic<bool> g_exiting;
-// Calls into llama.cpp running now (llama_work scopes), and threads taking the GIL back (past the
-// check of g_exiting): prepare_exit waits for both.
-extern std::atomic<int> g_llama_work;
-extern std::atomic<int> g_taking_gil;
-// Sleep until the process ends (never holding the GIL or a lock), no longer counted in g_llama_work.
-[[noreturn]] void park_forever();
-// After fork(): the child's counters start again (the parent's threads do not exist there).
-void exit_state_after_fork();
-
-// Whether the calling thread holds the GIL. PyGILState_Check is not in the limited API that the
-// abi3 build (Python >= 3.12) compiles against, so lamina keeps the answer itself: a thread
-// Python has no state for (ggml's workers, the Batcher's loop) holds no GIL; a Python thread runs
-// lamina code with the GIL (it called in from Python) except inside a gil_release, where
-// t_gil_released is set, and outside a gil_acquire nested in one, which clears it again. Every
-// GIL release and acquire in cpp/ goes through these two classes.
-extern thread_local bool t_gil_released;
-inline bool gil_held() { return !t_gil_released && PyGILState_GetThisThreadState() != nullptr; }
-
-// llama.cpp's log lines wait in a queue (logging.cpp) until a thread holding the GIL delivers them:
-// after every GIL-free section (the classes below), and in the main thread through a pending call.
-extern std::atomic<int> g_log_queued;
-void log_deliver();  // GIL held
-inline void log_deliver_queued() {
-    if (g_log_queued.load(std::memory_order_relaxed) > 0) log_deliver();
-}
-
-// nb::gil_scoped_release, with the park above; used for every GIL-free section of lamina.
-class gil_release {
-public:
-    gil_release() : state_(PyEval_SaveThread()), was_released_(t_gil_released) { t_gil_released = true; }
-    ~gil_release() {
-        g_taking_gil.fetch_add(1);  // seq_cst with prepare_exit's store of g_exiting: one sees the other
-        if (g_exiting.load() && !on_main_thread()) {
-            g_taking_gil.fetch_sub(1);
-            park_forever();
-        }
-        PyEval_RestoreThread(state_);
-        t_gil_released = was_released_;
-        g_taking_gil.fetch_sub(1);
-        if (!t_gil_released) log_deliver_queued();
-    }
-    gil_release(const gil_release &) = delete;
-    gil_release & operator=(const gil_release &) = delete;
-private:
-    PyThreadState * state_;
-    bool was_released_;
-};
-
-// nb::gil_scoped_acquire for a thread that runs without the GIL, with the same park.
-class gil_acquire {
-public:
-    gil_acquire() {
-        g_taking_gil.fetch_add(1);
-        if (g_exiting.load() && !on_main_thread() && !gil_held()) {  // never parks holding the GIL
-            g_taking_gil.fetch_sub(1);
-            park_forever();
-        }
-        state_ = PyGILState_Ensure();
-        was_released_ = t_gil_released;
-        t_gil_released = false;
-        g_taking_gil.fetch_sub(1);
-    }
-    ~gil_acquire() {
-        log_deliver_queued();
-        t_gil_released = was_released_;
-        PyGILState_Release(state_);
-    }
-    gil_acquire(const gil_acquire &) = delete;
-    gil_acquire & operator=(const gil_acquire &) = delete;
-private:
-    PyGILState_STATE state_;
-    bool was_released_ = false;
-};
-
-// A call into llama.cpp that must not be running when the process ends (decode, sampling reads,
-// load, context creation, state, a draft, adapters): counted for prepare_exit. Once the
-// interpreter exits, a thread other than the main one parks here instead of starting one (it
-// holds no lock yet: make it before taking any). A thread parking anywhere stops counting its own.
-extern thread_local int t_llama_work;
-class llama_work {
-public:
-    llama_work() {
-        g_llama_work.fetch_add(1);
-        ++t_llama_work;
-        if (g_exiting.load() && !on_main_thread() && !gil_held()) park_forever();
-    }
-    ~llama_work() {
-        --t_llama_work;
-        g_llama_work.fetch_sub(1);
-    }
-    llama_work(const llama_work &) = delete;
-    llama_work & operator=(const llama_work &) = delete;
-};
-
-// For one multi-token decode in Python's main thread (GIL held when made and destroyed): Python's
-// signal wakeup fd points at lamina's pipe, so the abort callback notices a signal with a read()
-// and takes the GIL only then (signals.cpp). Inactive when `on` is false or Python refuses.
-class signal_watch {
-public:
-    explicit signal_watch(bool on);
-    ~signal_watch();
-    signal_watch(const signal_watch &) = delete;
-    signal_watch & operator=(const signal_watch &) = delete;
-    bool active() const { return active_; }
-private:
-    bool active_ = false;
-    int old_fd_ = -1;
-};
-// In the abort callback, without the GIL: whether a signal arrived during the active watch.
-bool signal_arrived();
-
-// ---- parameters shared by loading, contexts and the memory fit (model.cpp, context.cpp) -----
-// Where a model's weights go (Python: lamina.Model's resolved placement; bound as
-// _native.Placement). Each field has its one default here.
-struct placement {
-    int32_t n_gpu_layers = 0;                    // -1: every layer
-    std::optional<std::vector<int>> devices;     // ggml device indices; none: llama.cpp's choice
-    int split_mode = 1;                          // 0 none, 1 layer, 2 row, 3 tensor
-    int main_gpu = 0;
-    std::optional<std::vector<float>> tensor_split;
-    std::vector<std::pair<std::string, int>> overrides;  // (regex, device index or -1 for the CPU)
-};
-// llama_model_params with the storage its pointers point into
-struct model_params {
-    llama_model_params p;
-    std::vector<ggml_backend_dev_t> devs;
-    std::vector<float> split;
-    std::vector<std::string> patterns;
-    std::vector<llama_model_tensor_buft_override> overrides;
-    model_params() = default;
-    model_params(const model_params &) = delete;
-    model_params & operator=(const model_params &) = delete;
-};
-// Validated; raises ValueError / IndexError for bad placements.
-void build_model_params(const placement & a, model_params & out);
-// A context's settings (Python: lamina.Context's resolved settings; bound as _native.ContextParams).
-// Each field has its one default here; Python's Context takes its defaults from these.
-struct context_params {
-    uint32_t n_ctx = 4096, n_batch = 2048, n_ubatch = 512, n_seq_max = 1;
-    int flash_attn = -1;                  // -1 auto, 0 off, 1 on
-    int type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;
-    bool offload_kqv = true, op_offload = true, embeddings = false, swa_full = true, kv_unified = false;
-    int pooling_type = -1;                // -1 the model's, 0 none, 1 mean, 2 cls, 3 last
-    int rope_scaling_type = -1;           // -1 the model's, 0 none, 1 linear, 2 yarn, 3 longrope
-    float rope_freq_base = 0.0f, rope_freq_scale = 0.0f;  // 0: the model's
-};
-// One threadpool (bound as _native.PoolParams): threads, CPUs to pin to, strict placement,
-// priority (-1 low .. 3 realtime), polling level (0 sleep .. 100 spin).
-struct pool_params {
-    int32_t n_threads = 1;
-    std::vector<int> cpus;
-    bool strict = false;
-    int priority = 0;
-    uint32_t poll = 50;
-};
-llama_context_params build_context_params(const context_params & a);
-// Collect llama.cpp's "layer N assigned to device X" lines logged by this thread (null: stop).
-void capture_layer_devices(std::vector<std::pair<int, std::string>> * out);
-
-// ---- speculative decoding (speculative.cpp) ----------------------------------------------------
-// A draft's settings (bound as _native.DraftParams; lamina.Draft takes its defaults from here): the
-// most and fewest tokens a draft may propose, the draft model's least probability for a token it
-// proposes, and the n-gram lookup's key length (the draft without a model).
-struct draft_options {
-    int32_t n_max = 16, n_min = 0;
-    float p_min = 0.75f;
-    int32_t ngram_n = 12;
-};
-class sampler_handle;
-// Speculative decoding of one generation on sequence 0 of a target context, with a draft model's
-// context (its own, n_seq_max 1) or, without one, n-gram lookup (llama.cpp's common/speculative).
-class speculation {
-public:
-    speculation(context_state & tgt, std::shared_ptr<context_state> dft, const draft_options & o);
-    ~speculation();
-    // The target evaluated `prompt`: the draft context gets it too (GIL held, draft leased).
-    void begin(const std::vector<llama_token> & prompt);
-    // Decode `last` (not yet decoded, at st.tokens.size()) and a draft of at most n_draft_max tokens
-    // in one batch; ids gets the target sampler's picks: the drafts it kept, then its own token (not
-    // decoded). The caches keep `last` and the kept drafts. Returns llama_decode's status (no GIL).
-    int step(context_state & st, sampler_handle & s, llama_token last, int32_t n_draft_max, std::vector<llama_token> & ids);
-    // Cut both caches and token lists back to n_tokens (a generation that ended inside a step).
-    void truncate(context_state & st, size_t n_tokens);
-    void stats(nb::dict & d) const;
-    const std::shared_ptr<context_state> & draft_context() const;
-private:
-    struct impl;
-    std::unique_ptr<impl> p_;
-};
 
 // Binds a field of the parameter struct named Params (a local alias) read-write, under its own name.
 #define LAMINA_RW(field) .def_rw(#field, &Params::field)

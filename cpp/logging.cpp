@@ -32,7 +32,7 @@ std::atomic<bool> g_pending_call{false};       // a pending call to deliver is s
 
 int deliver_pending(void *) {  // Python's pending call: the main thread, GIL held
     g_pending_call.store(false);
-    log_deliver();
+    log_deliver_queued();  // not inside a lease (a signal handler run during a decode): its end delivers
     return 0;
 }
 
@@ -113,6 +113,13 @@ void log_deliver() {
                                                 " llama.cpp log lines were dropped (more than " +
                                                 std::to_string(k_queue_max) + " waited for Python)");
     }
+    // an exception on its way to Python (a destructor delivering during unwinding) waits meanwhile
+    PyObject *et = nullptr, *ev = nullptr, *tb = nullptr;
+    PyErr_Fetch(&et, &ev, &tb);
+    struct restore {
+        PyObject *&t, *&v, *&b;
+        ~restore() { PyErr_Restore(t, v, b); }
+    } keep{et, ev, tb};
     for (const auto & [lvl, line] : lines) {
         if (!g_enabled.load() || g_sink == nullptr) return;
         // no "s#" format: nanobind does not define PY_SSIZE_T_CLEAN, and without it the call fails

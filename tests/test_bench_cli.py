@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina import bench, cli
+from lamina import cli
+from lamina.cli import bench
 import requires
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -94,7 +95,7 @@ def test_bench_ngl_sweep_over_rpc_offloads_per_value(tiny_path: Path, rpc_endpoi
 
 
 # -- --parallel (llama-batched-bench) and --draft (llama-speculative-simple) -------------------
-from lamina import bench_batch  # noqa: E402
+from lamina.cli import bench_batch  # noqa: E402
 
 PARALLEL = ("-npp", "8", "-ntg", "4", "-t", "1")  # a few milliseconds per level on the tiny model
 SPEC_PROMPT = "the city of the world is the capital of the country " * 4  # repeats: n-grams find drafts

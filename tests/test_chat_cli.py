@@ -89,7 +89,7 @@ def test_cli_bench_compare_runs_llama_bench(tiny_path: Path) -> None:
 
 
 def test_bench_pairs_single_repetition_rounds() -> None:
-    from lamina.bench import Result
+    from lamina.cli.bench import Result
 
     paired = Result("tg128", 2, lamina=[10.0, 20.0, 30.0], llama_bench=[10.0, 10.0, 40.0]).as_dict()
     assert paired["paired_ratio_median"] == 1.0  # ratios 1.0, 2.0, 0.75

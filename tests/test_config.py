@@ -395,7 +395,7 @@ def test_unknown_lamina_variables_and_alias_arguments() -> None:
 def test_every_reader_of_n_gpu_layers_agrees_on_every_value(tiny_path: Path, value: str) -> None:
     # model.yml / LAMINA_N_GPU_LAYERS, -ngl, bench's -ngl list and Model: one parser, one answer
     import argparse
-    from lamina import args, bench
+    from lamina.cli import args, bench
     from lamina.params import parse_ngl
     try:
         want: object = parse_ngl(value)

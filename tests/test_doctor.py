@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import lamina
-from lamina import doctor
+from lamina.cli import doctor
 from lamina.cli import main
-from lamina.doctor import Facts, traps
+from lamina.cli.doctor import Facts, traps
 from lamina.system import _mounts, cgroup_levels, filesystem_of, memory_bandwidth
 
 SCHEMA = Path(__file__).resolve().parent.parent / "docs" / "doctor.schema.json"

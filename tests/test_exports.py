@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import lamina
+import lamina.cli.bench
 from lamina._core import PACKAGE_DIR
 import requires
 
@@ -112,4 +113,4 @@ def test_tool_libraries_live_beside_the_tools() -> None:
     assert not (PACKAGE_DIR / "libllama-common.so").exists()
     out = subprocess.run([str(bin_dir / "llama-bench"), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stderr[-500:]
-    assert lamina.bench.llama_bench_path() == bin_dir / "llama-bench"
+    assert lamina.cli.bench.llama_bench_path() == bin_dir / "llama-bench"

@@ -88,6 +88,38 @@ def test_llama_cpp_log_reaches_the_lamina_logger(tiny_path: Path, caplog: "pytes
     assert any("llama_model_loader" in l or "load_tensors" in l for l in lines), lines[:5]
 
 
+def test_a_log_handler_may_use_the_context_whose_call_logged(tiny_model: lamina.Model) -> None:
+    # llama.cpp logs inside lamina's calls (set_sampler at DEBUG when backend sampling attaches). The
+    # handler ran right there, inside llama.cpp and the call's lease: the same context raised BusyError.
+    # Lines now wait in a queue until the thread is outside every lease.
+    import logging
+
+    seen: list[int] = []
+    errors: list[Exception] = []
+    ctx = tiny_model.context(n_ctx=128)
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "set_sampler" in record.getMessage():
+                try:
+                    seen.append(ctx.n_past)
+                except lamina.LaminaError as e:
+                    errors.append(e)
+
+    log = logging.getLogger("lamina")
+    handler, level = Handler(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    lamina._core.sync_log_level()
+    try:
+        "".join(ctx.generate([1, 5, 6, 7], max_tokens=4, ignore_eos=True, backend_sampling=True))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        lamina._core.sync_log_level()
+    assert seen and not errors, errors
+
+
 def test_failed_load_explains_why(tiny_path: Path, tmp_path: Path) -> None:
     # a well-formed file llama.cpp cannot load (the validator passes it): llama.cpp's reason is kept
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ci"))

@@ -24,7 +24,7 @@ from .speculative import Draft
 from .addons import AddOn
 from .system import Device, SystemInfo, addons, default_threads, devices, rpc_connect, system_info
 from . import _native as _n
-from . import bench, tools
+from . import tools
 
 
 def chat_templates() -> list[str]:

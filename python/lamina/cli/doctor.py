@@ -30,16 +30,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import _native
-from ._core import PACKAGE_DIR
+from .. import _native
+from .._core import PACKAGE_DIR
 from .bench import lamina_tg
-from .config import load_config
-from .errors import InertSettingWarning
-from .model import Model
-from .params import KV
+from ..config import load_config
+from ..errors import InertSettingWarning
+from ..model import Model
+from ..params import KV
 from .plot import require
 from .progress import load_bar
-from .system import (MEMORY_FILESYSTEMS, NETWORK_FILESYSTEMS, cache_sizes, cgroup_levels, cgroup_memory_limit,
+from ..system import (MEMORY_FILESYSTEMS, NETWORK_FILESYSTEMS, cache_sizes, cgroup_levels, cgroup_memory_limit,
                      filesystem_of, gpu_absent_reason, memory_bandwidth, swap_memory, system_info)
 
 SCHEMA_VERSION = 1

@@ -1,7 +1,7 @@
 """`lamina bench`: pp/tg throughput through lamina's own API, like llama-bench, and side by side
 with llama-bench built from the same pinned source (--compare). --parallel (batched generation
 against llama-batched-bench) and --draft (speculative decoding against llama-speculative-simple)
-live in lamina.bench_batch, which says what each side times.
+live in lamina.cli.bench_batch, which says what each side times.
 
 tg<N>: llama-bench decodes BOS plus N-1 random tokens, one per decode. lamina streams
        ctx.generate([BOS], max_tokens=N, ignore_eos=True): the same N decodes plus real greedy
@@ -9,7 +9,7 @@ tg<N>: llama-bench decodes BOS plus N-1 random tokens, one per decode. lamina st
 pp<P>: P random tokens (BOS first) in one decode, from an empty cache, both sides.
 -ngl 0,4,8,all loads the model once per value (the previous one closed first) and measures each;
 the table says where the layers went, so with no GPU (the values inert) it shows every row on the CPU.
---plot FILE.png draws t/s against threads or layers (lamina.plot, needs `lamina[plot]`).
+--plot FILE.png draws t/s against threads or layers (lamina.cli.plot, needs `lamina[plot]`).
 With --compare, rounds alternate llama-bench and lamina so drift hits both; medians of all
 repetitions. With one repetition per round (-r 1 --rounds N) the samples are pairs run back to
 back, and the median of the paired ratios is reported too: on a shared machine whose speed
@@ -29,12 +29,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import bench_batch, plot, tools
+from .. import tools
+
+from . import bench_batch, plot
 from .args import add_model_args, models
-from .model import Model
-from .params import BENCH_KV, NGL, parse_ngl
-from .system import system_info
-from .threads import Threads
+from ..model import Model
+from ..params import BENCH_KV, NGL, parse_ngl
+from ..system import system_info
+from ..threads import Threads
 
 
 

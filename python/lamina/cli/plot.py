@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import LaminaError
+from ..errors import LaminaError
 
 if TYPE_CHECKING:
     from .bench import Result

@@ -7,10 +7,10 @@ import os
 from dataclasses import replace
 from typing import Any, Iterator
 
-from .config import Config, Setting, load_config
-from .model import Model
-from .models import default_model_path
-from .params import NGL, parse_ngl
+from ..config import Config, Setting, load_config
+from ..model import Model
+from ..models import default_model_path
+from ..params import NGL, parse_ngl
 from .progress import load_bar
 
 

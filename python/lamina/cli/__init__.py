@@ -8,11 +8,12 @@ import sys
 import warnings
 from typing import Any, Sequence
 
-from . import bench, doctor, tools
-from ._core import PACKAGE_DIR
+from .. import tools
+from .._core import PACKAGE_DIR
+from . import bench, doctor
 from .args import add_model_args, add_sampling_args, add_thread_args, config_from_args, load_model, ngl
-from .errors import LaminaError
-from .model import Model
+from ..errors import LaminaError
+from ..model import Model
 
 
 def _generate_kwargs(model: Model, n_predict: int) -> dict[str, Any]:

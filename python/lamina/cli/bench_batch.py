@@ -60,15 +60,15 @@ from typing import Any, Callable, Literal, TypeVar
 
 import numpy as np
 
-from . import _native, tools
+from .. import _native, tools
 from .args import models
-from .context import Context
-from .errors import LaminaError
-from .model import Model
-from .params import BENCH_KV, KV
-from .sampling import Sampler
-from .speculative import Draft
-from .threads import Threads
+from ..context import Context
+from ..errors import LaminaError
+from ..model import Model
+from ..params import BENCH_KV, KV
+from ..sampling import Sampler
+from ..speculative import Draft
+from ..threads import Threads
 
 FlashAttn = Literal["auto", "on", "off"]
 FLASH = {"auto": "auto", "on": True, "off": False}  # -fa value -> Context(flash_attn=)
