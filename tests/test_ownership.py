@@ -206,3 +206,57 @@ print("ok", len(seen))
 def test_a_reader_during_a_llama_log_line_never_deadlocks_the_batcher(tiny_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", DEADLOCK, str(tiny_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+CLOSE_DURING_TOKENIZE = """
+import sys, threading, time
+import lamina
+path = sys.argv[1]
+tok = lamina.Tokenizer(path)
+ref = lamina.Tokenizer(path)
+text = "the quick brown fox jumps over the lazy dog " * 400_000  # a few seconds of tokenizing
+out = []
+t = threading.Thread(target=lambda: out.append(tok.tokenize(text)))
+t.start()
+time.sleep(0.2)
+tok.close()  # another thread: the vocabulary must outlive the running call
+t.join()
+want = ref.tokenize(text)
+assert len(out) == 1 and (out[0] == want).all(), "the tokens differ"
+print("ok", len(want))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_closing_a_tokenizer_while_another_thread_tokenizes_keeps_the_vocabulary(tiny_path: Path) -> None:
+    # tokenize held a reference to the model state across the GIL release; close() freed the vocabulary
+    r = subprocess.run([sys.executable, "-c", CLOSE_DURING_TOKENIZE, str(tiny_path)], capture_output=True, text=True,
+                       timeout=150)
+    assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_stats_while_another_thread_generates_are_whole_or_busy(wide_model: lamina.Model) -> None:
+    # stats() and tokens read the generated tokens that next() appends with the GIL released
+    with wide_model.context(n_ctx=1024) as ctx:
+        g = ctx.generate(PROMPT_A, max_tokens=300, ignore_eos=True)
+        done = threading.Event()
+        reads: list[int] = []
+        busy = 0
+
+        def run() -> None:
+            "".join(g)
+            done.set()
+
+        t = threading.Thread(target=run)
+        t.start()
+        while not done.is_set():
+            try:
+                s = g.stats
+                toks = g.tokens
+                reads.append(len(toks))
+                assert s["n_generated"] <= 300 and len(toks) <= 300
+            except lamina.BusyError:
+                busy += 1
+        t.join()
+        final = [int(x) for x in g.tokens]
+        assert len(final) == 300 and reads == sorted(reads)
