@@ -98,8 +98,12 @@ struct engine_core {
     // A request ends (mutex held): readers get the rest of its text; its slot is freed by the loop.
     void end(request & r, const char * why) {
         if (!r.finish.empty()) return;
+        // an incomplete character at the end is shown replaced, and may complete a stop string
+        if (r.said.finish()) {
+            r.generated.resize(std::min(r.generated.size(), r.said.tokens_before_stop()));
+            if (std::string(why) == "length") why = "stop";
+        }
         r.finish = why;
-        r.said.finish();  // an incomplete character at the end is shown replaced
         r.released = r.said.text().size();
         r.t_end = llama_time_us();
         ++n_finished;
@@ -459,7 +463,7 @@ private:
             // Under the mutex only bookkeeping: llama.cpp calls (which can log, and the log callback
             // takes the GIL) run after it, so a reader holding the GIL never waits on a lock whose
             // holder waits for the GIL.
-            std::vector<int32_t> freed;
+            std::vector<std::pair<int32_t, uint64_t>> freed;
             std::vector<request *> admitted;
             {
                 std::lock_guard<std::mutex> lk(c.mu);
@@ -536,7 +540,7 @@ private:
                 if (in_batch[i]->out >= 0) append_piece(*st.model, picked[i], false, pieces[i]);
             }
             const int64_t t1 = llama_time_us();
-            std::vector<int32_t> freed;
+            std::vector<std::pair<int32_t, uint64_t>> freed;
             std::unique_lock<std::mutex> lk(c.mu);
             bool news = false;
             for (size_t i = 0; i < in_batch.size(); ++i) {
@@ -650,7 +654,7 @@ private:
     // Requests that ended (or were cancelled) leave the active list (mutex held); returns their
     // slots, whose sequences free_slots empties after the mutex is released. The slot is taken
     // again only by a later admission, which runs after that.
-    std::vector<int32_t> take_finished() {
+    std::vector<std::pair<int32_t, uint64_t>> take_finished() {
         engine_core & c = *core_;
         bool news = false;
         for (const request_ptr & r : c.active) {
@@ -659,10 +663,10 @@ private:
                 news = true;
             }
         }
-        std::vector<int32_t> freed;
+        std::vector<std::pair<int32_t, uint64_t>> freed;
         auto keep = std::stable_partition(c.active.begin(), c.active.end(), [](const request_ptr & r) { return r->finish.empty(); });
         for (auto it = keep; it != c.active.end(); ++it) {
-            if (!(*it)->seq_lost) freed.push_back((*it)->slot);  // else the sequence is the other client's now
+            freed.emplace_back((*it)->slot, (*it)->epoch);
             c.slot_used[size_t((*it)->slot)] = false;
             (*it)->slot = -1;
             (*it)->has_pending = false;
@@ -671,10 +675,12 @@ private:
         if (news) c.signal_news();
         return freed;
     }
-    // Empty the sequences of ended requests (no mutex: llama.cpp calls).
-    static void free_slots(context_state & st, const std::vector<int32_t> & slots) {
+    // Empty the sequences of ended requests (no mutex: llama.cpp calls), unless another client took
+    // one since (its epoch moved: a generation, ctx.decode, a KV operation): that sequence is theirs.
+    static void free_slots(context_state & st, const std::vector<std::pair<int32_t, uint64_t>> & slots) {
         llama_memory_t mem = llama_get_memory(st.ctx.get());
-        for (int32_t s : slots) {
+        for (const auto & [s, epoch] : slots) {
+            if (st.seq_epochs[size_t(s)] != epoch) continue;
             llama_memory_seq_rm(mem, s, -1, -1);
             if (s == 0) st.tokens.clear();
         }
@@ -764,7 +770,7 @@ private:
         if (c.st->busy.load()) return;  // someone else holds the context: the slots stay as they are
         try {
             context_lease lease(c.st);
-            std::vector<int32_t> freed;
+            std::vector<std::pair<int32_t, uint64_t>> freed;
             {
                 std::lock_guard<std::mutex> lk(c.mu);
                 freed = take_finished();

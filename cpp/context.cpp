@@ -193,14 +193,14 @@ void raise_stale(const context_state & st, int32_t seq, const char * owner) {
                       ". Start a new generation (it reuses what the cache still holds of its prompt).");
 }
 
-void decode_failed(context_state & st, int rc) {
+void decode_failed(context_state & st, int rc, bool seq0) {
     // llama.cpp keeps the ubatches that finished before the failure: drop them from sequence 0 so
     // the cache holds exactly the token list again (a cache that cannot cut them is cleared)
     llama_memory_t mem = llama_get_memory(st.ctx.get());
     llama_pos pmax = llama_memory_seq_pos_max(mem, 0);
     const size_t held = size_t(int64_t(pmax) + 1);
-    st.tokens.resize(std::min(st.tokens.size(), held));
-    if (held > st.tokens.size() && !llama_memory_seq_rm(mem, 0, llama_pos(st.tokens.size()), -1)) {
+    if (seq0) st.tokens.resize(std::min(st.tokens.size(), held));
+    if (seq0 && held > st.tokens.size() && !llama_memory_seq_rm(mem, 0, llama_pos(st.tokens.size()), -1)) {
         llama_memory_seq_rm(mem, 0, -1, -1);
         st.tokens.clear();
     }
@@ -276,7 +276,9 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
     }
     const int rc = decode_watched(st, batch, true);
     if (rc != 0) {
-        decode_failed(st, rc);
+        bool seq0 = batch.seq_id == nullptr;  // llama_batch_get_one: sequence 0
+        for (int32_t i = 0; !seq0 && i < batch.n_tokens; ++i) seq0 = batch.seq_id[i][0] == 0;
+        decode_failed(st, rc, seq0);
     }
     st.max_outputs = std::max(st.max_outputs, n_outputs);
     st.last_outputs = n_outputs;
@@ -507,7 +509,6 @@ public:
         if (n == 0) throw std::invalid_argument("no tokens to decode");
         if (logits < 0 || logits > 2) throw std::invalid_argument("logits must be 0 (none), 1 (last) or 2 (all)");
         check_tokens(*s.model, t, n);
-        if (seq >= 0 && size_t(seq) < s.seq_epochs.size()) seq_changed(s, seq, "ctx.decode()");
         if (seq != 0) {
             decode_seq(s, t, n, logits, seq);
             return;
@@ -524,10 +525,12 @@ public:
                 throw std::invalid_argument("logits for every token need all " + std::to_string(n) +
                                             " tokens in one batch; n_batch is " + std::to_string(n_batch));
             }
+            seq_changed(s, 0, "ctx.decode()");  // checked: the cache changes now
             decode_all_outputs(s, t, n);
             s.tokens.insert(s.tokens.end(), t, t + n);
             return;
         }
+        seq_changed(s, 0, "ctx.decode()");
         decode_tokens(s, t, n, logits != 0);
     }
 
@@ -548,6 +551,7 @@ public:
             throw std::invalid_argument("decoding " + std::to_string(n) + " tokens after position " +
                                         std::to_string(pos) + " exceeds the context of sequence " + std::to_string(seq));
         }
+        seq_changed(s, seq, "ctx.decode()");  // checked: the cache changes now
         llama_batch b = llama_batch_init(int32_t(std::min(n, n_batch)), 0, 1);
         try {
             for (size_t done = 0; done < n;) {

@@ -141,14 +141,17 @@ public:
                     }
                     pending_ = false;
                     size_t k = 0;
+                    bool pushed = false;  // the last id went out
                     for (; k < ids_.size(); ++k) {
                         const llama_token tok = ids_[k];
+                        pushed = false;
                         if (!ignore_eos_ && llama_vocab_is_eog(st.model->vocab, tok)) {
                             finish_reason_ = "stop";
                             done_ = true;
                             break;
                         }
                         generated_.push_back(tok);
+                        pushed = true;
                         append_piece(*st.model, tok, false, bytes_);
                         take_piece();
                         if (stopped_) {
@@ -164,6 +167,7 @@ public:
                     }
                     if (done_) {  // the caches hold the tokens before the last one out
                         spec_->truncate(st, base + 1 + k);
+                        pending_ = pushed;  // the token that ended it is out but not decoded (a stop cuts from there)
                         break;
                     }
                     last_ = ids_.back();
@@ -229,6 +233,7 @@ public:
         }
         st.signals_here = false;
         if (failed_) {
+            ended_ = true;
             detach_backend(st);
             throw lamina_error("backend sampling returned no token and no logits for this step");
         }
@@ -244,6 +249,7 @@ public:
                 bytes_.assign(text_.text(), released_);
                 released_ = text_.text().size();
             }
+            ended_ = true;
             if (bytes_.empty()) throw nb::stop_iteration();
             final_piece_ = true;
             check_signals();  // as below; the next call returns the last piece
@@ -271,6 +277,7 @@ public:
 
     // Final: iteration ends, and the context gets its logits back (the backend sampler detached).
     void close() {
+        ended_ = true;
         done_ = true;
         final_piece_ = false;
         if (st_->backend_owner.load() != this) return;
@@ -321,7 +328,8 @@ public:
     // Under a lease: next() appends to generated_ with the GIL released (another thread reading
     // meanwhile gets BusyError, as for any use of a context in use).
     nb::dict stats() {
-        context_lease lease(st_, this);
+        std::optional<context_lease> lease;  // once ended, nothing changes what stats read
+        if (!ended_) lease.emplace(st_, this);
         nb::dict d;
         d["finish_reason"] = finish_reason_.empty() ? nb::none() : nb::cast(finish_reason_);
         d["n_prompt"] = prompt_.size();
@@ -336,7 +344,8 @@ public:
     }
 
     nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() {
-        context_lease lease(st_, this);
+        std::optional<context_lease> lease;
+        if (!ended_) lease.emplace(st_, this);
         auto * heap = new std::vector<int32_t>(generated_.begin(), generated_.end());
         nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
         return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
@@ -358,6 +367,7 @@ private:
     }
 
     void finish(const char * reason) {
+        ended_ = true;
         finish_reason_ = reason;
         done_ = true;
         t_gen_us_ = 0;
@@ -398,6 +408,7 @@ private:
     int64_t n_shifts_ = 0;
     bool started_ = false, done_ = false, pending_ = false, failed_ = false;
     bool final_piece_ = false;  // done, and the last piece waits in bytes_ (a Ctrl-C came with it)
+    bool ended_ = false;        // done and settled (set with the GIL): stats and tokens read without a lease
     uint64_t epoch_ = 0;  // sequence 0's epoch when this generation took it (seq_changed)
     llama_token last_ = -1;
     bool slow_tokens_ = false;     // the last token's decode took > 20 ms: watch for signals inside it

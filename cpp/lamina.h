@@ -153,7 +153,8 @@ inline int32_t batch_add(llama_batch & b, llama_token t, llama_pos pos, llama_se
 // What a llama_decode status means, for an exception's message.
 std::string decode_message(int rc, const context_state & st);
 // Turn a failed llama_decode into an exception (GIL held); resyncs the token list first.
-[[noreturn]] void decode_failed(context_state & st, int rc);
+// seq0: the batch had tokens of sequence 0 (else its cache and mirror are left alone).
+[[noreturn]] void decode_failed(context_state & st, int rc, bool seq0 = true);
 // The one place lamina calls llama_decode (under a lease; GIL held or not): checks the
 // preconditions llama.cpp asserts (ValueError), decodes, synchronizes when `sync`, and frees the
 // thread pools a set_threads replaced. Returns llama.cpp's status (decode_failed turns it into

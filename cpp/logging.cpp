@@ -127,7 +127,12 @@ void log_deliver() {
         PyObject * res = text_obj ? PyObject_CallFunction(g_sink, "iO", lvl, text_obj) : nullptr;
         Py_XDECREF(text_obj);
         if (res == nullptr) {
-            PyErr_WriteUnraisable(g_sink);  // report a failing handler, but never break a load or decode
+            if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+                PyErr_Clear();
+                PyErr_SetInterrupt();  // a Ctrl-C that landed in the handler is raised at the next check, not lost
+            } else {
+                PyErr_WriteUnraisable(g_sink);  // report a failing handler, but never break a load or decode
+            }
         } else {
             Py_DECREF(res);
         }

@@ -25,6 +25,7 @@ void check_restored_positions(context_state & st, int32_t seq) {
             llama_memory_clear(mem_of(st), true);
             st.tokens.clear();
             st.last_outputs = 0;
+            seq_changed(st, -1, "load_state() (a refused state cleared the whole cache)");
             throw std::invalid_argument("the state holds a cell at position 2147483647, the end of llama.cpp's int32 "
                                         "positions: refused, and the whole cache was cleared (llama.cpp cannot "
                                         "remove that cell alone)");

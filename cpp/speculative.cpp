@@ -86,6 +86,7 @@ static void cut(llama_context * ctx, llama_pos n) {
 void speculation::begin(const std::vector<llama_token> & prompt) {
     if (p_->dft) eval_prompt(*p_->dft, prompt);  // the draft context holds the prompt too (its own prefix reuse)
     {
+        gil_release nogil;  // the adapters' lock may wait for an adapter load (lease.h: no lock waited for with the GIL)
         llama_work work;  // the draft model may decode the prompt
         std::shared_lock<std::shared_mutex> adapters(lora_registry());  // as decode_checked: a reserve reads adapters
         common_speculative_begin(p_->spec.get(), 0, prompt);

@@ -137,15 +137,19 @@ def test_a_batcher_request_whose_sequence_is_changed_between_steps_ends_with_the
 
 
 RESUME = """
-import os, signal, sys, threading
+import os, signal, sys, threading, time
 import numpy as np
 import lamina
 signal.signal(signal.SIGINT, signal.default_int_handler)
 model = lamina.Model(sys.argv[1], gpu=False)
 prompt = [int(t) for t in np.random.default_rng(0).integers(3, 200, size=3000)]
 ctx = model.context(n_ctx=4096, n_batch=64, n_ubatch=64, threads=1)
+# the interrupt lands at a third of this machine's evaluation time, inside the prompt
+t0 = time.monotonic()
+model.context(n_ctx=4096, n_batch=64, n_ubatch=64, threads=1).complete(prompt, max_tokens=1)
+t_eval = time.monotonic() - t0
 g = ctx.generate(prompt, max_tokens=6, ignore_eos=True)
-threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+threading.Timer(t_eval / 3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
 try:
     first = next(g)
     print("not interrupted")
@@ -219,6 +223,9 @@ out = []
 t = threading.Thread(target=lambda: out.append(tok.tokenize(text)))
 t.start()
 time.sleep(0.2)
+if not t.is_alive():
+    print("tokenizing ended before close(): the test did not test")
+    sys.exit(3)
 tok.close()  # another thread: the vocabulary must outlive the running call
 t.join()
 want = ref.tokenize(text)
@@ -235,28 +242,50 @@ def test_closing_a_tokenizer_while_another_thread_tokenizes_keeps_the_vocabulary
     assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
 
 
-def test_stats_while_another_thread_generates_are_whole_or_busy(wide_model: lamina.Model) -> None:
-    # stats() and tokens read the generated tokens that next() appends with the GIL released
-    with wide_model.context(n_ctx=1024) as ctx:
-        g = ctx.generate(PROMPT_A, max_tokens=300, ignore_eos=True)
-        done = threading.Event()
-        reads: list[int] = []
-        busy = 0
-
-        def run() -> None:
-            "".join(g)
-            done.set()
-
-        t = threading.Thread(target=run)
+def test_a_finished_generation_reads_its_stats_while_another_thread_uses_the_context(
+        wide_model: lamina.Model) -> None:
+    # stats and tokens take the context's lease while the generation runs (next() appends with the GIL
+    # released); once it ended they read without one, so another thread's work never makes them busy
+    with wide_model.context(n_ctx=2048) as ctx:
+        first = ctx.generate(PROMPT_A, max_tokens=5, ignore_eos=True)
+        "".join(first)
+        want = ([int(t) for t in first.tokens], first.stats["n_generated"], first.finish_reason)
+        second = ctx.generate(PROMPT_B, max_tokens=1500, ignore_eos=True)
+        t = threading.Thread(target=lambda: "".join(second))
         t.start()
-        while not done.is_set():
+        busy_seen, reads = 0, 0
+        try:
+            deadline = time.monotonic() + 20
+            while t.is_alive() and time.monotonic() < deadline and (busy_seen < 5 or reads < 50):
+                try:
+                    ctx.n_past  # the other thread's generation holds the context
+                except lamina.BusyError:
+                    busy_seen += 1
+                assert ([int(x) for x in first.tokens], first.stats["n_generated"], first.finish_reason) == want
+                reads += 1
+        finally:
+            t.join(120)  # the other generation runs to its end (a few seconds)
+        assert busy_seen > 0, "the other thread never held the context: the test did not test"
+
+
+def test_a_closed_batcher_leaves_alone_the_sequence_a_generation_took_from_it(wide_model: lamina.Model) -> None:
+    # closing frees the slots of the requests it ends, except one that another client has taken since
+    with wide_model.context(n_ctx=4096, n_seq_max=2) as ctx:
+        eng = _native.Batcher(ctx.native, 0, False)
+        loop = threading.Thread(target=eng.run, args=(False,), daemon=True)
+        loop.start()
+        req = eng.submit(np.array(PROMPT_A, dtype=np.int32), lamina.Sampler().params(4096), 1800, True, [])
+        req.next(30.0)
+        deadline = time.monotonic() + 30
+        g = None
+        while True:  # between two steps: the generation takes sequence 0 from the request
             try:
-                s = g.stats
-                toks = g.tokens
-                reads.append(len(toks))
-                assert s["n_generated"] <= 300 and len(toks) <= 300
+                g = g or ctx.generate(PROMPT_B, max_tokens=12, ignore_eos=True)
+                first = next(g)
+                break
             except lamina.BusyError:
-                busy += 1
-        t.join()
-        final = [int(x) for x in g.tokens]
-        assert len(final) == 300 and reads == sorted(reads)
+                assert time.monotonic() < deadline
+        eng.close()
+        loop.join(30)
+        rest = "".join(g)
+        assert (first + rest) and [int(t) for t in g.tokens] == fresh(wide_model, PROMPT_B, 12)

@@ -72,6 +72,15 @@ def test_stop_strings_and_eos_with_a_draft(tiny_model: lamina.Model) -> None:
         got = ctx.complete("hello world", max_tokens=40, ignore_eos=True, stop=stop,
                            draft=lamina.Draft(tiny_model, n_max=8, p_min=0.0))
         assert (got.text, list(got.tokens), got.finish_reason) == (want.text, list(want.tokens), "stop")
+        # the tokens from the stop on leave the cache too, as without a draft (a stop inside a step's
+        # accepted drafts used to leave them there, or cut one token too many)
+        n_prompt = len(tiny_model.tokenize("hello world", special=True))
+        assert ctx.n_past == n_prompt + len(got.tokens)
+        assert [int(t) for t in ctx.tokens][n_prompt:] == [int(t) for t in got.tokens]
+        for stop in (full[20:22], full[30:31]):
+            for d in ("ngram", lamina.Draft(tiny_model, n_max=8, p_min=0.0)):
+                c = ctx.complete("hello world", max_tokens=40, ignore_eos=True, stop=stop, draft=d)  # type: ignore[arg-type]
+                assert [int(t) for t in ctx.tokens][n_prompt:] == [int(t) for t in c.tokens], (stop, d)
         # without ignore_eos the end-of-generation token ends it the same way
         a = ctx.complete("the sky is", max_tokens=64)
         b = ctx.complete("the sky is", max_tokens=64, draft=lamina.Draft(tiny_model, n_max=8, p_min=0.0))
