@@ -460,9 +460,8 @@ private:
         int32_t n_out = 0, n_prompt = 0, n_gen = 0;
         {
             gil_release nogil;
-            // Under the mutex only bookkeeping: llama.cpp calls (which can log, and the log callback
-            // takes the GIL) run after it, so a reader holding the GIL never waits on a lock whose
-            // holder waits for the GIL.
+            // Under the mutex only bookkeeping; the llama.cpp calls run after it (lease.h: the mutex is
+            // never held across a llama.cpp call).
             std::vector<std::pair<int32_t, uint64_t>> freed;
             std::vector<request *> admitted;
             {

@@ -391,7 +391,7 @@ def test_unknown_lamina_variables_and_alias_arguments() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::lamina.InertSettingWarning")
-@pytest.mark.parametrize("value", ["0", "7", "all", "ALL", " auto ", "-1", "-2", "x", "1.5", "", "most"])
+@pytest.mark.parametrize("value", ["0", "7", "all", "ALL", " auto ", "-1", "-2", "x", "1.5", "", "most", "\u00b2", "--1"])
 def test_every_reader_of_n_gpu_layers_agrees_on_every_value(tiny_path: Path, value: str) -> None:
     # model.yml / LAMINA_N_GPU_LAYERS, -ngl, bench's -ngl list and Model: one parser, one answer
     import argparse

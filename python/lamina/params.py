@@ -15,6 +15,7 @@ arguments" TypeError for a value that overflows a C type.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -33,21 +34,18 @@ def parse_ngl(value: Any) -> NGL:
     """The one reading of n_gpu_layers, for Model, model.yml, LAMINA_N_GPU_LAYERS, -ngl and bench's
     -ngl lists: an int >= 0 (or its digits), "all" or -1 (llama.cpp's "every layer"), or "auto".
     Anything else raises ValueError with the same message wherever it came from."""
+    n: Any = value
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("all", "auto"):
             return text  # type: ignore[return-value]
-        if text.lstrip("-").isdigit() and text.count("-") <= 1 and not text.endswith("-"):
-            value = int(text)
+        n = int(text) if re.fullmatch(r"-?[0-9]+", text) else None
     elif isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)
+        n = int(value)
     elif isinstance(value, np.integer):
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value == -1:
-            return "all"
-        if value >= 0:
-            return value
+        n = int(value)
+    if isinstance(n, int) and not isinstance(n, bool) and n >= -1:
+        return "all" if n == -1 else n
     raise ValueError(f"expected an int >= 0, 'all' (or -1) or 'auto' for n_gpu_layers, got {value!r}")
 
 
