@@ -1,5 +1,6 @@
 // Context: a llama_context over a model; decode batches, expose logits without copying.
 #include "lamina.h"
+#include "engine.h"
 
 #include <cmath>
 
@@ -39,8 +40,10 @@ context_state::~context_state() {
         // the memory goes with the process
         (void) ctx.release();
         for (auto & s : seq_samplers) (void) s.release();
+        new std::shared_ptr<engine>(std::move(eng));  // its requests' drafts hold contexts too
         return;
     }
+    eng.reset();  // requests first: a draft points at ctx
     ctx.reset();  // free the context before the model it points into, its adapters and the pools it runs on
     loras.clear();
     pool_free(pool);
@@ -486,6 +489,7 @@ public:
         st->seq_epochs.assign(llama_n_seq_max(raw), 0);
         st->seq_changers.assign(llama_n_seq_max(raw), "");
         st->seq_samplers.resize(llama_n_seq_max(raw));
+        st->eng = std::make_shared<engine>(int32_t(llama_n_seq_max(raw)));
         threadpools_attach(*st, gen, batch);
         st_ = std::move(st);
     }

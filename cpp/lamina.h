@@ -64,6 +64,7 @@ struct model_state {
 
 struct lora_state;  // a loaded LoRA adapter (lora.cpp)
 struct context_state;
+class engine;       // the sequence engine of a context (engine.h)
 // What saved states record of a context's adapters: 0 for none, else a hash of each adapter's file
 // content and its scale (independent of their order).
 int64_t lora_fingerprint(const context_state & st);
@@ -99,6 +100,8 @@ struct context_state {
     bool embeddings = false;       // every token is an output (llama.cpp's output_all)
     int32_t max_outputs = 0;       // the most outputs a decode has asked for so far
     int32_t last_outputs = 0;      // outputs of the latest decode (rows of ctx.logits)
+    // the one owner of its sequences' requests: every way of generating submits to it (engine.h)
+    std::shared_ptr<engine> eng;
     ggml_threadpool * pool = nullptr;        // generation pool, owned (freed after ctx)
     ggml_threadpool * pool_batch = nullptr;  // batch pool, owned; null: the generation pool serves both
     pin_plan pin_gen, pin_batch;             // caller pinning for one-token and multi-token decodes

@@ -16,8 +16,8 @@ namespace nb = nanobind;
 //   2. a context lease (context_state::busy): never waits (busy_error), so it cannot deadlock
 //   3. lora_registry(): shared for decodes, context creation and draft decodes; exclusive to load
 //      or free an adapter, taken with the GIL released
-//   4. a Batcher's engine mutex (engine_core::mu): bookkeeping only; taken with the GIL released
-//      by readers, never held across a llama.cpp call
+//   4. the context's engine mutex (engine::mu, engine.h): bookkeeping only; never held across a
+//      llama.cpp call or while taking the GIL, so a thread may wait for it holding the GIL
 //   5. leaf locks: logging's queue and last-error mutexes, model_state::lost_mutex
 // No lamina lock is held while taking the GIL, and none but 3 across a llama.cpp call. llama.cpp
 // may log from any call and any thread: the log callback takes only the leaf locks (it queues the

@@ -11,6 +11,14 @@
 #include "json-schema-to-grammar.h"
 
 namespace lamina {
+
+llama_token sample_token(context_state & st, sampler_handle & s, bool use_chain) {
+    if (s.greedy() && !use_chain) {
+        const float * logits = llama_get_logits_ith(st.ctx.get(), -1);
+        return argmax(logits, st.model->n_vocab);
+    }
+    return s.sample(st.ctx.get(), -1);
+}
 namespace {
 
 void require(bool ok, const std::string & msg) {

@@ -25,18 +25,20 @@ struct draft_options {
 class sampler_handle;
 // Speculative decoding of one generation on sequence 0 of a target context, with a draft model's
 // context (its own, n_seq_max 1) or, without one, n-gram lookup (llama.cpp's common/speculative).
+// The engine decodes the drafts with the target's batch and samples them (engine.cpp).
 class speculation {
 public:
     speculation(context_state & tgt, std::shared_ptr<context_state> dft, const draft_options & o);
     ~speculation();
     // The target evaluated `prompt`: the draft context gets it too (GIL held, draft leased).
     void begin(const std::vector<llama_token> & prompt);
-    // Decode `last` (not yet decoded, at st.tokens.size()) and a draft of at most n_draft_max tokens
-    // in one batch; ids gets the target sampler's picks: the drafts it kept, then its own token (not
-    // decoded). The caches keep `last` and the kept drafts. Returns llama_decode's status (no GIL).
-    int step(context_state & st, sampler_handle & s, llama_token last, int32_t n_draft_max, std::vector<llama_token> & ids);
-    // Cut both caches and token lists back to n_tokens (a generation that ended inside a step).
-    void truncate(context_state & st, size_t n_tokens);
+    // Up to n_max tokens to follow `last` (going to position held.size(); `held`: the sequence's
+    // tokens before it). The draft model decodes in its own context (leased by the caller). No GIL.
+    void propose(const std::vector<llama_token> & held, llama_token last, int32_t n_max, std::vector<llama_token> & out);
+    // The target decoded `last` and `drafted` at `n_past` and kept the first n_acc drafts (`held`
+    // its tokens now): the draft context follows it. No GIL.
+    void accepted(llama_token last, llama_pos n_past, const std::vector<llama_token> & drafted, size_t n_acc,
+                  const std::vector<llama_token> & held);
     void stats(nb::dict & d) const;
     const std::shared_ptr<context_state> & draft_context() const;
 private:

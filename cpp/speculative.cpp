@@ -15,13 +15,8 @@ struct speculation::impl {
     common_params_speculative params;
     common_speculative_ptr spec;
     draft_options opts;
-    std::vector<llama_token> draft;
-    llama_batch batch{};
     std::unique_ptr<common_batch> dft_batch;  // the target's batch, as the draft context sees it
     int64_t n_steps = 0, n_drafted = 0, n_accepted = 0;
-    ~impl() {
-        if (batch.token != nullptr) llama_batch_free(batch);
-    }
 };
 
 speculation::speculation(context_state & tgt, std::shared_ptr<context_state> dft, const draft_options & o)
@@ -69,8 +64,6 @@ speculation::speculation(context_state & tgt, std::shared_ptr<context_state> dft
         throw std::invalid_argument(std::string("speculative decoding cannot start: ") + e.what());
     }
     if (!p_->spec) throw lamina_error("llama.cpp's speculative decoding did not start");
-    const int32_t n_batch = int32_t(llama_n_batch(tgt.ctx.get()));
-    p_->batch = llama_batch_init(std::max(n_batch, o.n_max + 1), 0, 1);
     if (p_->dft) p_->dft_batch = std::make_unique<common_batch>(p_->dft->ctx.get());
 }
 
@@ -95,90 +88,55 @@ void speculation::begin(const std::vector<llama_token> & prompt) {
 
 const std::shared_ptr<context_state> & speculation::draft_context() const { return p_->dft; }
 
-int speculation::step(context_state & st, sampler_handle & s, llama_token last, int32_t n_draft_max,
-                      std::vector<llama_token> & ids) {
+void speculation::propose(const std::vector<llama_token> & held, llama_token last, int32_t n_max,
+                          std::vector<llama_token> & out) {
     impl & p = *p_;
-    llama_context * ctx = st.ctx.get();
-    const llama_pos n_past = llama_pos(st.tokens.size());
-    const int32_t n_batch = int32_t(llama_n_batch(ctx));
-    n_draft_max = std::min({n_draft_max, p.opts.n_max, n_batch - 1});
-    p.draft.clear();
-    if (n_draft_max > 0) {
+    const llama_pos n_past = llama_pos(held.size());
+    out.clear();
+    n_max = std::min(n_max, p.opts.n_max);
+    if (n_max > 0) {
         common_speculative_get_draft_params(p.spec.get(), 0) = {
             /* .drafting = */ true,
-            /* .n_max    = */ n_draft_max,
+            /* .n_max    = */ n_max,
             /* .pos0     = */ n_past,
             /* .id_last  = */ last,
-            /* .prompt   = */ &st.tokens,
-            /* .result   = */ &p.draft,
+            /* .prompt   = */ &held,
+            /* .result   = */ &out,
         };
         {
             llama_work work;  // the draft model decodes
             std::shared_lock<std::shared_mutex> adapters(lora_registry());
             common_speculative_draft(p.spec.get());
         }
-        if (int32_t(p.draft.size()) < p.opts.n_min) p.draft.clear();
-        if (int32_t(p.draft.size()) > n_draft_max) p.draft.resize(size_t(n_draft_max));
+        if (int32_t(out.size()) < p.opts.n_min) out.clear();
+        if (int32_t(out.size()) > n_max) out.resize(size_t(n_max));
     }
     // the draft decoded `last` (and its proposals) in its own context: back to the target's tokens
     if (p.dft) cut(p.dft->ctx.get(), n_past);
-    llama_batch & b = p.batch;
-    b.n_tokens = 0;
-    batch_add(b, last, n_past, 0, true);
-    for (size_t i = 0; i < p.draft.size(); ++i) batch_add(b, p.draft[i], n_past + 1 + llama_pos(i), 0, true);
-    if (st.live_views.load() > 0 && b.n_tokens > st.max_outputs) {
-        throw lamina_error("speculative decoding asks for " + std::to_string(b.n_tokens) +
-                           " logits rows, more than any decode before, while numpy views of ctx.logits are alive; "
-                           "delete them (or copy with np.array(ctx.logits)) first");
-    }
-    int rc = decode_checked(st, b, false);
-    if (rc != 0) return rc;
-    st.max_outputs = std::max(st.max_outputs, b.n_tokens);
-    st.last_outputs = b.n_tokens;
+}
+
+void speculation::accepted(llama_token last, llama_pos n_past, const std::vector<llama_token> & drafted, size_t n_acc,
+                           const std::vector<llama_token> & held) {
+    impl & p = *p_;
     if (p.dft) {  // the draft context decodes the same tokens (llama.cpp's draft-simple keeps in step this way)
         p.dft_batch->clear();
-        for (int32_t i = 0; i < b.n_tokens; ++i) p.dft_batch->add(b.token[i], b.pos[i], 0, i == b.n_tokens - 1);
+        p.dft_batch->add(last, n_past, 0, drafted.empty());
+        for (size_t i = 0; i < drafted.size(); ++i) p.dft_batch->add(drafted[i], n_past + 1 + llama_pos(i), 0, i + 1 == drafted.size());
         bool ok;
         {
+            llama_work work;
             std::shared_lock<std::shared_mutex> adapters(lora_registry());
             ok = common_speculative_process(p.spec.get(), *p.dft_batch);
         }
-        if (!ok) {
-            throw lamina_error("the draft model's decode failed: " + last_log_error());
-        }
+        if (!ok) throw lamina_error("the draft model's decode failed: " + last_log_error());
     }
-    // the target's sampler keeps each drafted token it picks itself; its first other pick ends the step
-    ids.clear();
-    for (int32_t i = 0; i < b.n_tokens; ++i) {
-        llama_token t = s.greedy() ? argmax(llama_get_logits_ith(ctx, i), st.model->n_vocab)
-                                   : s.sample(ctx, i);
-        ids.push_back(t);
-        if (size_t(i) >= p.draft.size() || t != p.draft[size_t(i)]) break;
-    }
-    const size_t n_acc = ids.size() - 1;
     common_speculative_accept(p.spec.get(), 0, uint16_t(n_acc));
     ++p.n_steps;
-    p.n_drafted += int64_t(p.draft.size());
+    p.n_drafted += int64_t(drafted.size());
     p.n_accepted += int64_t(n_acc);
-    // the caches keep `last` and the accepted drafts; the last id is sampled, not decoded
-    st.tokens.push_back(last);
-    st.tokens.insert(st.tokens.end(), p.draft.begin(), p.draft.begin() + std::ptrdiff_t(n_acc));
-    const llama_pos keep = n_past + 1 + llama_pos(n_acc);
-    cut(ctx, keep);
     if (p.dft) {
-        cut(p.dft->ctx.get(), keep);
-        p.dft->tokens = st.tokens;
-    }
-    return 0;
-}
-
-void speculation::truncate(context_state & st, size_t n_tokens) {
-    if (n_tokens >= st.tokens.size()) return;
-    st.tokens.resize(n_tokens);
-    cut(st.ctx.get(), llama_pos(n_tokens));
-    if (p_->dft) {
-        cut(p_->dft->ctx.get(), llama_pos(n_tokens));
-        p_->dft->tokens.resize(std::min(p_->dft->tokens.size(), n_tokens));
+        cut(p.dft->ctx.get(), n_past + 1 + llama_pos(n_acc));
+        p.dft->tokens = held;
     }
 }
 

@@ -422,16 +422,13 @@ class Context:
                 raise ValueError("the sampler has a grammar already: give json_schema there or here, not both")
             sampler = replace(sampler, json_schema=json_schema)
         shift_keep = n_keep if context_full == "shift" else -1
-        chain = sampler.native(self.model, self.n_ctx)
-        if backend_sampling and not chain.greedy:
-            raise ValueError("backend_sampling=True supports the greedy sampler only (no penalties, bias or grammar)")
         if draft == "ngram":
             draft = Draft()
         if draft is not None and not isinstance(draft, Draft):
             raise TypeError(f"draft must be a lamina.Draft or 'ngram', got {draft!r}")
         draft_params = draft.params() if draft is not None else None
         draft_ctx = draft.context_for(self) if draft is not None else None
-        native = _native.Generator(self.native, tokens, chain, max_tokens, ignore_eos, shift_keep, backend_sampling,
+        native = _native.Generator(self.native, tokens, sampler.params(self.n_ctx), max_tokens, ignore_eos, shift_keep, backend_sampling,
                                    draft_params, draft_ctx.native if draft_ctx is not None else None, stops)
         return Generation(native)
 
