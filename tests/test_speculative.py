@@ -120,3 +120,18 @@ def test_misuse(tiny_model: lamina.Model, tmp_path: Path) -> None:
                 ctx.generate("x", draft=lamina.Draft(m))
         assert plain(ctx, "the sky is", 4)  # the context is fine
 
+
+
+def test_a_recurrent_model_is_refused_as_target_or_draft(tiny_model: lamina.Model, tmp_path: Path) -> None:
+    # a step cuts rejected drafts out of the cache; a recurrent state (Mamba) cannot drop tokens and
+    # would keep them: silently wrong text. Refused up front, the context untouched.
+    mamba = write_tiny_llama(tmp_path / "mamba.gguf", arch="mamba")
+    with lamina.Model(mamba, gpu=False) as m:
+        with m.context(n_ctx=256) as ctx:
+            want = plain(ctx, "hello world", 6)
+            with pytest.raises(ValueError, match="target model is recurrent"):
+                ctx.generate("hello world", draft="ngram")
+            assert plain(ctx, "hello world", 6) == want
+        with tiny_model.context(n_ctx=256) as ctx:
+            with pytest.raises(ValueError, match="draft model is recurrent"):
+                ctx.generate("hello world", draft=lamina.Draft(m))

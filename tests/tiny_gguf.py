@@ -78,7 +78,8 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
                      n_expert_used: int = 2, long_piece: int = 0, chat_template: str | None = None,
                      tied: bool = False) -> Path:
     """Write a GGUF with random weights (f32, or f16 for big shapes) of a llama architecture, or
-    with arch="gemma3" of Gemma 3's (QK norms, post norms, sliding-window layers).
+    with arch="gemma3" of Gemma 3's (QK norms, post norms, sliding-window layers), or with
+    arch="mamba" a Mamba (a recurrent state per sequence instead of a KV cache; n_head and n_ff unused).
 
     n_vocab pads the vocabulary with unused tokens to that size (e.g. 128256 for Llama 3 shapes).
     causal=False writes llama.attention.causal = false (bidirectional attention, as embedding models).
@@ -118,13 +119,23 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     writer.add_context_length(n_ctx)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
     writer.add_layer_norm_rms_eps(1e-5)
+    d_inner, d_state, d_conv, dt_rank = 2 * n_embd, 16, 4, max(1, n_embd // 16)
+    if arch == "mamba":
+        writer.add_feed_forward_length(0)
+        writer.add_head_count(0)
+        writer.add_ssm_conv_kernel(d_conv)
+        writer.add_ssm_inner_size(d_inner)
+        writer.add_ssm_state_size(d_state)
+        writer.add_ssm_time_step_rank(dt_rank)
+    else:
+        writer.add_feed_forward_length(n_ff)
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_head_kv)
     if not causal:
         writer.add_causal_attention(False)
-    writer.add_rope_dimension_count(n_embd // n_head)
+    if arch != "mamba":
+        writer.add_rope_dimension_count(n_embd // n_head)
     if n_expert:
         writer.add_expert_count(n_expert)
         writer.add_expert_used_count(n_expert_used)
@@ -156,6 +167,17 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     writer.add_tensor("token_embd.weight", w(n_vocab, n_embd, scale=0.5))
     for i in range(n_layer):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        if arch == "mamba":  # numpy shapes are ggml's reversed
+            writer.add_tensor(f"blk.{i}.ssm_in.weight", w(2 * d_inner, n_embd))
+            writer.add_tensor(f"blk.{i}.ssm_conv1d.weight", w(d_inner, d_conv))
+            writer.add_tensor(f"blk.{i}.ssm_conv1d.bias", w(d_inner))
+            writer.add_tensor(f"blk.{i}.ssm_x.weight", w(dt_rank + 2 * d_state, d_inner))
+            writer.add_tensor(f"blk.{i}.ssm_dt.weight", w(d_inner, dt_rank))
+            writer.add_tensor(f"blk.{i}.ssm_dt.bias", w(d_inner))
+            writer.add_tensor(f"blk.{i}.ssm_a", -np.abs(w(d_inner, d_state, scale=1.0)) - np.float32(0.1))
+            writer.add_tensor(f"blk.{i}.ssm_d", np.ones(d_inner, dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.ssm_out.weight", w(n_embd, d_inner))
+            continue
         writer.add_tensor(f"blk.{i}.attn_q.weight", w(n_embd, n_embd))
         writer.add_tensor(f"blk.{i}.attn_k.weight", w(n_head_kv * head_dim, n_embd))
         writer.add_tensor(f"blk.{i}.attn_v.weight", w(n_head_kv * head_dim, n_embd))
