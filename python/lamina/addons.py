@@ -86,14 +86,6 @@ def _preload(mod: ModuleType) -> tuple[tuple[str, ...], list[str]]:
     return tuple(loaded), missing
 
 
-def _load_one(ep: object, loaded: dict[str, str]) -> AddOn:
-    try:
-        return _try_load(ep, loaded)
-    except Exception as exc:  # a broken add-on must not break `import lamina`
-        name = getattr(ep, "name", "?")
-        return AddOn(name, f"lamina-{name}", "?", "", "", 0, (), f"could not be loaded: {type(exc).__name__}: {exc}")
-
-
 def _try_load(ep: object, loaded: dict[str, str]) -> AddOn:
     name = getattr(ep, "name", "?")
     dist = getattr(ep, "dist", None)
@@ -145,7 +137,11 @@ def load_all() -> list[AddOn]:
     loaded: dict[str, str] = {}
     out = []
     for ep in sorted(found, key=lambda e: e.name, reverse=True):
-        a = _load_one(ep, loaded)
+        try:
+            a = _try_load(ep, loaded)
+        except Exception as exc:  # a broken add-on must not break `import lamina`
+            why = f"could not be loaded: {type(exc).__name__}: {exc}"
+            a = AddOn(ep.name, f"lamina-{ep.name}", "?", "", "", 0, (), why)
         if a.loaded:
             loaded[a.backend.lower()] = a.distribution
         out.append(a)

@@ -55,13 +55,9 @@ def _bool(v: Any) -> bool:
 
 
 def _int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError(f"expected an integer, got {_short(v)}")
-    if isinstance(v, int):
+    if isinstance(v, int) and not isinstance(v, bool):
         return v
-    if isinstance(v, str) and re.fullmatch(r"-?[0-9]+", v.strip()):
-        return int(v)
-    if isinstance(v, float) and v.is_integer():
+    if isinstance(v, str) and re.fullmatch(r"-?[0-9]+", v.strip()) or isinstance(v, float) and v.is_integer():
         return int(v)
     raise ValueError(f"expected an integer, got {_short(v)}")
 
@@ -588,12 +584,7 @@ MAX_REPORTED = 50     # unknown keys reported one by one (difflib per key); the 
 
 
 def _alias_table() -> dict[str, str]:
-    table = {}
-    for name, spec in SETTINGS.items():
-        table[name] = name
-        for a in spec.aliases:
-            table[a] = name
-    return table
+    return {key: name for name, spec in SETTINGS.items() for key in (name, *spec.aliases)}
 
 
 def _expanded(node: yaml.Node, memo: dict[int, int]) -> int:
@@ -749,9 +740,8 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
             unknown[MAX_REPORTED:] = [f"{file}: {len(unknown) - MAX_REPORTED:,} more unknown keys"]
         for name in PATH_SETTINGS:  # relative to the file's folder, and there
             s = values[name]
-            if s.value is None or s.source == "default":
-                continue
-            values[name] = Setting(str(_beside(file, s.value, s.source, name)), s.source)
+            if s.value is not None and s.source != "default":
+                values[name] = Setting(str(_beside(file, s.value, s.source, name)), s.source)
         if values["lora"].value and values["lora"].source != "default":
             s = values["lora"]
             resolved = [(str(_beside(file, p, s.source, "lora").resolve()), scale) for p, scale in s.value]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
@@ -16,7 +17,7 @@ from .errors import InertSettingWarning
 from .lora import Lora
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
-from .params import KV, NGL, as_tokens, check_int, context_settings, kv_tensor_error, parse_ngl
+from .params import KV, NGL, check_int, context_settings, kv_tensor_error, parse_ngl
 from .system import Device, gpu_absent_reason, rpc_connect
 from .system import devices as list_devices
 from .threads import Threads
@@ -133,13 +134,8 @@ class Model(Vocabulary):
         n_ctx=0, the context) to each device's free memory minus its margin. Updates the plan;
         returns the n_ctx to use."""
         gpu_devices, n_ctx = plan.devices, self.n_ctx
-        if self.kv.offload:
-            # llama.cpp's fit creates contexts too: a KV tensor a device cannot use aborts it
-            refused = _native.kv_tensor_refusals_file(
-                os.fspath(self.path), n_ctx, _native.ggml_type_from_name(self.kv.type_k),
-                _native.ggml_type_from_name(self.kv.type_v), [d.name for d in gpu_devices])
-            if refused:
-                raise kv_tensor_error(refused[0], n_ctx)
+        if self.kv.offload:  # llama.cpp's fit creates contexts too: a KV tensor a device cannot use aborts it
+            self._refuse_kv_tensors(n_ctx, self.kv, [d.name for d in gpu_devices])
         if len(margins_given) not in (1, len(gpu_devices)):
             raise ValueError(f"fit_margin has {len(margins_given)} values for {len(gpu_devices)} devices")
         margins = [max(0, _native.device_memory(d.index)[0] - plan.limits[d.index]) if d.index in plan.limits
@@ -188,9 +184,7 @@ class Model(Vocabulary):
 
     def _offload_report(self) -> Offload:
         plan, n_layer = self._plan, self.info.n_layer
-        placed: dict[str, int] = {}
-        for _layer, dev in self._layers:
-            placed[dev] = placed.get(dev, 0) + 1
+        placed = Counter(dev for _layer, dev in self._layers)
         cpu_names = {d.name for d in list_devices(memory=False) if d.kind == "cpu"}
         reasons = list(plan.reasons)
         if isinstance(plan.n_gpu_layers, int) and plan.use_gpu and plan.n_gpu_layers > n_layer + 1:
@@ -211,9 +205,7 @@ class Model(Vocabulary):
         """Load the model a Config names, with its settings (kwargs override them). Settings the
         config makes inert (n_gpu_layers with gpu off, ...) are named, with their source, in
         ``offload.reasons``; contexts of this model default to the config's settings."""
-        kw = config.model_kwargs()
-        kw.update(kwargs)
-        model = cls(config["model"], **kw)
+        model = cls(config["model"], **{**config.model_kwargs(), **kwargs})
         model.config = config
         model.config_lora = {model.load_lora(p): scale for p, scale in config["lora"] or ()}
         config.check_model(model)
@@ -242,31 +234,14 @@ class Model(Vocabulary):
             return  # the cache stays in host memory
         cpu = {d.name for d in list_devices(memory=False) if d.kind == "cpu"}
         held = sorted({dev for layer, dev in self._layers if layer < self.info.n_layer and dev not in cpu})
-        if not held:
-            return
-        n = n_ctx or self.info.n_ctx_train
-        refused = _native.kv_tensor_refusals_file(os.fspath(self.path), n, _native.ggml_type_from_name(kv.type_k),
-                                                  _native.ggml_type_from_name(kv.type_v), held)
+        if held:
+            self._refuse_kv_tensors(n_ctx or self.info.n_ctx_train, kv, held)
+
+    def _refuse_kv_tensors(self, n_ctx: int, kv: KV, devices: list[str]) -> None:
+        refused = _native.kv_tensor_refusals_file(os.fspath(self.path), n_ctx, _native.ggml_type_from_name(kv.type_k),
+                                                  _native.ggml_type_from_name(kv.type_v), devices)
         if refused:
-            raise kv_tensor_error(refused[0], n)
-
-    # -- lifetime ------------------------------------------------------------------------
-    def close(self) -> None:
-        """Release the model (contexts still open keep the weights alive until they close)."""
-        if self._native is not None:
-            self._native.close()
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def native(self) -> _native.Model:
-        if self._native is None:
-            raise RuntimeError("model failed to initialise")
-        return self._native
+            raise kv_tensor_error(refused[0], n_ctx)
 
     # -- embeddings ----------------------------------------------------------------------
     def embed(self, texts: str | Sequence[str], *, normalize: bool = True,

@@ -40,9 +40,7 @@ def parse_ngl(value: Any) -> NGL:
         if text in ("all", "auto"):
             return text  # type: ignore[return-value]
         n = int(text) if re.fullmatch(r"-?[0-9]+", text) else None
-    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
-        n = int(value)
-    elif isinstance(value, np.integer):
+    elif isinstance(value, np.integer) or isinstance(value, (float, np.floating)) and float(value).is_integer():
         n = int(value)
     if isinstance(n, int) and not isinstance(n, bool) and n >= -1:
         return "all" if n == -1 else n

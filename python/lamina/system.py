@@ -42,12 +42,9 @@ def devices(memory: bool = True) -> list[Device]:
     the devices without opening any (``memory_free``/``memory_total`` are then None); ``Model``
     lists them so and asks only the devices it uses.
     """
-    out = []
-    for d in _native.devices(memory):
-        kind = "remote" if d["backend"].upper() == "RPC" else d["type"]
-        out.append(Device(d["index"], d["name"], d["description"], d["backend"], kind,
-                          d["memory_free"], d["memory_total"]))
-    return out
+    return [Device(d["index"], d["name"], d["description"], d["backend"],
+                   "remote" if d["backend"].upper() == "RPC" else d["type"], d["memory_free"], d["memory_total"])
+            for d in _native.devices(memory)]
 
 
 def rpc_connect(endpoint: str, timeout: float = 3.0) -> list[Device]:
@@ -256,59 +253,54 @@ def physical_cores(cpus: list[int]) -> int:
     return max(1, len(cores))
 
 
+def _within_quota(n: int) -> int:
+    limit = cgroup_cpu_limit()
+    return n if limit is None else min(n, max(1, math.ceil(limit)))
+
+
 def default_threads() -> int:
     """Generation threads: physical (performance) cores this process may use, within its cgroup quota."""
-    n = physical_cores(performance_cpus(allowed_cpus()))
-    limit = cgroup_cpu_limit()
-    if limit is not None:
-        n = min(n, max(1, math.ceil(limit)))
-    return n
+    return _within_quota(physical_cores(performance_cpus(allowed_cpus())))
 
 
 def default_threads_batch() -> int:
     """Prompt-processing threads: every logical CPU this process may use, within its cgroup quota."""
-    n = len(allowed_cpus())
-    limit = cgroup_cpu_limit()
-    if limit is not None:
-        n = min(n, max(1, math.ceil(limit)))
-    return n
+    return _within_quota(len(allowed_cpus()))
 
 
-def _cpu_flags() -> set[str]:
-    text = _read("/proc/cpuinfo") or ""
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _cpu_model() -> str:
+def _cpuinfo(*keys: str) -> str:
+    """The value of the first /proc/cpuinfo line that starts with one of ``keys`` ("" if none)."""
     for line in (_read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
+        if line.startswith(keys):
             return line.split(":", 1)[1].strip()
     return ""
 
 
-def host_memory() -> tuple[int, int]:
-    """(total, available) bytes of host memory, from /proc/meminfo."""
+def _meminfo(total: str, free: str) -> tuple[int, int]:
+    """Two /proc/meminfo values in bytes (0 where missing)."""
     info = {}
     for line in (_read("/proc/meminfo") or "").splitlines():
         key, _, rest = line.partition(":")
         parts = rest.split()
-        if parts:
+        if parts and key in (total, free):
             info[key] = int(parts[0]) * 1024
-    return info.get("MemTotal", 0), info.get("MemAvailable", 0)
+    return info.get(total, 0), info.get(free, 0)
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of host memory, from /proc/meminfo."""
+    return _meminfo("MemTotal", "MemAvailable")
 
 
 def swap_memory() -> tuple[int, int]:
     """(total, free) bytes of swap, from /proc/meminfo."""
-    info = {}
-    for line in (_read("/proc/meminfo") or "").splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and key in ("SwapTotal", "SwapFree"):
-            info[key] = int(parts[0]) * 1024
-    return info.get("SwapTotal", 0), info.get("SwapFree", 0)
+    return _meminfo("SwapTotal", "SwapFree")
+
+
+def available_memory(available: int) -> int:
+    """``available`` bytes of host memory within the cgroup's memory limit."""
+    limit = cgroup_memory_limit()
+    return min(available, limit) if limit is not None else available
 
 
 def cache_sizes() -> dict[str, int]:
@@ -372,10 +364,7 @@ def memory_bandwidth(seconds: float = 1.0, threads: int | None = None, size: int
     if size is None:
         llc = max(cache_sizes().values(), default=32 * 1024 ** 2)
         size = min(max(8 * llc, 256 * 1024 ** 2), 1024 ** 3)
-        avail = host_memory()[1]
-        limit = cgroup_memory_limit()
-        if limit is not None:
-            avail = min(avail, limit)
+        avail = available_memory(host_memory()[1])
         if avail:
             size = max(16 * 1024 ** 2, min(size, avail // 4))
     d = _native.memory_bandwidth(size, n, seconds)
@@ -438,7 +427,8 @@ def system_info() -> SystemInfo:
     backends = _native.backends()
     cpu: dict[str, Any] = next((b for b in backends if b["name"].upper() == "CPU"), {"features": {}})
     compiled = {k: v for k, v in cpu["features"].items()}
-    present = sorted({name for flag, name in _X86_FLAGS.items() if flag in _cpu_flags()})
+    flags = set(_cpuinfo("flags", "Features").split())
+    present = sorted({name for flag, name in _X86_FLAGS.items() if flag in flags})
     variant = "native build (-march=native)"
     if _native.PORTABLE:  # which libggml-cpu-<variant>.so ggml picked for this CPU
         maps = _read("/proc/self/maps") or ""
@@ -457,7 +447,7 @@ def system_info() -> SystemInfo:
                    "system_info": _native.system_info_string()},
         backends=backends,
         devices=devices(),
-        cpu_model=_cpu_model(),
+        cpu_model=_cpuinfo("model name"),
         cpu_features_present=present,
         cpu_features_compiled=compiled,
         cpu_variant=variant,

@@ -15,7 +15,6 @@ PRIORITIES = {"low": -1, "normal": 0, "medium": 1, "high": 2, "realtime": 3}
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
-
 def parse_cpus(spec: CpuSpec, what: str = "cpus") -> tuple[int, ...] | None:
     """CPU ids from a list ([0, 2, 4]), a range string ("0-3,8") or a hex mask ("0x15").
 
@@ -53,23 +52,19 @@ def parse_cpus(spec: CpuSpec, what: str = "cpus") -> tuple[int, ...] | None:
     outside = sorted(cpus - allowed)
     if outside:
         raise ValueError(f"{what}: CPU(s) {outside} are outside this process's allowed set "
-                         f"{_format(sorted(allowed))} (sched_getaffinity)")
+                         f"{cpu_ranges(sorted(allowed))} (sched_getaffinity)")
     return tuple(sorted(cpus))
 
 
-def _format(cpus: Iterable[int]) -> str:
-    out: list[str] = []
-    run: list[int] = []
+def cpu_ranges(cpus: Iterable[int]) -> str:
+    """Sorted CPU ids as ranges: [0, 1, 2, 3, 8] -> "0-3,8"."""
+    runs: list[list[int]] = []
     for c in cpus:
-        if run and c == run[-1] + 1:
-            run.append(c)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [c]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 @dataclass(frozen=True)
@@ -113,7 +108,7 @@ class Threads:
             # ggml's threads spin at every barrier of a graph: two of them sharing one pinned CPU
             # wait out each other's time slices, and a decode slows down a thousandfold
             if cpus is not None and count > len(cpus):
-                raise ValueError(f"Threads.{name}={count} threads pinned to {len(cpus)} CPU(s) ({_format(cpus)}): "
+                raise ValueError(f"Threads.{name}={count} threads pinned to {len(cpus)} CPU(s) ({cpu_ranges(cpus)}): "
                                  "ggml's threads busy-wait at barriers, so a pinned set needs a CPU per thread")
 
     def _gen_cpus(self) -> tuple[int, ...] | None:
@@ -147,15 +142,8 @@ class Threads:
 
     def describe(self) -> str:
         n, batch = self.resolve()
-        parts = [f"{n} generation", f"{batch} batch"]
-        if self.cpus is not None:
-            parts.append(f"cpus {_format(self._gen_cpus() or ())}")
-        if self.batch_cpus is not None:
-            parts.append(f"batch cpus {_format(self._batch_cpus() or ())}")
-        if self.strict:
-            parts.append("strict")
-        if self.priority != "normal":
-            parts.append(f"priority {self.priority}")
-        if self.poll != 50:
-            parts.append(f"poll {self.poll}")
-        return ", ".join(parts)
+        extra = [(self.cpus is not None, f"cpus {cpu_ranges(self._gen_cpus() or ())}"),
+                 (self.batch_cpus is not None, f"batch cpus {cpu_ranges(self._batch_cpus() or ())}"),
+                 (self.strict, "strict"), (self.priority != "normal", f"priority {self.priority}"),
+                 (self.poll != 50, f"poll {self.poll}")]
+        return ", ".join([f"{n} generation", f"{batch} batch"] + [text for given, text in extra if given])

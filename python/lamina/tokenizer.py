@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -41,15 +41,35 @@ class ModelInfo:
     is_recurrent: bool
 
 
+V = TypeVar("V", bound="Vocabulary")
+NativeModel = _native.Model
+
+
 class Vocabulary:
-    """Text <-> tokens and chat templates over ``self.native`` (a loaded _native.Model)."""
+    """Text <-> tokens and chat templates over ``self.native`` (a loaded _native.Model), and its
+    lifetime: close() and ``with``."""
 
     info: ModelInfo
     path: Path
+    _native: NativeModel | None
+    _what = "model"  # for the error when the native object was never made
 
     @property
-    def native(self) -> _native.Model:
-        raise NotImplementedError
+    def native(self) -> NativeModel:
+        if self._native is None:
+            raise RuntimeError(f"{self._what} failed to initialise")
+        return self._native
+
+    def close(self) -> None:
+        """Release the model (contexts still open keep the weights alive until they close)."""
+        if self._native is not None:
+            self._native.close()
+
+    def __enter__(self: V) -> V:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def tokenize(self, text: str | bytes, *, add_special: bool = True, special: bool = False) -> npt.NDArray[np.int32]:
         """Text -> int32 token ids. add_special adds BOS/EOS as the model wants; special parses
@@ -94,7 +114,6 @@ class Vocabulary:
         return self.native.metadata()
 
 
-
 class Tokenizer(Vocabulary):
     """A GGUF model's tokenizer without its weights: llama.cpp reads the metadata and vocabulary
     only (vocab_only), so it loads in a fraction of a full load's time and memory. tokenize,
@@ -103,6 +122,8 @@ class Tokenizer(Vocabulary):
         tok = lamina.Tokenizer("model.gguf")     # or Tokenizer() for the default model
         ids = tok.tokenize("Hello")
     """
+
+    _what = "tokenizer"
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._native: _native.Model | None = None
@@ -118,22 +139,6 @@ class Tokenizer(Vocabulary):
         self._native = _native.Model(os.fspath(self.path), placement, vocab_only=True)
         info = self._native.info()
         self.info = ModelInfo(**{k: info[k] for k in ModelInfo.__dataclass_fields__})
-
-    @property
-    def native(self) -> _native.Model:
-        if self._native is None:
-            raise RuntimeError("tokenizer failed to initialise")
-        return self._native
-
-    def close(self) -> None:
-        if self._native is not None:
-            self._native.close()
-
-    def __enter__(self) -> "Tokenizer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<lamina.Tokenizer {self.info.n_vocab} tokens from {str(self.path)!r}>"

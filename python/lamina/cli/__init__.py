@@ -18,9 +18,7 @@ from ..model import Model
 
 def _generate_kwargs(model: Model, n_predict: int) -> dict[str, Any]:
     assert model.config is not None
-    kw = model.config.generate_kwargs()
-    kw.setdefault("max_tokens", n_predict)
-    return kw
+    return {"max_tokens": n_predict, **model.config.generate_kwargs()}
 
 
 def cmd_run(args: argparse.Namespace) -> int:

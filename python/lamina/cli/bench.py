@@ -25,20 +25,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from .. import tools
-
 from . import bench_batch, plot
+from .bench_batch import paired_ratio, sample_stats
 from .args import add_model_args, models
 from ..model import Model
 from ..params import BENCH_KV, NGL, parse_ngl
 from ..system import system_info
 from ..threads import Threads
-
-
 
 
 @dataclass
@@ -52,25 +50,17 @@ class Result:
     devices: list[str] = field(default_factory=list)  # devices in use; empty: gpu off, everything on the CPU
     reps_per_round: int = 1  # repetitions of each side back to back; pairs exist only with one
 
-    @staticmethod
-    def _stats(xs: list[float]) -> tuple[float, float, float]:
-        if not xs:
-            return 0.0, 0.0, 0.0
-        return statistics.median(xs), statistics.fmean(xs), statistics.pstdev(xs)
-
     def as_dict(self) -> dict[str, object]:
-        med, mean, sd = self._stats(self.lamina)
-        d: dict[str, object] = {"test": self.test, "threads": self.threads, "lamina_median_ts": med,
-                                "lamina_mean_ts": mean, "lamina_sd_ts": sd, "lamina_samples_ts": self.lamina,
+        med = statistics.median(self.lamina) if self.lamina else 0.0
+        d: dict[str, object] = {"test": self.test, "threads": self.threads, **sample_stats("lamina", self.lamina),
                                 "n_gpu_layers": self.n_gpu_layers, "layers_offloaded": self.layers_offloaded,
                                 "devices": self.devices}
         if self.llama_bench:
-            bmed, bmean, bsd = self._stats(self.llama_bench)
-            d.update({"llama_bench_median_ts": bmed, "llama_bench_mean_ts": bmean, "llama_bench_sd_ts": bsd,
-                      "llama_bench_samples_ts": self.llama_bench, "ratio": med / bmed,
-                      "overhead_us_per_token": (1 / med - 1 / bmed) * 1e6})
+            bmed = statistics.median(self.llama_bench)
+            d.update(sample_stats("llama_bench", self.llama_bench), ratio=med / bmed,
+                     overhead_us_per_token=(1 / med - 1 / bmed) * 1e6)
             if self.paired:
-                d["paired_ratio_median"] = statistics.median(a / b for a, b in zip(self.lamina, self.llama_bench))
+                d["paired_ratio_median"] = paired_ratio(self.lamina, self.llama_bench)
         return d
 
     @property
@@ -140,30 +130,18 @@ def run_llama_bench(bench: Path | None, model_path: Path, test: str, n: int, thr
     return [float(x) for t in json.loads(res.stdout) for x in t["samples_ts"]]
 
 
-def llama_bench_placement(model: Model) -> list[str]:
-    """llama-bench arguments that place the model as lamina did: same devices, same layer count."""
-    if not model.offload.gpu:
-        return ["-ngl", "0", "-dev", "none"]
-    return ["-ngl", str(model.offload.layers_effective), "-dev", "/".join(model.offload.devices)]
-
-
 def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[int], reps: int = 5,
         compare: bool = False, rounds: int = 1, bench: Path | None = None, bench_args: list[str] | None = None,
         backend_sampling: bool = False) -> list[Result]:
     tests = [t for t in (("pp", n_prompt), ("tg", n_gen)) if t[1] > 0]
-    off = model.offload
-    # what was asked: the config's value (an inert one is left out of the load, so not off.layers_requested)
-    asked = model.config["n_gpu_layers"] if model.config is not None else off.layers_requested
-    results = {(t, n, th): Result(f"{t}{n}", th, n_gpu_layers=asked,
-                                  layers_offloaded=off.layers_effective if off.gpu else 0,
-                                  devices=list(off.devices) if off.gpu else [], reps_per_round=reps)
+    results = {(t, n, th): Result(f"{t}{n}", th, reps_per_round=reps, **bench_batch.placement_of(model))
                for t, n in tests for th in threads}
     if compare and bench is None and llama_bench_path() is None:
         raise FileNotFoundError("llama-bench is not shipped in this build (LAMINA_BUILD_TOOLS=OFF): pass its path")
     for _ in range(rounds):
         for (t, n, th), res in results.items():
             if compare:
-                extra = llama_bench_placement(model) if bench_args is None else bench_args
+                extra = bench_batch.placement_args(model, sep="/") if bench_args is None else bench_args
                 res.llama_bench += run_llama_bench(bench, model.path, t, n, th, reps, extra)
             if t == "pp":
                 res.lamina += lamina_pp(model, n, th, reps)
@@ -250,10 +228,6 @@ def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p.set_defaults(func=cmd_bench, bench_parser=p)
 
 
-def plot_title(model: Model) -> str:
-    return f"lamina bench: {model.info.desc} ({model.path.name})\n{system_info().cpu_model or 'unknown CPU'}"
-
-
 def cmd_bench(args: "argparse.Namespace") -> int:
     if args.parallel or args.draft:
         return bench_batch.cmd_bench(args)
@@ -274,8 +248,8 @@ def cmd_bench(args: "argparse.Namespace") -> int:
     else:
         print(markdown(first, results))
     if args.plot:
-
         x = "n_gpu_layers" if args.n_gpu_layers and len(args.n_gpu_layers) > 1 else "threads"
+        title = f"lamina bench: {first.info.desc} ({first.path.name})\n{system_info().cpu_model or 'unknown CPU'}"
         sys.stdout.flush()  # the table before the note, also when both go to one pipe
-        print(f"plot: {plot.render(results, args.plot, x=x, title=plot_title(first))}", file=sys.stderr)
+        print(f"plot: {plot.render(results, args.plot, x=x, title=title)}", file=sys.stderr)
     return 0

@@ -121,23 +121,24 @@ DEFAULT_PROMPT = ("Here is a Python file:\n\n" + CODE + "\nThe same file again, 
                   + CODE.split("\n")[0] + "\n")
 
 
-def _stats(xs: list[float]) -> dict[str, Any]:
-    if not xs:
-        return {"median_ts": 0.0, "mean_ts": 0.0, "sd_ts": 0.0, "samples_ts": []}
-    return {"median_ts": statistics.median(xs), "mean_ts": statistics.fmean(xs), "sd_ts": statistics.pstdev(xs),
-            "samples_ts": xs}
+def sample_stats(name: str, xs: list[float]) -> dict[str, Any]:
+    """name_median_ts, name_mean_ts, name_sd_ts and name_samples_ts of one side's t/s samples (0 without any)."""
+    med, mean, sd = (statistics.median(xs), statistics.fmean(xs), statistics.pstdev(xs)) if xs else (0.0, 0.0, 0.0)
+    return {f"{name}_median_ts": med, f"{name}_mean_ts": mean, f"{name}_sd_ts": sd, f"{name}_samples_ts": xs}
 
 
-def _paired(a: list[float], b: list[float]) -> float:
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median of the ratios of samples run back to back."""
     return statistics.median(x / y for x, y in zip(a, b))
 
 
-def placement_args(model: Model, draft: bool = False) -> list[str]:
-    """llama.cpp common-argument flags that place a model as lamina did (-ngld/-devd for a draft)."""
+def placement_args(model: Model, draft: bool = False, sep: str = ",") -> list[str]:
+    """llama.cpp common-argument flags that place a model as lamina did: same devices, same layer count
+    (-ngld/-devd for a draft; llama-bench takes the devices with sep "/")."""
     ngl, dev = ("-ngld", "-devd") if draft else ("-ngl", "-dev")
     if not model.offload.gpu:
         return [ngl, "0", dev, "none"]
-    return [ngl, str(model.offload.layers_effective), dev, ",".join(model.offload.devices)]
+    return [ngl, str(model.offload.layers_effective), dev, sep.join(model.offload.devices)]
 
 
 def context_args(kv: KV, flash_attn: FlashAttn, threads: int) -> list[str]:
@@ -177,7 +178,9 @@ def run_tool(name: str, args: list[str], parse: Callable[[str, str], T], attempt
     raise AssertionError("unreachable")
 
 
-def _placed(model: Model) -> dict[str, Any]:
+def placement_of(model: Model) -> dict[str, Any]:
+    """What -ngl asked (the config's value: an inert one is left out of the load, so not
+    off.layers_requested) and where the layers went."""
     off = model.offload
     return {"n_gpu_layers": model.config["n_gpu_layers"] if model.config is not None else off.layers_requested,
             "layers_offloaded": off.layers_effective if off.gpu else 0, "devices": list(off.devices) if off.gpu else []}
@@ -215,9 +218,8 @@ class ParallelResult:
                              "n_ctx": self.n_ctx, "n_kv_max": self.n_kv_max, "n_batch": self.n_batch,
                              "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn, "kv_unified": BENCH_KV.unified,
                              **self.placed}
-        for name, xs in (("lamina_pp", self.lamina_pp), ("llama_pp", self.llama_pp), ("lamina_tg", self.lamina_tg),
-                         ("llama_tg", self.llama_tg)):
-            d.update({f"{name}_{k}": v for k, v in _stats(xs).items()})
+        for name in ("lamina_pp", "llama_pp", "lamina_tg", "llama_tg"):
+            d.update(sample_stats(name, getattr(self, name)))
         if self.lamina_step_us:
             d["lamina_gen_step_us_median"] = statistics.median(self.lamina_step_us)
             d["lamina_gen_sample_us_median"] = statistics.median(self.lamina_sample_us)
@@ -225,7 +227,7 @@ class ParallelResult:
         for t in ("pp", "tg"):
             d[f"{t}_ratio"] = d[f"lamina_{t}_median_ts"] / d[f"llama_{t}_median_ts"]
             if self.paired:
-                d[f"{t}_paired_ratio_median"] = _paired(getattr(self, f"lamina_{t}"), getattr(self, f"llama_{t}"))
+                d[f"{t}_paired_ratio_median"] = paired_ratio(getattr(self, f"lamina_{t}"), getattr(self, f"llama_{t}"))
         return d
 
 
@@ -321,7 +323,7 @@ def run_parallel(model: Model, *, levels: list[int], n_prompt: int = 128, n_gen:
                  flash_attn: FlashAttn = "auto", backend_sampling: bool | None = None) -> list[ParallelResult]:
     require_tool("llama-batched-bench")
     results = {(pl, th): ParallelResult(pl, n_prompt, n_gen, th, *parallel_shape(pl, n_prompt, n_gen, n_ubatch)[1:],
-                                        flash_attn, reps_per_round=reps, placed=_placed(model))
+                                        flash_attn, reps_per_round=reps, placed=placement_of(model))
                for th in threads for pl in levels}
     for rnd in range(rounds):
         for (pl, th), res in results.items():
@@ -399,9 +401,8 @@ class DraftResult:
                              "threads": self.threads, "draft_max": self.n_max,
                              **({"ngram_n": self.ngram_n} if self.draft == "ngram" else {"draft_p_min": self.p_min}),
                              "n_prompt": self.n_prompt, "llama_n_prompt": self.llama_n_prompt, **self.placed}
-        for name, xs in (("lamina_plain", self.lamina_plain), ("lamina_spec", self.lamina_spec),
-                         ("llama_spec", self.llama_spec)):
-            d.update({f"{name}_{k}": v for k, v in _stats(xs).items()})
+        for name in ("lamina_plain", "lamina_spec", "llama_spec"):
+            d.update(sample_stats(name, getattr(self, name)))
         d["speedup"] = d["lamina_spec_median_ts"] / d["lamina_plain_median_ts"]
         d["ratio"] = d["lamina_spec_median_ts"] / d["llama_spec_median_ts"]
         d.update({"lamina_n_drafted": self.lamina_drafted, "lamina_n_accepted": self.lamina_accepted,
@@ -409,9 +410,9 @@ class DraftResult:
                   "llama_n_drafted": self.llama_drafted, "llama_n_accepted": self.llama_accepted,
                   "llama_acceptance": self.llama_accepted / self.llama_drafted if self.llama_drafted else 0.0})
         if self.paired:
-            d["paired_ratio_median"] = _paired(self.lamina_spec, self.llama_spec)
+            d["paired_ratio_median"] = paired_ratio(self.lamina_spec, self.llama_spec)
         if self.reps_per_round == 1 and len(self.lamina_spec) == len(self.lamina_plain) > 1:
-            d["paired_speedup_median"] = _paired(self.lamina_spec, self.lamina_plain)
+            d["paired_speedup_median"] = paired_ratio(self.lamina_spec, self.lamina_plain)
         return d
 
 
@@ -497,7 +498,7 @@ def run_draft(model: Model, *, draft: str, prompt: str = DEFAULT_PROMPT, n_gen: 
         n_ctx = spec_n_ctx(n_prompt, n_gen, n_max)
         name = "ngram" if draft_model is None else Path(draft).name
         results = [DraftResult(name, n_gen, th, n_max, p_min, ngram_n, reps_per_round=reps, n_prompt=n_prompt,
-                               placed=_placed(model)) for th in threads]
+                               placed=placement_of(model)) for th in threads]
         for _ in range(rounds):
             for res in results:
                 with model.context(n_ctx=n_ctx, n_ubatch=n_ubatch, threads=Threads(n=res.threads, batch=res.threads),

@@ -28,7 +28,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .. import _native
 from .._core import PACKAGE_DIR
@@ -37,10 +37,11 @@ from ..config import load_config
 from ..errors import InertSettingWarning
 from ..model import Model
 from ..params import KV
+from ..threads import cpu_ranges
 from .plot import require
 from .progress import load_bar
-from ..system import (MEMORY_FILESYSTEMS, NETWORK_FILESYSTEMS, cache_sizes, cgroup_levels, cgroup_memory_limit,
-                     filesystem_of, gpu_absent_reason, memory_bandwidth, swap_memory, system_info)
+from ..system import (MEMORY_FILESYSTEMS, NETWORK_FILESYSTEMS, available_memory, cache_sizes, cgroup_levels,
+                     cgroup_memory_limit, filesystem_of, gpu_absent_reason, memory_bandwidth, swap_memory, system_info)
 
 SCHEMA_VERSION = 1
 MiB, GiB = 1024 ** 2, 1024 ** 3
@@ -204,19 +205,6 @@ def _mib(n: float) -> str:
     return f"{n / MiB:,.1f} MiB"
 
 
-def _cpu_ranges(cpus: Sequence[int]) -> str:
-    out: list[str] = []
-    run: list[int] = []
-    for c in sorted(cpus):
-        if run and c != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(c)
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
-
-
 def _compiled_backends() -> list[str]:
     """Backends this lamina carries: libraries in the package (portable builds) or linked in."""
     if _native.BACKEND_DL:
@@ -233,11 +221,8 @@ def machine_report(bandwidth_seconds: float = 1.0) -> dict[str, Any]:
     compiled_on = [k for k, v in si.cpu_features_compiled.items() if v == "1"]
     levels = cgroup_levels()
     mem_limit = cgroup_memory_limit()
-    bw = None
-    if bandwidth_seconds > 0:
-        b = memory_bandwidth(bandwidth_seconds, threads=si.default_threads)
-        bw = asdict(b)
-        bw["copy_counts"] = "read+write"
+    bw = {**asdict(memory_bandwidth(bandwidth_seconds, threads=si.default_threads)), "copy_counts": "read+write"} \
+        if bandwidth_seconds > 0 else None
     loaded = [{"name": b["name"], "n_devices": int(b["n_devices"])} for b in si.backends]
     gpu_names = [b["name"] for b in loaded
                  if b["name"].upper() not in ("CPU", "BLAS") and not b["name"].upper().startswith("RPC")]
@@ -274,21 +259,15 @@ def machine_report(bandwidth_seconds: float = 1.0) -> dict[str, Any]:
         gpu_backends_without_device=tuple(n for n in gpu_names if not any(
             b["n_devices"] for b in loaded if b["name"] == n)),
         addon_failures=tuple(f"{a.distribution}: {a.error}" for a in si.addons if not a.loaded),
-        gpu_device=bool(gpu_devices), memory_available=_host_available(si.memory_available),
+        gpu_device=bool(gpu_devices), memory_available=available_memory(si.memory_available),
         swap_total=swap_total)
     return report
-
-
-def _host_available(available: int) -> int:
-    limit = cgroup_memory_limit()
-    return min(available, limit) if limit is not None else available
 
 
 # ---- the model --------------------------------------------------------------------------------------
 def model_report(report: dict[str, Any], path: str, n_ctx: int, kv_type: str, config: Any = None,
                  tg_tokens: int = 16, progress: Any = None) -> dict[str, Any]:
     """Advice for one model on this machine: fit, ceiling vs measured tg, threads, ngl, quantization."""
-
     facts: Facts = report["_facts"]
     kv = KV(type_k=kv_type, type_v=kv_type)
     # a model.yml places the model as `lamina run` would (its gpu, n_gpu_layers, devices, ...)
@@ -297,7 +276,7 @@ def model_report(report: dict[str, Any], path: str, n_ctx: int, kv_type: str, co
     with model:
         info, off = model.info, model.offload
         est = model.estimate_memory(n_ctx, kv=kv)
-        host_free = _host_available(report["memory"]["available"])
+        host_free = available_memory(report["memory"]["available"])
         rows: list[dict[str, Any]] = []
         for d in est.devices:
             free = host_free if d.device == "host" else d.free
@@ -318,11 +297,9 @@ def model_report(report: dict[str, Any], path: str, n_ctx: int, kv_type: str, co
 
         default_threads = report["cpu"]["default_threads"]
         counts = sorted({1, max(1, facts.physical_cores // 2), default_threads, facts.physical_cores})
-        sweep = []
-        if tg_tokens > 0:
-            for t in counts:
-                tps = lamina_tg(model, tg_tokens, t, 2)  # best of two after a warm-up: a busy neighbour slows one
-                sweep.append({"threads": t, "tokens_per_s": max(tps)})
+        # best of two after a warm-up: a busy neighbour slows one
+        sweep = [{"threads": t, "tokens_per_s": max(lamina_tg(model, tg_tokens, t, 2))}
+                 for t in counts if tg_tokens > 0]
         threads, threads_why = recommend_threads(sweep, default_threads)
         measured = max((r["tokens_per_s"] for r in sweep), default=None)
         llc = max(cache_sizes().values(), default=0)
@@ -405,15 +382,14 @@ def render_text(r: dict[str, Any]) -> str:
         lines.append(f"  not used by this build: {' '.join(cpu['features_unused'])}")
     caches = ", ".join(f"{k} {_mib(v) if v >= MiB else f'{v // 1024} KiB'}" for k, v in cpu["caches"].items())
     lines += [f"cores: {cpu['physical_cores']} physical, {cpu['logical_cpus']} logical, affinity "
-              f"{_cpu_ranges(cpu['allowed_cpus'])} ({len(cpu['allowed_cpus'])} allowed)"
+              f"{cpu_ranges(sorted(cpu['allowed_cpus']))} ({len(cpu['allowed_cpus'])} allowed)"
               + (f"; caches {caches}" if caches else ""),
               f"threads: {cpu['default_threads']} for generation (physical cores), {cpu['default_threads_batch']} "
               "for batches (logical CPUs)"]
     cg = r["cgroup"]
     if cg["levels"]:
-        lines.append(f"cgroup v{cg['levels'][0]['version']}: cpu quota "
-                     f"{cg['cpu_limit']:g} CPUs" if cg["cpu_limit"] else
-                     f"cgroup v{cg['levels'][0]['version']}: cpu quota none")
+        quota = f"{cg['cpu_limit']:g} CPUs" if cg["cpu_limit"] else "none"
+        lines.append(f"cgroup v{cg['levels'][0]['version']}: cpu quota {quota}")
         for lv in cg["levels"]:
             cpu_q = f"{lv['cpu_limit']:g} CPUs" if lv["cpu_limit"] is not None else "no cpu quota"
             mem_q = _gib(lv["memory_limit"]) if lv["memory_limit"] is not None else "no memory limit"
@@ -440,9 +416,8 @@ def render_text(r: dict[str, Any]) -> str:
     for d in r["devices"]:
         m = "" if d["memory_free"] is None else f": {_gib(d['memory_free'])} free of {_gib(d['memory_total'])}"
         lines.append(f"  {d['index']} {d['name']} [{d['backend']}, {d['kind']}] {d['description']}{m}")
-    m = r["model"]
-    if m:
-        lines += _render_model(m)
+    if r["model"]:
+        lines += _render_model(r["model"])
     if r["warnings"]:
         lines.append("warnings:")
         lines += [f"  ! {w['message']} [{w['code']}]" for w in r["warnings"]]
@@ -512,9 +487,7 @@ def plot_report(r: dict[str, Any], out: str) -> None:
         ax.axhline(tg["ceiling_tps_full"], color="tab:red", linestyle="--", label=f"ceiling at {m['n_ctx']} tokens")
     top = max([s["tokens_per_s"] for s in tg["sweep"]] + [tg["ceiling_tps_empty"] or 0])
     ax.set_ylim(0, top * 1.45)  # room for the legend above the ceiling line
-    ax.set_xlabel("threads")
-    ax.set_ylabel("tokens/s")
-    ax.set_title(f"{Path(m['path']).name}: {tg['bound'] or 'not measured'}-bound")
+    ax.set(xlabel="threads", ylabel="tokens/s", title=f"{Path(m['path']).name}: {tg['bound'] or 'not measured'}-bound")
     ax.legend(fontsize="small", loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -550,7 +523,6 @@ def _tokens(text: str) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-
     if args.plot:
         require()  # before minutes of probing
     # the settings as run/chat/bench see them: the file (if any) < LAMINA_* < the MODEL argument
@@ -569,11 +541,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     bar = load_bar(f"loading {os.path.basename(model)}") if model else None
     report = doctor_report(model, n_ctx=n_ctx, kv_type=kv_type, config=config,
                            bandwidth_seconds=args.bandwidth_seconds, tg_tokens=args.tg_tokens, progress=bar)
-    if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(render_text(report))
+    print(json.dumps(report, indent=2) if args.json else render_text(report))
     if args.plot:
         plot_report(report, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)

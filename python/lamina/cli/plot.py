@@ -68,8 +68,7 @@ def render(results: list["Result"], path: str | Path, *, x: str, title: str) -> 
                 label = side.replace("_", "-") + (f", {'ngl' if other == 'n_gpu_layers' else 'threads'} {g}"
                                                   if len(groups) > 1 else "")
                 ax.errorbar(px, med, yerr=err, fmt=style, color=f"C{color}", capsize=4, label=label)
-        ax.set_title(test)
-        ax.set_ylabel("tokens/s (median, min..max)")
+        ax.set(title=test, ylabel="tokens/s (median, min..max)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         if x == "threads":
@@ -92,4 +91,3 @@ def render(results: list["Result"], path: str | Path, *, x: str, title: str) -> 
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
