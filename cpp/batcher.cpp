@@ -23,6 +23,10 @@ class batcher {
 public:
     batcher(const batcher &) = delete;
     batcher & operator=(const batcher &) = delete;
+    // Gone (never run, or its caller raised): its requests leave the engine, whoever steps it next.
+    ~batcher() {
+        if (fork_gen_ == fork_generation()) e_.end_all("cancelled", "", this);
+    }
     batcher(nb::handle ctx, int32_t chunk, bool backend_sampling)
         : st_(context_shared(ctx)), e_(engine_of(*st_)), chunk_(chunk), backend_(backend_sampling) {
         context_lease lease(st_);
@@ -275,7 +279,8 @@ public:
         check_fork(fork_gen_, "Batcher");
         nb::dict d;
         e_.stats(d);
-        d["chunk"] = chunk_ > 0 ? chunk_ : int32_t(llama_n_batch(st_->ctx.get()));
+        const int32_t n_batch = int32_t(llama_n_batch(st_->ctx.get()));
+        d["chunk"] = chunk_ > 0 ? std::min(chunk_, n_batch) : n_batch;
         bool closed;
         {
             gil_release nogil;

@@ -106,6 +106,7 @@ void engine::end(request & r, const char * why) {
 
 void engine::end_all(const char * finish, const std::string & why, const void * client) {
     gil_release nogil;
+    std::deque<request_ptr> gone;  // freed after the mutex
     std::lock_guard<std::mutex> lk(mu);
     auto mine = [client](const request_ptr & r) { return client == nullptr || r->o.client == client; };
     for (const request_ptr & r : waiting_) {
@@ -113,7 +114,9 @@ void engine::end_all(const char * finish, const std::string & why, const void * 
         r->error = why;
         end(*r, finish);
     }
-    waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), mine), waiting_.end());
+    auto left = std::stable_partition(waiting_.begin(), waiting_.end(), [&mine](const request_ptr & r) { return !mine(r); });
+    gone.assign(std::make_move_iterator(left), std::make_move_iterator(waiting_.end()));
+    waiting_.erase(left, waiting_.end());
     for (const request_ptr & r : active_) {
         if (!mine(r) || !r->finish.empty()) continue;
         r->error = why;
@@ -165,11 +168,15 @@ void engine::take_finished() {
     auto keep = std::stable_partition(active_.begin(), active_.end(), [](const request_ptr & r) { return r->finish.empty(); });
     for (auto it = keep; it != active_.end(); ++it) {
         request & r = **it;
-        freed_.push_back({r.slot, r.epoch, r.o.keep ? int64_t(r.prompt.size() + r.generated.size()) : -1, r.o.keep && r.o.backend});
+        // a kept sequence holds its prompt and text, less what context shifts dropped
+        const int64_t held = int64_t(r.prompt.size() + r.generated.size()) - r.n_discarded;
+        freed_.push_back({r.slot, r.epoch, r.o.keep ? held : -1, r.o.keep && r.o.backend});
         slot_used_[size_t(r.slot)] = false;
         r.slot = -1;
         r.has_pending = false;
     }
+    // freed after the mutex (free_seqs): a request's draft and sampler go with it
+    graveyard_.insert(graveyard_.end(), std::make_move_iterator(keep), std::make_move_iterator(active_.end()));
     active_.erase(keep, active_.end());
     if (any) signal_news();
 }
@@ -194,6 +201,7 @@ void engine::free_seqs(context_state & st) {
         }
     }
     freed_.clear();
+    graveyard_.clear();
 }
 
 void engine::settle(context_state & st) {
@@ -252,12 +260,13 @@ void engine::shift(context_state & st, request & r) {
     llama_memory_seq_add(mem, r.slot, keep + discard, r.pos, -discard);
     if (r.slot == 0) st.tokens.erase(st.tokens.begin() + keep, st.tokens.begin() + keep + discard);
     r.pos -= discard;
+    r.n_discarded += discard;
     ++r.n_shifts;
 }
 
 // A draft to decode after r's pending token, in at most `room` more rows of the batch. The draft
-// model's context is leased for it (BusyError while another thread uses it).
-void engine::draft(context_state & st, request & r, int32_t room) {
+// model's context is leased for it to the end of the step.
+void engine::draft(context_state & st, request & r, int32_t room, std::vector<std::unique_ptr<context_lease>> & leases) {
     r.draft.clear();
     const llama_pos n_ctx_seq = llama_pos(llama_n_ctx_seq(st.ctx.get()));
     int32_t n = std::min<int64_t>({int64_t(room), int64_t(n_ctx_seq - r.pos - 1),
@@ -265,8 +274,14 @@ void engine::draft(context_state & st, request & r, int32_t room) {
     // more logits rows than any decode before would reallocate llama.cpp's buffer under live views
     if (st.live_views.load() > 0) n = std::min(n, st.max_outputs - 1);
     if (n <= 0) return;
-    std::optional<context_lease> lease;
-    if (r.spec->draft_context()) lease.emplace(r.spec->draft_context());
+    if (const auto & dft = r.spec->draft_context()) {
+        try {
+            leases.push_back(std::make_unique<context_lease>(dft));
+        } catch (const busy_error &) {
+            throw lamina_error("the draft model's context is in use by another thread: one lamina.Draft per target "
+                               "generating at the same time");
+        }
+    }
     r.spec->propose(st.tokens, r.pending, n, r.draft);
 }
 
@@ -326,49 +341,56 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
     {
         std::lock_guard<std::mutex> lk(mu);
         end_stale(st);
+        // A keep request (ctx.generate) first: it takes sequence 0, and a request holding that ends
+        // (StaleGenerationError). The others take free sequences from the last one down, in order of
+        // arrival, so that sequence 0 stays free for a generation where it can.
+        const auto keep = std::find_if(waiting_.begin(), waiting_.end(), [](const request_ptr & r) { return r->o.keep; });
+        for (const request_ptr & h : active_) {
+            if (keep == waiting_.end() || h->slot != 0 || !h->finish.empty()) continue;
+            h->error = std::string(h->o.who) + " on sequence 0 has ended: another generation (ctx.generate, chat or "
+                       "complete) took the sequence. Start it again (a new generation reuses what the cache still "
+                       "holds of its prompt).";
+            h->seq_lost = true;
+            end(*h, "error");
+            signal_news();
+        }
         take_finished();
-        // admit waiting requests in order of arrival: a keep request takes sequence 0 (its holder
-        // ends: StaleGenerationError), the others any free sequence
-        while (!waiting_.empty()) {
-            request_ptr r = waiting_.front();
-            int32_t slot = 0;
-            if (r->o.keep) {
-                for (const request_ptr & h : active_) {
-                    if (h->slot != 0) continue;
-                    h->error = std::string(h->o.who) + " on sequence 0 has ended: another generation (ctx.generate, chat or "
-                               "complete) took the sequence. Start it again (a new generation reuses what the cache "
-                               "still holds of its prompt).";
-                    h->seq_lost = true;
-                    end(*h, "error");
-                    signal_news();
-                }
-                take_finished();
-                freed_.erase(std::remove_if(freed_.begin(), freed_.end(), [](const freed_seq & f) { return f.slot == 0; }), freed_.end());
-            } else {
-                auto it = std::find(slot_used_.begin(), slot_used_.end(), false);
-                if (it == slot_used_.end()) break;
-                slot = int32_t(it - slot_used_.begin());
-            }
-            waiting_.pop_front();
+        auto place = [this](const request_ptr & r, int32_t slot) {
             r->slot = slot;
             slot_used_[size_t(slot)] = true;
             r->t_admit = llama_time_us();
             active_.push_back(r);
-            admitted_.push_back(r.get());
+            admitted_.push_back(r);
+        };
+        if (keep != waiting_.end()) {  // sequence 0 passes as it is: the new owner keeps what it can of it
+            freed_.erase(std::remove_if(freed_.begin(), freed_.end(), [](const freed_seq & f) { return f.slot == 0; }), freed_.end());
+            place(*keep, 0);
+            waiting_.erase(keep);
+        }
+        while (!waiting_.empty()) {
+            const auto it = std::find(slot_used_.rbegin(), slot_used_.rend(), false);
+            if (it == slot_used_.rend()) break;
+            place(waiting_.front(), int32_t(slot_used_.rend() - it) - 1);
+            waiting_.pop_front();
         }
         max_running_ = std::max<int64_t>(max_running_, int64_t(active_.size()));
     }
     free_seqs(st);
-    for (request * r : admitted_) admit(st, *r);
+    for (const request_ptr & r : admitted_) admit(st, *r);
     b.n_tokens = 0;
     in_batch_.clear();
     int32_t n_out = 0, n_prompt = 0, n_gen = 0;
+    int32_t to_place = int32_t(std::count_if(active_.begin(), active_.end(), [](const request_ptr & r) {
+        return r->has_pending && r->finish.empty();
+    }));
+    std::vector<std::unique_ptr<context_lease>> drafts;  // the draft models' contexts, to the end of the step
     for (const request_ptr & rp : active_) {  // one token of each generating sequence, and its draft
         request & r = *rp;
         r.out = -1;
         if (!r.has_pending || !r.finish.empty()) continue;
+        --to_place;
         if (r.pos + 1 > n_ctx_seq) shift(st, r);  // shift requests only: the others ended "length"
-        if (r.spec) draft(st, r, n_batch - b.n_tokens - 1);
+        if (r.spec) draft(st, r, n_batch - b.n_tokens - 1 - to_place, drafts);  // room for the others' tokens
         r.out = batch_add(b, r.pending, r.pos, r.slot, true);
         for (size_t i = 0; i < r.draft.size(); ++i) batch_add(b, r.draft[i], r.pos + 1 + llama_pos(i), r.slot, true);
         in_batch_.push_back(&r);
@@ -409,7 +431,7 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
     if (rc != 0) return failed(st, rc, resume_aborted) ? outcome::interrupted : outcome::ran;
     st.last_outputs = n_out;
     st.max_outputs = std::max(st.max_outputs, n_out);
-    const int64_t t_dec = llama_time_us();
+    const int64_t t_dec = t_decoded_ = llama_time_us();
     try {
         collect(st);
     } catch (const std::exception & ex) {  // the requests in the batch end with it; their sequences are cut back
@@ -421,6 +443,7 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
         std::lock_guard<std::mutex> lk(mu);
         bool any = false;
         for (request * r : in_batch_) {
+            if (r->has_pending) n_gen += int32_t(r->ids.size()) - 1;  // the drafts kept
             r->has_pending = false;
             if (r->out < 0 || !r->finish.empty()) continue;
             for (size_t k = 0; k < r->ids.size() && r->finish.empty(); ++k) any |= publish(*r, k, n_ctx_seq, st.model->vocab);
@@ -475,7 +498,6 @@ void engine::collect(context_state & st) {
         }
     }
     // what the sequences hold now: fed prompt chunks, the pending tokens and the drafts kept
-    const int64_t t_sampled = llama_time_us();
     for (request * r : in_batch_) {
         if (r->has_pending) {
             const size_t n_acc = r->ids.size() - 1;
@@ -485,8 +507,6 @@ void engine::collect(context_state & st) {
             }
             if (r->spec) {
                 if (n_acc < r->draft.size()) llama_memory_seq_rm(llama_get_memory(lc), r->slot, r->pos + 1 + llama_pos(n_acc), -1);
-                std::optional<context_lease> lease;
-                if (r->spec->draft_context()) lease.emplace(r->spec->draft_context());
                 r->spec->accepted(r->pending, r->pos, r->draft, n_acc, st.tokens);
             }
             r->pos += 1 + llama_pos(n_acc);
@@ -495,7 +515,7 @@ void engine::collect(context_state & st) {
                                                r->prompt.begin() + std::ptrdiff_t(r->n_fed + r->feeding));
             r->n_fed += r->feeding;
             r->feeding = 0;
-            r->t_prompt_us += t_sampled - t_decode_;
+            r->t_prompt_us += t_decoded_ - t_decode_;
             if (r->n_fed == r->prompt.size()) r->pos = llama_pos(r->n_fed);
         }
     }
@@ -511,22 +531,29 @@ bool engine::failed(context_state & st, int rc, bool resume_aborted, const char 
     st.last_outputs = 0;
     st.abort = false;
     const bool interrupted = why_not_decode == nullptr && ((rc == 2 && resume_aborted) || st.signal_type.is_valid());
-    std::lock_guard<std::mutex> lk(mu);
+    std::vector<request *> lost;  // requests whose sequence could not be cut back (no mutex: llama.cpp calls)
     for (request * r : in_batch_) {
         const llama_pos held = r->has_pending ? r->pos : llama_pos(r->n_fed);
         r->feeding = 0;
+        if (r->slot == 0) st.tokens.resize(std::min(st.tokens.size(), size_t(held)));
         if (!llama_memory_seq_rm(mem, r->slot, held, -1)) {  // a cache that cannot cut: start the prompt over
             llama_memory_seq_rm(mem, r->slot, -1, -1);
             r->n_fed = 0;
+            r->n_reused = 0;
             if (r->slot == 0) st.tokens.clear();
-            if (r->has_pending) {
-                r->error = "the cache of sequence " + std::to_string(r->slot) + " was lost with a failed decode";
-                end(*r, "error");
-            }
+            if (r->has_pending) lost.push_back(r);
         }
     }
-    if (interrupted) return true;
-    const std::string why = why_not_decode != nullptr ? why_not_decode : decode_message(rc, st);
+    const std::string why = interrupted ? "" : why_not_decode != nullptr ? why_not_decode : decode_message(rc, st);
+    std::lock_guard<std::mutex> lk(mu);
+    for (request * r : lost) {
+        r->error = "the cache of sequence " + std::to_string(r->slot) + " was lost with a failed decode";
+        end(*r, "error");
+    }
+    if (interrupted) {
+        if (!lost.empty()) signal_news();
+        return true;
+    }
     if (rc == 1 && active_.size() > 1) {
         request * longest = nullptr;
         for (const request_ptr & r : active_) {

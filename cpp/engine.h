@@ -51,7 +51,7 @@ struct request {
     int32_t out = -1;          // its first logits row in the current batch
     std::vector<llama_token> draft, ids;  // this step's draft, and the tokens it took (kept drafts + its own)
     std::vector<std::string> pieces;      // their text
-    int64_t n_reused = 0, n_shifts = 0, t_prompt_us = 0;
+    int64_t n_reused = 0, n_shifts = 0, n_discarded = 0, t_prompt_us = 0;
     // shared (mutex)
     std::vector<llama_token> generated;
     stop_text said{{}};        // the text as users see it, cut at a stop string
@@ -112,7 +112,7 @@ private:
     void free_seqs(context_state & st);
     void admit(context_state & st, request & r);
     void shift(context_state & st, request & r);
-    void draft(context_state & st, request & r, int32_t room);
+    void draft(context_state & st, request & r, int32_t room, std::vector<std::unique_ptr<context_lease>> & leases);
     bool publish(request & r, size_t k, llama_pos n_ctx_seq, const llama_vocab * vocab);
     void collect(context_state & st);
     bool failed(context_state & st, int rc, bool resume_aborted, const char * why_not_decode = nullptr);
@@ -121,9 +121,11 @@ private:
     std::vector<request_ptr> active_;  // admitted, in order of admission
     std::vector<bool> slot_used_;
     std::vector<freed_seq> freed_;     // taken under the mutex, emptied after it
-    std::vector<request *> in_batch_, admitted_;
+    std::vector<request_ptr> graveyard_;  // ended, freed with freed_ (after the mutex)
+    std::vector<request *> in_batch_;
+    std::vector<request_ptr> admitted_;
     llama_batch batch_{};
-    int64_t t_decode_ = 0;  // when this step's decode started
+    int64_t t_decode_ = 0, t_decoded_ = 0;  // when this step's decode started and returned
     uint64_t next_id_ = 1;
     int wake_rd_ = -1, wake_wr_ = -1;
     bool wake_armed_ = false;

@@ -43,8 +43,9 @@ public:
                 if (llama_n_ctx_seq(dft->ctx.get()) < llama_n_ctx_seq(st_->ctx.get())) {
                     throw std::invalid_argument("the draft context holds fewer tokens than the target's");
                 }
-                context_lease dlease(dft);
             }
+            std::optional<context_lease> dlease;  // llama.cpp's speculative init reads the draft context
+            if (dft) dlease.emplace(dft);
             r_->spec = std::make_unique<speculation>(*st_, dft, *draft);
         } else if (!draft_ctx.is_none()) {
             throw std::invalid_argument("a draft context without draft settings");
@@ -114,13 +115,13 @@ public:
     // and with backend sampling the context gets its logits back.
     void close() {
         closed_ = true;
-        if (!queued_) return;
+        if (!queued_ || st_->fork_gen != fork_generation()) return;  // a forked child: the engine is the parent's
         engine & e = engine_of(*st_);
         e.cancel(*r_);
         try {
             context_lease lease(st_, st_->eng.get());
             e.settle(*lease);
-        } catch (const busy_error &) {  // another thread steps the engine: it settles it
+        } catch (const std::exception &) {  // busy (the thread stepping the engine settles it), or lost
         }
     }
     // Without a lease (a generator can be collected while another thread uses the context): the
@@ -132,23 +133,28 @@ public:
     // Once ended, nothing changes what stats read; before, they need the lease (BusyError while
     // another thread drives the engine).
     nb::dict stats() {
+        check_fork(st_->fork_gen, "generation");
         std::optional<context_lease> lease;
         if (!ended()) lease.emplace(st_, st_->eng.get());
         const request & r = *r_;
         nb::dict d;
-        d["finish_reason"] = r.finish.empty() ? nb::none() : nb::cast(r.finish);
+        {
+            std::lock_guard<std::mutex> lk(engine_of(*st_).mu);
+            d["finish_reason"] = r.finish.empty() ? nb::none() : nb::cast(r.finish);
+            d["n_generated"] = r.generated.size();
+            d["t_gen_us"] = r.t_first == 0 ? 0 : (r.t_end != 0 ? r.t_end : llama_time_us()) - r.t_first;
+        }
         d["n_prompt"] = r.prompt.size();
         d["n_prompt_eval"] = int64_t(r.n_fed) - r.n_reused;
         d["n_reused"] = r.n_reused;
-        d["n_generated"] = r.generated.size();
         d["t_prompt_us"] = r.t_prompt_us;
         d["n_shifts"] = r.n_shifts;
-        d["t_gen_us"] = r.t_first == 0 ? 0 : (r.t_end != 0 ? r.t_end : llama_time_us()) - r.t_first;
         if (r.spec) r.spec->stats(d);
         return d;
     }
 
     nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() {
+        check_fork(st_->fork_gen, "generation");
         auto * heap = new std::vector<int32_t>();
         nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
         {

@@ -348,3 +348,42 @@ def test_backend_samplers_outlive_a_batcher_that_could_not_detach_them(tiny_path
     r = subprocess.run([sys.executable, "-c", DETACH_BUSY, str(tiny_path)], capture_output=True, text=True,
                        timeout=150)
     assert r.returncode == 0 and "ok 4" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+def test_a_refused_generate_batch_leaves_nothing_in_the_engine(tiny_model: lamina.Model) -> None:
+    # review: prompt 0's request stayed queued after prompt 1 was refused, and the next generation
+    # ran it, then reused a prefix its admission had wiped (silently wrong text)
+    want = fresh(tiny_model, PROMPT_A + [11, 12, 13], 6)
+    with tiny_model.context(n_ctx=512, n_seq_max=2) as ctx:
+        ctx.complete(PROMPT_A, max_tokens=0)  # the cache holds PROMPT_A
+        with pytest.raises(ValueError, match="prompt 1"):
+            ctx.generate_batch([PROMPT_B, list(range(1, 400))], max_tokens=3)
+        got = ctx.complete(PROMPT_A + [11, 12, 13], max_tokens=6, ignore_eos=True)
+        assert [int(t) for t in got.tokens] == want and got.n_prompt_eval == 3
+
+
+def test_a_speculative_generation_leaves_room_in_the_batch_for_the_others(tiny_model: lamina.Model) -> None:
+    # review: a draft filled the batch and the next sequence's token was written past its end (a crash)
+    with tiny_model.context(n_ctx=1024, n_seq_max=2, n_batch=16) as ctx:
+        g = ctx.generate(PROMPT_A, max_tokens=200, ignore_eos=True, draft=lamina.Draft(n_max=16, ngram_n=1))
+        next(g)
+        [b] = ctx.generate_batch([PROMPT_B], max_tokens=100, ignore_eos=True)
+        "".join(g)
+    assert [int(t) for t in b.tokens] == fresh(tiny_model, PROMPT_B, 100)
+    with tiny_model.context(n_ctx=1024) as ctx:
+        assert list(g.tokens) == list(ctx.complete(PROMPT_A, max_tokens=200, ignore_eos=True).tokens)
+
+
+def test_a_stop_string_after_a_context_shift_cuts_the_cache_there(tiny_model: lamina.Model) -> None:
+    with tiny_model.context(n_ctx=256) as ctx:
+        kw = dict(max_tokens=600, ignore_eos=True, context_full="shift", n_keep=4)
+        text = ctx.complete(PROMPT_A, **kw).text  # type: ignore[arg-type]
+        # a stop string whose first occurrence is late in the text (after the first shift)
+        at = next(i for i in range(len(text) - 10, 0, -1) if text.find(text[i:i + 6]) == i and i > len(text) * 0.7)
+        stop = text[at:at + 6]
+        g = ctx.generate(PROMPT_A, stop=stop, **kw)  # type: ignore[arg-type]
+        out = "".join(g)
+        assert g.stats["n_shifts"] > 0 and g.finish_reason == "stop" and stop not in out
+        held, gen = [int(t) for t in ctx.tokens], [int(t) for t in g.tokens]
+        # the cache ends with the text before the stop (its last token may be sampled, not decoded)
+        assert held[-50:] == gen[-50:] or held[-50:] == gen[-51:-1]

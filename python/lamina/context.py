@@ -481,12 +481,15 @@ class Context:
         stops = stop_strings(stop)
         engine = _native.Batcher(self.native, 0, self.model.output_on_gpu)
         reqs = []
-        for i, (t, s) in enumerate(zip(toks, samplers)):
-            try:
-                reqs.append(engine.submit(t, s.params(self.n_ctx), max_tokens, ignore_eos, stops))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
-        engine.run(True)
+        try:
+            for i, (t, s) in enumerate(zip(toks, samplers)):
+                try:
+                    reqs.append(engine.submit(t, s.params(self.n_ctx), max_tokens, ignore_eos, stops))
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from None
+            engine.run(True)
+        finally:
+            engine.close()  # requests left by a refused prompt or a Ctrl-C leave the context's engine
         for r in reqs:
             r.raise_if_failed()
         rows = [r.result() for r in reqs]
