@@ -185,6 +185,8 @@ def test_a_signal_handler_reentering_the_context_gets_busy_error(wide_model: lam
                     got.append("ran")
                 except lamina.BusyError:
                     got.append("busy")
+                except lamina.StaleGenerationError:  # between decodes, after an earlier handler's decode took
+                    got.append("ran")                # sequence 0 from the generation: its defined answer
             seen.append(tuple(got))
 
         old = signal.signal(signal.SIGALRM, reenter)
