@@ -248,7 +248,7 @@ public:
         }
         const auto type = str_key("general.type");
         if (!type || *type != "adapter") {
-            bad("general.type", find("general.type") ? find("general.type")->off : 0,
+            bad("general.type", at("general.type"),
                 (type ? "'" + std::string(*type) + "'" : std::string("missing")) + ", not 'adapter': this file is not "
                 "a LoRA adapter" + (!type || *type == "model" ? " (a model file?)" : ""));
         }
@@ -335,7 +335,6 @@ private:
         const uint64_t off = data_start_ + m.offset;
         if (!f_.need(off, m.nbytes)) return true;  // structure() checked the bounds; nothing to read
         const unsigned char * p = reinterpret_cast<const unsigned char *>(f_.at(off));
-        auto half_ok = [](const unsigned char * q) { return ((q[1] & 0x7C) != 0x7C); };  // exponent not all ones
         switch (ggml_type(m.type)) {
             case GGML_TYPE_F32:
                 for (uint64_t i = 0; i + 4 <= m.nbytes; i += 4) {
@@ -344,20 +343,16 @@ private:
                     if (!std::isfinite(v)) return false;
                 }
                 return true;
-            case GGML_TYPE_F16:
-                for (uint64_t i = 0; i + 2 <= m.nbytes; i += 2) {
-                    if (!half_ok(p + i)) return false;
-                }
-                return true;
             case GGML_TYPE_BF16:
                 for (uint64_t i = 0; i + 2 <= m.nbytes; i += 2) {
                     if ((p[i + 1] & 0x7F) == 0x7F && (p[i] & 0x80) == 0x80) return false;
                 }
                 return true;
-            case GGML_TYPE_Q8_0: {
-                const uint64_t block = ggml_type_size(GGML_TYPE_Q8_0);  // an f16 scale, then 32 int8
-                for (uint64_t i = 0; i + block <= m.nbytes; i += block) {
-                    if (!half_ok(p + i)) return false;
+            case GGML_TYPE_F16:
+            case GGML_TYPE_Q8_0: {  // q8_0: blocks of an f16 scale, then 32 int8
+                const uint64_t step = ggml_type(m.type) == GGML_TYPE_F16 ? 2 : ggml_type_size(GGML_TYPE_Q8_0);
+                for (uint64_t i = 0; i + step <= m.nbytes; i += step) {
+                    if ((p[i + 1] & 0x7C) == 0x7C) return false;  // an f16 exponent of all ones: inf or NaN
                 }
                 return true;
             }
@@ -709,20 +704,15 @@ private:
         if (h0 <= 0) return;
         // head sizes and rotary dimensions, for full and sliding-window (_swa) layers
         const auto n_embd = int_key(p + "embedding_length");
-        int64_t head_k = n_embd ? *n_embd / h0 : 0;
-        if (auto k = int_key(p + "attention.key_length")) {
-            range(p + "attention.key_length", *k, 1, 1 << 20, "a head size");
-            head_k = *k;
-        }
-        if (auto v = int_key(p + "attention.value_length")) range(p + "attention.value_length", *v, 1, 1 << 20, "a head size");
-        int64_t head_k_swa = head_k;
-        if (auto k = int_key(p + "attention.key_length_swa")) {
-            range(p + "attention.key_length_swa", *k, 1, 1 << 20, "a head size");
-            head_k_swa = *k;
-        }
-        if (auto v = int_key(p + "attention.value_length_swa")) {
-            range(p + "attention.value_length_swa", *v, 1, 1 << 20, "a head size");
-        }
+        auto head_size = [&](const std::string & key, int64_t otherwise) {  // checked when present
+            const auto v = int_key(p + key);
+            if (v) range(p + key, *v, 1, 1 << 20, "a head size");
+            return v.value_or(otherwise);
+        };
+        const int64_t head_k = head_size("attention.key_length", n_embd ? *n_embd / h0 : 0);
+        head_size("attention.value_length", 0);
+        const int64_t head_k_swa = head_size("attention.key_length_swa", head_k);
+        head_size("attention.value_length_swa", 0);
         for (const auto & [key, hk] : {std::make_pair(p + "rope.dimension_count", head_k),
                                       std::make_pair(p + "rope.dimension_count_swa", head_k_swa)}) {
             const auto r = int_key(key);
@@ -975,9 +965,7 @@ void validate_gguf(const std::string & path) {
     const auto id = identity(path);
     if (id) {
         std::lock_guard<std::mutex> lock(g_seen_mu);
-        for (const seen_file & s : g_seen) {
-            if (s == *id) return;
-        }
+        if (std::find(g_seen.begin(), g_seen.end(), *id) != g_seen.end()) return;
     }
     validator v(path);
     v.run();
