@@ -111,7 +111,6 @@ std::string rpc_handshake(const std::string & endpoint, int timeout_ms) {
     return why;
 }
 
-
 const char * dev_type_name(enum ggml_backend_dev_type t) {
     switch (t) {
         case GGML_BACKEND_DEVICE_TYPE_CPU:   return "cpu";
@@ -125,6 +124,17 @@ const char * dev_type_name(enum ggml_backend_dev_type t) {
 
 using rpc_failures_fn = int (*)(char * lost_endpoints, size_t size);
 std::atomic<rpc_failures_fn> g_rpc_failures{nullptr};  // lamina's ggml-rpc patch, found at first connect
+
+// ";host:port;host:port;" of every server lost in this process ("" when none or unpatched), copied
+// under the patch's lock: whole endpoints match (";a:1;"), never a suffix
+std::string lost_endpoints() {
+    rpc_failures_fn fn = g_rpc_failures.load();
+    if (fn == nullptr || fn(nullptr, 0) == 0) return std::string();  // the common case
+    std::string all(64 * 1024, '\0');
+    fn(all.data(), all.size());
+    all.resize(std::strlen(all.c_str()));
+    return ";" + all;
+}
 
 }  // namespace
 
@@ -140,19 +150,6 @@ std::vector<std::string> rpc_endpoints_of(const std::vector<ggml_backend_dev_t> 
 }
 
 // Whether this endpoint ("host:port") was lost in this process (lamina's ggml-rpc patch).
-namespace {
-// ";host:port;host:port;" of every server lost in this process ("" when none or unpatched), copied
-// under the patch's lock: whole endpoints match (";a:1;"), never a suffix
-std::string lost_endpoints() {
-    rpc_failures_fn fn = g_rpc_failures.load();
-    if (fn == nullptr || fn(nullptr, 0) == 0) return std::string();  // the common case
-    std::string all(64 * 1024, '\0');
-    fn(all.data(), all.size());
-    all.resize(std::strlen(all.c_str()));
-    return ";" + all;
-}
-}  // namespace
-
 bool rpc_endpoint_lost(const std::string & endpoint) {
     return lost_endpoints().find(";" + endpoint + ";") != std::string::npos;
 }
@@ -207,20 +204,12 @@ void init_devices(nb::module_ & m) {
             ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server"));
         if (add == nullptr) throw lamina_error("the RPC backend has no ggml_backend_rpc_add_server");
         if (std::find(added.begin(), added.end(), endpoint) == added.end()) {
-            std::string why;
-            {
-                gil_release nogil;
-                why = rpc_handshake(endpoint, timeout_ms);
-            }
+            const std::string why = without_gil([&] { return rpc_handshake(endpoint, timeout_ms); });
             if (!why.empty()) {
                 PyErr_SetString(PyExc_ConnectionError, ("RPC server " + endpoint + ": " + why).c_str());
                 throw nb::python_error();
             }
-            ggml_backend_reg_t reg;
-            {
-                gil_release nogil;  // connects to the server
-                reg = add(endpoint.c_str());
-            }
+            ggml_backend_reg_t reg = without_gil([&] { return add(endpoint.c_str()); });  // connects to the server
             if (reg == nullptr) {
                 PyErr_SetString(PyExc_ConnectionError, ("RPC server " + endpoint + " offers no device").c_str());
                 throw nb::python_error();
@@ -257,21 +246,15 @@ void init_devices(nb::module_ & m) {
             d["description"] = ggml_backend_dev_description(dev);
             d["backend"] = ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev));
             d["type"] = dev_type_name(ggml_backend_dev_type(dev));
-            if (memory && rpc_endpoint_lost(ggml_backend_dev_description(dev))) {
-                // asking a lost server opens a new connection, and ggml aborts when that fails
-                d["memory_free"] = nb::none();
-                d["memory_total"] = nb::none();
-            } else if (memory) {
+            d["memory_free"] = nb::none();
+            d["memory_total"] = nb::none();
+            // asking a lost server opens a new connection, and ggml aborts when that fails
+            if (memory && !rpc_endpoint_lost(ggml_backend_dev_description(dev))) {
                 size_t free = 0, total = 0;
-                {
-                    gil_release nogil;  // opens the device (a CUDA context) or asks a server
-                    ggml_backend_dev_memory(dev, &free, &total);
-                }
+                // opens the device (a CUDA context) or asks a server
+                without_gil([&] { ggml_backend_dev_memory(dev, &free, &total); });
                 d["memory_free"] = free;
                 d["memory_total"] = total;
-            } else {
-                d["memory_free"] = nb::none();
-                d["memory_total"] = nb::none();
             }
             out.append(d);
         }
@@ -283,10 +266,7 @@ void init_devices(nb::module_ & m) {
     m.def("device_memory", [](size_t index) {
         if (index >= ggml_backend_dev_count()) throw std::out_of_range("no device " + std::to_string(index));
         size_t free = 0, total = 0;
-        {
-            gil_release nogil;
-            ggml_backend_dev_memory(ggml_backend_dev_get(index), &free, &total);
-        }
+        without_gil([&] { ggml_backend_dev_memory(ggml_backend_dev_get(index), &free, &total); });
         return std::make_pair(free, total);
     }, nb::arg("index"), "(free, total) bytes of one device; opens it (a CUDA context on a CUDA device).");
 }

@@ -72,6 +72,13 @@ private:
     bool was_released_;
 };
 
+// f() in a GIL-free section; returns what f returns.
+template <typename F>
+auto without_gil(F f) {
+    gil_release nogil;
+    return f();
+}
+
 // nb::gil_scoped_acquire for a thread that runs without the GIL, with the same park.
 class gil_acquire {
 public:

@@ -133,17 +133,17 @@ parsed_state parse_state(const char * p, size_t size, bool seq, const context_st
     std::memcpy(&r.h, p + sizeof(magic), sizeof(r.h));
     const state_header mine = header_of(st);
     // the model, then (whole-context states) the settings that shape llama.cpp's bytes
-    const char * names[] = {"n_vocab", "n_layer", "n_embd", "n_params", "model_size", "type_k", "type_v",
-                            "n_seq_max", "n_ctx", "embeddings"};
-    const int64_t theirs_v[] = {r.h.n_vocab, r.h.n_layer, r.h.n_embd, r.h.n_params, r.h.model_size, r.h.type_k,
-                                r.h.type_v, r.h.n_seq_max, r.h.n_ctx, r.h.embeddings};
-    const int64_t mine_v[] = {mine.n_vocab, mine.n_layer, mine.n_embd, mine.n_params, mine.model_size, mine.type_k,
-                              mine.type_v, mine.n_seq_max, mine.n_ctx, mine.embeddings};
+    using H = state_header;
+    const std::pair<const char *, int64_t H::*> fields[] = {
+        {"n_vocab", &H::n_vocab}, {"n_layer", &H::n_layer}, {"n_embd", &H::n_embd}, {"n_params", &H::n_params},
+        {"model_size", &H::model_size}, {"type_k", &H::type_k}, {"type_v", &H::type_v}, {"n_seq_max", &H::n_seq_max},
+        {"n_ctx", &H::n_ctx}, {"embeddings", &H::embeddings}};
     const size_t n_checked = seq ? 8 : 10;  // a sequence fits a context of another size
     for (size_t i = 0; i < n_checked; ++i) {
-        if (theirs_v[i] != mine_v[i]) {
-            throw std::invalid_argument(std::string("the ") + what + " was saved with " + names[i] + "=" +
-                                        std::to_string(theirs_v[i]) + ", this context has " + std::to_string(mine_v[i]) +
+        const auto & [name, f] = fields[i];
+        if (r.h.*f != mine.*f) {
+            throw std::invalid_argument(std::string("the ") + what + " was saved with " + name + "=" +
+                                        std::to_string(r.h.*f) + ", this context has " + std::to_string(mine.*f) +
                                         (i == 7 ? " (llama.cpp keeps one KV stream per sequence; their number must match)"
                                                 : ""));
         }
@@ -196,12 +196,10 @@ void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
     check_seq(*st, seq, false);
     parsed_state r = parse_state(data.c_str(), data.size(), true, *st);
     llama_memory_seq_rm(mem_of(*st), seq, -1, -1);
-    size_t got;
-    {
-        gil_release nogil;
+    const size_t got = without_gil([&] {
         llama_work work;
-        got = llama_state_seq_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size), seq);
-    }
+        return llama_state_seq_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size), seq);
+    });
     if (seq == 0) st->tokens.clear();
     seq_changed(*st, seq, "load_state(seq=...)");
     if (got == 0) {
@@ -259,9 +257,7 @@ void init_memory(nb::module_ & m) {
         }
         llama_memory_seq_cp(mem_of(*st), src, dst, p0, p1);
         if (src != dst) seq_changed(*st, dst, "kv.seq_cp()");
-        if (dst == 0) {
-            if (src != 0) resync_seq0(*st, false, 0);
-        }
+        if (dst == 0 && src != 0) resync_seq0(*st, false, 0);
     }, nb::arg("ctx"), nb::arg("src"), nb::arg("dst"), nb::arg("p0") = -1, nb::arg("p1") = -1,
     "Make sequence dst share src's cells in [p0, p1).");
 
@@ -350,12 +346,10 @@ void init_memory(nb::module_ & m) {
             throw lamina_error("numpy views of ctx.logits are alive; loading a state may reallocate them: "
                                "delete the views first");
         }
-        size_t got;
-        {
-            gil_release nogil;
+        const size_t got = without_gil([&] {
             llama_work work;
-            got = llama_state_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size));
-        }
+            return llama_state_set_data(st->ctx.get(), r.payload, size_t(r.h.payload_size));
+        });
         seq_changed(*st, -1, "load_state()");
         if (got == 0) {
             llama_memory_clear(mem_of(*st), true);

@@ -17,9 +17,7 @@ nb::dict backend_features(ggml_backend_reg_t reg) {
     nb::dict feats;
     auto fn = reinterpret_cast<ggml_backend_get_features_t>(
         ggml_backend_reg_get_proc_address(reg, "ggml_backend_get_features"));
-    if (fn == nullptr) {
-        return feats;
-    }
+    if (fn == nullptr) return feats;
     for (ggml_backend_feature * f = fn(reg); f != nullptr && f->name != nullptr; ++f) {
         feats[f->name] = f->value ? f->value : "";
     }
@@ -84,20 +82,12 @@ void init_system(nb::module_ & m) {
 
     m.def("backends_load", [](const std::string & dir, const std::string & cpu_variant) {
 #if LAMINA_BACKEND_DL
-        if (cpu_variant.empty()) {
-            gil_release nogil;
-            ggml_backend_load_all_from_path(dir.c_str());
-            return std::string();
-        }
-#if defined(_WIN32)
-        {
-            gil_release nogil;
-            ggml_backend_load_all_from_path(dir.c_str());
-        }
-        return std::string("LAMINA_CPU_VARIANT is not supported on Windows yet: using the best variant");
-#else
-        return load_with_cpu_variant(dir, cpu_variant);
+#if !defined(_WIN32)
+        if (!cpu_variant.empty()) return load_with_cpu_variant(dir, cpu_variant);
 #endif
+        without_gil([&] { ggml_backend_load_all_from_path(dir.c_str()); });
+        return std::string(cpu_variant.empty() ? "" : "LAMINA_CPU_VARIANT is not supported on Windows yet: using the "
+                                                      "best variant");
 #else
         (void) dir;  // backends are linked in
         if (!cpu_variant.empty()) {
