@@ -26,17 +26,11 @@ namespace {
 // a decode in the main thread, may need the GIL for its Ctrl-C check; and a thread that parks at
 // interpreter exit must not hold the lock).
 void free_adapter(llama_adapter_lora * adapter) {
-    auto run = [adapter] {
-        llama_work work;
-        std::unique_lock<std::shared_mutex> lk(lora_registry());
-        llama_adapter_lora_free(adapter);
-    };
-    if (gil_held()) {
-        gil_release nogil;
-        run();
-    } else {
-        run();
-    }
+    std::optional<gil_release> nogil;
+    if (gil_held()) nogil.emplace();
+    llama_work work;
+    std::unique_lock<std::shared_mutex> lk(lora_registry());
+    llama_adapter_lora_free(adapter);
 }
 
 // A 64-bit hash of the file's bytes (saved states compare adapters by content, not by name).
@@ -78,15 +72,6 @@ struct lora_state {
 
 namespace {
 
-std::string meta_value(const llama_adapter_lora * a, const char * key) {
-    const int32_t n = llama_adapter_meta_val_str(a, key, nullptr, 0);
-    if (n < 0) return {};
-    std::string out(size_t(n) + 1, '\0');
-    llama_adapter_meta_val_str(a, key, out.data(), out.size());
-    out.resize(size_t(n));
-    return out;
-}
-
 class lora_handle {
 public:
     lora_handle(nb::handle model, const std::string & path) {
@@ -125,25 +110,23 @@ public:
         nb::dict d;
         const int32_t n = llama_adapter_meta_count(a);
         for (int32_t i = 0; i < n; ++i) {
-            const int32_t klen = llama_adapter_meta_key_by_index(a, i, nullptr, 0);
-            if (klen < 0) continue;
-            std::string key(size_t(klen) + 1, '\0');
-            llama_adapter_meta_key_by_index(a, i, key.data(), key.size());
-            key.resize(size_t(klen));
-            const int32_t len = llama_adapter_meta_val_str_by_index(a, i, nullptr, 0);
-            if (len < 0) continue;
-            std::string v(size_t(len) + 1, '\0');
-            llama_adapter_meta_val_str_by_index(a, i, v.data(), v.size());
-            v.resize(size_t(len));
-            d[file_text(key)] = file_text(v);
+            const auto key =
+                copied_string([&](char * b, size_t k) { return llama_adapter_meta_key_by_index(a, i, b, k); });
+            if (!key) continue;
+            const auto v =
+                copied_string([&](char * b, size_t k) { return llama_adapter_meta_val_str_by_index(a, i, b, k); });
+            if (v) d[file_text(*key)] = file_text(*v);
         }
         return d;
     }
 
     // adapter.lora.alpha (0: none, the scale applies as given; else scale * alpha / rank)
     float alpha() const {
-        const std::string v = meta_value(shared()->adapter, "adapter.lora.alpha");
-        return v.empty() ? 0.0f : std::strtof(v.c_str(), nullptr);
+        const llama_adapter_lora * a = shared()->adapter;
+        const auto v = copied_string([a](char * b, size_t n) {
+            return llama_adapter_meta_val_str(a, "adapter.lora.alpha", b, n);
+        });
+        return v ? std::strtof(v->c_str(), nullptr) : 0.0f;  // strtof("") is 0 too
     }
 
     std::vector<int32_t> invocation_tokens() const {
@@ -176,14 +159,8 @@ bool set_lora(nb::handle ctx, const std::vector<std::pair<nb::handle, float>> & 
         given.emplace_back(l, scale);
         if (scale != 0.0f) next.emplace_back(std::move(l), scale);  // llama.cpp drops zero scales too
     }
-    auto same = [&] {
-        if (next.size() != st.loras.size()) return false;
-        for (const auto & e : next) {
-            if (std::find(st.loras.begin(), st.loras.end(), e) == st.loras.end()) return false;
-        }
-        return true;
-    };
-    if (same()) return false;
+    // the same (adapter, scale) pairs in any order (each adapter is given once)
+    if (std::is_permutation(next.begin(), next.end(), st.loras.begin(), st.loras.end())) return false;
     std::vector<llama_adapter_lora *> adapters;
     std::vector<float> scales;
     for (const auto & [l, s] : next) {

@@ -32,7 +32,6 @@ nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> to_numpy(std::vector<int32_t> && v)
     return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
 }
 
-
 struct load_progress {
     PyObject * callback = nullptr;  // borrowed; may be null
     bool python_error = false;      // a callback raised or a signal arrived: abort the load
@@ -52,9 +51,7 @@ bool on_progress(float progress, void * user) {
         } else {
             bool keep_going = r == Py_None || PyObject_IsTrue(r) == 1;
             Py_DECREF(r);
-            if (!keep_going) {
-                return false;  // the callback asked to cancel: no exception of its own
-            }
+            if (!keep_going) return false;  // the callback asked to cancel: no exception of its own
         }
     }
     if (lp->python_error) {
@@ -69,14 +66,7 @@ bool on_progress(float progress, void * user) {
 }
 
 std::string meta_string(const llama_model * model, const char * key) {
-    int32_t n = llama_model_meta_val_str(model, key, nullptr, 0);
-    if (n < 0) {
-        return {};
-    }
-    std::string s(size_t(n) + 1, '\0');
-    llama_model_meta_val_str(model, key, s.data(), s.size());
-    s.resize(size_t(n));
-    return s;
+    return copied_string([&](char * b, size_t n) { return llama_model_meta_val_str(model, key, b, n); }).value_or("");
 }
 
 // tokenizer.chat_template from the file's metadata (a file validate_gguf accepted), if present.
@@ -96,10 +86,7 @@ public:
     model_handle(const std::string & path, const placement & args, int load_mode, bool vocab_only,
                  nb::object progress) {
         check_gguf_file(path);
-        {
-            gil_release nogil;
-            validate_gguf(path);
-        }
+        without_gil([&] { validate_gguf(path); });
         if (!progress.is_none() && !PyCallable_Check(progress.ptr())) {
             throw std::invalid_argument("progress must be callable or None");
         }
@@ -173,9 +160,7 @@ public:
         if (add_special) require_specials(m);
         const char * s = text.c_str();
         size_t len = text.size();
-        if (len > size_t(INT32_MAX) / 2) {
-            throw std::invalid_argument("text too long to tokenize");
-        }
+        if (len > size_t(INT32_MAX) / 2) throw std::invalid_argument("text too long to tokenize");
         std::vector<int32_t> out(len + 8);
         int32_t n;
         {
@@ -186,9 +171,7 @@ public:
                 n = llama_tokenize(m.vocab, s, int32_t(len), out.data(), int32_t(out.size()), add_special, parse_special);
             }
         }
-        if (n < 0) {
-            throw lamina_error("llama_tokenize failed");
-        }
+        if (n < 0) throw lamina_error("llama_tokenize failed");
         out.resize(size_t(n));
         return to_numpy(std::move(out));
     }
@@ -210,9 +193,7 @@ public:
                 got = llama_detokenize(m.vocab, t, int32_t(n), out.data(), int32_t(out.size()), remove_special, unparse_special);
             }
         }
-        if (got < 0) {
-            throw lamina_error("llama_detokenize failed");
-        }
+        if (got < 0) throw lamina_error("llama_detokenize failed");
         return nb::bytes(out.data(), size_t(got));
     }
 
@@ -229,17 +210,15 @@ public:
         const llama_model * mdl = raw();
         nb::dict d;
         int32_t count = llama_model_meta_count(mdl);
-        std::string key(512, '\0'), val;
+        std::string key(512, '\0');
         for (int32_t i = 0; i < count; ++i) {
             int32_t kn = llama_model_meta_key_by_index(mdl, i, key.data(), key.size());
             if (kn < 0) continue;
-            int32_t vn = llama_model_meta_val_str_by_index(mdl, i, nullptr, 0);
-            if (vn < 0) continue;
-            val.assign(size_t(vn) + 1, '\0');
-            llama_model_meta_val_str_by_index(mdl, i, val.data(), val.size());
-            val.resize(size_t(vn));
+            const auto val = copied_string(
+                [&](char * b, size_t n) { return llama_model_meta_val_str_by_index(mdl, i, b, n); });
+            if (!val) continue;
             d[file_text(std::string(key.c_str(), size_t(std::min<int32_t>(kn, int32_t(key.size()) - 1))))] =
-                file_text(val);
+                file_text(*val);
         }
         return d;
     }
@@ -299,21 +278,14 @@ private:
 void check_gguf_file(const std::string & path) {
     FILE * f = std::fopen(path.c_str(), "rb");
     if (f == nullptr) {
-        int err = errno;
-        if (err == ENOENT) {
-            PyErr_SetFromErrnoWithFilename(PyExc_FileNotFoundError, path.c_str());
-            throw nb::python_error();
-        }
-        PyErr_SetFromErrnoWithFilename(PyExc_OSError, path.c_str());
+        PyErr_SetFromErrnoWithFilename(errno == ENOENT ? PyExc_FileNotFoundError : PyExc_OSError, path.c_str());
         throw nb::python_error();
     }
     char magic[4] = {0, 0, 0, 0};
     size_t got = std::fread(magic, 1, 4, f);
     bool is_dir = got == 0 && std::ferror(f);
     std::fclose(f);
-    if (is_dir) {
-        throw load_error("'" + path + "' is not a readable file");
-    }
+    if (is_dir) throw load_error("'" + path + "' is not a readable file");
     if (got < 4 || std::memcmp(magic, "GGUF", 4) != 0) {
         throw load_error("'" + path + "' is not a GGUF file (its first bytes are not 'GGUF')");
     }

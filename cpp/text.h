@@ -4,6 +4,7 @@
 
 #include <nanobind/nanobind.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,17 @@ std::string utf8_replace(const std::string & s);
 // The length of the longest prefix of s that does not end inside a UTF-8 sequence (what a stream
 // may hand out now; the tail waits for the next token's bytes).
 size_t utf8_complete(const std::string & s);
+// A string llama.cpp copies into a caller's buffer (metadata): get(buf, size) returns its length,
+// < 0 when there is none (nullopt).
+template <typename Get>
+std::optional<std::string> copied_string(Get get) {
+    const int32_t n = get(nullptr, 0);
+    if (n < 0) return std::nullopt;
+    std::string s(size_t(n) + 1, '\0');
+    get(s.data(), s.size());
+    s.resize(size_t(n));
+    return s;
+}
 
 // Generated text with stop strings, for generate and the Batcher alike. Tokens' bytes go in; the
 // text comes out as users see it (utf8_replace), cut before the first stop string found in it.
