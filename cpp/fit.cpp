@@ -15,14 +15,25 @@ namespace {
 
 constexpr int64_t MiB = 1024 * 1024;
 
-[[noreturn]] void rethrow(const std::exception & e, const std::string & what) {
-    std::string why = last_log_error();
-    std::string msg = what + ": " + e.what();
-    if (!why.empty()) msg += " (" + why + ")";
-    if (msg.find("bad_alloc") != std::string::npos || msg.find("out of memory") != std::string::npos) {
-        throw out_of_memory_error(msg);
+// Run a common/ call without the GIL; its exception becomes a lamina error named `what`, with
+// llama.cpp's last error line (OutOfMemoryError when either says memory ran out).
+template <typename Call>
+void call_common(const std::string & what, Call call) {
+    clear_last_log_error();
+    gil_release nogil;
+    llama_work work;
+    try {
+        call();
+    } catch (const std::exception & e) {
+        gil_acquire gil;
+        std::string why = last_log_error();
+        std::string msg = what + ": " + e.what();
+        if (!why.empty()) msg += " (" + why + ")";
+        if (msg.find("bad_alloc") != std::string::npos || msg.find("out of memory") != std::string::npos) {
+            throw out_of_memory_error(msg);
+        }
+        throw lamina_error(msg);
     }
-    throw lamina_error(msg);
 }
 
 // Bytes of model, context and compute buffers per device of the model, then the host.
@@ -33,18 +44,10 @@ nb::list memory_estimate(const std::string & path, const placement & margs, cons
     std::vector<ggml_backend_dev_t> devs;
     uint32_t hp_ngl = 0, hp_n_ctx_train = 0, hp_n_expert = 0;
     common_device_memory_data_vec data;
-    clear_last_log_error();
-    {
-        gil_release nogil;
-        llama_work work;
-        try {
-            data = common_get_device_memory_data(path.c_str(), &mp.p, &cp, devs, hp_ngl, hp_n_ctx_train,
-                                                 hp_n_expert, GGML_LOG_LEVEL_ERROR);
-        } catch (const std::exception & e) {
-            gil_acquire gil;
-            rethrow(e, "memory estimate failed");
-        }
-    }
+    call_common("memory estimate failed", [&] {
+        data = common_get_device_memory_data(path.c_str(), &mp.p, &cp, devs, hp_ngl, hp_n_ctx_train, hp_n_expert,
+                                             GGML_LOG_LEVEL_ERROR);
+    });
     nb::list out;
     for (size_t i = 0; i < data.size(); ++i) {
         nb::dict d;
@@ -87,18 +90,10 @@ nb::dict fit(const std::string & path, const placement & margs, const context_pa
     }
     mp.p.tensor_split = split.data();  // fit writes into these buffers
     common_params_fit_status status;
-    clear_last_log_error();
-    {
-        gil_release nogil;
-        llama_work work;
-        try {
-            status = common_fit_params(path.c_str(), &mp.p, &cp, split.data(), ov.data(), margins.data(), n_ctx_min,
-                                       nullptr, GGML_LOG_LEVEL_ERROR);
-        } catch (const std::exception & e) {
-            gil_acquire gil;
-            rethrow(e, "memory fit failed");
-        }
-    }
+    call_common("memory fit failed", [&] {
+        status = common_fit_params(path.c_str(), &mp.p, &cp, split.data(), ov.data(), margins.data(), n_ctx_min,
+                                   nullptr, GGML_LOG_LEVEL_ERROR);
+    });
     nb::dict d;
     d["status"] = status == COMMON_PARAMS_FIT_STATUS_SUCCESS ? "fits"
                 : status == COMMON_PARAMS_FIT_STATUS_FAILURE ? "does not fit" : "error";
