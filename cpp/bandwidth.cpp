@@ -128,9 +128,7 @@ void init_bandwidth(nb::module_ & m) {
                 });
             }
         }
-        if (!buf) {
-            throw std::bad_alloc();  // -> MemoryError
-        }
+        if (!buf) throw std::bad_alloc();  // -> MemoryError
         nb::dict out;
         out["read_gbs"] = rd.seconds > 0 ? double(rd.bytes) / rd.seconds / 1e9 : 0.0;
         out["copy_gbs"] = cp.seconds > 0 ? double(cp.bytes) / cp.seconds / 1e9 : 0.0;

@@ -46,17 +46,14 @@ void raise_failed(const std::string & what, failure fallback) {
         const std::string device = dev ? ggml_backend_dev_name(dev) : a.device;
         size_t free = 0, total = 0;
         if (dev) ggml_backend_dev_memory(dev, &free, &total);
-        const bool known = dev != nullptr;
         std::string msg = what + ": out of memory on " + device + ": it could not allocate " + grouped(a.bytes) +
                           " bytes (" + gib + ")";
-        if (known) msg += ", " + grouped(free / (1024 * 1024)) + " MiB free";
+        if (dev) msg += ", " + grouped(free / (1024 * 1024)) + " MiB free";
         if (!why.empty()) msg += " (llama.cpp: " + why + ")";
         throw out_of_memory_error(msg, device, a.bytes);
     }
     std::string msg = what + (why.empty() ? "" : ": " + why);
-    if (log_says_out_of_memory(why)) {
-        throw out_of_memory_error(msg);
-    }
+    if (log_says_out_of_memory(why)) throw out_of_memory_error(msg);
     if (fallback == failure::load) throw load_error(msg);
     throw lamina_error(msg);
 }
@@ -74,9 +71,7 @@ bool on_main_thread() {
 }
 
 void check_signals() {
-    if (PyErr_CheckSignals() != 0) {
-        throw nb::python_error();
-    }
+    if (PyErr_CheckSignals() != 0) throw nb::python_error();
 }
 
 namespace {
@@ -151,11 +146,8 @@ void init_errors(nb::module_ & m) {
         try {
             std::rethrow_exception(p);
         } catch (const out_of_memory_error & e) {
-            if (e.device.empty()) {
-                raise_with(type, e.what(), {});
-            } else {
-                raise_with(type, e.what(), {{"device", nb::str(e.device.c_str())}, {"bytes", nb::int_(e.bytes)}});
-            }
+            if (e.device.empty()) raise_with(type, e.what(), {});
+            else raise_with(type, e.what(), {{"device", nb::str(e.device.c_str())}, {"bytes", nb::int_(e.bytes)}});
         }
     }, oom.ptr());
     nb::exception<decode_error>(m, "DecodeError", base.ptr()).doc() =

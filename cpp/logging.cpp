@@ -44,14 +44,10 @@ void log_callback(ggml_log_level level, const char * text, void *) {
     int lvl = level == GGML_LOG_LEVEL_CONT ? t_level : static_cast<int>(level);
     t_level = lvl;
     t_line += text ? text : "";
-    if (t_line.empty() || t_line.back() != '\n') {
-        return;
-    }
+    if (t_line.empty() || t_line.back() != '\n') return;
     std::string line;
     line.swap(t_line);
-    while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) {
-        line.pop_back();
-    }
+    while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.pop_back();
     if (t_layers != nullptr) {
         // "load_tensors: layer  12 assigned to device CUDA0, is_swa = 0"
         size_t at = line.find("layer ");
@@ -76,9 +72,7 @@ void log_callback(ggml_log_level level, const char * text, void *) {
             g_alloc_failure.bytes = std::strtoull(line.c_str() + of + std::strlen(" buffer of size "), nullptr, 10);
         }
     }
-    if (line.empty() || lvl < g_min_level.load() || !g_enabled.load()) {
-        return;
-    }
+    if (line.empty() || lvl < g_min_level.load() || !g_enabled.load()) return;
     {
         std::lock_guard<std::mutex> lock(g_queue_mutex);
         if (g_queue.size() >= k_queue_max) {

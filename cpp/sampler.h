@@ -56,7 +56,6 @@ private:
     bool greedy_ = false;
 };
 
-
 // Next token from the last logits of st: argmax for a greedy sampler unless use_chain, else the
 // chain (which also accepts the token). Call without the GIL.
 llama_token sample_token(context_state & st, sampler_handle & s, bool use_chain);

@@ -62,15 +62,11 @@ int call_set_wakeup_fd(int fd, bool warn) {
     PyObject * res = (args && kwargs) ? PyObject_Call(fn, args, kwargs) : nullptr;
     Py_XDECREF(args);
     Py_XDECREF(kwargs);
-    if (res == nullptr) {
+    int old = res ? int(PyLong_AsLong(res)) : -2;
+    Py_XDECREF(res);
+    if (res == nullptr || PyErr_Occurred()) {
         PyErr_Clear();
-        return -2;
-    }
-    int old = int(PyLong_AsLong(res));
-    Py_DECREF(res);
-    if (PyErr_Occurred()) {
-        PyErr_Clear();
-        return -2;
+        old = -2;
     }
     return old;
 }

@@ -35,7 +35,6 @@ size_t utf8_chars(const std::string & s, size_t n) {  // characters in the first
     return c;
 }
 
-
 }  // namespace
 
 std::string escape_bytes(const std::string & s) {
@@ -80,17 +79,13 @@ size_t utf8_complete(const std::string & s) {
     return n;  // no lead byte in the last 4: invalid bytes, let the decoder replace them
 }
 
-
 std::string utf8_replace(const std::string & s) {
     std::string out;
     out.reserve(s.size());
     for (size_t i = 0; i < s.size();) {
         const auto [n, valid] = utf8_unit(s, i);
-        if (valid) {
-            out.append(s, i, n);
-        } else {
-            out += "\xEF\xBF\xBD";
-        }
+        if (valid) out.append(s, i, n);
+        else out += "\xEF\xBF\xBD";
         i += n;
     }
     return out;

@@ -111,19 +111,14 @@ pin_plan plan_for(const threadpool_config & cfg) {
     std::vector<int> cpus = cfg.cpus;
     std::sort(cpus.begin(), cpus.end());
     cpus.erase(std::unique(cpus.begin(), cpus.end()), cpus.end());
-    if (cfg.strict) {
-        plan.cpus = {cpus[size_t(cfg.n_threads - 1) % cpus.size()]};
-    } else {
-        plan.cpus = cpus;
-    }
+    plan.cpus = cfg.strict ? std::vector<int>{cpus[size_t(cfg.n_threads - 1) % cpus.size()]} : cpus;
     return plan;
 }
 
 ggml_threadpool * pool_new(const threadpool_config & cfg) {
     const threadpool_api & a = api();
-    if (a.create == nullptr || a.destroy == nullptr) {
-        return nullptr;  // no CPU backend threadpools: ggml uses its per-graph pools
-    }
+    // no CPU backend threadpools: ggml uses its per-graph pools
+    if (a.create == nullptr || a.destroy == nullptr) return nullptr;
     ggml_threadpool_params p = ggml_threadpool_params_default(cfg.n_threads);
     p.prio = static_cast<ggml_sched_priority>(cfg.prio);
     p.poll = cfg.poll;
@@ -182,9 +177,7 @@ caller_pin::~caller_pin() = default;
 #endif
 
 void pool_free(ggml_threadpool * tp) {
-    if (tp != nullptr && api().destroy != nullptr) {
-        api().destroy(tp);
-    }
+    if (tp != nullptr && api().destroy != nullptr) api().destroy(tp);
 }
 
 void threadpools_attach(context_state & st, const threadpool_config & gen, const threadpool_config & batch) {
@@ -193,9 +186,7 @@ void threadpools_attach(context_state & st, const threadpool_config & gen, const
     ggml_threadpool * tp = pool_new(gen);
     ggml_threadpool * tpb = nullptr;
     try {
-        if (tp != nullptr && !(batch == gen)) {
-            tpb = pool_new(batch);
-        }
+        if (tp != nullptr && !(batch == gen)) tpb = pool_new(batch);
     } catch (...) {
         pool_free(tp);
         throw;
@@ -209,9 +200,7 @@ void threadpools_attach(context_state & st, const threadpool_config & gen, const
     st.pool_batch = tpb;
     st.pin_gen = tp != nullptr ? plan_for(gen) : pin_plan{};
     st.pin_batch = tp != nullptr ? plan_for(tpb != nullptr ? batch : gen) : pin_plan{};
-    if (tp != nullptr) {
-        llama_attach_threadpool(st.ctx.get(), tp, tpb);
-    }
+    if (tp != nullptr) llama_attach_threadpool(st.ctx.get(), tp, tpb);
 }
 
 }  // namespace lamina
