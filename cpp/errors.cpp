@@ -31,6 +31,19 @@ void set_error(PyObject * type, const char * msg) {
     Py_DECREF(text);
 }
 
+// Raise an instance of exception type `type` (a PyObject *) built from msg, with attributes set.
+void raise_with(void * type, const char * msg, std::initializer_list<std::pair<const char *, nb::object>> attrs) {
+    PyObject * t = static_cast<PyObject *>(type);
+    PyObject * inst = PyObject_CallFunction(t, "s", msg);
+    if (inst == nullptr) return;  // the call's own error stays set
+    nb::handle h(inst);
+    for (const auto & [name, value] : attrs) h.attr(name) = value;
+    PyErr_SetObject(t, inst);
+    Py_DECREF(inst);
+}
+
+std::atomic<unsigned long> g_main_thread_ident{0};  // read without the GIL once set
+
 }  // namespace
 
 void raise_failed(const std::string & what, failure fallback) {
@@ -58,10 +71,6 @@ void raise_failed(const std::string & what, failure fallback) {
     throw lamina_error(msg);
 }
 
-namespace {
-std::atomic<unsigned long> g_main_thread_ident{0};  // read without the GIL once set
-}
-
 bool on_main_thread() {
     if (g_main_thread_ident.load() == 0) {  // threading.main_thread().ident, once
         g_main_thread_ident = nb::cast<unsigned long>(
@@ -73,21 +82,6 @@ bool on_main_thread() {
 void check_signals() {
     if (PyErr_CheckSignals() != 0) throw nb::python_error();
 }
-
-namespace {
-
-// Raise an instance of exception type `type` (a PyObject *) built from msg, with attributes set.
-void raise_with(void * type, const char * msg, std::initializer_list<std::pair<const char *, nb::object>> attrs) {
-    PyObject * t = static_cast<PyObject *>(type);
-    PyObject * inst = PyObject_CallFunction(t, "s", msg);
-    if (inst == nullptr) return;  // the call's own error stays set
-    nb::handle h(inst);
-    for (const auto & [name, value] : attrs) h.attr(name) = value;
-    PyErr_SetObject(t, inst);
-    Py_DECREF(inst);
-}
-
-}  // namespace
 
 void init_errors(nb::module_ & m) {
     // Translators run newest first, so subclasses are registered after their base. This one runs
