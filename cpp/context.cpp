@@ -190,12 +190,6 @@ uint64_t seq_changed(context_state & st, int32_t seq, const char * what) {
     return st.epoch_counter;
 }
 
-void raise_stale(const context_state & st, int32_t seq, const char * owner) {
-    throw stale_error(std::string(owner) + " on sequence " + std::to_string(seq) +
-                      " has ended: its cache was changed under it by " + st.seq_changers[size_t(seq)] +
-                      ". Start a new generation (it reuses what the cache still holds of its prompt).");
-}
-
 void decode_failed(context_state & st, int rc, bool seq0) {
     // llama.cpp keeps the ubatches that finished before the failure: drop them from sequence 0 so
     // the cache holds exactly the token list again (a cache that cannot cut them is cleared)

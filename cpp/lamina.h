@@ -132,8 +132,6 @@ std::vector<std::string> rpc_endpoints_of(const std::vector<ggml_backend_dev_t> 
 // generation or Batcher request that owns it ends at its next step with stale_error naming `what`
 // (a string literal). Returns the new epoch (of the last sequence changed). Under a lease.
 uint64_t seq_changed(context_state & st, int32_t seq, const char * what);
-// stale_error for the owner of `seq`, whose epoch was `mine` when it took the sequence.
-[[noreturn]] void raise_stale(const context_state & st, int32_t seq, const char * owner);
 // The one place backend samplers are attached and detached (under a lease). attach: a greedy chain
 // on sequence seq for `owner` (another owner's chains are detached first); false where llama.cpp
 // cannot sample in the graph (e.g. a tensor split). Either changes llama.cpp's output buffer at the
