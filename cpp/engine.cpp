@@ -1,8 +1,8 @@
 // The sequence engine (engine.h). One step builds one llama_batch: a token of every sequence that
 // is generating (with its draft, for speculative decoding) first, then prompt chunks of admitted
-// requests in the room left (n_batch tokens, at most `chunk` per request and step, in order of
-// arrival). After the decode every request with an output samples; one that ended leaves, and its
-// sequence is emptied (or, for ctx.generate's, trimmed to its prompt and text) for the next.
+// requests in the room left (n_batch tokens, at most `chunk` per request and step), in the order
+// of their sequences. After the decode every request with an output samples; one that ended
+// leaves, and its sequence is emptied (or, for ctx.generate's, trimmed to its prompt and text).
 #include "engine.h"
 
 #include "speculation.h"
@@ -374,6 +374,13 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
             waiting_.pop_front();
         }
         max_running_ = std::max<int64_t>(max_running_, int64_t(active_.size()));
+        // the batch lists sequences in ascending order: llama.cpp splits a batch whose sequences are
+        // out of order (per-sequence KV streams) into a ubatch per sequence, one graph each
+        if (!admitted_.empty()) {
+            std::stable_sort(active_.begin(), active_.end(), [](const request_ptr & a, const request_ptr & b) {
+                return a->slot < b->slot;
+            });
+        }
     }
     free_seqs(st);
     for (const request_ptr & r : admitted_) admit(st, *r);
