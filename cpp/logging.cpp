@@ -93,6 +93,11 @@ void log_callback(ggml_log_level level, const char * text, void *) {
 std::atomic<int> g_log_queued{0};
 
 void log_deliver() {
+    // Counted as a call that exit waits for: a handler that drops the GIL (its I/O) and would take it
+    // back during finalization meets Python's pthread_exit inside lamina's frames (std::terminate).
+    // Once the interpreter exits, threads other than the main one deliver nothing more.
+    llama_work delivering;
+    if (g_exiting.load() && !on_main_thread()) return;
     std::deque<std::pair<int, std::string>> lines;
     size_t dropped;
     {
