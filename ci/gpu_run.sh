@@ -8,6 +8,8 @@
 #           (the Batcher vs llama-batched-bench) and --draft (vs llama-speculative-simple) with the
 #           draft model, the 1B drafting for itself (every draft accepted: the machinery's cost), and
 #           n-gram lookup
+#   oldnew  the Batcher of the tree an issue was filed against (.device/old.tgz) against this one,
+#           --parallel 8,16,32 alternating on the same card
 #   probe   ci/tg_probe.cpp: where a generated token's time goes beyond llama-bench's loop
 #   batchprobe  ci/batch_probe.cpp: pl 8,16,32 sequences, llama-batched-bench's loop against loops that
 #           read their tokens back (host argmax, backend sampling); once more without CUDA graphs
@@ -71,6 +73,28 @@ for stage in "$@"; do
     done
     CUDA_VISIBLE_DEVICES=0 $py -m lamina bench -m /tmp/llama-1b.gguf -ngl all --draft /tmp/llama-1b.gguf \
       --draft-p-min 0 -n 128 -r 1 --rounds 3 | tee -a "$OUT/draft.md" ;;
+  oldnew)
+    # the tree an issue was filed against (.device/old.tgz: git archive TREE cpp python CMakeLists.txt
+    # pyproject.toml) built over the same build dir (only lamina's own files recompile) into
+    # /tmp/oldpkg, then lamina bench --parallel 8,16,32 alternating old and new on this card
+    [ -f .device/old.tgz ] && [ -f /tmp/llama-1b.gguf ] || { echo "oldnew: needs .device/old.tgz and the model stage"; exit 1; }
+    rm -rf /tmp/oldsrc /tmp/newsrc /tmp/oldpkg && mkdir -p /tmp/oldsrc /tmp/newsrc
+    tar xzf .device/old.tgz -C /tmp/oldsrc && cp -a cpp python CMakeLists.txt pyproject.toml /tmp/newsrc/
+    rm -rf cpp python && cp -a /tmp/oldsrc/. .
+    $py -m pip install --no-build-isolation --no-deps --target /tmp/oldpkg . -Cbuild-dir=build/cuda \
+       -Ccmake.define.GGML_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
+       "-Ccmake.define.LAMINA_EXTRA_TOOLS=llama-quantize;llama-batched-bench;llama-speculative-simple" \
+       > "$OUT/build-old.log" 2>&1; rc=$?
+    rm -rf cpp python && cp -a /tmp/newsrc/. .
+    [ $rc = 0 ] || { tail -30 "$OUT/build-old.log"; exit 1; }
+    for round in 1 2 3; do
+      for tree in new old; do
+        echo "## $tree, round $round"
+        pp=$([ $tree = old ] && echo /tmp/oldpkg: || true)
+        (cd /tmp && PYTHONPATH=$pp$PYTHONPATH CUDA_VISIBLE_DEVICES=0 $py -m lamina bench -m /tmp/llama-1b.gguf -ngl all \
+           --parallel 8,16,32 -npp 128 -ntg 128 -r 1 --rounds 1) | tee -a "$OUT/oldnew.md"
+      done
+    done ;;
   probe)
     pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
     g++ -O2 -std=c++17 -I$LAMINA_LLAMA_CPP_DIR/include -I$LAMINA_LLAMA_CPP_DIR/ggml/include ci/tg_probe.cpp \
