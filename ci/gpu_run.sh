@@ -80,12 +80,13 @@ for stage in "$@"; do
     [ -f .device/old.tgz ] && [ -f /tmp/llama-1b.gguf ] || { echo "oldnew: needs .device/old.tgz and the model stage"; exit 1; }
     rm -rf /tmp/oldsrc /tmp/newsrc /tmp/oldpkg && mkdir -p /tmp/oldsrc /tmp/newsrc
     tar xzf .device/old.tgz -C /tmp/oldsrc && cp -a cpp python CMakeLists.txt pyproject.toml /tmp/newsrc/
-    rm -rf cpp python && cp -a /tmp/oldsrc/. .
-    $py -m pip install --no-build-isolation --no-deps --target /tmp/oldpkg . -Cbuild-dir=build/cuda \
+    rm -rf cpp python && cp -a /tmp/oldsrc/. . && find cpp python CMakeLists.txt pyproject.toml -exec touch {} +  # newer than the objects
+    $py -m pip install -v --no-build-isolation --no-deps --target /tmp/oldpkg . -Cbuild-dir=build/cuda \
        -Ccmake.define.GGML_CUDA=ON -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
        "-Ccmake.define.LAMINA_EXTRA_TOOLS=llama-quantize;llama-batched-bench;llama-speculative-simple" \
        > "$OUT/build-old.log" 2>&1; rc=$?
     rm -rf cpp python && cp -a /tmp/newsrc/. .
+    grep -c "Building CXX" "$OUT/build-old.log" | sed 's/^/old tree: C++ files compiled: /'
     [ $rc = 0 ] || { tail -30 "$OUT/build-old.log"; exit 1; }
     for round in 1 2 3; do
       for tree in new old; do
