@@ -203,23 +203,40 @@ void init_devices(nb::module_ & m) {
         auto add = reinterpret_cast<ggml_backend_reg_t (*)(const char *)>(
             ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server"));
         if (add == nullptr) throw lamina_error("the RPC backend has no ggml_backend_rpc_add_server");
-        if (std::find(added.begin(), added.end(), endpoint) == added.end()) {
+        auto lost = [&](const std::string & how) {
+            PyErr_SetString(PyExc_ConnectionError, ("RPC server " + endpoint + " " + how + " (it crashed, exited or "
+                "sent a malformed answer); lamina does not connect to a lost server again: restart the process").c_str());
+            throw nb::python_error();
+        };
+        if (rpc_endpoint_lost(endpoint)) lost("went away earlier in this process");
+        if (std::find(added.begin(), added.end(), endpoint) != added.end()) {
+            // known: one round trip (over the open connection, else a new one) tells a server that
+            // went away while nothing was connected; a second handshake could wait behind the open one
+            for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+                ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+                if (ggml_backend_dev_description(dev) != endpoint) continue;
+                without_gil([&] { size_t free = 0, total = 0; ggml_backend_dev_memory(dev, &free, &total); });
+                if (rpc_endpoint_lost(endpoint)) lost("went away");
+                break;
+            }
+        } else {
             const std::string why = without_gil([&] { return rpc_handshake(endpoint, timeout_ms); });
             if (!why.empty()) {
                 PyErr_SetString(PyExc_ConnectionError, ("RPC server " + endpoint + ": " + why).c_str());
                 throw nb::python_error();
             }
+            if (g_rpc_failures.load() == nullptr) {  // absent when llama.cpp is a user tree without the patch
+                g_rpc_failures.store(reinterpret_cast<rpc_failures_fn>(
+                    ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_failures")));
+            }
             ggml_backend_reg_t reg = without_gil([&] { return add(endpoint.c_str()); });  // connects to the server
+            if (rpc_endpoint_lost(endpoint)) lost("went away as ggml connected");
             if (reg == nullptr) {
                 PyErr_SetString(PyExc_ConnectionError, ("RPC server " + endpoint + " offers no device").c_str());
                 throw nb::python_error();
             }
             ggml_backend_register(reg);
             added.push_back(endpoint);
-            if (g_rpc_failures.load() == nullptr) {  // absent when llama.cpp is a user tree without the patch
-                g_rpc_failures.store(reinterpret_cast<rpc_failures_fn>(
-                    ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_failures")));
-            }
         }
         std::vector<size_t> idx;
         for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
@@ -253,8 +270,10 @@ void init_devices(nb::module_ & m) {
                 size_t free = 0, total = 0;
                 // opens the device (a CUDA context) or asks a server
                 without_gil([&] { ggml_backend_dev_memory(dev, &free, &total); });
-                d["memory_free"] = free;
-                d["memory_total"] = total;
+                if (!rpc_endpoint_lost(ggml_backend_dev_description(dev))) {  // a lost server answers zeros
+                    d["memory_free"] = free;
+                    d["memory_total"] = total;
+                }
             }
             out.append(d);
         }

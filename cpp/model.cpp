@@ -120,6 +120,19 @@ public:
                           lp.error_tb.release().ptr());
             throw nb::python_error();
         }
+        std::vector<ggml_backend_dev_t> used;
+        for (size_t i = 0; i + 1 < mp.devs.size(); ++i) used.push_back(mp.devs[i]);
+        if (mp.devs.empty()) {  // llama.cpp's choice: every device
+            for (size_t i = 0; i < ggml_backend_dev_count(); ++i) used.push_back(ggml_backend_dev_get(i));
+        }
+        std::vector<std::string> remote = rpc_endpoints_of(used);
+        for (const std::string & ep : remote) {  // a lost server answered zeros: nothing it "loaded" is there
+            if (!rpc_endpoint_lost(ep)) continue;
+            if (raw) llama_model_free(raw);
+            PyErr_SetString(PyExc_ConnectionError, ("RPC server " + ep + " went away (it crashed, exited or sent a "
+                "malformed answer) before or while '" + path + "' loaded; lamina does not connect to a lost server again").c_str());
+            throw nb::python_error();
+        }
         if (raw == nullptr) raise_failed("failed to load model from '" + path + "'", failure::load);
         st_ = std::make_shared<model_state>();
         st_->model.reset(raw);
@@ -128,14 +141,7 @@ public:
         st_->path = path;
         st_->file_id = file_identity(path);
         st_->vocab_only = vocab_only;
-        {
-            std::vector<ggml_backend_dev_t> used;
-            for (size_t i = 0; i + 1 < mp.devs.size(); ++i) used.push_back(mp.devs[i]);
-            if (mp.devs.empty()) {  // llama.cpp's choice: every device
-                for (size_t i = 0; i < ggml_backend_dev_count(); ++i) used.push_back(ggml_backend_dev_get(i));
-            }
-            st_->rpc_endpoints = rpc_endpoints_of(used);
-        }
+        st_->rpc_endpoints = std::move(remote);
         layers_ = std::move(layers);
     }
 

@@ -325,3 +325,77 @@ print("survived")
     # nothing computed from the dead server's zeros came out: the first decode after the kill raised
     assert "pieces after the kill 0" in out, out
     assert "lost device memory [None]" in out, out
+
+
+def run_isolated(script: str) -> str:
+    """A script in its own process: a lost server stays lost for the whole process, and a
+    regression (ggml's abort) must fail this test, not end the suite."""
+    r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n" + script],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stdout, r.stderr[-3000:])
+    return r.stdout
+
+
+def test_a_server_that_went_away_while_nothing_was_connected_raises_and_is_not_asked(tmp_path: Path) -> None:
+    """ggml connects anew for each question once no model holds a connection; it aborted the
+    process when that connection failed (lamina.devices() after a server stopped did)."""
+    requires.tool("ggml-rpc-server")
+    requires.pinned_source()  # lamina's RPC patch
+    out = run_isolated(f"""
+import lamina
+from test_rpc import start_server
+from tiny_gguf import write_tiny_llama
+path = write_tiny_llama({str(tmp_path / 'four.gguf')!r}, n_layer=4)
+proc, ep = start_server("--device", "CPU", "--threads", "1")
+(dev,) = lamina.rpc_connect(ep)
+print("memory before", dev.memory_total > 0)
+proc.kill(); proc.wait()
+print("memory after", [d.memory_total for d in lamina.devices() if d.description == ep])
+for attempt in (lambda: lamina.rpc_connect(ep), lambda: lamina.Model(path, rpc=[ep], n_gpu_layers="all"),
+                lambda: lamina.Model(path, devices=[dev], n_gpu_layers="all")):
+    try:
+        attempt()
+        print("NO ERROR")
+    except ConnectionError as exc:
+        print("ConnectionError", exc)
+print("cpu", lamina.Model(path, gpu=False).context(n_ctx=64).complete("a", max_tokens=2).text is not None)
+print("survived")
+""")
+    assert "memory before True" in out and "memory after [None]" in out, out
+    assert "NO ERROR" not in out and out.count("went away") == 3, out
+
+
+def test_a_server_that_fails_ggmls_own_connection_raises_naming_it() -> None:
+    """lamina's handshake passes, then ggml's connection is refused, or its first answer is
+    malformed: ggml aborted the process; now the endpoint is lost and rpc_connect raises."""
+    requires.pinned_source()  # lamina's RPC patch
+    out = run_isolated("""
+import socket, struct
+import lamina
+from test_rpc import FakeServer, hello_from
+
+def once_then_closed():
+    answered = []
+    def answer(conn):
+        if not answered:
+            answered.append(1)
+            hello_from((7, 0, 0))(conn)
+    return answer
+
+def hello_then_garbage(conn):
+    conn.recv(1 + 8 + 24, socket.MSG_WAITALL)
+    conn.sendall(struct.pack("<Q", 28) + bytes([7, 0, 0, 0]) + bytes(24))
+    if conn.recv(9, socket.MSG_WAITALL):  # the next command: a malformed answer
+        conn.sendall(struct.pack("<Q", 999) + bytes(999))
+    conn.recv(1)
+
+for server in (FakeServer(once_then_closed()), FakeServer(hello_then_garbage)):
+    try:
+        lamina.rpc_connect(server.endpoint)
+        print("NO ERROR")
+    except ConnectionError as exc:
+        print("ConnectionError", exc)
+print("devices", len(lamina.devices()))
+print("survived")
+""")
+    assert "NO ERROR" not in out and out.count("went away as ggml connected") == 2, out
