@@ -150,39 +150,15 @@ public:
         e_.cancel(r);
     }
 
-    // The next piece of r's text: blocks (GIL released; Ctrl-C checked every 100 ms in the main
-    // thread) up to timeout seconds (< 0: no limit). None on timeout; StopIteration at the end;
-    // the request's error, if it failed.
+    // The next piece of r's text, waiting up to timeout seconds (< 0: no limit). None on timeout;
+    // StopIteration at the end; the request's error, if it failed.
     nb::object next(request & r, double timeout) {
-        check_fork(fork_gen_, "Batcher");
-        const bool main = on_main_thread();
-        const auto until = deadline(timeout);
-        while (true) {
-            std::string piece;
-            bool end = false, timed_out = false;
-            {
-                gil_release nogil;
-                std::unique_lock<std::mutex> lk(e_.mu);
-                auto ready = [&r] { return r.taken < r.released || !r.finish.empty(); };
-                auto slice = std::min(until, steady::now() + std::chrono::milliseconds(main ? 100 : 1000));
-                e_.news.wait_until(lk, slice, ready);
-                if (r.taken < r.released) {
-                    piece.assign(r.said.text(), r.taken, r.released - r.taken);
-                    r.taken = r.released;
-                } else if (!r.finish.empty()) {
-                    end = true;
-                } else if (steady::now() >= until) {
-                    timed_out = true;
-                }
-            }
-            if (!piece.empty()) return text_replaced(piece.data(), piece.size());
-            if (end) {
-                raise_if_failed(r);
-                throw nb::stop_iteration();
-            }
-            if (timed_out) return nb::none();
-            if (main) check_signals();
-        }
+        std::string piece;
+        const bool ready = wait_for(r, timeout, &piece);
+        if (!piece.empty()) return text_replaced(piece.data(), piece.size());
+        if (!ready) return nb::none();
+        raise_if_failed(r);
+        throw nb::stop_iteration();
     }
 
     // Without waiting: (text available now, whether the request ended). Raises its error at the end.
@@ -202,23 +178,7 @@ public:
     }
 
     // Block until r ends (or timeout seconds pass: False).
-    bool wait(request & r, double timeout) {
-        check_fork(fork_gen_, "Batcher");
-        const bool main = on_main_thread();
-        const auto until = deadline(timeout);
-        while (true) {
-            bool done;
-            {
-                gil_release nogil;
-                std::unique_lock<std::mutex> lk(e_.mu);
-                auto slice = std::min(until, steady::now() + std::chrono::milliseconds(main ? 100 : 1000));
-                done = e_.news.wait_until(lk, slice, [&r] { return !r.finish.empty(); });
-            }
-            if (done) return true;
-            if (steady::now() >= until) return false;
-            if (main) check_signals();
-        }
-    }
+    bool wait(request & r, double timeout) { return wait_for(r, timeout, nullptr); }
 
     nb::dict result(request & r) {
         check_fork(fork_gen_, "Batcher");
@@ -292,6 +252,30 @@ public:
     }
 
 private:
+    // Waits (GIL released; Ctrl-C checked every 100 ms in the main thread) up to timeout seconds for
+    // r's end, or for its text when piece is given (the text released so far is taken into it).
+    // False on timeout.
+    bool wait_for(request & r, double timeout, std::string * piece) {
+        check_fork(fork_gen_, "Batcher");
+        const bool main = on_main_thread();
+        const auto until = deadline(timeout);
+        while (true) {
+            bool ready;
+            {
+                gil_release nogil;
+                std::unique_lock<std::mutex> lk(e_.mu);
+                auto slice = std::min(until, steady::now() + std::chrono::milliseconds(main ? 100 : 1000));
+                ready = e_.news.wait_until(lk, slice, [&] { return (piece && r.taken < r.released) || !r.finish.empty(); });
+                if (piece) {
+                    piece->assign(r.said.text(), r.taken, r.released - r.taken);
+                    r.taken = r.released;
+                }
+            }
+            if (ready || steady::now() >= until) return ready;
+            if (main) check_signals();
+        }
+    }
+
     // Closed: its requests end ("cancelled"); their sequences are freed now if the context is free,
     // else by the next step of the engine.
     void shutdown() {

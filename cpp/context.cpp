@@ -281,49 +281,32 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
     st.last_outputs = n_outputs;
 }
 
-// One batch of n tokens for sequence 0 after the cached ones, every token an output.
-void decode_all_outputs(context_state & st, const llama_token * toks, size_t n) {
-    llama_batch b = llama_batch_init(int32_t(n), 0, 1);
-    for (size_t i = 0; i < n; ++i) batch_add(b, toks[i], llama_pos(st.tokens.size() + i), 0, true);
-    try {
-        decode_batch(st, b, int32_t(n));
-    } catch (...) {
-        llama_batch_free(b);
-        throw;
-    }
-    llama_batch_free(b);
-}
-
-void decode_tokens(context_state & st, const llama_token * toks, size_t n, bool last_output) {
+// An embeddings context outputs every token (llama.cpp does anyway: the batch says so). Sequence 0
+// keeps its token mirror; Ctrl-C is checked between chunks.
+void decode_tokens(context_state & st, const llama_token * toks, size_t n, int logits, int32_t seq) {
     const size_t n_batch = llama_n_batch(st.ctx.get());
-    size_t done = 0;
-    while (done < n) {
-        size_t k = std::min(n_batch, n - done);
-        if (st.embeddings) {  // llama.cpp outputs every token of an embeddings context: say so in the batch
-            decode_all_outputs(st, toks + done, k);
-        } else if (last_output || done + k < n) {
-            // positions follow the cache; only the chunk's last token gets logits
-            decode_batch(st, llama_batch_get_one(const_cast<llama_token *>(toks + done), int32_t(k)), 1);
-        } else {  // no logits for the last chunk either
-            llama_batch b = llama_batch_init(int32_t(k), 0, 1);
-            for (size_t i = 0; i < k; ++i) batch_add(b, toks[done + i], llama_pos(st.tokens.size() + i), 0, false);
-            try {
-                decode_batch(st, b, 0);
-            } catch (...) {
-                llama_batch_free(b);
-                throw;
-            }
-            llama_batch_free(b);
+    llama_memory_t mem = llama_get_memory(st.ctx.get());
+    const llama_pos pos = llama_memory_seq_pos_max(mem, seq) + 1;  // the cache is the truth (-1: empty, or no cache)
+    owned_batch b(int32_t(std::min(n, n_batch)));
+    for (size_t done = 0; done < n;) {
+        const size_t k = std::min(n_batch, n - done);
+        int32_t outs = 0;
+        b.n_tokens = 0;
+        for (size_t i = done; i < done + k; ++i) {
+            const bool out = st.embeddings || logits == 2 || (logits == 1 && i + 1 == n);
+            batch_add(b, toks[i], pos + llama_pos(i), seq, out);
+            outs += out;
         }
-        st.tokens.insert(st.tokens.end(), toks + done, toks + done + k);
-        // the cache is the truth: a mirror that disagrees keeps only the positions (-1 ids never
-        // match a prompt, so prefix reuse starts over but positions stay right)
-        const llama_pos pmax = llama_memory_seq_pos_max(llama_get_memory(st.ctx.get()), 0);
-        if (size_t(int64_t(pmax) + 1) != st.tokens.size()) mirror_unknown(st, pmax);
+        decode_batch(st, b, outs);
         done += k;
-        if (done < n) {
-            check_signals();  // Ctrl-C between chunks of a long prompt
+        if (seq == 0) {
+            st.tokens.insert(st.tokens.end(), toks + done - k, toks + done);
+            // the cache is the truth: a mirror that disagrees keeps only the positions (-1 ids never
+            // match a prompt, so prefix reuse starts over but positions stay right)
+            const llama_pos pmax = llama_memory_seq_pos_max(mem, 0);
+            if (size_t(int64_t(pmax) + 1) != st.tokens.size()) mirror_unknown(st, pmax);
         }
+        if (done < n) check_signals();  // Ctrl-C between chunks of a long prompt
     }
 }
 
@@ -507,68 +490,25 @@ public:
         if (n == 0) throw std::invalid_argument("no tokens to decode");
         if (logits < 0 || logits > 2) throw std::invalid_argument("logits must be 0 (none), 1 (last) or 2 (all)");
         check_tokens(*s.model, t, n);
-        if (seq != 0) {
-            decode_seq(s, t, n, logits, seq);
-            return;
-        }
-        const size_t n_ctx = llama_n_ctx_seq(s.ctx.get());
-        if (s.tokens.size() + n > n_ctx) {
-            throw std::invalid_argument("decoding " + std::to_string(n) + " tokens after " +
-                                        std::to_string(s.tokens.size()) + " exceeds the context (n_ctx=" +
-                                        std::to_string(n_ctx) + ")");
-        }
-        if (logits == 2) {
-            const size_t n_batch = llama_n_batch(s.ctx.get());
-            if (n > n_batch) {
-                throw std::invalid_argument("logits for every token need all " + std::to_string(n) +
-                                            " tokens in one batch; n_batch is " + std::to_string(n_batch));
-            }
-            seq_changed(s, 0, "ctx.decode()");  // checked: the cache changes now
-            decode_all_outputs(s, t, n);
-            s.tokens.insert(s.tokens.end(), t, t + n);
-            return;
-        }
-        seq_changed(s, 0, "ctx.decode()");
-        decode_tokens(s, t, n, logits != 0);
-    }
-
-    // Sequences other than 0: positions follow that sequence's cells; no token mirror (prefix reuse
-    // is a sequence-0 feature).
-    static void decode_seq(context_state & s, const int32_t * t, size_t n, int logits, int32_t seq) {
         const int32_t n_seq = int32_t(llama_n_seq_max(s.ctx.get()));
         if (seq < 0 || seq >= n_seq) {
             throw std::out_of_range("sequence id " + std::to_string(seq) + " out of range [0, " +
                                     std::to_string(n_seq) + "): raise n_seq_max");
         }
-        const size_t n_batch = llama_n_batch(s.ctx.get());
-        if (logits == 2 && n > n_batch) {
-            throw std::invalid_argument("logits for every token need all tokens in one batch (n_batch)");
-        }
-        const int64_t pos = int64_t(llama_memory_seq_pos_max(llama_get_memory(s.ctx.get()), seq)) + 1;
+        // sequence 0 follows its token mirror, the others their cells (prefix reuse is sequence 0's)
+        const int64_t pos = seq == 0 ? int64_t(s.tokens.size())
+                                     : int64_t(llama_memory_seq_pos_max(llama_get_memory(s.ctx.get()), seq)) + 1;
         if (uint64_t(pos) + n > llama_n_ctx_seq(s.ctx.get())) {
-            throw std::invalid_argument("decoding " + std::to_string(n) + " tokens after position " +
-                                        std::to_string(pos) + " exceeds the context of sequence " + std::to_string(seq));
+            throw std::invalid_argument("decoding " + std::to_string(n) + " tokens after position " + std::to_string(pos) +
+                                        " exceeds the context of sequence " + std::to_string(seq) +
+                                        " (n_ctx=" + std::to_string(llama_n_ctx_seq(s.ctx.get())) + ")");
+        }
+        if (logits == 2 && n > llama_n_batch(s.ctx.get())) {
+            throw std::invalid_argument("logits for every token need all " + std::to_string(n) +
+                                        " tokens in one batch; n_batch is " + std::to_string(llama_n_batch(s.ctx.get())));
         }
         seq_changed(s, seq, "ctx.decode()");  // checked: the cache changes now
-        llama_batch b = llama_batch_init(int32_t(std::min(n, n_batch)), 0, 1);
-        try {
-            for (size_t done = 0; done < n;) {
-                size_t k = std::min(n_batch, n - done);
-                int32_t outs = 0;
-                b.n_tokens = 0;
-                for (size_t i = 0; i < k; ++i) {
-                    bool out = s.embeddings || logits == 2 || (logits == 1 && done + i + 1 == n);
-                    batch_add(b, t[done + i], pos + llama_pos(done + i), seq, out);
-                    outs += out;
-                }
-                decode_batch(s, b, outs);
-                done += k;
-            }
-        } catch (...) {
-            llama_batch_free(b);
-            throw;
-        }
-        llama_batch_free(b);
+        decode_tokens(s, t, n, logits, seq);
     }
 
     // Zero-copy view of the latest decode's logits, shape (outputs, n_vocab). The view keeps the

@@ -142,6 +142,14 @@ void backend_sampler_detach(context_state & st, int32_t seq);
 // Raise fork_error when an object made in generation `gen` is used in a forked child.
 void check_fork(uint32_t gen, const char * what);
 
+// A llama_batch of up to n tokens, one sequence id each, freed with its scope.
+struct owned_batch : llama_batch {
+    explicit owned_batch(int32_t n) : llama_batch(llama_batch_init(n, 0, 1)) {}
+    ~owned_batch() { llama_batch_free(*this); }
+    owned_batch(const owned_batch &) = delete;
+    owned_batch & operator=(const owned_batch &) = delete;
+};
+
 // Append one token to a batch made by llama_batch_init (one sequence id per token).
 inline int32_t batch_add(llama_batch & b, llama_token t, llama_pos pos, llama_seq_id seq, bool logits) {
     b.token[b.n_tokens] = t;
@@ -169,10 +177,9 @@ constexpr int decode_rc_rpc_lost = -100;
 int decode_watched(context_state & st, const llama_batch & batch, bool sync);
 // Decode a batch with the GIL released; converts llama.cpp's status codes into exceptions.
 void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outputs);
-// Evaluate tokens for sequence 0 starting at st.tokens.size(); logits for the last token only.
-// Appends n tokens to sequence 0 in n_batch chunks; the last chunk's last token gets logits unless
-// last_output is false (then no logits at all: llama.cpp computes none).
-void decode_tokens(context_state & st, const llama_token * toks, size_t n, bool last_output = true);
+// Append n tokens to a sequence after what its cache holds, in n_batch chunks (context.cpp).
+// logits: 0 none, 1 the last token, 2 every token (then n <= n_batch: the caller checks).
+void decode_tokens(context_state & st, const llama_token * toks, size_t n, int logits = 1, int32_t seq = 0);
 // ValueError unless a prompt of n tokens leaves room for one more in the context.
 void check_prompt_fits(const context_state & st, size_t n);
 // Bring the KV cache of sequence 0 to `prompt`, reusing the longest common prefix; afterwards
