@@ -10,6 +10,7 @@
 #           n-gram lookup
 #   oldnew  the Batcher of the tree an issue was filed against (.device/old.tgz) against this one,
 #           --parallel 8,16,32 alternating on the same card
+#   share   ci/gpu_share.py: lamina beside torch, cupy and jax keeping GPU 0 busy (default and side streams)
 #   probe   ci/tg_probe.cpp: where a generated token's time goes beyond llama-bench's loop
 #   batchprobe  ci/batch_probe.cpp: pl 8,16,32 sequences, llama-batched-bench's loop against loops that
 #           read their tokens back (host argmax, backend sampling); once more without CUDA graphs
@@ -96,6 +97,10 @@ for stage in "$@"; do
            --parallel 8,16,32 -npp 128 -ntg 128 -r 1 --rounds 1) | tee -a "$OUT/oldnew.md"
       done
     done ;;
+  share)
+    # lamina beside torch / cupy / jax keeping GPU 0 busy in the same process, and their step time beside lamina
+    XLA_PYTHON_CLIENT_PREALLOCATE=false CUDA_VISIBLE_DEVICES=0 $py ci/gpu_share.py /tmp/llama-1b.gguf --tokens 32 --reps 3 \
+      2> "$OUT/share.err" | tee "$OUT/share.md"; tail -3 "$OUT/share.err" ;;
   probe)
     pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
     g++ -O2 -std=c++17 -I$LAMINA_LLAMA_CPP_DIR/include -I$LAMINA_LLAMA_CPP_DIR/ggml/include ci/tg_probe.cpp \
