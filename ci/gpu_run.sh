@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements on the device machine (no internet), in stages so one session fits in a few calls:
 #   build   CUDA build from the carried llama.cpp tree (.device/llama.cpp.tgz: trimmed pinned source)
+#   cpubuild  a CPU-only build instead (for the CPU stages: busy, sweep)
 #   model   random Llama-3.2-1B-shaped and ~125M "small" models and a 4-layer draft with the 1B's
 #           vocabulary, quantized to Q4_K_M
 #   bench   lamina vs llama-bench, every layer on GPU 0 (tg128, pp512)
@@ -11,6 +12,7 @@
 #   oldnew  the Batcher of the tree an issue was filed against (.device/old.tgz) against this one,
 #           --parallel 8,16,32 alternating on the same card
 #   share   ci/gpu_share.py: lamina beside torch, cupy and jax keeping GPU 0 busy (default and side streams)
+#   busy    ci/busy_cpu.py on the CPU: the default threads against fixed counts beside a spinning thread
 #   probe   ci/tg_probe.cpp: where a generated token's time goes beyond llama-bench's loop
 #   batchprobe  ci/batch_probe.cpp: pl 8,16,32 sequences, llama-batched-bench's loop against loops that
 #           read their tokens back (host argmax, backend sampling); once more without CUDA graphs
@@ -50,6 +52,11 @@ for stage in "$@"; do
        > "$OUT/build.log" 2>&1 \
        || { tail -50 "$OUT/build.log"; exit 1; }
     (cd /tmp && $py -c "import lamina; print(lamina.system_info())") | tee "$OUT/system_info.txt" ;;
+  cpubuild)
+    # a CPU-only build of this tree into the site-packages (CPU measurements without the CUDA build's minutes)
+    $py -m pip install --no-build-isolation --no-deps . -Cbuild-dir=build/cpu -Ccmake.define.GGML_CUDA=OFF \
+       "-Ccmake.define.LAMINA_EXTRA_TOOLS=llama-quantize" > "$OUT/build_cpu.log" 2>&1 \
+       || { tail -50 "$OUT/build_cpu.log"; exit 1; } ;;
   model)
     bin=$($py -c "import lamina; print(lamina.system_info().llama_cpp['package_dir'])")/bin
     for m in llama-1b small draft-1b; do
@@ -101,6 +108,11 @@ for stage in "$@"; do
     # lamina beside torch / cupy / jax keeping GPU 0 busy in the same process, and their step time beside lamina
     XLA_PYTHON_CLIENT_PREALLOCATE=false CUDA_VISIBLE_DEVICES=0 $py ci/gpu_share.py /tmp/llama-1b.gguf --tokens 32 --reps 3 \
       2> "$OUT/share.err" | tee "$OUT/share.md"; tail -3 "$OUT/share.err" ;;
+  busy)
+    # CPU only: lamina's default generation threads (they adapt: cpp/tuner.h) against fixed counts,
+    # alone and beside a spinning Python thread, on the 1B model
+    CUDA_VISIBLE_DEVICES= $py ci/busy_cpu.py --model /tmp/llama-1b.gguf --counts 8,12,14,15,16 \
+      --conditions alone,thread --reps 2 --tokens 64 2>/dev/null | tee "$OUT/busy.md" ;;
   probe)
     pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
     g++ -O2 -std=c++17 -I$LAMINA_LLAMA_CPP_DIR/include -I$LAMINA_LLAMA_CPP_DIR/ggml/include ci/tg_probe.cpp \
