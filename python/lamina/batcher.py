@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Iterator, Seque
 import numpy as np
 import numpy.typing as npt
 
-from . import _native
+from . import _core, _native
 from .context import Completion, completion_from_row, stop_strings
 from .params import check_int
 from .sampling import Sampler
@@ -98,7 +98,7 @@ class Request:
         return f"<lamina.Request {self.id} finish_reason={self.finish_reason}>"
 
 
-class Batcher:
+class Batcher(_core.Closing):
     """Continuous batching over a context of its own with ``n_seq_max`` sequences.
 
     submit() queues a prompt and returns a Request at once; a background thread runs the native
@@ -173,12 +173,6 @@ class Batcher:
         native = getattr(self, "_native", None)
         if native is not None:
             native.close()  # requests end "cancelled"; the loop thread ends by itself
-
-    def __enter__(self) -> "Batcher":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- asyncio: the loop writes a byte to a pipe after each step with news; the event loop's
     # reader wakes the coroutines waiting on this Batcher, which then poll without blocking.

@@ -53,7 +53,7 @@ def completion_from_row(r: Mapping[str, Any]) -> Completion:
                       tokens_per_s=r["n_generated"] / t_gen if t_gen > 0 else 0.0)
 
 
-class Generation:
+class Generation(_core.Closing):
     """Iterator of text pieces from Context.generate(); stats are filled in as it runs. A
     context manager: leaving the block closes it (close() is final: no piece after it)."""
 
@@ -67,12 +67,6 @@ class Generation:
 
     def __next__(self) -> str:
         return next(self._pieces)
-
-    def __enter__(self) -> "Generation":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Stop early and hand the context back (with backend sampling, its logits again).
@@ -197,7 +191,7 @@ def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max
 _NATIVE = _native.ContextParams()  # the one home of the defaults: cpp/lamina.h, context_params
 
 
-class Context:
+class Context(_core.NativeOwner[_native.Context]):
     """A llama.cpp context: KV cache, batch decoding and generation.
 
     ``Context(model, ...)`` and ``model.context(...)`` are the same call. An argument given wins
@@ -208,6 +202,7 @@ class Context:
     config's LoRA adapters (else none; see set_lora).
     """
 
+    _what = "context"
     DEFAULTS: dict[str, Any] = {"n_batch": _NATIVE.n_batch, "n_ubatch": _NATIVE.n_ubatch,
                                 "n_seq_max": _NATIVE.n_seq_max, "threads": None, "flash_attn": "auto",
                                 "rope_scaling": None, "rope_freq_base": float(_NATIVE.rope_freq_base),
@@ -262,23 +257,6 @@ class Context:
         adapters = lora if lora is not None else model.config_lora
         if adapters:
             self.set_lora(adapters)
-
-    # -- lifetime ------------------------------------------------------------------------
-    @property
-    def native(self) -> _native.Context:
-        if self._native is None:
-            raise RuntimeError("context failed to initialise")
-        return self._native
-
-    def close(self) -> None:
-        if self._native is not None:
-            self._native.close()
-
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- low level -----------------------------------------------------------------------
     def decode(self, tokens: Any, *, logits: Literal["last", "all", "none"] = "last", seq: int = 0) -> None:
