@@ -406,6 +406,7 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 ENV_PREFIX = "LAMINA_"
 PATH_SETTINGS = ("model", "grammar_file", "json_schema_file")
+GRAMMARS = ("grammar", "grammar_file", "json_schema", "json_schema_file")  # one of them at most
 
 
 @dataclass(frozen=True)
@@ -500,8 +501,7 @@ class Config:
     def grammar(self) -> str | None:
         """The GBNF grammar from grammar, grammar_file, json_schema or json_schema_file (one of
         them); ValueError names the setting's source when the file or the schema is bad."""
-        name = next((n for n in ("grammar", "grammar_file", "json_schema", "json_schema_file")
-                     if self[n] is not None), None)
+        name = next((n for n in GRAMMARS if self[n] is not None), None)
         if name is None:
             return None
         try:
@@ -581,10 +581,6 @@ class Config:
 MOE_EXPERTS = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # llama.cpp's LLM_FFN_EXPS_REGEX
 MAX_VALUES = 100_000  # YAML aliases can repeat a value without copying it: refuse files that expand beyond this
 MAX_REPORTED = 50     # unknown keys reported one by one (difflib per key); the rest are counted
-
-
-def _alias_table() -> dict[str, str]:
-    return {key: name for name, spec in SETTINGS.items() for key in (name, *spec.aliases)}
 
 
 def _expanded(node: yaml.Node, memo: dict[int, int]) -> int:
@@ -684,8 +680,12 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     settings warn (lamina.InertSettingWarning), each once."""
     env = os.environ if env is None else env
     values: dict[str, Setting] = {name: Setting(spec.default, "default") for name, spec in SETTINGS.items()}
-    aliases = _alias_table()
-    known = sorted(set(aliases) | set(COMBINED) | set(NEGATED) | set(TRANSFORMED))
+    aliases = {key: name for name, spec in SETTINGS.items() for key in (name, *spec.aliases)}
+    # a model.yml key -> the setting it sets and how to read it (None: the setting's own parse)
+    readers: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
+        **TRANSFORMED, **{k: (n, lambda v: not _bool(v)) for k, n in NEGATED.items()},
+        **{k: (n, None) for k, n in aliases.items()}}
+    known = sorted(set(readers) | set(COMBINED))
 
     def put(name: str, raw: Any, source: str, parse: Callable[[Any], Any] | None = None) -> None:
         try:
@@ -720,22 +720,16 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
                 if not any(raw == n and type(raw) is type(n) for n in neutral):
                     unsupported.append(f"{source}: {key}: {why}")
                 continue
-            target = aliases.get(key) or NEGATED.get(key) or (TRANSFORMED[key][0] if key in TRANSFORMED else None)
-            if target is None:
+            if key not in readers:
                 unknown.append(f"{source}: unknown key {key!r}" +
                                (_suggest(key, known) if len(unknown) < MAX_REPORTED else ""))
                 continue
-            name = target
+            name, parse = readers[key]
             if name in given and given[name][0] not in COMBINED:
                 prev, prev_line = given[name]
                 raise ValueError(f"{source}: {key} sets {name}, which {prev} on line {prev_line} sets already")
             given[name] = (key, line)
-            if key in NEGATED:
-                put(name, raw, source, lambda v: not _bool(v))
-            elif key in TRANSFORMED:
-                put(name, raw, source, TRANSFORMED[key][1])
-            else:
-                put(name, raw, source)
+            put(name, raw, source, parse)
         if len(unknown) > MAX_REPORTED:
             unknown[MAX_REPORTED:] = [f"{file}: {len(unknown) - MAX_REPORTED:,} more unknown keys"]
         for name in PATH_SETTINGS:  # relative to the file's folder, and there
@@ -763,7 +757,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
         if setting is None:
             raise TypeError(f"load_config() got an unknown setting {key!r}{_suggest(key, known)}")
         put(setting, raw, "argument")
-    grammars = [n for n in ("grammar", "grammar_file", "json_schema", "json_schema_file") if values[n].value is not None]
+    grammars = [n for n in GRAMMARS if values[n].value is not None]
     if len(grammars) > 1:
         raise ValueError(f"give one of grammar, grammar_file, json_schema, json_schema_file; got "
                          + ", ".join(f"{n} ({values[n].source})" for n in grammars))
