@@ -17,7 +17,7 @@ import random
 import re
 import reprlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -519,21 +519,14 @@ class Config:
         """A lamina.Sampler with the file's sampling settings (llama.cpp's CLI defaults for the
         rest: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). seed -1 or unset: a random seed,
         drawn here (sampler.seed says which)."""
-        seed = self["seed"]
-        extra: dict[str, Any] = {}
+        # the Sampler fields that are settings of the same name and taken as they are
+        kw: dict[str, Any] = {f.name: self[f.name] for f in fields(Sampler) if f.name in SETTINGS and f.name not in
+                              ("dry_sequence_breakers", "logit_bias", "grammar", "json_schema", "seed")}
         if self["dry_sequence_breakers"] is not None:
-            extra["dry_sequence_breakers"] = tuple(self["dry_sequence_breakers"])
-        return Sampler(
-            temperature=self["temperature"], top_k=self["top_k"], top_p=self["top_p"], min_p=self["min_p"],
-            typical_p=self["typical_p"], top_n_sigma=self["top_n_sigma"], repeat_penalty=self["repeat_penalty"],
-            frequency_penalty=self["frequency_penalty"], presence_penalty=self["presence_penalty"],
-            penalty_last_n=self["repeat_last_n"], dry_multiplier=self["dry_multiplier"], dry_base=self["dry_base"],
-            dry_allowed_length=self["dry_allowed_length"], dry_penalty_last_n=self["dry_penalty_last_n"],
-            xtc_probability=self["xtc_probability"], xtc_threshold=self["xtc_threshold"],
-            dynatemp_range=self["dynatemp_range"], dynatemp_exponent=self["dynatemp_exponent"],
-            mirostat=self["mirostat"], mirostat_tau=self["mirostat_tau"], mirostat_eta=self["mirostat_eta"],
-            min_keep=self["min_keep"], logit_bias=dict(self["logit_bias"] or {}), grammar=self.grammar(),
-            seed=random.randrange(UINT32_MAX) if seed is None else seed, **extra)
+            kw["dry_sequence_breakers"] = tuple(self["dry_sequence_breakers"])
+        seed = self["seed"]
+        return Sampler(**kw, penalty_last_n=self["repeat_last_n"], logit_bias=dict(self["logit_bias"] or {}),
+                       grammar=self.grammar(), seed=random.randrange(UINT32_MAX) if seed is None else seed)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for Context.generate/chat: sampler, stop, ignore_eos, context_full and
