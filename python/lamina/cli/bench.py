@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import tools
 from . import bench_batch, plot
-from .bench_batch import paired_ratio, sample_stats
+from .bench_batch import md_table, paired_ratio, sample_stats, spread
 from .args import add_model_args, models
 from ..model import Model
 from ..params import BENCH_KV, NGL, parse_ngl
@@ -153,22 +153,17 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
 def markdown(model: Model, results: list[Result]) -> str:
     compare = any(r.llama_bench for r in results)
     paired = compare and all(r.paired for r in results)
-    head = ("| model | test | threads | ngl (placed) | lamina t/s |"
-            + (" llama-bench t/s | ratio | overhead/token |" if compare else "")
-            + (" paired ratio |" if paired else ""))
-    sep = "|---|---|---|---|---|" + ("---|---|---|" if compare else "") + ("---|" if paired else "")
-    lines = [head, sep]
+    head = (["model", "test", "threads", "ngl (placed)", "lamina t/s"]
+            + (["llama-bench t/s", "ratio", "overhead/token"] if compare else []) + (["paired ratio"] if paired else []))
+    rows = []
     for r in results:
         d = r.as_dict()
-        row = (f"| {model.info.desc} | {r.test} | {r.threads} | {r.placement} |"
-               f" {d['lamina_median_ts']:.2f} ± {d['lamina_sd_ts']:.2f} |")
+        rows.append([model.info.desc, r.test, str(r.threads), r.placement, spread(d, "lamina", 2)])
         if compare:
-            row += (f" {d['llama_bench_median_ts']:.2f} ± {d['llama_bench_sd_ts']:.2f} | {d['ratio']:.3f} |"
-                    f" {d['overhead_us_per_token']:+.1f} µs |")
-            if paired:
-                row += f" {d['paired_ratio_median']:.3f} |"
-        lines.append(row)
-    lines.append("")
+            rows[-1] += [spread(d, "llama_bench", 2), f"{d['ratio']:.3f}", f"{d['overhead_us_per_token']:+.1f} µs"]
+        if paired:
+            rows[-1].append(f"{d['paired_ratio_median']:.3f}")
+    lines = md_table(head, rows) + [""]
     devices = sorted({d for r in results for d in r.devices})
     lines.append(f"medians of {len(results[0].lamina) if results else 0} runs; device: "
                  + (", ".join(devices) if devices else "CPU"))

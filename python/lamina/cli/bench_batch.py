@@ -132,6 +132,16 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def spread(d: dict[str, Any], name: str, digits: int = 1) -> str:
+    """'median ± sd' of one side's t/s samples in an as_dict() row."""
+    return f"{d[f'{name}_median_ts']:.{digits}f} ± {d[f'{name}_sd_ts']:.{digits}f}"
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule and one line per row."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def placement_args(model: Model, draft: bool = False, sep: str = ",") -> list[str]:
     """llama.cpp common-argument flags that place a model as lamina did: same devices, same layer count
     (-ngld/-devd for a draft; llama-bench takes the devices with sep "/")."""
@@ -343,21 +353,17 @@ def run_parallel(model: Model, *, levels: list[int], n_prompt: int = 128, n_gen:
 
 def parallel_markdown(model: Model, results: list[ParallelResult]) -> str:
     paired = bool(results) and all(r.paired for r in results)
-    head = ("| model | threads | pl | n_ctx | lamina pp t/s | llama pp t/s | pp ratio | lamina tg t/s | llama tg t/s |"
-            " tg ratio |" + (" pp paired | tg paired |" if paired else ""))
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if paired else "")]
+    head = ["model", "threads", "pl", "n_ctx", "lamina pp t/s", "llama pp t/s", "pp ratio", "lamina tg t/s",
+            "llama tg t/s", "tg ratio"] + (["pp paired", "tg paired"] if paired else [])
+    rows = []
     for r in results:
         d = r.as_dict()
-        row = (f"| {model.info.desc} | {r.threads} | {r.pl} | {r.n_ctx} |"
-               f" {d['lamina_pp_median_ts']:.1f} ± {d['lamina_pp_sd_ts']:.1f} | {d['llama_pp_median_ts']:.1f} ±"
-               f" {d['llama_pp_sd_ts']:.1f} | {d['pp_ratio']:.3f} | {d['lamina_tg_median_ts']:.1f} ±"
-               f" {d['lamina_tg_sd_ts']:.1f} | {d['llama_tg_median_ts']:.1f} ± {d['llama_tg_sd_ts']:.1f} |"
-               f" {d['tg_ratio']:.3f} |")
-        if paired:
-            row += f" {d['pp_paired_ratio_median']:.3f} | {d['tg_paired_ratio_median']:.3f} |"
-        lines.append(row)
+        rows.append([model.info.desc, str(r.threads), str(r.pl), str(r.n_ctx), spread(d, "lamina_pp"),
+                     spread(d, "llama_pp"), f"{d['pp_ratio']:.3f}", spread(d, "lamina_tg"), spread(d, "llama_tg"),
+                     f"{d['tg_ratio']:.3f}"]
+                    + ([f"{d['pp_paired_ratio_median']:.3f}", f"{d['tg_paired_ratio_median']:.3f}"] if paired else []))
     r0 = results[0]
-    lines += ["", f"pp{r0.n_prompt} per sequence, then tg{r0.n_gen}; aggregate t/s over all pl sequences; "
+    lines = md_table(head, rows) + ["", f"pp{r0.n_prompt} per sequence, then tg{r0.n_gen}; aggregate t/s over all pl sequences; "
               f"n_batch = pl*{r0.n_prompt}, n_ubatch <= {max(r.n_ubatch for r in results)}, "
               f"flash_attn {r0.flash_attn}, "
               f"per-sequence KV streams; medians of {len(r0.lamina_tg)} runs; llama = llama-batched-bench; "
@@ -526,20 +532,17 @@ def run_draft(model: Model, *, draft: str, prompt: str = DEFAULT_PROMPT, n_gen: 
 
 def draft_markdown(model: Model, results: list[DraftResult]) -> str:
     paired = bool(results) and all(r.paired for r in results)
-    head = ("| model | draft | threads | lamina plain t/s | lamina spec t/s | speedup | lamina accept |"
-            " llama spec t/s | llama accept | ratio |" + (" paired ratio |" if paired else ""))
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if paired else "")]
+    head = ["model", "draft", "threads", "lamina plain t/s", "lamina spec t/s", "speedup", "lamina accept",
+            "llama spec t/s", "llama accept", "ratio"] + (["paired ratio"] if paired else [])
+    rows = []
     for r in results:
         d = r.as_dict()
-        row = (f"| {model.info.desc} | {r.draft} | {r.threads} | {d['lamina_plain_median_ts']:.1f} ±"
-               f" {d['lamina_plain_sd_ts']:.1f} | {d['lamina_spec_median_ts']:.1f} ± {d['lamina_spec_sd_ts']:.1f} |"
-               f" {d['speedup']:.2f}x | {d['lamina_acceptance']:.1%} | {d['llama_spec_median_ts']:.1f} ±"
-               f" {d['llama_spec_sd_ts']:.1f} | {d['llama_acceptance']:.1%} | {d['ratio']:.3f} |")
-        if paired:
-            row += f" {d['paired_ratio_median']:.3f} |"
-        lines.append(row)
+        rows.append([model.info.desc, r.draft, str(r.threads), spread(d, "lamina_plain"), spread(d, "lamina_spec"),
+                     f"{d['speedup']:.2f}x", f"{d['lamina_acceptance']:.1%}", spread(d, "llama_spec"),
+                     f"{d['llama_acceptance']:.1%}", f"{d['ratio']:.3f}"]
+                    + ([f"{d['paired_ratio_median']:.3f}"] if paired else []))
     r0 = results[0]
-    lines += ["", f"greedy tg{r0.n_gen} after a {r0.n_prompt}-token prompt; draft up to {r0.n_max} tokens"
+    lines = md_table(head, rows) + ["", f"greedy tg{r0.n_gen} after a {r0.n_prompt}-token prompt; draft up to {r0.n_max} tokens"
               + (f" after a {r0.ngram_n}-token match" if r0.draft == "ngram" else f", p_min {r0.p_min}")
               + f"; speedup = lamina spec / lamina plain; ratio = lamina spec / llama-speculative-simple; "
               f"medians of {len(r0.lamina_spec)} runs; device: {', '.join(r0.placed.get('devices') or ['CPU'])}"]
