@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import tools
 from . import bench_batch, plot
-from .bench_batch import md_table, paired_ratio, sample_stats, spread
+from .bench_batch import md_table, paired_ratio, random_prompt, sample_stats, spread
 from .args import add_model_args, models
 from ..model import Model
 from ..params import BENCH_KV, NGL, parse_ngl
@@ -104,9 +104,7 @@ def lamina_pp(model: Model, n_prompt: int, threads: int, reps: int) -> list[floa
     with model.context(n_ctx=n_prompt, n_batch=max(n_prompt, 2048), threads=Threads(n=threads, batch=threads),
                        kv=BENCH_KV) as ctx:
         for r in range(reps + 1):
-            toks = rng.integers(0, model.info.n_vocab, n_prompt, dtype=np.int32)
-            if model.info.add_bos:
-                toks[0] = model.info.bos
+            toks = random_prompt(rng, model.info, n_prompt)
             ctx.kv_clear()
             t0 = time.perf_counter()
             ctx.decode(toks)

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _native, tools
 from .args import models
@@ -69,6 +70,7 @@ from ..params import BENCH_KV, KV
 from ..sampling import Sampler
 from ..speculative import Draft
 from ..threads import Threads
+from ..tokenizer import ModelInfo
 
 FlashAttn = Literal["auto", "on", "off"]
 FLASH = {"auto": "auto", "on": True, "off": False}  # -fa value -> Context(flash_attn=)
@@ -140,6 +142,14 @@ def spread(d: dict[str, Any], name: str, digits: int = 1) -> str:
 def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table's lines: the header, its rule and one line per row."""
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def random_prompt(rng: np.random.Generator, info: ModelInfo, n: int) -> npt.NDArray[np.int32]:
+    """n random token ids, BOS first when the model adds one (the prompts of llama.cpp's benches)."""
+    toks = rng.integers(0, info.n_vocab, n, dtype=np.int32)
+    if info.add_bos:
+        toks[0] = info.bos
+    return toks
 
 
 def placement_args(model: Model, draft: bool = False, sep: str = ",") -> list[str]:
@@ -256,15 +266,7 @@ def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: i
     returned, graphs reused per generation step)] per repetition) through the Batcher's engine.
     backend_sampling None: lamina.Batcher's choice (on when the output layer is on a GPU)."""
     n_ctx, n_batch, n_ub = parallel_shape(pl, n_prompt, n_gen, n_ubatch)
-    info = model.info
     rng = np.random.default_rng(seed)
-
-    def prompt(n: int) -> np.ndarray[Any, np.dtype[np.int32]]:
-        toks = rng.integers(0, info.n_vocab, n, dtype=np.int32)
-        if info.add_bos:
-            toks[0] = info.bos
-        return toks
-
     keys = ("n_prompt_tokens", "t_prompt_steps_us", "n_gen_tokens", "t_gen_steps_us", "n_gen_steps", "t_gen_sample_us",
             "graphs_reused")
     out = []
@@ -273,11 +275,12 @@ def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: i
         engine = _native.Batcher(ctx.native, 0, model.output_on_gpu if backend_sampling is None else backend_sampling)
         try:
             greedy = Sampler().params(ctx.n_ctx)
-            engine.submit(prompt(WARMUP_TOKENS), greedy, 1, True, [])
+            engine.submit(random_prompt(rng, model.info, WARMUP_TOKENS), greedy, 1, True, [])
             engine.run(True)
             for _ in range(reps):
                 before = engine.stats()
-                reqs = [engine.submit(prompt(n_prompt), greedy, n_gen + 1, True, []) for _ in range(pl)]
+                reqs = [engine.submit(random_prompt(rng, model.info, n_prompt), greedy, n_gen + 1, True, [])
+                        for _ in range(pl)]
                 engine.run(True)  # every request queued before the first step: one prompt step
                 for r in reqs:
                     r.raise_if_failed()
