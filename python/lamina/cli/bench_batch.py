@@ -49,6 +49,7 @@ samples, and with -r 1 --rounds N the median of the paired (back to back) ratios
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -497,12 +498,12 @@ def run_draft(model: Model, *, draft: str, prompt: str = DEFAULT_PROMPT, n_gen: 
               reps: int = 1, rounds: int = 1, n_max: int = 16, p_min: float = 0.75, ngram_n: int = NGRAM_LOOKUP,
               n_ubatch: int = 512, flash_attn: FlashAttn = "auto") -> list[DraftResult]:
     require_tool("llama-speculative-simple")
-    draft_model = None if draft == "ngram" else load_draft(model, draft)
-    spec: Draft | None = None
-    try:
+    with contextlib.ExitStack() as stack:  # closes the Draft's contexts, then the draft model
+        draft_model = None if draft == "ngram" else stack.enter_context(load_draft(model, draft))
         # both sides run llama.cpp's common/speculative: draft-simple with a model, else ngram-simple
         spec = Draft(n_max=n_max, ngram_n=ngram_n) if draft_model is None else Draft(draft_model, n_max=n_max,
                                                                                       p_min=p_min)
+        stack.callback(spec.close)
         n_prompt = len(model.tokenize(prompt))
         n_ctx = spec_n_ctx(n_prompt, n_gen, n_max)
         name = "ngram" if draft_model is None else Path(draft).name
@@ -526,11 +527,6 @@ def run_draft(model: Model, *, draft: str, prompt: str = DEFAULT_PROMPT, n_gen: 
                         res.lamina_accepted += int(st["n_accepted"])
                     res.lamina_plain += [st["tokens_per_s"] for st in lamina_generations(ctx, prompt, n_gen, reps)]
         return results
-    finally:
-        if spec is not None:
-            spec.close()
-        if draft_model is not None:
-            draft_model.close()
 
 
 def draft_markdown(model: Model, results: list[DraftResult]) -> str:
