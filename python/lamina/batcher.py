@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -160,11 +161,7 @@ class Batcher(_core.Closing):
         self._native.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.remove_reader(self._fd)
-            except (RuntimeError, ValueError):
-                pass
+        self._unwatch()
         self._loop = None
         self._context.close()
         _live.discard(self)
@@ -176,27 +173,36 @@ class Batcher(_core.Closing):
 
     # -- asyncio: the loop writes a byte to a pipe after each step with news; the event loop's
     # reader wakes the coroutines waiting on this Batcher, which then poll without blocking.
-    def _arm(self) -> asyncio.Event:
+    def _unwatch(self) -> None:
+        """Remove the reader from the event loop it was added to (a closed loop has none)."""
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._loop.remove_reader(self._fd)
+
+    @contextlib.contextmanager
+    def _waiting(self, req: Request) -> Iterator[asyncio.Event]:
+        """An event set after each step with news, for a coroutine of the running event loop that
+        waits on ``req``; cancelling that coroutine cancels the request."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._fd < 0:
                 self._fd = self._native.wake_fd()
-            if self._loop is not None and not self._loop.is_closed():
-                try:
-                    self._loop.remove_reader(self._fd)
-                except (RuntimeError, ValueError):
-                    pass
+            self._unwatch()
             loop.add_reader(self._fd, self._wake)
             self._loop = loop
         ev = asyncio.Event()
         self._events.add(ev)
-        return ev
+        try:
+            yield ev
+        except asyncio.CancelledError:
+            req.cancel()
+            raise
+        finally:
+            self._events.discard(ev)
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(self._fd, 4096)
-        except BlockingIOError:
-            pass
         for ev in list(self._events):
             try:
                 ev.set()
@@ -204,22 +210,15 @@ class Batcher(_core.Closing):
                 self._events.discard(ev)
 
     async def _wait_async(self, req: Request) -> Completion:
-        ev = self._arm()
-        try:
+        with self._waiting(req) as ev:
             while True:
                 ev.clear()
                 if req.done:
                     return req.result(0)
                 await ev.wait()
-        except asyncio.CancelledError:
-            req.cancel()
-            raise
-        finally:
-            self._events.discard(ev)
 
     async def _pieces_async(self, req: Request) -> AsyncIterator[str]:
-        ev = self._arm()
-        try:
+        with self._waiting(req) as ev:
             while True:
                 ev.clear()
                 text, ended = req._native.poll()
@@ -229,11 +228,6 @@ class Batcher(_core.Closing):
                     return
                 else:
                     await ev.wait()
-        except asyncio.CancelledError:
-            req.cancel()
-            raise
-        finally:
-            self._events.discard(ev)
 
     def __repr__(self) -> str:
         s = self.stats
