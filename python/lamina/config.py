@@ -245,32 +245,25 @@ def _mirostat(v: Any) -> int:
     return n
 
 
-def _threads(v: Any) -> int | None:
-    """A thread count; llama.cpp's -1 (and 0) mean its default: here the physical cores."""
-    n = _int(v)
-    if n in (-1, 0):
-        return None
-    if not 1 <= n <= 4096:
-        raise ValueError(f"expected a thread count in [1, 4096], or -1 for the default, got {_short(v)}")
-    return n
+def _int_or(special: dict[int, Any], lo: int, hi: int, expected: str) -> Callable[[Any], Any]:
+    """An int in [lo, hi], or one of llama.cpp's special values, read as ``special`` maps them."""
+    def check(v: Any) -> Any:
+        n = _int(v)
+        if n in special:
+            return special[n]
+        if not lo <= n <= hi:
+            raise ValueError(f"expected {expected}, got {_short(v)}")
+        return n
+    return check
 
 
-def _seed(v: Any) -> int | None:
-    n = _int(v)
-    if n == -1 or n == UINT32_MAX:  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per run
-        return None
-    if not 0 <= n < UINT32_MAX:
-        raise ValueError(f"expected -1 (random) or an int in [0, {UINT32_MAX}), got {_short(v)}")
-    return n
-
-
-def _max_tokens(v: Any) -> int | None:
-    n = _int(v)
-    if n in (-1, -2):  # llama.cpp's n_predict -1 (no limit) and -2 (until the context is full)
-        return INT32_MAX
-    if not 0 <= n <= INT32_MAX:
-        raise ValueError(f"expected -1 (no limit), -2 (to the end of the context) or an int >= 0, got {_short(v)}")
-    return n
+# a thread count; llama.cpp's -1 (and 0) mean its default: here the physical cores
+_threads = _int_or({-1: None, 0: None}, 1, 4096, "a thread count in [1, 4096], or -1 for the default")
+# llama.cpp's LLAMA_DEFAULT_SEED (-1, or UINT32_MAX): a random seed per run
+_seed = _int_or({-1: None, UINT32_MAX: None}, 0, UINT32_MAX - 1, f"-1 (random) or an int in [0, {UINT32_MAX})")
+# llama.cpp's n_predict -1 (no limit) and -2 (until the context is full)
+_max_tokens = _int_or({-1: INT32_MAX, -2: INT32_MAX}, 0, INT32_MAX,
+                      "-1 (no limit), -2 (to the end of the context) or an int >= 0")
 
 
 def _stop(v: Any) -> list[str]:
