@@ -12,8 +12,7 @@ import numpy.typing as npt
 from . import _core, _native
 from .errors import OutOfMemoryError
 from .lora import Lora, LoraSpec, lora_items
-from .params import (FLASH, KV, KV_TYPES, LOGITS, POOLING, as_tokens, check_int, check_pos, check_seq,
-                     context_settings, out_of_memory)
+from .params import KV, LOGITS, POOLING, as_tokens, check_int, check_pos, check_seq, context_settings, out_of_memory
 from .system import host_memory
 from .sampling import Sampler, response_format_schema
 from .speculative import Draft
@@ -399,16 +398,14 @@ class Context(_core.NativeOwner[_native.Context]):
             if sampler.grammar is not None or sampler.json_schema is not None:
                 raise ValueError("the sampler has a grammar already: give json_schema there or here, not both")
             sampler = replace(sampler, json_schema=json_schema)
-        shift_keep = n_keep if context_full == "shift" else -1
-        if draft == "ngram":
-            draft = Draft()
+        draft = Draft() if draft == "ngram" else draft
         if draft is not None and not isinstance(draft, Draft):
             raise TypeError(f"draft must be a lamina.Draft or 'ngram', got {draft!r}")
-        draft_params = draft.params() if draft is not None else None
         draft_ctx = draft.context_for(self) if draft is not None else None
-        native = _native.Generator(self.native, tokens, sampler.params(self.n_ctx), max_tokens, ignore_eos, shift_keep, backend_sampling,
-                                   draft_params, draft_ctx.native if draft_ctx is not None else None, stops)
-        return Generation(native)
+        return Generation(_native.Generator(
+            self.native, tokens, sampler.params(self.n_ctx), max_tokens, ignore_eos,
+            n_keep if context_full == "shift" else -1, backend_sampling, draft.params() if draft is not None else None,
+            draft_ctx.native if draft_ctx is not None else None, stops))
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None, **kwargs: Any) -> Generation:
         """Stream the assistant's reply to chat messages, rendered by llama.cpp's chat template
