@@ -26,7 +26,7 @@ import os
 import platform
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -323,8 +323,7 @@ def model_report(report: dict[str, Any], path: str, n_ctx: int, kv_type: str, co
                                    vram_free if off.gpu else 0, read_gbs)
         quant, quant_why = recommend_quantization(table, bool(off.gpu and gpu_rows))
 
-    report["_facts"] = Facts(**{**asdict(facts), "model_filesystem": fs, "model_mount": mount,
-                                "model_host_bytes": host["bytes"]})
+    report["_facts"] = replace(facts, model_filesystem=fs, model_mount=mount, model_host_bytes=host["bytes"])
     return {
         "path": str(path), "arch": info.arch, "name": info.name, "description": info.desc,
         "n_params": info.n_params, "size": info.size, "n_layer": info.n_layer,
@@ -350,10 +349,9 @@ def model_report(report: dict[str, Any], path: str, n_ctx: int, kv_type: str, co
 
 def config_facts(facts: Facts, config: Any) -> Facts:
     """Facts with a model.yml's settings (Config) for the SMT and stale-ngl checks."""
-    return Facts(**{**asdict(facts), "config_threads": config.given("threads"),
-                    "config_threads_source": config.source("threads"), "config_gpu": bool(config["gpu"]),
-                    "config_gpu_source": config.source("gpu"), "config_ngl": config["n_gpu_layers"],
-                    "config_ngl_source": config.source("n_gpu_layers")})
+    return replace(facts, config_threads=config.given("threads"), config_threads_source=config.source("threads"),
+                   config_gpu=bool(config["gpu"]), config_gpu_source=config.source("gpu"),
+                   config_ngl=config["n_gpu_layers"], config_ngl_source=config.source("n_gpu_layers"))
 
 
 def doctor_report(model: str | None = None, *, n_ctx: int = 4096, kv_type: str = "f16", config: Any = None,
