@@ -12,7 +12,8 @@ import numpy.typing as npt
 from . import _core, _native
 from .errors import OutOfMemoryError
 from .lora import Lora, LoraSpec, lora_items
-from .params import KV, LOGITS, POOLING, as_tokens, check_int, check_pos, check_seq, context_settings, out_of_memory
+from .params import (KV, LOGITS, POOLING, as_tokens, check_count, check_int, check_pos, check_seq, context_settings,
+                     out_of_memory)
 from .system import host_memory
 from .sampling import Sampler, response_format_schema
 from .speculative import Draft
@@ -384,9 +385,7 @@ class Context(_core.NativeOwner[_native.Context]):
         if not isinstance(n_keep, int) or n_keep < 0:
             raise ValueError(f"n_keep must be an int >= 0, got {n_keep!r}")
         check_int("n_keep", n_keep, 0)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
-        check_int("max_tokens", max_tokens, 0)
+        check_count("max_tokens", max_tokens)
         stops = stop_strings(stop)
         tokens = self._prompt_tokens(prompt)
         sampler = sampler or Sampler()
@@ -443,9 +442,7 @@ class Context(_core.NativeOwner[_native.Context]):
         toks = [self._prompt_tokens(p) for p in prompts]
         if not toks:
             raise ValueError("no prompts")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-        check_int("max_tokens", max_tokens, 1)
+        check_count("max_tokens", max_tokens, 1)
         if sampler is None or isinstance(sampler, Sampler):
             base = sampler or Sampler()
             samplers = [replace(base, seed=(base.seed + i) % 2**32) for i in range(len(toks))]

@@ -17,7 +17,7 @@ from .errors import InertSettingWarning
 from .lora import Lora
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
-from .params import KV, NGL, check_int, context_settings, kv_tensor_error, parse_ngl
+from .params import KV, NGL, check_count, check_int, context_settings, kv_tensor_error, parse_ngl
 from .system import Device, gpu_absent_reason, rpc_connect
 from .system import devices as list_devices
 from .threads import Threads
@@ -88,14 +88,12 @@ class Model(Vocabulary):
         if split_mode not in _SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
         n_gpu_layers = parse_ngl(n_gpu_layers)
-        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 0:
-            raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
+        check_count("n_ctx", n_ctx, hi=None)
         margins_given = [fit_margin] if isinstance(fit_margin, int) else list(fit_margin)
         if not margins_given or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
                                         for m in margins_given):
             raise ValueError(f"fit_margin must be bytes >= 0 (one value, or one per device), got {fit_margin!r}")
-        if not isinstance(fit_ctx, int) or isinstance(fit_ctx, bool) or fit_ctx < 0:
-            raise ValueError(f"fit_ctx must be an int >= 0, got {fit_ctx!r}")
+        check_count("fit_ctx", fit_ctx, hi=None)
         self.path = Path(path)
         self.gpu_requested = gpu
         self.config: "Config | None" = None
