@@ -228,10 +228,8 @@ def cmd_bench(args: "argparse.Namespace") -> int:
         plot.require()  # before minutes of measuring, not after
     results: list[Result] = []
     first: Model | None = None  # names the model in the table and the plot (info outlives close())
-    for model in models(args):
+    for model, threads in models(args):
         first = first or model
-        config_threads = model.config.threads() if model.config is not None else Threads()
-        threads = args.threads or [config_threads.resolve()[0]]
         results += run(model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads, reps=args.reps,
                        compare=args.compare, rounds=args.rounds)
     assert first is not None

@@ -612,10 +612,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_args(args.bench_parser, args)
     results: list[ParallelResult | DraftResult] = []
     first: Model | None = None
-    for model in models(args):
+    for model, threads in models(args):
         first = first or model
-        config_threads = model.config.threads() if model.config is not None else Threads()
-        threads = args.threads or [config_threads.resolve()[0]]
         if args.parallel:
             results += run_parallel(model, levels=args.parallel, n_prompt=args.n_prompt_parallel,
                                     n_gen=args.n_gen_parallel, threads=threads, reps=args.reps, rounds=args.rounds,
