@@ -168,9 +168,8 @@ def _cgroup_dirs(controller: str, proc_cgroup: str, mountinfo: str) -> tuple[int
         if mount is None:
             continue
         root, point = mount[0], mount[1]
-        rel = path[len(root):] if root != "/" and path.startswith(root) else path
-        if root != "/" and not path.startswith(root):
-            rel = "/"  # a namespaced cgroup path: only the mount's own directory is visible
+        # a path outside the mount's root is a namespaced cgroup path: only the mount's own directory is visible
+        rel = path if root == "/" else path[len(root):] if path.startswith(root) else "/"
         parts = [p for p in rel.split("/") if p]
         dirs = []
         for i in range(len(parts), -1, -1):

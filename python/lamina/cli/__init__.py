@@ -94,10 +94,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if action == "show":  # the warnings are in the explanation
         print(cfg.explain())
         return 0
-    for w in caught:
+    for w in caught:  # the action is check: show returned above
         print(f"lamina config {action}: warning: {w.message}", file=sys.stderr)
-    if action == "check":
-        print(f"{args.config}: ok ({len(caught)} warning{'s' if len(caught) != 1 else ''})")
+    print(f"{args.config}: ok ({len(caught)} warning{'s' if len(caught) != 1 else ''})")
     return 0
 
 
