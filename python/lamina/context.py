@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,8 @@ from .threads import Threads
 
 if TYPE_CHECKING:
     from .model import Model
+
+Prompt = Union[str, bytes, Sequence[int], npt.NDArray[np.integer[Any]]]  # text, or token ids
 
 @dataclass(frozen=True)
 class Completion:
@@ -208,24 +210,13 @@ class Context(_core.NativeOwner[_native.Context]):
                                 "rope_scaling": None, "rope_freq_base": float(_NATIVE.rope_freq_base),
                                 "rope_freq_scale": float(_NATIVE.rope_freq_scale)}
 
-    def __init__(
-        self,
-        model: "Model",
-        *,
-        n_ctx: int | None = None,
-        n_batch: int | None = None,
-        n_ubatch: int | None = None,
-        n_seq_max: int | None = None,
-        threads: int | Threads | None = None,
-        kv: KV | None = None,
-        flash_attn: bool | Literal["auto"] | None = None,
-        embeddings: bool = False,
-        pooling: Literal["none", "mean", "cls", "last"] | None = None,
-        rope_scaling: Literal["none", "linear", "yarn", "longrope"] | None = None,
-        rope_freq_base: float | None = None,
-        rope_freq_scale: float | None = None,
-        lora: LoraSpec = None,
-    ) -> None:
+    def __init__(self, model: "Model", *, n_ctx: int | None = None, n_batch: int | None = None,
+                 n_ubatch: int | None = None, n_seq_max: int | None = None, threads: int | Threads | None = None,
+                 kv: KV | None = None, flash_attn: bool | Literal["auto"] | None = None, embeddings: bool = False,
+                 pooling: Literal["none", "mean", "cls", "last"] | None = None,
+                 rope_scaling: Literal["none", "linear", "yarn", "longrope"] | None = None,
+                 rope_freq_base: float | None = None, rope_freq_scale: float | None = None,
+                 lora: LoraSpec = None) -> None:
         self._native: _native.Context | None = None
         self._lora: dict[Lora, float] = {}
         if pooling not in POOLING:
@@ -344,26 +335,16 @@ class Context(_core.NativeOwner[_native.Context]):
         self.params = self.native.params()
 
     # -- generation ----------------------------------------------------------------------
-    def _prompt_tokens(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int32]:
+    def _prompt_tokens(self, prompt: Prompt) -> npt.NDArray[np.int32]:
         if isinstance(prompt, (str, bytes)):
             return self.model.tokenize(prompt, add_special=True, special=True)
         return as_tokens(prompt, self.model.info.n_vocab)
 
-    def generate(
-        self,
-        prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]],
-        *,
-        max_tokens: int = 256,
-        sampler: Sampler | None = None,
-        stop: str | Sequence[str] = (),
-        ignore_eos: bool = False,
-        context_full: Literal["stop", "shift"] = "stop",
-        n_keep: int = 0,
-        backend_sampling: bool = False,
-        draft: "Draft | Literal['ngram'] | None" = None,
-        json_schema: Mapping[str, Any] | str | None = None,
-        response_format: Mapping[str, Any] | None = None,
-    ) -> Generation:
+    def generate(self, prompt: Prompt, *, max_tokens: int = 256, sampler: Sampler | None = None,
+                 stop: str | Sequence[str] = (), ignore_eos: bool = False,
+                 context_full: Literal["stop", "shift"] = "stop", n_keep: int = 0, backend_sampling: bool = False,
+                 draft: "Draft | Literal['ngram'] | None" = None, json_schema: Mapping[str, Any] | str | None = None,
+                 response_format: Mapping[str, Any] | None = None) -> Generation:
         """Stream text pieces for ``prompt`` (text, or token ids).
 
         Greedy when no sampler is given. The KV cache keeps the longest common prefix with the
@@ -412,7 +393,7 @@ class Context(_core.NativeOwner[_native.Context]):
         prompt = self.model.apply_chat_template(messages, template=template, add_assistant=True)
         return self.generate(prompt, **kwargs)
 
-    def complete(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], **kwargs: Any) -> Completion:
+    def complete(self, prompt: Prompt, **kwargs: Any) -> Completion:
         """Generate to the end and return text, tokens, finish reason and speeds."""
         gen = self.generate(prompt, **kwargs)
         text = "".join(gen)
@@ -421,15 +402,9 @@ class Context(_core.NativeOwner[_native.Context]):
                           n_prompt_eval=s["n_prompt_eval"], prompt_tokens_per_s=s["prompt_tokens_per_s"],
                           tokens_per_s=s["tokens_per_s"])
 
-    def generate_batch(
-        self,
-        prompts: Sequence[str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]]],
-        *,
-        max_tokens: int = 256,
-        sampler: Sampler | Sequence[Sampler] | None = None,
-        stop: str | Sequence[str] = (),
-        ignore_eos: bool = False,
-    ) -> list[Completion]:
+    def generate_batch(self, prompts: Sequence[Prompt], *, max_tokens: int = 256,
+                       sampler: Sampler | Sequence[Sampler] | None = None, stop: str | Sequence[str] = (),
+                       ignore_eos: bool = False) -> list[Completion]:
         """Generate for several prompts together, in this thread, over this context's
         n_seq_max sequences: the native loop of lamina.Batcher (one batch per step, a token of
         every running sequence plus prompt chunks of the next ones; more prompts than sequences
