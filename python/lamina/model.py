@@ -59,27 +59,14 @@ class Model(Vocabulary):
         progress: called with a float in [0, 1] while loading; return False to cancel.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str] | None = None,
-        *,
-        gpu: bool = True,
-        n_gpu_layers: NGL = "auto",
-        main_gpu: int = 0,
-        split_mode: str = "layer",
-        tensor_split: Sequence[float] | None = None,
-        devices: Sequence[int | str | Device] | None = None,
-        tensor_overrides: Sequence[tuple[str, int | str | Device]] | None = None,
-        n_ctx: int = 4096,
-        kv: KV | None = None,
-        memory_limit: Mapping[int | str | Device, int] | None = None,
-        fit_margin: int | Sequence[int] = 1024 * MiB,
-        fit_ctx: int = 4096,
-        use_mmap: bool = True,
-        use_mlock: bool = False,
-        progress: Callable[[float], bool | None] | None = None,
-        rpc: Sequence[str] | None = None,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, gpu: bool = True, n_gpu_layers: NGL = "auto",
+                 main_gpu: int = 0, split_mode: str = "layer", tensor_split: Sequence[float] | None = None,
+                 devices: Sequence[int | str | Device] | None = None,
+                 tensor_overrides: Sequence[tuple[str, int | str | Device]] | None = None, n_ctx: int = 4096,
+                 kv: KV | None = None, memory_limit: Mapping[int | str | Device, int] | None = None,
+                 fit_margin: int | Sequence[int] = 1024 * MiB, fit_ctx: int = 4096, use_mmap: bool = True,
+                 use_mlock: bool = False, progress: Callable[[float], bool | None] | None = None,
+                 rpc: Sequence[str] | None = None) -> None:
         self._native: _native.Model | None = None
         if path is None:
             path = default_model_path()
