@@ -119,10 +119,8 @@ def run_llama_bench(bench: Path | None, model_path: Path, test: str, n: int, thr
     """llama-bench's samples (tokens/s): the shipped one (bench=None) with lamina's backends, or yours."""
     args = ["-p", "0", "-n", str(n)] if test == "tg" else ["-p", str(n), "-n", "0"]
     cmd = ["-m", str(Path(model_path).resolve()), "-t", str(threads), "-r", str(reps), "-o", "json", *args, *extra]
-    if bench is None:
-        res = tools.run("llama-bench", cmd, capture_output=True)
-    else:
-        res = subprocess.run([str(bench), *cmd], capture_output=True, text=True)
+    res = tools.run("llama-bench", cmd, capture_output=True) if bench is None else \
+        subprocess.run([str(bench), *cmd], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({res.returncode}): {res.stderr.strip()[-500:]}")
     return [float(x) for t in json.loads(res.stdout) for x in t["samples_ts"]]
@@ -141,10 +139,8 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
             if compare:
                 extra = bench_batch.placement_args(model, sep="/") if bench_args is None else bench_args
                 res.llama_bench += run_llama_bench(bench, model.path, t, n, th, reps, extra)
-            if t == "pp":
-                res.lamina += lamina_pp(model, n, th, reps)
-            else:
-                res.lamina += lamina_tg(model, n, th, reps, backend_sampling)
+            res.lamina += (lamina_pp(model, n, th, reps) if t == "pp"
+                           else lamina_tg(model, n, th, reps, backend_sampling))
     return list(results.values())
 
 
@@ -234,10 +230,8 @@ def cmd_bench(args: "argparse.Namespace") -> int:
                        compare=args.compare, rounds=args.rounds)
     assert first is not None
     results.sort(key=lambda r: r.test[:2] != "pp")  # pp rows first, as for one load
-    if args.output == "json":
-        print(json.dumps([r.as_dict() for r in results], indent=1))
-    else:
-        print(markdown(first, results))
+    print(json.dumps([r.as_dict() for r in results], indent=1) if args.output == "json"
+          else markdown(first, results))
     if args.plot:
         x = "n_gpu_layers" if args.n_gpu_layers and len(args.n_gpu_layers) > 1 else "threads"
         title = f"lamina bench: {first.info.desc} ({first.path.name})\n{system_info().cpu_model or 'unknown CPU'}"
