@@ -147,8 +147,8 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
 def markdown(model: Model, results: list[Result]) -> str:
     compare = any(r.llama_bench for r in results)
     paired = compare and all(r.paired for r in results)
-    head = (["model", "test", "threads", "ngl (placed)", "lamina t/s"]
-            + (["llama-bench t/s", "ratio", "overhead/token"] if compare else []) + (["paired ratio"] if paired else []))
+    head = ["model", "test", "threads", "ngl (placed)", "lamina t/s"] + (
+        ["llama-bench t/s", "ratio", "overhead/token"] if compare else []) + (["paired ratio"] if paired else [])
     rows = []
     for r in results:
         d = r.as_dict()

@@ -367,7 +367,8 @@ def parallel_markdown(model: Model, results: list[ParallelResult]) -> str:
                      f"{d['tg_ratio']:.3f}"]
                     + ([f"{d['pp_paired_ratio_median']:.3f}", f"{d['tg_paired_ratio_median']:.3f}"] if paired else []))
     r0 = results[0]
-    lines = md_table(head, rows) + ["", f"pp{r0.n_prompt} per sequence, then tg{r0.n_gen}; aggregate t/s over all pl sequences; "
+    lines = md_table(head, rows)
+    lines += ["", f"pp{r0.n_prompt} per sequence, then tg{r0.n_gen}; aggregate t/s over all pl sequences; "
               f"n_batch = pl*{r0.n_prompt}, n_ubatch <= {max(r.n_ubatch for r in results)}, "
               f"flash_attn {r0.flash_attn}, "
               f"per-sequence KV streams; medians of {len(r0.lamina_tg)} runs; llama = llama-batched-bench; "
@@ -541,7 +542,8 @@ def draft_markdown(model: Model, results: list[DraftResult]) -> str:
                      f"{d['llama_acceptance']:.1%}", f"{d['ratio']:.3f}"]
                     + ([f"{d['paired_ratio_median']:.3f}"] if paired else []))
     r0 = results[0]
-    lines = md_table(head, rows) + ["", f"greedy tg{r0.n_gen} after a {r0.n_prompt}-token prompt; draft up to {r0.n_max} tokens"
+    lines = md_table(head, rows)
+    lines += ["", f"greedy tg{r0.n_gen} after a {r0.n_prompt}-token prompt; draft up to {r0.n_max} tokens"
               + (f" after a {r0.ngram_n}-token match" if r0.draft == "ngram" else f", p_min {r0.p_min}")
               + f"; speedup = lamina spec / lamina plain; ratio = lamina spec / llama-speculative-simple; "
               f"medians of {len(r0.lamina_spec)} runs; device: {', '.join(r0.placed.get('devices') or ['CPU'])}"]
