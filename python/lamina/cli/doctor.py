@@ -125,13 +125,10 @@ def traps(f: Facts) -> list[Trap]:
                                             "the GPU, e.g. CUDA_VISIBLE_DEVICES or container flags)"))
     for a in f.addon_failures:
         out.append(Trap("addon_failed", f"GPU add-on {a}"))
-    ngl_set = f.config_ngl_source != "default" and f.config_ngl not in (None, 0)
-    if ngl_set and not f.config_gpu:
-        out.append(Trap("stale_ngl", f"n_gpu_layers={f.config_ngl!r} ({f.config_ngl_source}) is inert: gpu "
-                                        f"is off ({f.config_gpu_source}); remove it, or turn the GPU on"))
-    elif ngl_set and not f.gpu_device:
-        out.append(Trap("stale_ngl", f"n_gpu_layers={f.config_ngl!r} ({f.config_ngl_source}) is inert: this "
-                                        "machine has no GPU device, so everything stays on the CPU"))
+    inert = (f"gpu is off ({f.config_gpu_source}); remove it, or turn the GPU on" if not f.config_gpu else
+             "this machine has no GPU device, so everything stays on the CPU" if not f.gpu_device else "")
+    if inert and f.config_ngl_source != "default" and f.config_ngl not in (None, 0):
+        out.append(Trap("stale_ngl", f"n_gpu_layers={f.config_ngl!r} ({f.config_ngl_source}) is inert: {inert}"))
     return out
 
 
