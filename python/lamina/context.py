@@ -235,8 +235,7 @@ class Context(_core.NativeOwner[_native.Context]):
                                     model.on_gpu, embeddings=embeddings, pooling=pooling,
                                     rope_scaling=o["rope_scaling"], rope_freq_base=o["rope_freq_base"],
                                     rope_freq_scale=o["rope_freq_scale"])
-        if model.on_gpu:
-            model.check_kv_tensors(n_ctx, kv)
+        model.check_kv_tensors(n_ctx, kv)  # returns at once without a GPU or KV offload
         if n_ctx == 0:
             _check_memory(model, kv, o["n_batch"], o["n_ubatch"], o["n_seq_max"], o["flash_attn"])
         _core.sync_log_level()
@@ -397,10 +396,9 @@ class Context(_core.NativeOwner[_native.Context]):
         """Generate to the end and return text, tokens, finish reason and speeds."""
         gen = self.generate(prompt, **kwargs)
         text = "".join(gen)
-        s = gen.stats
-        return Completion(text=text, tokens=gen.tokens, finish_reason=s["finish_reason"], n_prompt=s["n_prompt"],
-                          n_prompt_eval=s["n_prompt_eval"], prompt_tokens_per_s=s["prompt_tokens_per_s"],
-                          tokens_per_s=s["tokens_per_s"])
+        s = gen.stats  # the other fields of a Completion, by their names
+        return Completion(text=text, tokens=gen.tokens, **{k: s[k] for k in (
+            "finish_reason", "n_prompt", "n_prompt_eval", "prompt_tokens_per_s", "tokens_per_s")})
 
     def generate_batch(self, prompts: Sequence[Prompt], *, max_tokens: int = 256,
                        sampler: Sampler | Sequence[Sampler] | None = None, stop: str | Sequence[str] = (),
