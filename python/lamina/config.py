@@ -502,8 +502,7 @@ class Config:
                 return str(self[name])
             if name == "grammar_file":
                 return Path(self[name]).read_text(encoding="utf-8")
-            schema = self[name] if name == "json_schema" else \
-                json.loads(Path(self[name]).read_text(encoding="utf-8"))
+            schema = self[name] if name == "json_schema" else json.loads(Path(self[name]).read_text(encoding="utf-8"))
             return str(_native.json_schema_to_grammar(json.dumps(schema)))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ValueError(_err(self.source(name), name, str(exc) or type(exc).__name__)) from None
@@ -550,13 +549,11 @@ class Config:
         lines = [f"config{f' from {self.path}' if self.path else ''} (defaults < model.yml < LAMINA_* env < arguments):"]
         width = max(len(n) for n in self.settings)
         for name, s in self.settings.items():
-            value = "(random)" if name == "seed" and s.value is None else \
-                "(none)" if s.value is None else s.value
+            value = "(random)" if name == "seed" and s.value is None else "(none)" if s.value is None else s.value
             text = value if isinstance(value, str) and name != "grammar" else _short(value)
             lines.append(f"  {name:{width}} {text:40} {s.source}")
-        lines += [f"  inert: {r}" for r in self.inert]
-        lines += [f"  unknown: {u}" for u in self.unknown]
-        lines += [f"  unsupported: {u}" for u in self.unsupported]
+        lines += [f"  {kind}: {x}" for kind, xs in (("inert", self.inert), ("unknown", self.unknown),
+                                                    ("unsupported", self.unsupported)) for x in xs]
         if self.ignored:
             lines.append(f"  ignored (describe the model or the app, configure nothing here): {', '.join(self.ignored)}")
         return "\n".join(lines)
