@@ -142,9 +142,7 @@ def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv
 
 def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:
     """Token ids as a contiguous int32 array; rejects non-integers and values int32 cannot hold."""
-    arr = np.asarray(tokens)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
+    arr = np.atleast_1d(np.asarray(tokens))
     if arr.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:
@@ -155,8 +153,7 @@ def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:
         lo, hi = int(arr.min()), int(arr.max())
         limit = n_vocab if n_vocab is not None else 2**31
         if lo < 0 or hi >= limit:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"token id {bad} is out of range [0, {limit})")
+            raise IndexError(f"token id {lo if lo < 0 else hi} is out of range [0, {limit})")
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
