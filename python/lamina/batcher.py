@@ -80,8 +80,7 @@ class Request:
 
     @property
     def finish_reason(self) -> str | None:
-        reason: str | None = self._native.finish_reason
-        return reason
+        return self._native.finish_reason
 
     @property
     def tokens(self) -> npt.NDArray[np.int32]:
