@@ -25,13 +25,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .. import tools
 from . import bench_batch, plot
-from .bench_batch import md_table, paired_ratio, random_prompt, sample_stats, spread
+from .bench_batch import count, md_table, paired_ratio, random_prompt, sample_stats, spread
 from .args import add_model_args, models
 from ..model import Model
 from ..params import BENCH_KV, NGL, parse_ngl
@@ -184,18 +183,6 @@ def _ngl_list(value: str) -> list[NGL]:
         raise argparse.ArgumentTypeError(f"{e} in the list {value!r} (e.g. 0,4,8,all)") from None
 
 
-def _count(lo: int) -> "Callable[[str], int]":
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = lo - 1
-        if not lo <= n <= 1_000_000:
-            raise argparse.ArgumentTypeError(f"expected an int >= {lo}, got {text!r}")
-        return n
-    return parse
-
-
 def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     # "resolve": bench's -t and -ngl are sweep lists and replace the single values of add_model_args
     p = sub.add_parser("bench", help="pp/tg throughput (like llama-bench); --compare runs llama-bench too",
@@ -203,17 +190,17 @@ def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     add_model_args(p)
     p.add_argument("-ngl", "--n-gpu-layers", type=_ngl_list, default=None,
                    help="comma list, e.g. 0,4,8,all (a sweep: one model load per value); int, 'all' or 'auto'")
-    p.add_argument("-p", "--n-prompt", type=_count(0), default=512, help="prompt tokens (0: no pp test)")
-    p.add_argument("-n", "--n-gen", type=_count(0), default=128, help="generated tokens (0: no tg test)")
-    p.add_argument("-r", "--reps", type=_count(1), default=5)
+    p.add_argument("-p", "--n-prompt", type=count(0), default=512, help="prompt tokens (0: no pp test)")
+    p.add_argument("-n", "--n-gen", type=count(0), default=128, help="generated tokens (0: no tg test)")
+    p.add_argument("-r", "--reps", type=count(1), default=5)
     p.add_argument("-t", "--threads", type=_int_list, default=None, help="comma list, e.g. 1,2,4 (a sweep)")
-    p.add_argument("--rounds", type=_count(1), default=1)
+    p.add_argument("--rounds", type=count(1), default=1)
     p.add_argument("--compare", action="store_true", help="run llama-bench from the same source in the same run")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md")
     p.add_argument("--json", dest="output", action="store_const", const="json", help="the same as -o json")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw t/s against threads or -ngl layers (needs matplotlib: pip install \"lamina[plot]\")")
-    bench_batch.add_args(p, _count)
+    bench_batch.add_args(p)
     p.set_defaults(func=cmd_bench, bench_parser=p)
 
 

@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -562,17 +561,26 @@ def _levels(value: str) -> list[int]:
     return out
 
 
-def _p_min(value: str) -> float:
-    try:
-        p = float(value)
-    except ValueError:
-        p = math.nan
-    if not 0.0 <= p <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability 0..1, got {value!r}")
-    return p
+N = TypeVar("N", int, float)
 
 
-def add_args(p: argparse.ArgumentParser, count: Any) -> None:
+def ranged(parse: Callable[[str], N], lo: N, hi: N, expected: str) -> Callable[[str], N]:
+    """An argparse type: the text parsed into [lo, hi], else ArgumentTypeError("expected <expected>, got 'text'")."""
+    def check(text: str) -> N:
+        with contextlib.suppress(ValueError):
+            x = parse(text)
+            if lo <= x <= hi:  # NaN fails too
+                return x
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return check
+
+
+def count(lo: int) -> Callable[[str], int]:
+    """An argparse type: an int in [lo, 1,000,000]."""
+    return ranged(int, lo, 1_000_000, f"an int >= {lo}")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batched and speculative generation against llama.cpp's programs")
     g.add_argument("--parallel", type=_levels, default=None, metavar="PL,PL,...",
                    help="sequences decoded together, e.g. 1,4,8,16,32: lamina's Batcher against llama-batched-bench")
@@ -591,8 +599,8 @@ def add_args(p: argparse.ArgumentParser, count: Any) -> None:
                         "llama-speculative-simple; plain generation is measured too")
     g.add_argument("--prompt", default=None, metavar="TEXT", help="--draft: the prompt (default: a code file to copy)")
     g.add_argument("--draft-max", type=count(1), default=16, metavar="N", help="--draft: most tokens per draft (16)")
-    g.add_argument("--draft-p-min", type=_p_min, default=0.75, metavar="P",
-                   help="--draft: least draft-model probability (0.75)")
+    g.add_argument("--draft-p-min", type=ranged(float, 0.0, 1.0, "a probability 0..1"), default=0.75,
+                   metavar="P", help="--draft: least draft-model probability (0.75)")
     g.add_argument("--ngram-n", type=count(1), default=NGRAM_LOOKUP, metavar="N",
                    help=f"--draft ngram: tokens matched to find a draft ({NGRAM_LOOKUP})")
 
