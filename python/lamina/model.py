@@ -306,8 +306,7 @@ def plan_placement(*, gpu: bool, n_gpu_layers: NGL, main_gpu: int, split_mode: s
                    tensor_split: Sequence[float] | None, devices: Sequence[int | str | Device] | None,
                    tensor_overrides: Sequence[tuple[str, int | str | Device]] | None,
                    memory_limit: Mapping[int | str | Device, int] | None, rpc: Sequence[str] | None,
-                   all_devices: list[Device], remote: set[int],
-                   absent: Callable[[], str] = gpu_absent_reason,
+                   all_devices: list[Device], remote: set[int], absent: Callable[[], str] = gpu_absent_reason,
                    row_split: Callable[[int], bool] = _native.supports_row_split) -> Plan:
     """The placement a Model's arguments ask for on a machine with ``all_devices`` (``remote``:
     indices of the RPC devices named by ``rpc``): the devices, the layer count for llama.cpp, the

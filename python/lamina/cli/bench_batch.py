@@ -309,9 +309,8 @@ def parse_batched_bench(text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run_batched_bench(model: Model, pl: int, n_prompt: int, n_gen: int, threads: int, reps: int, *,
-                      n_ubatch: int = 512, flash_attn: FlashAttn = "auto",
-                      kv: KV = BENCH_KV) -> tuple[int, list[tuple[float, float]]]:
+def run_batched_bench(model: Model, pl: int, n_prompt: int, n_gen: int, threads: int, reps: int, *, n_ubatch: int = 512,
+                      flash_attn: FlashAttn = "auto", kv: KV = BENCH_KV) -> tuple[int, list[tuple[float, float]]]:
     """(n_kv_max, [(pp t/s, tg t/s)] per repetition): llama-batched-bench with lamina's settings,
     one process per level (its context sized for pl sequences as lamina's is), -r as -npl pl,pl,..."""
     n_ctx, n_batch, n_ub = parallel_shape(pl, n_prompt, n_gen, n_ubatch)
