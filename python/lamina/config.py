@@ -469,12 +469,10 @@ class Config:
         if self["cpu_moe"]:  # llama.cpp's --cpu-moe and --n-cpu-moe N: expert tensors stay on the CPU
             overrides.append((MOE_EXPERTS, "cpu"))
         overrides += [(rf"blk\.{i}{MOE_EXPERTS}", "cpu") for i in range(self["n_cpu_moe"] if not self["cpu_moe"] else 0)]
-        for name, value in (("n_gpu_layers", ngl), ("main_gpu", self["main_gpu"]), ("split_mode", self["split_mode"]),
-                            ("tensor_split", self["tensor_split"]), ("devices", self["devices"]),
-                            ("rpc", self["rpc"]), ("tensor_overrides", overrides or None)):
-            if name not in self._inert:
-                kw[name] = value
-        return kw
+        placement = {"n_gpu_layers": ngl, "main_gpu": self["main_gpu"], "split_mode": self["split_mode"],
+                     "tensor_split": self["tensor_split"], "devices": self["devices"], "rpc": self["rpc"],
+                     "tensor_overrides": overrides or None}
+        return {**kw, **{name: value for name, value in placement.items() if name not in self._inert}}
 
     def kv(self) -> KV:
         return KV(type_k=self["type_k"], type_v=self["type_v"], offload=self["kv_offload"],
