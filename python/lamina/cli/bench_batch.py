@@ -345,11 +345,9 @@ def run_parallel(model: Model, *, levels: list[int], n_prompt: int = 128, n_gen:
                                               flash_attn=flash_attn, seed=rnd, backend_sampling=backend_sampling)
             res.llama_pp += [p for p, _ in llama]
             res.llama_tg += [t for _, t in llama]
-            res.lamina_pp += [o[0] for o in ours]
-            res.lamina_tg += [o[1] for o in ours]
-            res.lamina_step_us += [o[2] for o in ours]
-            res.lamina_sample_us += [o[3] for o in ours]
-            res.lamina_reused += [o[4] for o in ours]
+            for name, values in zip(("lamina_pp", "lamina_tg", "lamina_step_us", "lamina_sample_us", "lamina_reused"),
+                                    zip(*ours)):  # lamina_parallel's tuples, field by field
+                getattr(res, name).extend(values)
     return list(results.values())
 
 
