@@ -437,11 +437,10 @@ def _render_model(m: dict[str, Any]) -> list[str]:
                      f"{d['compute_bytes'] / MiB:>8,.1f} MiB{d['bytes'] / MiB:>8,.1f} MiB{d['free'] / MiB:>8,.0f} MiB"
                      f"  {'yes' if d['fits'] else 'NO'}")
     fv = m["memory"]["fits_vram"]
-    lines.append(f"  fits RAM: {'yes' if m['memory']['fits_ram'] else 'NO'}; fits VRAM: "
-                 f"{'no GPU in use' if fv is None else 'yes' if fv else 'NO'}")
-    lines.append("token generation:")
-    lines.append(f"  bytes read per token ~ {_mib(tg['bytes_per_token_weights'])} weights + KV so far "
-                 f"(0 .. {_mib(tg['bytes_per_token_kv_full'])} at {m['n_ctx']} tokens)")
+    lines += [f"  fits RAM: {'yes' if m['memory']['fits_ram'] else 'NO'}; fits VRAM: "
+              f"{'no GPU in use' if fv is None else 'yes' if fv else 'NO'}", "token generation:",
+              f"  bytes read per token ~ {_mib(tg['bytes_per_token_weights'])} weights + KV so far "
+              f"(0 .. {_mib(tg['bytes_per_token_kv_full'])} at {m['n_ctx']} tokens)"]
     if tg["ceiling_tps_empty"]:
         lines.append(f"  ceiling at {tg['read_gbs']:.1f} GB/s read: {tg['ceiling_tps_empty']:.1f} t/s (empty context), "
                      f"{tg['ceiling_tps_full']:.1f} t/s (full context)")
