@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import tools
 from . import bench_batch, plot
-from .bench_batch import count, md_table, paired_ratio, random_prompt, sample_stats, spread
+from .bench_batch import count, int_list, md_table, paired_ratio, random_prompt, sample_stats, spread
 from .args import add_model_args, models
 from ..model import Model
 from ..params import BENCH_KV, NGL, parse_ngl
@@ -166,16 +166,6 @@ def markdown(model: Model, results: list[Result]) -> str:
 
 
 # -- `lamina bench` ----------------------------------------------------------------------
-def _int_list(value: str) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of ints, e.g. 1,2,4, got {value!r}") from None
-    if any(v < 1 for v in out):
-        raise argparse.ArgumentTypeError(f"thread counts are >= 1, got {value!r}")
-    return out
-
-
 def _ngl_list(value: str) -> list[NGL]:
     try:
         return [parse_ngl(v) for v in value.split(",")]
@@ -193,7 +183,8 @@ def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p.add_argument("-p", "--n-prompt", type=count(0), default=512, help="prompt tokens (0: no pp test)")
     p.add_argument("-n", "--n-gen", type=count(0), default=128, help="generated tokens (0: no tg test)")
     p.add_argument("-r", "--reps", type=count(1), default=5)
-    p.add_argument("-t", "--threads", type=_int_list, default=None, help="comma list, e.g. 1,2,4 (a sweep)")
+    p.add_argument("-t", "--threads", type=int_list("ints, e.g. 1,2,4", None, "thread counts are >= 1"), default=None,
+                   help="comma list, e.g. 1,2,4 (a sweep)")
     p.add_argument("--rounds", type=count(1), default=1)
     p.add_argument("--compare", action="store_true", help="run llama-bench from the same source in the same run")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md")

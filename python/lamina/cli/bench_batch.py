@@ -547,17 +547,6 @@ def draft_markdown(model: Model, results: list[DraftResult]) -> str:
 
 
 # -- command line --------------------------------------------------------------------------
-def _levels(value: str) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of sequence counts, e.g. 1,4,8, got {value!r}") \
-            from None
-    if any(not 1 <= v <= 256 for v in out):  # LLAMA_MAX_SEQ
-        raise argparse.ArgumentTypeError(f"sequence counts are 1..256, got {value!r}")
-    return out
-
-
 N = TypeVar("N", int, float)
 
 
@@ -577,9 +566,24 @@ def count(lo: int) -> Callable[[str], int]:
     return ranged(int, lo, 1_000_000, f"an int >= {lo}")
 
 
+def int_list(what: str, hi: int | None, bounds: str) -> Callable[[str], list[int]]:
+    """An argparse type: a comma list of ints in [1, hi] (None: no bound); ArgumentTypeError("expected a comma
+    list of <what>, got 'text'") for other text, and "<bounds>, got 'text'" for an int out of range."""
+    def parse(value: str) -> list[int]:
+        try:
+            out = [int(v) for v in value.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {value!r}") from None
+        if any(v < 1 or hi is not None and v > hi for v in out):
+            raise argparse.ArgumentTypeError(f"{bounds}, got {value!r}")
+        return out
+    return parse
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batched and speculative generation against llama.cpp's programs")
-    g.add_argument("--parallel", type=_levels, default=None, metavar="PL,PL,...",
+    g.add_argument("--parallel", type=int_list("sequence counts, e.g. 1,4,8", 256, "sequence counts are 1..256"),
+                   default=None, metavar="PL,PL,...",  # 256: LLAMA_MAX_SEQ
                    help="sequences decoded together, e.g. 1,4,8,16,32: lamina's Batcher against llama-batched-bench")
     g.add_argument("-npp", "--n-prompt-parallel", type=count(1), default=128, metavar="N",
                    help="--parallel: prompt tokens per sequence (128)")
