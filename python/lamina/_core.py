@@ -1,4 +1,5 @@
-"""Loads lamina._native once: backends shipped in the package, log routing to `logging`."""
+"""Loads lamina._native once: backends shipped in the package, log routing to `logging`; and the
+base of the objects that own a native handle."""
 from __future__ import annotations
 
 import atexit
@@ -7,6 +8,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from . import _native
 from .addons import AddOn, load_all
@@ -56,3 +58,42 @@ def _prepare_exit() -> None:
 
 
 atexit.register(_prepare_exit)
+
+
+class _Handle(Protocol):
+    def close(self) -> None: ...
+
+
+_Self = TypeVar("_Self", bound="Closing")
+_H = TypeVar("_H", bound=_Handle)
+
+
+class Closing:
+    """Leaving a ``with`` block calls close()."""
+
+    def close(self) -> None:
+        """Release what this object holds (idempotent)."""
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NativeOwner(Closing, Generic[_H]):
+    """An object that owns one native handle, made last in its constructor: ``native`` raises
+    RuntimeError when the constructor failed before making it; close() closes it (idempotent)."""
+
+    _native: _H | None
+    _what = "object"  # names it in that error
+
+    @property
+    def native(self) -> _H:
+        if self._native is None:
+            raise RuntimeError(f"{self._what} failed to initialise")
+        return self._native
+
+    def close(self) -> None:
+        if self._native is not None:
+            self._native.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Iterator, Seque
 import numpy as np
 import numpy.typing as npt
 
-from . import _native
+from . import _core, _native
 from .context import Completion, completion_from_row, stop_strings
 from .params import check_int
 from .sampling import Sampler
@@ -79,8 +80,7 @@ class Request:
 
     @property
     def finish_reason(self) -> str | None:
-        reason: str | None = self._native.finish_reason
-        return reason
+        return self._native.finish_reason
 
     @property
     def tokens(self) -> npt.NDArray[np.int32]:
@@ -98,7 +98,7 @@ class Request:
         return f"<lamina.Request {self.id} finish_reason={self.finish_reason}>"
 
 
-class Batcher:
+class Batcher(_core.Closing):
     """Continuous batching over a context of its own with ``n_seq_max`` sequences.
 
     submit() queues a prompt and returns a Request at once; a background thread runs the native
@@ -160,11 +160,7 @@ class Batcher:
         self._native.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.remove_reader(self._fd)
-            except (RuntimeError, ValueError):
-                pass
+        self._unwatch()
         self._loop = None
         self._context.close()
         _live.discard(self)
@@ -174,35 +170,38 @@ class Batcher:
         if native is not None:
             native.close()  # requests end "cancelled"; the loop thread ends by itself
 
-    def __enter__(self) -> "Batcher":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- asyncio: the loop writes a byte to a pipe after each step with news; the event loop's
     # reader wakes the coroutines waiting on this Batcher, which then poll without blocking.
-    def _arm(self) -> asyncio.Event:
+    def _unwatch(self) -> None:
+        """Remove the reader from the event loop it was added to (a closed loop has none)."""
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._loop.remove_reader(self._fd)
+
+    @contextlib.contextmanager
+    def _waiting(self, req: Request) -> Iterator[asyncio.Event]:
+        """An event set after each step with news, for a coroutine of the running event loop that
+        waits on ``req``; cancelling that coroutine cancels the request."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._fd < 0:
                 self._fd = self._native.wake_fd()
-            if self._loop is not None and not self._loop.is_closed():
-                try:
-                    self._loop.remove_reader(self._fd)
-                except (RuntimeError, ValueError):
-                    pass
+            self._unwatch()
             loop.add_reader(self._fd, self._wake)
             self._loop = loop
         ev = asyncio.Event()
         self._events.add(ev)
-        return ev
+        try:
+            yield ev
+        except asyncio.CancelledError:
+            req.cancel()
+            raise
+        finally:
+            self._events.discard(ev)
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(self._fd, 4096)
-        except BlockingIOError:
-            pass
         for ev in list(self._events):
             try:
                 ev.set()
@@ -210,22 +209,15 @@ class Batcher:
                 self._events.discard(ev)
 
     async def _wait_async(self, req: Request) -> Completion:
-        ev = self._arm()
-        try:
+        with self._waiting(req) as ev:
             while True:
                 ev.clear()
                 if req.done:
                     return req.result(0)
                 await ev.wait()
-        except asyncio.CancelledError:
-            req.cancel()
-            raise
-        finally:
-            self._events.discard(ev)
 
     async def _pieces_async(self, req: Request) -> AsyncIterator[str]:
-        ev = self._arm()
-        try:
+        with self._waiting(req) as ev:
             while True:
                 ev.clear()
                 text, ended = req._native.poll()
@@ -235,11 +227,6 @@ class Batcher:
                     return
                 else:
                     await ev.wait()
-        except asyncio.CancelledError:
-            req.cancel()
-            raise
-        finally:
-            self._events.discard(ev)
 
     def __repr__(self) -> str:
         s = self.stats

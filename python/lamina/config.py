@@ -17,7 +17,7 @@ import random
 import re
 import reprlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -245,32 +245,25 @@ def _mirostat(v: Any) -> int:
     return n
 
 
-def _threads(v: Any) -> int | None:
-    """A thread count; llama.cpp's -1 (and 0) mean its default: here the physical cores."""
-    n = _int(v)
-    if n in (-1, 0):
-        return None
-    if not 1 <= n <= 4096:
-        raise ValueError(f"expected a thread count in [1, 4096], or -1 for the default, got {_short(v)}")
-    return n
+def _int_or(special: dict[int, Any], lo: int, hi: int, expected: str) -> Callable[[Any], Any]:
+    """An int in [lo, hi], or one of llama.cpp's special values, read as ``special`` maps them."""
+    def check(v: Any) -> Any:
+        n = _int(v)
+        if n in special:
+            return special[n]
+        if not lo <= n <= hi:
+            raise ValueError(f"expected {expected}, got {_short(v)}")
+        return n
+    return check
 
 
-def _seed(v: Any) -> int | None:
-    n = _int(v)
-    if n == -1 or n == UINT32_MAX:  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed per run
-        return None
-    if not 0 <= n < UINT32_MAX:
-        raise ValueError(f"expected -1 (random) or an int in [0, {UINT32_MAX}), got {_short(v)}")
-    return n
-
-
-def _max_tokens(v: Any) -> int | None:
-    n = _int(v)
-    if n in (-1, -2):  # llama.cpp's n_predict -1 (no limit) and -2 (until the context is full)
-        return INT32_MAX
-    if not 0 <= n <= INT32_MAX:
-        raise ValueError(f"expected -1 (no limit), -2 (to the end of the context) or an int >= 0, got {_short(v)}")
-    return n
+# a thread count; llama.cpp's -1 (and 0) mean its default: here the physical cores
+_threads = _int_or({-1: None, 0: None}, 1, 4096, "a thread count in [1, 4096], or -1 for the default")
+# llama.cpp's LLAMA_DEFAULT_SEED (-1, or UINT32_MAX): a random seed per run
+_seed = _int_or({-1: None, UINT32_MAX: None}, 0, UINT32_MAX - 1, f"-1 (random) or an int in [0, {UINT32_MAX})")
+# llama.cpp's n_predict -1 (no limit) and -2 (until the context is full)
+_max_tokens = _int_or({-1: INT32_MAX, -2: INT32_MAX}, 0, INT32_MAX,
+                      "-1 (no limit), -2 (to the end of the context) or an int >= 0")
 
 
 def _stop(v: Any) -> list[str]:
@@ -406,6 +399,7 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 ENV_PREFIX = "LAMINA_"
 PATH_SETTINGS = ("model", "grammar_file", "json_schema_file")
+GRAMMARS = ("grammar", "grammar_file", "json_schema", "json_schema_file")  # one of them at most
 
 
 @dataclass(frozen=True)
@@ -475,12 +469,10 @@ class Config:
         if self["cpu_moe"]:  # llama.cpp's --cpu-moe and --n-cpu-moe N: expert tensors stay on the CPU
             overrides.append((MOE_EXPERTS, "cpu"))
         overrides += [(rf"blk\.{i}{MOE_EXPERTS}", "cpu") for i in range(self["n_cpu_moe"] if not self["cpu_moe"] else 0)]
-        for name, value in (("n_gpu_layers", ngl), ("main_gpu", self["main_gpu"]), ("split_mode", self["split_mode"]),
-                            ("tensor_split", self["tensor_split"]), ("devices", self["devices"]),
-                            ("rpc", self["rpc"]), ("tensor_overrides", overrides or None)):
-            if name not in self._inert:
-                kw[name] = value
-        return kw
+        placement = {"n_gpu_layers": ngl, "main_gpu": self["main_gpu"], "split_mode": self["split_mode"],
+                     "tensor_split": self["tensor_split"], "devices": self["devices"], "rpc": self["rpc"],
+                     "tensor_overrides": overrides or None}
+        return {**kw, **{name: value for name, value in placement.items() if name not in self._inert}}
 
     def kv(self) -> KV:
         return KV(type_k=self["type_k"], type_v=self["type_v"], offload=self["kv_offload"],
@@ -500,8 +492,7 @@ class Config:
     def grammar(self) -> str | None:
         """The GBNF grammar from grammar, grammar_file, json_schema or json_schema_file (one of
         them); ValueError names the setting's source when the file or the schema is bad."""
-        name = next((n for n in ("grammar", "grammar_file", "json_schema", "json_schema_file")
-                     if self[n] is not None), None)
+        name = next((n for n in GRAMMARS if self[n] is not None), None)
         if name is None:
             return None
         try:
@@ -509,8 +500,7 @@ class Config:
                 return str(self[name])
             if name == "grammar_file":
                 return Path(self[name]).read_text(encoding="utf-8")
-            schema = self[name] if name == "json_schema" else \
-                json.loads(Path(self[name]).read_text(encoding="utf-8"))
+            schema = self[name] if name == "json_schema" else json.loads(Path(self[name]).read_text(encoding="utf-8"))
             return str(_native.json_schema_to_grammar(json.dumps(schema)))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ValueError(_err(self.source(name), name, str(exc) or type(exc).__name__)) from None
@@ -519,21 +509,14 @@ class Config:
         """A lamina.Sampler with the file's sampling settings (llama.cpp's CLI defaults for the
         rest: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). seed -1 or unset: a random seed,
         drawn here (sampler.seed says which)."""
-        seed = self["seed"]
-        extra: dict[str, Any] = {}
+        # the Sampler fields that are settings of the same name and taken as they are
+        kw: dict[str, Any] = {f.name: self[f.name] for f in fields(Sampler) if f.name in SETTINGS and f.name not in
+                              ("dry_sequence_breakers", "logit_bias", "grammar", "json_schema", "seed")}
         if self["dry_sequence_breakers"] is not None:
-            extra["dry_sequence_breakers"] = tuple(self["dry_sequence_breakers"])
-        return Sampler(
-            temperature=self["temperature"], top_k=self["top_k"], top_p=self["top_p"], min_p=self["min_p"],
-            typical_p=self["typical_p"], top_n_sigma=self["top_n_sigma"], repeat_penalty=self["repeat_penalty"],
-            frequency_penalty=self["frequency_penalty"], presence_penalty=self["presence_penalty"],
-            penalty_last_n=self["repeat_last_n"], dry_multiplier=self["dry_multiplier"], dry_base=self["dry_base"],
-            dry_allowed_length=self["dry_allowed_length"], dry_penalty_last_n=self["dry_penalty_last_n"],
-            xtc_probability=self["xtc_probability"], xtc_threshold=self["xtc_threshold"],
-            dynatemp_range=self["dynatemp_range"], dynatemp_exponent=self["dynatemp_exponent"],
-            mirostat=self["mirostat"], mirostat_tau=self["mirostat_tau"], mirostat_eta=self["mirostat_eta"],
-            min_keep=self["min_keep"], logit_bias=dict(self["logit_bias"] or {}), grammar=self.grammar(),
-            seed=random.randrange(UINT32_MAX) if seed is None else seed, **extra)
+            kw["dry_sequence_breakers"] = tuple(self["dry_sequence_breakers"])
+        seed = self["seed"]
+        return Sampler(**kw, penalty_last_n=self["repeat_last_n"], logit_bias=dict(self["logit_bias"] or {}),
+                       grammar=self.grammar(), seed=random.randrange(UINT32_MAX) if seed is None else seed)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for Context.generate/chat: sampler, stop, ignore_eos, context_full and
@@ -564,13 +547,11 @@ class Config:
         lines = [f"config{f' from {self.path}' if self.path else ''} (defaults < model.yml < LAMINA_* env < arguments):"]
         width = max(len(n) for n in self.settings)
         for name, s in self.settings.items():
-            value = "(random)" if name == "seed" and s.value is None else \
-                "(none)" if s.value is None else s.value
+            value = "(random)" if name == "seed" and s.value is None else "(none)" if s.value is None else s.value
             text = value if isinstance(value, str) and name != "grammar" else _short(value)
             lines.append(f"  {name:{width}} {text:40} {s.source}")
-        lines += [f"  inert: {r}" for r in self.inert]
-        lines += [f"  unknown: {u}" for u in self.unknown]
-        lines += [f"  unsupported: {u}" for u in self.unsupported]
+        lines += [f"  {kind}: {x}" for kind, xs in (("inert", self.inert), ("unknown", self.unknown),
+                                                    ("unsupported", self.unsupported)) for x in xs]
         if self.ignored:
             lines.append(f"  ignored (describe the model or the app, configure nothing here): {', '.join(self.ignored)}")
         return "\n".join(lines)
@@ -581,10 +562,6 @@ class Config:
 MOE_EXPERTS = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # llama.cpp's LLM_FFN_EXPS_REGEX
 MAX_VALUES = 100_000  # YAML aliases can repeat a value without copying it: refuse files that expand beyond this
 MAX_REPORTED = 50     # unknown keys reported one by one (difflib per key); the rest are counted
-
-
-def _alias_table() -> dict[str, str]:
-    return {key: name for name, spec in SETTINGS.items() for key in (name, *spec.aliases)}
 
 
 def _expanded(node: yaml.Node, memo: dict[int, int]) -> int:
@@ -684,8 +661,12 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     settings warn (lamina.InertSettingWarning), each once."""
     env = os.environ if env is None else env
     values: dict[str, Setting] = {name: Setting(spec.default, "default") for name, spec in SETTINGS.items()}
-    aliases = _alias_table()
-    known = sorted(set(aliases) | set(COMBINED) | set(NEGATED) | set(TRANSFORMED))
+    aliases = {key: name for name, spec in SETTINGS.items() for key in (name, *spec.aliases)}
+    # a model.yml key -> the setting it sets and how to read it (None: the setting's own parse)
+    readers: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
+        **TRANSFORMED, **{k: (n, lambda v: not _bool(v)) for k, n in NEGATED.items()},
+        **{k: (n, None) for k, n in aliases.items()}}
+    known = sorted(set(readers) | set(COMBINED))
 
     def put(name: str, raw: Any, source: str, parse: Callable[[Any], Any] | None = None) -> None:
         try:
@@ -720,22 +701,16 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
                 if not any(raw == n and type(raw) is type(n) for n in neutral):
                     unsupported.append(f"{source}: {key}: {why}")
                 continue
-            target = aliases.get(key) or NEGATED.get(key) or (TRANSFORMED[key][0] if key in TRANSFORMED else None)
-            if target is None:
+            if key not in readers:
                 unknown.append(f"{source}: unknown key {key!r}" +
                                (_suggest(key, known) if len(unknown) < MAX_REPORTED else ""))
                 continue
-            name = target
+            name, parse = readers[key]
             if name in given and given[name][0] not in COMBINED:
                 prev, prev_line = given[name]
                 raise ValueError(f"{source}: {key} sets {name}, which {prev} on line {prev_line} sets already")
             given[name] = (key, line)
-            if key in NEGATED:
-                put(name, raw, source, lambda v: not _bool(v))
-            elif key in TRANSFORMED:
-                put(name, raw, source, TRANSFORMED[key][1])
-            else:
-                put(name, raw, source)
+            put(name, raw, source, parse)
         if len(unknown) > MAX_REPORTED:
             unknown[MAX_REPORTED:] = [f"{file}: {len(unknown) - MAX_REPORTED:,} more unknown keys"]
         for name in PATH_SETTINGS:  # relative to the file's folder, and there
@@ -763,7 +738,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
         if setting is None:
             raise TypeError(f"load_config() got an unknown setting {key!r}{_suggest(key, known)}")
         put(setting, raw, "argument")
-    grammars = [n for n in ("grammar", "grammar_file", "json_schema", "json_schema_file") if values[n].value is not None]
+    grammars = [n for n in GRAMMARS if values[n].value is not None]
     if len(grammars) > 1:
         raise ValueError(f"give one of grammar, grammar_file, json_schema, json_schema_file; got "
                          + ", ".join(f"{n} ({values[n].source})" for n in grammars))

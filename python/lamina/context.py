@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -12,8 +12,8 @@ import numpy.typing as npt
 from . import _core, _native
 from .errors import BusyError, OutOfMemoryError
 from .lora import Lora, LoraSpec, lora_items
-from .params import (FLASH, KV, KV_TYPES, LOGITS, POOLING, as_tokens, check_int, check_pos, check_seq,
-                     context_settings, out_of_memory)
+from .params import (KV, LOGITS, POOLING, as_tokens, check_count, check_int, check_pos, check_seq, context_settings,
+                     out_of_memory)
 from .system import host_memory
 from .sampling import Sampler, response_format_schema
 from .speculative import Draft
@@ -21,6 +21,8 @@ from .threads import Threads
 
 if TYPE_CHECKING:
     from .model import Model
+
+Prompt = Union[str, bytes, Sequence[int], npt.NDArray[np.integer[Any]]]  # text, or token ids
 
 @dataclass(frozen=True)
 class Completion:
@@ -53,7 +55,7 @@ def completion_from_row(r: Mapping[str, Any]) -> Completion:
                       tokens_per_s=r["n_generated"] / t_gen if t_gen > 0 else 0.0)
 
 
-class Generation:
+class Generation(_core.Closing):
     """Iterator of text pieces from Context.generate(); stats are filled in as it runs. A
     context manager: leaving the block closes it (close() is final: no piece after it)."""
 
@@ -67,12 +69,6 @@ class Generation:
 
     def __next__(self) -> str:
         return next(self._pieces)
-
-    def __enter__(self) -> "Generation":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Stop early and hand the context back (with backend sampling, its logits again).
@@ -197,7 +193,7 @@ def _check_memory(model: "Model", kv: KV, n_batch: int, n_ubatch: int, n_seq_max
 _NATIVE = _native.ContextParams()  # the one home of the defaults: cpp/lamina.h, context_params
 
 
-class Context:
+class Context(_core.NativeOwner[_native.Context]):
     """A llama.cpp context: KV cache, batch decoding and generation.
 
     ``Context(model, ...)`` and ``model.context(...)`` are the same call. An argument given wins
@@ -208,29 +204,19 @@ class Context:
     config's LoRA adapters (else none; see set_lora).
     """
 
+    _what = "context"
     DEFAULTS: dict[str, Any] = {"n_batch": _NATIVE.n_batch, "n_ubatch": _NATIVE.n_ubatch,
                                 "n_seq_max": _NATIVE.n_seq_max, "threads": None, "flash_attn": "auto",
                                 "rope_scaling": None, "rope_freq_base": float(_NATIVE.rope_freq_base),
                                 "rope_freq_scale": float(_NATIVE.rope_freq_scale)}
 
-    def __init__(
-        self,
-        model: "Model",
-        *,
-        n_ctx: int | None = None,
-        n_batch: int | None = None,
-        n_ubatch: int | None = None,
-        n_seq_max: int | None = None,
-        threads: int | Threads | None = None,
-        kv: KV | None = None,
-        flash_attn: bool | Literal["auto"] | None = None,
-        embeddings: bool = False,
-        pooling: Literal["none", "mean", "cls", "last"] | None = None,
-        rope_scaling: Literal["none", "linear", "yarn", "longrope"] | None = None,
-        rope_freq_base: float | None = None,
-        rope_freq_scale: float | None = None,
-        lora: LoraSpec = None,
-    ) -> None:
+    def __init__(self, model: "Model", *, n_ctx: int | None = None, n_batch: int | None = None,
+                 n_ubatch: int | None = None, n_seq_max: int | None = None, threads: int | Threads | None = None,
+                 kv: KV | None = None, flash_attn: bool | Literal["auto"] | None = None, embeddings: bool = False,
+                 pooling: Literal["none", "mean", "cls", "last"] | None = None,
+                 rope_scaling: Literal["none", "linear", "yarn", "longrope"] | None = None,
+                 rope_freq_base: float | None = None, rope_freq_scale: float | None = None,
+                 lora: LoraSpec = None) -> None:
         self._native: _native.Context | None = None
         self._lora: dict[Lora, float] = {}
         if pooling not in POOLING:
@@ -249,8 +235,7 @@ class Context:
                                     model.on_gpu, embeddings=embeddings, pooling=pooling,
                                     rope_scaling=o["rope_scaling"], rope_freq_base=o["rope_freq_base"],
                                     rope_freq_scale=o["rope_freq_scale"])
-        if model.on_gpu:
-            model.check_kv_tensors(n_ctx, kv)
+        model.check_kv_tensors(n_ctx, kv)  # returns at once without a GPU or KV offload
         if n_ctx == 0:
             _check_memory(model, kv, o["n_batch"], o["n_ubatch"], o["n_seq_max"], o["flash_attn"])
         _core.sync_log_level()
@@ -262,23 +247,6 @@ class Context:
         adapters = lora if lora is not None else model.config_lora
         if adapters:
             self.set_lora(adapters)
-
-    # -- lifetime ------------------------------------------------------------------------
-    @property
-    def native(self) -> _native.Context:
-        if self._native is None:
-            raise RuntimeError("context failed to initialise")
-        return self._native
-
-    def close(self) -> None:
-        if self._native is not None:
-            self._native.close()
-
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- low level -----------------------------------------------------------------------
     def decode(self, tokens: Any, *, logits: Literal["last", "all", "none"] = "last", seq: int = 0) -> None:
@@ -387,26 +355,16 @@ class Context:
             return self._threads[0], "a decode is running: the count chosen when the context was made"
 
     # -- generation ----------------------------------------------------------------------
-    def _prompt_tokens(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int32]:
+    def _prompt_tokens(self, prompt: Prompt) -> npt.NDArray[np.int32]:
         if isinstance(prompt, (str, bytes)):
             return self.model.tokenize(prompt, add_special=True, special=True)
         return as_tokens(prompt, self.model.info.n_vocab)
 
-    def generate(
-        self,
-        prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]],
-        *,
-        max_tokens: int = 256,
-        sampler: Sampler | None = None,
-        stop: str | Sequence[str] = (),
-        ignore_eos: bool = False,
-        context_full: Literal["stop", "shift"] = "stop",
-        n_keep: int = 0,
-        backend_sampling: bool = False,
-        draft: "Draft | Literal['ngram'] | None" = None,
-        json_schema: Mapping[str, Any] | str | None = None,
-        response_format: Mapping[str, Any] | None = None,
-    ) -> Generation:
+    def generate(self, prompt: Prompt, *, max_tokens: int = 256, sampler: Sampler | None = None,
+                 stop: str | Sequence[str] = (), ignore_eos: bool = False,
+                 context_full: Literal["stop", "shift"] = "stop", n_keep: int = 0, backend_sampling: bool = False,
+                 draft: "Draft | Literal['ngram'] | None" = None, json_schema: Mapping[str, Any] | str | None = None,
+                 response_format: Mapping[str, Any] | None = None) -> Generation:
         """Stream text pieces for ``prompt`` (text, or token ids).
 
         Greedy when no sampler is given. The KV cache keeps the longest common prefix with the
@@ -428,9 +386,7 @@ class Context:
         if not isinstance(n_keep, int) or n_keep < 0:
             raise ValueError(f"n_keep must be an int >= 0, got {n_keep!r}")
         check_int("n_keep", n_keep, 0)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
-        check_int("max_tokens", max_tokens, 0)
+        check_count("max_tokens", max_tokens)
         stops = stop_strings(stop)
         tokens = self._prompt_tokens(prompt)
         sampler = sampler or Sampler()
@@ -442,16 +398,14 @@ class Context:
             if sampler.grammar is not None or sampler.json_schema is not None:
                 raise ValueError("the sampler has a grammar already: give json_schema there or here, not both")
             sampler = replace(sampler, json_schema=json_schema)
-        shift_keep = n_keep if context_full == "shift" else -1
-        if draft == "ngram":
-            draft = Draft()
+        draft = Draft() if draft == "ngram" else draft
         if draft is not None and not isinstance(draft, Draft):
             raise TypeError(f"draft must be a lamina.Draft or 'ngram', got {draft!r}")
-        draft_params = draft.params() if draft is not None else None
         draft_ctx = draft.context_for(self) if draft is not None else None
-        native = _native.Generator(self.native, tokens, sampler.params(self.n_ctx), max_tokens, ignore_eos, shift_keep, backend_sampling,
-                                   draft_params, draft_ctx.native if draft_ctx is not None else None, stops)
-        return Generation(native)
+        return Generation(_native.Generator(
+            self.native, tokens, sampler.params(self.n_ctx), max_tokens, ignore_eos,
+            n_keep if context_full == "shift" else -1, backend_sampling, draft.params() if draft is not None else None,
+            draft_ctx.native if draft_ctx is not None else None, stops))
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None, **kwargs: Any) -> Generation:
         """Stream the assistant's reply to chat messages, rendered by llama.cpp's chat template
@@ -459,24 +413,17 @@ class Context:
         prompt = self.model.apply_chat_template(messages, template=template, add_assistant=True)
         return self.generate(prompt, **kwargs)
 
-    def complete(self, prompt: str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]], **kwargs: Any) -> Completion:
+    def complete(self, prompt: Prompt, **kwargs: Any) -> Completion:
         """Generate to the end and return text, tokens, finish reason and speeds."""
         gen = self.generate(prompt, **kwargs)
         text = "".join(gen)
-        s = gen.stats
-        return Completion(text=text, tokens=gen.tokens, finish_reason=s["finish_reason"], n_prompt=s["n_prompt"],
-                          n_prompt_eval=s["n_prompt_eval"], prompt_tokens_per_s=s["prompt_tokens_per_s"],
-                          tokens_per_s=s["tokens_per_s"])
+        s = gen.stats  # the other fields of a Completion, by their names
+        return Completion(text=text, tokens=gen.tokens, **{k: s[k] for k in (
+            "finish_reason", "n_prompt", "n_prompt_eval", "prompt_tokens_per_s", "tokens_per_s")})
 
-    def generate_batch(
-        self,
-        prompts: Sequence[str | bytes | Sequence[int] | npt.NDArray[np.integer[Any]]],
-        *,
-        max_tokens: int = 256,
-        sampler: Sampler | Sequence[Sampler] | None = None,
-        stop: str | Sequence[str] = (),
-        ignore_eos: bool = False,
-    ) -> list[Completion]:
+    def generate_batch(self, prompts: Sequence[Prompt], *, max_tokens: int = 256,
+                       sampler: Sampler | Sequence[Sampler] | None = None, stop: str | Sequence[str] = (),
+                       ignore_eos: bool = False) -> list[Completion]:
         """Generate for several prompts together, in this thread, over this context's
         n_seq_max sequences: the native loop of lamina.Batcher (one batch per step, a token of
         every running sequence plus prompt chunks of the next ones; more prompts than sequences
@@ -489,9 +436,7 @@ class Context:
         toks = [self._prompt_tokens(p) for p in prompts]
         if not toks:
             raise ValueError("no prompts")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-        check_int("max_tokens", max_tokens, 1)
+        check_count("max_tokens", max_tokens, 1)
         if sampler is None or isinstance(sampler, Sampler):
             base = sampler or Sampler()
             samplers = [replace(base, seed=(base.seed + i) % 2**32) for i in range(len(toks))]

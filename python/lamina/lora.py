@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
-from . import _native
+from . import _core, _native
 
 if TYPE_CHECKING:
     from .model import Model
 
 
-class Lora:
+class Lora(_core.NativeOwner[_native.Lora]):
     """A LoRA adapter in GGUF (as llama.cpp's convert_lora_to_gguf.py writes it), loaded for one
     model: ``model.load_lora(path)``. Apply it with ``model.context(lora={lora: 1.0})`` or swap
     adapters on a running context with ``ctx.set_lora({lora: 0.5, other: 1.0})``; the model is
@@ -20,17 +20,13 @@ class Lora:
     LoadError. close() releases this handle; contexts that apply it keep it alive.
     """
 
+    _what = "LoRA adapter"
+
     def __init__(self, model: "Model", path: str | os.PathLike[str]) -> None:
         self._native: _native.Lora | None = None
         self.model = model
         self.path = Path(path)
         self._native = _native.Lora(model.native, os.fspath(self.path))
-
-    @property
-    def native(self) -> _native.Lora:
-        if self._native is None:
-            raise RuntimeError("LoRA adapter failed to initialise")
-        return self._native
 
     @property
     def alpha(self) -> float:
@@ -45,16 +41,6 @@ class Lora:
     @property
     def closed(self) -> bool:
         return self._native is None or bool(self._native.closed)
-
-    def close(self) -> None:
-        if self._native is not None:
-            self._native.close()
-
-    def __enter__(self) -> "Lora":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<lamina.Lora {str(self.path)!r}{' closed' if self.closed else ''}>"

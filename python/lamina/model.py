@@ -17,7 +17,7 @@ from .errors import InertSettingWarning
 from .lora import Lora
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
-from .params import KV, NGL, check_int, context_settings, kv_tensor_error, parse_ngl
+from .params import KV, NGL, check_count, check_int, context_settings, kv_tensor_error, parse_ngl
 from .system import Device, gpu_absent_reason, rpc_connect
 from .system import devices as list_devices
 from .threads import Threads
@@ -59,27 +59,14 @@ class Model(Vocabulary):
         progress: called with a float in [0, 1] while loading; return False to cancel.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str] | None = None,
-        *,
-        gpu: bool = True,
-        n_gpu_layers: NGL = "auto",
-        main_gpu: int = 0,
-        split_mode: str = "layer",
-        tensor_split: Sequence[float] | None = None,
-        devices: Sequence[int | str | Device] | None = None,
-        tensor_overrides: Sequence[tuple[str, int | str | Device]] | None = None,
-        n_ctx: int = 4096,
-        kv: KV | None = None,
-        memory_limit: Mapping[int | str | Device, int] | None = None,
-        fit_margin: int | Sequence[int] = 1024 * MiB,
-        fit_ctx: int = 4096,
-        use_mmap: bool = True,
-        use_mlock: bool = False,
-        progress: Callable[[float], bool | None] | None = None,
-        rpc: Sequence[str] | None = None,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, gpu: bool = True, n_gpu_layers: NGL = "auto",
+                 main_gpu: int = 0, split_mode: str = "layer", tensor_split: Sequence[float] | None = None,
+                 devices: Sequence[int | str | Device] | None = None,
+                 tensor_overrides: Sequence[tuple[str, int | str | Device]] | None = None, n_ctx: int = 4096,
+                 kv: KV | None = None, memory_limit: Mapping[int | str | Device, int] | None = None,
+                 fit_margin: int | Sequence[int] = 1024 * MiB, fit_ctx: int = 4096, use_mmap: bool = True,
+                 use_mlock: bool = False, progress: Callable[[float], bool | None] | None = None,
+                 rpc: Sequence[str] | None = None) -> None:
         self._native: _native.Model | None = None
         if path is None:
             path = default_model_path()
@@ -88,14 +75,12 @@ class Model(Vocabulary):
         if split_mode not in _SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
         n_gpu_layers = parse_ngl(n_gpu_layers)
-        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 0:
-            raise ValueError(f"n_ctx must be an int >= 0, got {n_ctx!r}")
+        check_count("n_ctx", n_ctx, hi=None)
         margins_given = [fit_margin] if isinstance(fit_margin, int) else list(fit_margin)
         if not margins_given or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0
                                         for m in margins_given):
             raise ValueError(f"fit_margin must be bytes >= 0 (one value, or one per device), got {fit_margin!r}")
-        if not isinstance(fit_ctx, int) or isinstance(fit_ctx, bool) or fit_ctx < 0:
-            raise ValueError(f"fit_ctx must be an int >= 0, got {fit_ctx!r}")
+        check_count("fit_ctx", fit_ctx, hi=None)
         self.path = Path(path)
         self.gpu_requested = gpu
         self.config: "Config | None" = None
@@ -321,8 +306,7 @@ def plan_placement(*, gpu: bool, n_gpu_layers: NGL, main_gpu: int, split_mode: s
                    tensor_split: Sequence[float] | None, devices: Sequence[int | str | Device] | None,
                    tensor_overrides: Sequence[tuple[str, int | str | Device]] | None,
                    memory_limit: Mapping[int | str | Device, int] | None, rpc: Sequence[str] | None,
-                   all_devices: list[Device], remote: set[int],
-                   absent: Callable[[], str] = gpu_absent_reason,
+                   all_devices: list[Device], remote: set[int], absent: Callable[[], str] = gpu_absent_reason,
                    row_split: Callable[[int], bool] = _native.supports_row_split) -> Plan:
     """The placement a Model's arguments ask for on a machine with ``all_devices`` (``remote``:
     indices of the RPC devices named by ``rpc``): the devices, the layer count for llama.cpp, the

@@ -56,6 +56,13 @@ def check_int(name: str, value: Any, lo: int, hi: int = INT32_MAX) -> int:
     return value
 
 
+def check_count(name: str, value: Any, lo: int = 0, hi: int | None = INT32_MAX) -> int:
+    """An int >= lo (a ValueError naming ``name`` for anything else, bools too), then check_int's hi (None: none)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    return value if hi is None else check_int(name, value, lo, hi)
+
+
 def check_pos(name: str, value: Any) -> int:
     """A KV cache position: >= 0, or -1 for an open end."""
     return check_int(name, value, -1)
@@ -109,9 +116,7 @@ def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv
                      rope_freq_scale: float = 0.0) -> _native.ContextParams:
     """Validated native context settings (lamina.h: context_params)."""
     for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch), ("n_seq_max", n_seq_max)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        check_int(name, value, 0, UINT32_MAX)  # what the C type holds; the sizes' own rules are native
+        check_count(name, value, 0, UINT32_MAX)  # what the C type holds; the sizes' own rules are native
     if flash_attn not in FLASH:
         raise ValueError(f"flash_attn must be 'auto', True or False, got {flash_attn!r}")
     if not isinstance(kv, KV):
@@ -137,9 +142,7 @@ def context_settings(n_ctx: int, n_batch: int, n_ubatch: int, n_seq_max: int, kv
 
 def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:
     """Token ids as a contiguous int32 array; rejects non-integers and values int32 cannot hold."""
-    arr = np.asarray(tokens)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
+    arr = np.atleast_1d(np.asarray(tokens))
     if arr.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:
@@ -150,8 +153,7 @@ def as_tokens(tokens: Any, n_vocab: int | None = None) -> npt.NDArray[np.int32]:
         lo, hi = int(arr.min()), int(arr.max())
         limit = n_vocab if n_vocab is not None else 2**31
         if lo < 0 or hi >= limit:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"token id {bad} is out of range [0, {limit})")
+            raise IndexError(f"token id {lo if lo < 0 else hi} is out of range [0, {limit})")
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 

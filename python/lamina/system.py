@@ -168,9 +168,8 @@ def _cgroup_dirs(controller: str, proc_cgroup: str, mountinfo: str) -> tuple[int
         if mount is None:
             continue
         root, point = mount[0], mount[1]
-        rel = path[len(root):] if root != "/" and path.startswith(root) else path
-        if root != "/" and not path.startswith(root):
-            rel = "/"  # a namespaced cgroup path: only the mount's own directory is visible
+        # a path outside the mount's root is a namespaced cgroup path: only the mount's own directory is visible
+        rel = path if root == "/" else path[len(root):] if path.startswith(root) else "/"
         parts = [p for p in rel.split("/") if p]
         dirs = []
         for i in range(len(parts), -1, -1):
@@ -223,24 +222,19 @@ def cgroup_levels() -> list[CgroupLevel]:
 def cgroup_cpu_limit() -> float | None:
     """CPUs granted by the cgroup v2 / v1 quota (the smallest along this process's cgroup path),
     or None when unlimited."""
-    limits = [lv.cpu_limit for lv in cgroup_levels() if lv.cpu_limit is not None]
-    return min(limits) if limits else None
+    return min((lv.cpu_limit for lv in cgroup_levels() if lv.cpu_limit is not None), default=None)
 
 
 def cgroup_memory_limit() -> int | None:
     """Bytes the cgroup lets this process use (the smallest limit on its path), or None."""
-    limits = [lv.memory_limit for lv in cgroup_levels() if lv.memory_limit is not None]
-    return min(limits) if limits else None
+    return min((lv.memory_limit for lv in cgroup_levels() if lv.memory_limit is not None), default=None)
 
 
 def performance_cpus(cpus: list[int]) -> list[int]:
     """On hybrid Intel CPUs the performance cores among ``cpus``; otherwise ``cpus``."""
     text = _read("/sys/devices/cpu_core/cpus")
-    if not text:
-        return cpus
-    perf = _parse_cpu_list(text)
-    chosen = [c for c in cpus if c in perf]
-    return chosen or cpus
+    perf = _parse_cpu_list(text) if text else set()
+    return [c for c in cpus if c in perf] or cpus
 
 
 def physical_cores(cpus: list[int]) -> int:
@@ -426,7 +420,6 @@ def system_info() -> SystemInfo:
     """CPU features present / compiled / in use, cores, memory, backends and devices."""
     backends = _native.backends()
     cpu: dict[str, Any] = next((b for b in backends if b["name"].upper() == "CPU"), {"features": {}})
-    compiled = {k: v for k, v in cpu["features"].items()}
     flags = set(_cpuinfo("flags", "Features").split())
     present = sorted({name for flag, name in _X86_FLAGS.items() if flag in flags})
     variant = "native build (-march=native)"
@@ -445,20 +438,8 @@ def system_info() -> SystemInfo:
                    "source": _native.LLAMA_CPP_SOURCE, "portable": _native.PORTABLE,
                    "backend_dl": _native.BACKEND_DL, "package_dir": str(PACKAGE_DIR),
                    "system_info": _native.system_info_string()},
-        backends=backends,
-        devices=devices(),
-        cpu_model=_cpuinfo("model name"),
-        cpu_features_present=present,
-        cpu_features_compiled=compiled,
-        cpu_variant=variant,
-        logical_cpus=os.cpu_count() or 1,
-        allowed_cpus=cpus,
-        physical_cores=physical_cores(cpus),
-        cgroup_cpu_limit=cgroup_cpu_limit(),
-        default_threads=default_threads(),
-        default_threads_batch=default_threads_batch(),
-        memory_total=total,
-        memory_available=avail,
-        supports=_native.supports(),
-        addons=addons(),
-    )
+        backends=backends, devices=devices(), cpu_model=_cpuinfo("model name"), cpu_features_present=present,
+        cpu_features_compiled=dict(cpu["features"]), cpu_variant=variant, logical_cpus=os.cpu_count() or 1,
+        allowed_cpus=cpus, physical_cores=physical_cores(cpus), cgroup_cpu_limit=cgroup_cpu_limit(),
+        default_threads=default_threads(), default_threads_batch=default_threads_batch(), memory_total=total,
+        memory_available=avail, supports=_native.supports(), addons=addons())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -41,35 +41,17 @@ class ModelInfo:
     is_recurrent: bool
 
 
-V = TypeVar("V", bound="Vocabulary")
-NativeModel = _native.Model
-
-
-class Vocabulary:
+class Vocabulary(_core.NativeOwner[_native.Model]):
     """Text <-> tokens and chat templates over ``self.native`` (a loaded _native.Model), and its
     lifetime: close() and ``with``."""
 
     info: ModelInfo
     path: Path
-    _native: NativeModel | None
     _what = "model"  # for the error when the native object was never made
-
-    @property
-    def native(self) -> NativeModel:
-        if self._native is None:
-            raise RuntimeError(f"{self._what} failed to initialise")
-        return self._native
 
     def close(self) -> None:
         """Release the model (contexts still open keep the weights alive until they close)."""
-        if self._native is not None:
-            self._native.close()
-
-    def __enter__(self: V) -> V:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     def tokenize(self, text: str | bytes, *, add_special: bool = True, special: bool = False) -> npt.NDArray[np.int32]:
         """Text -> int32 token ids. add_special adds BOS/EOS as the model wants; special parses

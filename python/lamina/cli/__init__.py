@@ -29,8 +29,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.echo:
         sys.stdout.write(args.prompt)
     for piece in gen:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        print(piece, end="", flush=True)
     sys.stdout.write("\n")
     s, smp = gen.stats, kw["sampler"]
     how = "greedy" if smp.temperature == 0 else f"temperature {smp.temperature:g}, seed {smp.seed}"
@@ -53,8 +52,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
-            sys.stdout.write("> ")
-            sys.stdout.flush()
+            print("> ", end="", flush=True)
         line = sys.stdin.readline()
         if not line:
             break
@@ -64,8 +62,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         reply = []
         for piece in ctx.chat(messages, template=template, **kw):
             reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            print(piece, end="", flush=True)
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
@@ -97,10 +94,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if action == "show":  # the warnings are in the explanation
         print(cfg.explain())
         return 0
-    for w in caught:
+    for w in caught:  # the action is check: show returned above
         print(f"lamina config {action}: warning: {w.message}", file=sys.stderr)
-    if action == "check":
-        print(f"{args.config}: ok ({len(caught)} warning{'s' if len(caught) != 1 else ''})")
+    print(f"{args.config}: ok ({len(caught)} warning{'s' if len(caught) != 1 else ''})")
     return 0
 
 

@@ -81,10 +81,10 @@ def load_model(args: argparse.Namespace) -> Model:
     return Model.from_config(cfg, progress=load_bar(f"loading {os.path.basename(cfg['model'])}"))
 
 
-def models(args: argparse.Namespace) -> Iterator[Model]:
+def models(args: argparse.Namespace) -> Iterator[tuple[Model, list[int]]]:
     """The model as run/chat load it (--config, LAMINA_* and the flags), once per -ngl value
-    (lamina bench sweeps them), each closed before the next loads. -t stays out of the config:
-    in bench it is a list to sweep."""
+    (lamina bench sweeps them), each closed before the next loads, with the thread counts to run.
+    -t stays out of the config: in bench it is a list to sweep (without it, the config's threads)."""
     sweep, ngls = args.threads, args.n_gpu_layers
     for ngl in ngls or [None]:
         args.threads, args.n_gpu_layers = None, ngl
@@ -93,6 +93,8 @@ def models(args: argparse.Namespace) -> Iterator[Model]:
         finally:
             args.threads, args.n_gpu_layers = sweep, ngls
         try:
-            yield model
+            assert model.config is not None
+            config_threads = model.config.threads()  # checked even when -t replaces it
+            yield model, sweep or [config_threads.resolve()[0]]
         finally:
             model.close()

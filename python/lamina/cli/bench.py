@@ -25,13 +25,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .. import tools
 from . import bench_batch, plot
-from .bench_batch import paired_ratio, sample_stats
+from .bench_batch import count, int_list, md_table, paired_ratio, random_prompt, sample_stats, spread
 from .args import add_model_args, models
 from ..model import Model
 from ..params import BENCH_KV, NGL, parse_ngl
@@ -104,9 +103,7 @@ def lamina_pp(model: Model, n_prompt: int, threads: int, reps: int) -> list[floa
     with model.context(n_ctx=n_prompt, n_batch=max(n_prompt, 2048), threads=Threads(n=threads, batch=threads),
                        kv=BENCH_KV) as ctx:
         for r in range(reps + 1):
-            toks = rng.integers(0, model.info.n_vocab, n_prompt, dtype=np.int32)
-            if model.info.add_bos:
-                toks[0] = model.info.bos
+            toks = random_prompt(rng, model.info, n_prompt)
             ctx.kv_clear()
             t0 = time.perf_counter()
             ctx.decode(toks)
@@ -121,10 +118,8 @@ def run_llama_bench(bench: Path | None, model_path: Path, test: str, n: int, thr
     """llama-bench's samples (tokens/s): the shipped one (bench=None) with lamina's backends, or yours."""
     args = ["-p", "0", "-n", str(n)] if test == "tg" else ["-p", str(n), "-n", "0"]
     cmd = ["-m", str(Path(model_path).resolve()), "-t", str(threads), "-r", str(reps), "-o", "json", *args, *extra]
-    if bench is None:
-        res = tools.run("llama-bench", cmd, capture_output=True)
-    else:
-        res = subprocess.run([str(bench), *cmd], capture_output=True, text=True)
+    res = tools.run("llama-bench", cmd, capture_output=True) if bench is None else \
+        subprocess.run([str(bench), *cmd], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({res.returncode}): {res.stderr.strip()[-500:]}")
     return [float(x) for t in json.loads(res.stdout) for x in t["samples_ts"]]
@@ -143,32 +138,25 @@ def run(model: Model, *, n_prompt: int = 512, n_gen: int = 128, threads: list[in
             if compare:
                 extra = bench_batch.placement_args(model, sep="/") if bench_args is None else bench_args
                 res.llama_bench += run_llama_bench(bench, model.path, t, n, th, reps, extra)
-            if t == "pp":
-                res.lamina += lamina_pp(model, n, th, reps)
-            else:
-                res.lamina += lamina_tg(model, n, th, reps, backend_sampling)
+            res.lamina += (lamina_pp(model, n, th, reps) if t == "pp"
+                           else lamina_tg(model, n, th, reps, backend_sampling))
     return list(results.values())
 
 
 def markdown(model: Model, results: list[Result]) -> str:
     compare = any(r.llama_bench for r in results)
     paired = compare and all(r.paired for r in results)
-    head = ("| model | test | threads | ngl (placed) | lamina t/s |"
-            + (" llama-bench t/s | ratio | overhead/token |" if compare else "")
-            + (" paired ratio |" if paired else ""))
-    sep = "|---|---|---|---|---|" + ("---|---|---|" if compare else "") + ("---|" if paired else "")
-    lines = [head, sep]
+    head = ["model", "test", "threads", "ngl (placed)", "lamina t/s"] + (
+        ["llama-bench t/s", "ratio", "overhead/token"] if compare else []) + (["paired ratio"] if paired else [])
+    rows = []
     for r in results:
         d = r.as_dict()
-        row = (f"| {model.info.desc} | {r.test} | {r.threads} | {r.placement} |"
-               f" {d['lamina_median_ts']:.2f} ± {d['lamina_sd_ts']:.2f} |")
+        rows.append([model.info.desc, r.test, str(r.threads), r.placement, spread(d, "lamina", 2)])
         if compare:
-            row += (f" {d['llama_bench_median_ts']:.2f} ± {d['llama_bench_sd_ts']:.2f} | {d['ratio']:.3f} |"
-                    f" {d['overhead_us_per_token']:+.1f} µs |")
-            if paired:
-                row += f" {d['paired_ratio_median']:.3f} |"
-        lines.append(row)
-    lines.append("")
+            rows[-1] += [spread(d, "llama_bench", 2), f"{d['ratio']:.3f}", f"{d['overhead_us_per_token']:+.1f} µs"]
+        if paired:
+            rows[-1].append(f"{d['paired_ratio_median']:.3f}")
+    lines = md_table(head, rows) + [""]
     devices = sorted({d for r in results for d in r.devices})
     lines.append(f"medians of {len(results[0].lamina) if results else 0} runs; device: "
                  + (", ".join(devices) if devices else "CPU"))
@@ -178,33 +166,11 @@ def markdown(model: Model, results: list[Result]) -> str:
 
 
 # -- `lamina bench` ----------------------------------------------------------------------
-def _int_list(value: str) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of ints, e.g. 1,2,4, got {value!r}") from None
-    if any(v < 1 for v in out):
-        raise argparse.ArgumentTypeError(f"thread counts are >= 1, got {value!r}")
-    return out
-
-
 def _ngl_list(value: str) -> list[NGL]:
     try:
         return [parse_ngl(v) for v in value.split(",")]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{e} in the list {value!r} (e.g. 0,4,8,all)") from None
-
-
-def _count(lo: int) -> "Callable[[str], int]":
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = lo - 1
-        if not lo <= n <= 1_000_000:
-            raise argparse.ArgumentTypeError(f"expected an int >= {lo}, got {text!r}")
-        return n
-    return parse
 
 
 def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -214,17 +180,18 @@ def add_cli(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     add_model_args(p)
     p.add_argument("-ngl", "--n-gpu-layers", type=_ngl_list, default=None,
                    help="comma list, e.g. 0,4,8,all (a sweep: one model load per value); int, 'all' or 'auto'")
-    p.add_argument("-p", "--n-prompt", type=_count(0), default=512, help="prompt tokens (0: no pp test)")
-    p.add_argument("-n", "--n-gen", type=_count(0), default=128, help="generated tokens (0: no tg test)")
-    p.add_argument("-r", "--reps", type=_count(1), default=5)
-    p.add_argument("-t", "--threads", type=_int_list, default=None, help="comma list, e.g. 1,2,4 (a sweep)")
-    p.add_argument("--rounds", type=_count(1), default=1)
+    p.add_argument("-p", "--n-prompt", type=count(0), default=512, help="prompt tokens (0: no pp test)")
+    p.add_argument("-n", "--n-gen", type=count(0), default=128, help="generated tokens (0: no tg test)")
+    p.add_argument("-r", "--reps", type=count(1), default=5)
+    p.add_argument("-t", "--threads", type=int_list("ints, e.g. 1,2,4", None, "thread counts are >= 1"), default=None,
+                   help="comma list, e.g. 1,2,4 (a sweep)")
+    p.add_argument("--rounds", type=count(1), default=1)
     p.add_argument("--compare", action="store_true", help="run llama-bench from the same source in the same run")
     p.add_argument("-o", "--output", choices=("md", "json"), default="md")
     p.add_argument("--json", dest="output", action="store_const", const="json", help="the same as -o json")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw t/s against threads or -ngl layers (needs matplotlib: pip install \"lamina[plot]\")")
-    bench_batch.add_args(p, _count)
+    bench_batch.add_args(p)
     p.set_defaults(func=cmd_bench, bench_parser=p)
 
 
@@ -235,18 +202,14 @@ def cmd_bench(args: "argparse.Namespace") -> int:
         plot.require()  # before minutes of measuring, not after
     results: list[Result] = []
     first: Model | None = None  # names the model in the table and the plot (info outlives close())
-    for model in models(args):
+    for model, threads in models(args):
         first = first or model
-        config_threads = model.config.threads() if model.config is not None else Threads()
-        threads = args.threads or [config_threads.resolve()[0]]
         results += run(model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads, reps=args.reps,
                        compare=args.compare, rounds=args.rounds)
     assert first is not None
     results.sort(key=lambda r: r.test[:2] != "pp")  # pp rows first, as for one load
-    if args.output == "json":
-        print(json.dumps([r.as_dict() for r in results], indent=1))
-    else:
-        print(markdown(first, results))
+    print(json.dumps([r.as_dict() for r in results], indent=1) if args.output == "json"
+          else markdown(first, results))
     if args.plot:
         x = "n_gpu_layers" if args.n_gpu_layers and len(args.n_gpu_layers) > 1 else "threads"
         title = f"lamina bench: {first.info.desc} ({first.path.name})\n{system_info().cpu_model or 'unknown CPU'}"

@@ -49,9 +49,9 @@ samples, and with -r 1 --rounds N the median of the paired (back to back) ratios
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _native, tools
 from .args import models
@@ -69,6 +70,7 @@ from ..params import BENCH_KV, KV
 from ..sampling import Sampler
 from ..speculative import Draft
 from ..threads import Threads
+from ..tokenizer import ModelInfo
 
 FlashAttn = Literal["auto", "on", "off"]
 FLASH = {"auto": "auto", "on": True, "off": False}  # -fa value -> Context(flash_attn=)
@@ -130,6 +132,24 @@ def sample_stats(name: str, xs: list[float]) -> dict[str, Any]:
 def paired_ratio(a: list[float], b: list[float]) -> float:
     """The median of the ratios of samples run back to back."""
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+def spread(d: dict[str, Any], name: str, digits: int = 1) -> str:
+    """'median ± sd' of one side's t/s samples in an as_dict() row."""
+    return f"{d[f'{name}_median_ts']:.{digits}f} ± {d[f'{name}_sd_ts']:.{digits}f}"
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule and one line per row."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def random_prompt(rng: np.random.Generator, info: ModelInfo, n: int) -> npt.NDArray[np.int32]:
+    """n random token ids, BOS first when the model adds one (the prompts of llama.cpp's benches)."""
+    toks = rng.integers(0, info.n_vocab, n, dtype=np.int32)
+    if info.add_bos:
+        toks[0] = info.bos
+    return toks
 
 
 def placement_args(model: Model, draft: bool = False, sep: str = ",") -> list[str]:
@@ -246,15 +266,7 @@ def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: i
     returned, graphs reused per generation step)] per repetition) through the Batcher's engine.
     backend_sampling None: lamina.Batcher's choice (on when the output layer is on a GPU)."""
     n_ctx, n_batch, n_ub = parallel_shape(pl, n_prompt, n_gen, n_ubatch)
-    info = model.info
     rng = np.random.default_rng(seed)
-
-    def prompt(n: int) -> np.ndarray[Any, np.dtype[np.int32]]:
-        toks = rng.integers(0, info.n_vocab, n, dtype=np.int32)
-        if info.add_bos:
-            toks[0] = info.bos
-        return toks
-
     keys = ("n_prompt_tokens", "t_prompt_steps_us", "n_gen_tokens", "t_gen_steps_us", "n_gen_steps", "t_gen_sample_us",
             "graphs_reused")
     out = []
@@ -263,11 +275,12 @@ def lamina_parallel(model: Model, pl: int, n_prompt: int, n_gen: int, threads: i
         engine = _native.Batcher(ctx.native, 0, model.output_on_gpu if backend_sampling is None else backend_sampling)
         try:
             greedy = Sampler().params(ctx.n_ctx)
-            engine.submit(prompt(WARMUP_TOKENS), greedy, 1, True, [])
+            engine.submit(random_prompt(rng, model.info, WARMUP_TOKENS), greedy, 1, True, [])
             engine.run(True)
             for _ in range(reps):
                 before = engine.stats()
-                reqs = [engine.submit(prompt(n_prompt), greedy, n_gen + 1, True, []) for _ in range(pl)]
+                reqs = [engine.submit(random_prompt(rng, model.info, n_prompt), greedy, n_gen + 1, True, [])
+                        for _ in range(pl)]
                 engine.run(True)  # every request queued before the first step: one prompt step
                 for r in reqs:
                     r.raise_if_failed()
@@ -296,9 +309,8 @@ def parse_batched_bench(text: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run_batched_bench(model: Model, pl: int, n_prompt: int, n_gen: int, threads: int, reps: int, *,
-                      n_ubatch: int = 512, flash_attn: FlashAttn = "auto",
-                      kv: KV = BENCH_KV) -> tuple[int, list[tuple[float, float]]]:
+def run_batched_bench(model: Model, pl: int, n_prompt: int, n_gen: int, threads: int, reps: int, *, n_ubatch: int = 512,
+                      flash_attn: FlashAttn = "auto", kv: KV = BENCH_KV) -> tuple[int, list[tuple[float, float]]]:
     """(n_kv_max, [(pp t/s, tg t/s)] per repetition): llama-batched-bench with lamina's settings,
     one process per level (its context sized for pl sequences as lamina's is), -r as -npl pl,pl,..."""
     n_ctx, n_batch, n_ub = parallel_shape(pl, n_prompt, n_gen, n_ubatch)
@@ -333,30 +345,25 @@ def run_parallel(model: Model, *, levels: list[int], n_prompt: int = 128, n_gen:
                                               flash_attn=flash_attn, seed=rnd, backend_sampling=backend_sampling)
             res.llama_pp += [p for p, _ in llama]
             res.llama_tg += [t for _, t in llama]
-            res.lamina_pp += [o[0] for o in ours]
-            res.lamina_tg += [o[1] for o in ours]
-            res.lamina_step_us += [o[2] for o in ours]
-            res.lamina_sample_us += [o[3] for o in ours]
-            res.lamina_reused += [o[4] for o in ours]
+            for name, values in zip(("lamina_pp", "lamina_tg", "lamina_step_us", "lamina_sample_us", "lamina_reused"),
+                                    zip(*ours)):  # lamina_parallel's tuples, field by field
+                getattr(res, name).extend(values)
     return list(results.values())
 
 
 def parallel_markdown(model: Model, results: list[ParallelResult]) -> str:
     paired = bool(results) and all(r.paired for r in results)
-    head = ("| model | threads | pl | n_ctx | lamina pp t/s | llama pp t/s | pp ratio | lamina tg t/s | llama tg t/s |"
-            " tg ratio |" + (" pp paired | tg paired |" if paired else ""))
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if paired else "")]
+    head = ["model", "threads", "pl", "n_ctx", "lamina pp t/s", "llama pp t/s", "pp ratio", "lamina tg t/s",
+            "llama tg t/s", "tg ratio"] + (["pp paired", "tg paired"] if paired else [])
+    rows = []
     for r in results:
         d = r.as_dict()
-        row = (f"| {model.info.desc} | {r.threads} | {r.pl} | {r.n_ctx} |"
-               f" {d['lamina_pp_median_ts']:.1f} ± {d['lamina_pp_sd_ts']:.1f} | {d['llama_pp_median_ts']:.1f} ±"
-               f" {d['llama_pp_sd_ts']:.1f} | {d['pp_ratio']:.3f} | {d['lamina_tg_median_ts']:.1f} ±"
-               f" {d['lamina_tg_sd_ts']:.1f} | {d['llama_tg_median_ts']:.1f} ± {d['llama_tg_sd_ts']:.1f} |"
-               f" {d['tg_ratio']:.3f} |")
-        if paired:
-            row += f" {d['pp_paired_ratio_median']:.3f} | {d['tg_paired_ratio_median']:.3f} |"
-        lines.append(row)
+        rows.append([model.info.desc, str(r.threads), str(r.pl), str(r.n_ctx), spread(d, "lamina_pp"),
+                     spread(d, "llama_pp"), f"{d['pp_ratio']:.3f}", spread(d, "lamina_tg"), spread(d, "llama_tg"),
+                     f"{d['tg_ratio']:.3f}"]
+                    + ([f"{d['pp_paired_ratio_median']:.3f}", f"{d['tg_paired_ratio_median']:.3f}"] if paired else []))
     r0 = results[0]
+    lines = md_table(head, rows)
     lines += ["", f"pp{r0.n_prompt} per sequence, then tg{r0.n_gen}; aggregate t/s over all pl sequences; "
               f"n_batch = pl*{r0.n_prompt}, n_ubatch <= {max(r.n_ubatch for r in results)}, "
               f"flash_attn {r0.flash_attn}, "
@@ -488,12 +495,12 @@ def run_draft(model: Model, *, draft: str, prompt: str = DEFAULT_PROMPT, n_gen: 
               reps: int = 1, rounds: int = 1, n_max: int = 16, p_min: float = 0.75, ngram_n: int = NGRAM_LOOKUP,
               n_ubatch: int = 512, flash_attn: FlashAttn = "auto") -> list[DraftResult]:
     require_tool("llama-speculative-simple")
-    draft_model = None if draft == "ngram" else load_draft(model, draft)
-    spec: Draft | None = None
-    try:
+    with contextlib.ExitStack() as stack:  # closes the Draft's contexts, then the draft model
+        draft_model = None if draft == "ngram" else stack.enter_context(load_draft(model, draft))
         # both sides run llama.cpp's common/speculative: draft-simple with a model, else ngram-simple
         spec = Draft(n_max=n_max, ngram_n=ngram_n) if draft_model is None else Draft(draft_model, n_max=n_max,
                                                                                       p_min=p_min)
+        stack.callback(spec.close)
         n_prompt = len(model.tokenize(prompt))
         n_ctx = spec_n_ctx(n_prompt, n_gen, n_max)
         name = "ngram" if draft_model is None else Path(draft).name
@@ -517,28 +524,21 @@ def run_draft(model: Model, *, draft: str, prompt: str = DEFAULT_PROMPT, n_gen: 
                         res.lamina_accepted += int(st["n_accepted"])
                     res.lamina_plain += [st["tokens_per_s"] for st in lamina_generations(ctx, prompt, n_gen, reps)]
         return results
-    finally:
-        if spec is not None:
-            spec.close()
-        if draft_model is not None:
-            draft_model.close()
 
 
 def draft_markdown(model: Model, results: list[DraftResult]) -> str:
     paired = bool(results) and all(r.paired for r in results)
-    head = ("| model | draft | threads | lamina plain t/s | lamina spec t/s | speedup | lamina accept |"
-            " llama spec t/s | llama accept | ratio |" + (" paired ratio |" if paired else ""))
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if paired else "")]
+    head = ["model", "draft", "threads", "lamina plain t/s", "lamina spec t/s", "speedup", "lamina accept",
+            "llama spec t/s", "llama accept", "ratio"] + (["paired ratio"] if paired else [])
+    rows = []
     for r in results:
         d = r.as_dict()
-        row = (f"| {model.info.desc} | {r.draft} | {r.threads} | {d['lamina_plain_median_ts']:.1f} ±"
-               f" {d['lamina_plain_sd_ts']:.1f} | {d['lamina_spec_median_ts']:.1f} ± {d['lamina_spec_sd_ts']:.1f} |"
-               f" {d['speedup']:.2f}x | {d['lamina_acceptance']:.1%} | {d['llama_spec_median_ts']:.1f} ±"
-               f" {d['llama_spec_sd_ts']:.1f} | {d['llama_acceptance']:.1%} | {d['ratio']:.3f} |")
-        if paired:
-            row += f" {d['paired_ratio_median']:.3f} |"
-        lines.append(row)
+        rows.append([model.info.desc, r.draft, str(r.threads), spread(d, "lamina_plain"), spread(d, "lamina_spec"),
+                     f"{d['speedup']:.2f}x", f"{d['lamina_acceptance']:.1%}", spread(d, "llama_spec"),
+                     f"{d['llama_acceptance']:.1%}", f"{d['ratio']:.3f}"]
+                    + ([f"{d['paired_ratio_median']:.3f}"] if paired else []))
     r0 = results[0]
+    lines = md_table(head, rows)
     lines += ["", f"greedy tg{r0.n_gen} after a {r0.n_prompt}-token prompt; draft up to {r0.n_max} tokens"
               + (f" after a {r0.ngram_n}-token match" if r0.draft == "ngram" else f", p_min {r0.p_min}")
               + f"; speedup = lamina spec / lamina plain; ratio = lamina spec / llama-speculative-simple; "
@@ -547,30 +547,43 @@ def draft_markdown(model: Model, results: list[DraftResult]) -> str:
 
 
 # -- command line --------------------------------------------------------------------------
-def _levels(value: str) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of sequence counts, e.g. 1,4,8, got {value!r}") \
-            from None
-    if any(not 1 <= v <= 256 for v in out):  # LLAMA_MAX_SEQ
-        raise argparse.ArgumentTypeError(f"sequence counts are 1..256, got {value!r}")
-    return out
+N = TypeVar("N", int, float)
 
 
-def _p_min(value: str) -> float:
-    try:
-        p = float(value)
-    except ValueError:
-        p = math.nan
-    if not 0.0 <= p <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability 0..1, got {value!r}")
-    return p
+def ranged(parse: Callable[[str], N], lo: N, hi: N, expected: str) -> Callable[[str], N]:
+    """An argparse type: the text parsed into [lo, hi], else ArgumentTypeError("expected <expected>, got 'text'")."""
+    def check(text: str) -> N:
+        with contextlib.suppress(ValueError):
+            x = parse(text)
+            if lo <= x <= hi:  # NaN fails too
+                return x
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return check
 
 
-def add_args(p: argparse.ArgumentParser, count: Any) -> None:
+def count(lo: int) -> Callable[[str], int]:
+    """An argparse type: an int in [lo, 1,000,000]."""
+    return ranged(int, lo, 1_000_000, f"an int >= {lo}")
+
+
+def int_list(what: str, hi: int | None, bounds: str) -> Callable[[str], list[int]]:
+    """An argparse type: a comma list of ints in [1, hi] (None: no bound); ArgumentTypeError("expected a comma
+    list of <what>, got 'text'") for other text, and "<bounds>, got 'text'" for an int out of range."""
+    def parse(value: str) -> list[int]:
+        try:
+            out = [int(v) for v in value.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {value!r}") from None
+        if any(v < 1 or hi is not None and v > hi for v in out):
+            raise argparse.ArgumentTypeError(f"{bounds}, got {value!r}")
+        return out
+    return parse
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batched and speculative generation against llama.cpp's programs")
-    g.add_argument("--parallel", type=_levels, default=None, metavar="PL,PL,...",
+    g.add_argument("--parallel", type=int_list("sequence counts, e.g. 1,4,8", 256, "sequence counts are 1..256"),
+                   default=None, metavar="PL,PL,...",  # 256: LLAMA_MAX_SEQ
                    help="sequences decoded together, e.g. 1,4,8,16,32: lamina's Batcher against llama-batched-bench")
     g.add_argument("-npp", "--n-prompt-parallel", type=count(1), default=128, metavar="N",
                    help="--parallel: prompt tokens per sequence (128)")
@@ -587,8 +600,8 @@ def add_args(p: argparse.ArgumentParser, count: Any) -> None:
                         "llama-speculative-simple; plain generation is measured too")
     g.add_argument("--prompt", default=None, metavar="TEXT", help="--draft: the prompt (default: a code file to copy)")
     g.add_argument("--draft-max", type=count(1), default=16, metavar="N", help="--draft: most tokens per draft (16)")
-    g.add_argument("--draft-p-min", type=_p_min, default=0.75, metavar="P",
-                   help="--draft: least draft-model probability (0.75)")
+    g.add_argument("--draft-p-min", type=ranged(float, 0.0, 1.0, "a probability 0..1"), default=0.75,
+                   metavar="P", help="--draft: least draft-model probability (0.75)")
     g.add_argument("--ngram-n", type=count(1), default=NGRAM_LOOKUP, metavar="N",
                    help=f"--draft ngram: tokens matched to find a draft ({NGRAM_LOOKUP})")
 
@@ -610,10 +623,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_args(args.bench_parser, args)
     results: list[ParallelResult | DraftResult] = []
     first: Model | None = None
-    for model in models(args):
+    for model, threads in models(args):
         first = first or model
-        config_threads = model.config.threads() if model.config is not None else Threads()
-        threads = args.threads or [config_threads.resolve()[0]]
         if args.parallel:
             results += run_parallel(model, levels=args.parallel, n_prompt=args.n_prompt_parallel,
                                     n_gen=args.n_gen_parallel, threads=threads, reps=args.reps, rounds=args.rounds,

@@ -26,7 +26,7 @@ import os
 import platform
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +125,10 @@ def traps(f: Facts) -> list[Trap]:
                                             "the GPU, e.g. CUDA_VISIBLE_DEVICES or container flags)"))
     for a in f.addon_failures:
         out.append(Trap("addon_failed", f"GPU add-on {a}"))
-    ngl_set = f.config_ngl_source != "default" and f.config_ngl not in (None, 0)
-    if ngl_set and not f.config_gpu:
-        out.append(Trap("stale_ngl", f"n_gpu_layers={f.config_ngl!r} ({f.config_ngl_source}) is inert: gpu "
-                                        f"is off ({f.config_gpu_source}); remove it, or turn the GPU on"))
-    elif ngl_set and not f.gpu_device:
-        out.append(Trap("stale_ngl", f"n_gpu_layers={f.config_ngl!r} ({f.config_ngl_source}) is inert: this "
-                                        "machine has no GPU device, so everything stays on the CPU"))
+    inert = (f"gpu is off ({f.config_gpu_source}); remove it, or turn the GPU on" if not f.config_gpu else
+             "this machine has no GPU device, so everything stays on the CPU" if not f.gpu_device else "")
+    if inert and f.config_ngl_source != "default" and f.config_ngl not in (None, 0):
+        out.append(Trap("stale_ngl", f"n_gpu_layers={f.config_ngl!r} ({f.config_ngl_source}) is inert: {inert}"))
     return out
 
 
@@ -323,8 +320,7 @@ def model_report(report: dict[str, Any], path: str, n_ctx: int, kv_type: str, co
                                    vram_free if off.gpu else 0, read_gbs)
         quant, quant_why = recommend_quantization(table, bool(off.gpu and gpu_rows))
 
-    report["_facts"] = Facts(**{**asdict(facts), "model_filesystem": fs, "model_mount": mount,
-                                "model_host_bytes": host["bytes"]})
+    report["_facts"] = replace(facts, model_filesystem=fs, model_mount=mount, model_host_bytes=host["bytes"])
     return {
         "path": str(path), "arch": info.arch, "name": info.name, "description": info.desc,
         "n_params": info.n_params, "size": info.size, "n_layer": info.n_layer,
@@ -350,10 +346,9 @@ def model_report(report: dict[str, Any], path: str, n_ctx: int, kv_type: str, co
 
 def config_facts(facts: Facts, config: Any) -> Facts:
     """Facts with a model.yml's settings (Config) for the SMT and stale-ngl checks."""
-    return Facts(**{**asdict(facts), "config_threads": config.given("threads"),
-                    "config_threads_source": config.source("threads"), "config_gpu": bool(config["gpu"]),
-                    "config_gpu_source": config.source("gpu"), "config_ngl": config["n_gpu_layers"],
-                    "config_ngl_source": config.source("n_gpu_layers")})
+    return replace(facts, config_threads=config.given("threads"), config_threads_source=config.source("threads"),
+                   config_gpu=bool(config["gpu"]), config_gpu_source=config.source("gpu"),
+                   config_ngl=config["n_gpu_layers"], config_ngl_source=config.source("n_gpu_layers"))
 
 
 def doctor_report(model: str | None = None, *, n_ctx: int = 4096, kv_type: str = "f16", config: Any = None,
@@ -442,11 +437,10 @@ def _render_model(m: dict[str, Any]) -> list[str]:
                      f"{d['compute_bytes'] / MiB:>8,.1f} MiB{d['bytes'] / MiB:>8,.1f} MiB{d['free'] / MiB:>8,.0f} MiB"
                      f"  {'yes' if d['fits'] else 'NO'}")
     fv = m["memory"]["fits_vram"]
-    lines.append(f"  fits RAM: {'yes' if m['memory']['fits_ram'] else 'NO'}; fits VRAM: "
-                 f"{'no GPU in use' if fv is None else 'yes' if fv else 'NO'}")
-    lines.append("token generation:")
-    lines.append(f"  bytes read per token ~ {_mib(tg['bytes_per_token_weights'])} weights + KV so far "
-                 f"(0 .. {_mib(tg['bytes_per_token_kv_full'])} at {m['n_ctx']} tokens)")
+    lines += [f"  fits RAM: {'yes' if m['memory']['fits_ram'] else 'NO'}; fits VRAM: "
+              f"{'no GPU in use' if fv is None else 'yes' if fv else 'NO'}", "token generation:",
+              f"  bytes read per token ~ {_mib(tg['bytes_per_token_weights'])} weights + KV so far "
+              f"(0 .. {_mib(tg['bytes_per_token_kv_full'])} at {m['n_ctx']} tokens)"]
     if tg["ceiling_tps_empty"]:
         lines.append(f"  ceiling at {tg['read_gbs']:.1f} GB/s read: {tg['ceiling_tps_empty']:.1f} t/s (empty context), "
                      f"{tg['ceiling_tps_full']:.1f} t/s (full context)")

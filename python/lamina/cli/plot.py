@@ -25,10 +25,6 @@ def require() -> None:
         raise LaminaError(f"--plot needs matplotlib, which is not installed: {INSTALL}") from exc
 
 
-def _ngl_label(r: "Result") -> str:
-    return r.placement.replace(" (", "\n(", 1)  # '4\n(inert: CPU only)', 'all\n(19 layers on RPC0)'
-
-
 def render(results: list["Result"], path: str | Path, *, x: str, title: str) -> Path:
     """Draw tokens/s (one subplot per test) against ``x`` ("threads" or "n_gpu_layers"): lamina's
     median with min..max error bars, llama-bench's beside it when it ran, one line per value of
@@ -77,8 +73,9 @@ def render(results: list["Result"], path: str | Path, *, x: str, title: str) -> 
         else:
             ax.set_xlabel("-ngl requested (layers placed)")
             ax.set_xticks(range(len(xs)))
-            by_ngl = {r.n_gpu_layers: r for r in rows}
-            ax.set_xticklabels([_ngl_label(by_ngl[v]) if v in by_ngl else str(v) for v in xs])
+            # each value over its placement: '4\n(inert: CPU only)', 'all\n(19 layers on RPC0)'
+            labels = {r.n_gpu_layers: r.placement.replace(" (", "\n(", 1) for r in rows}
+            ax.set_xticklabels([labels.get(v, str(v)) for v in xs])
         ax.legend()
     placements = list(dict.fromkeys(r.placement for r in results))
     if len(placements) == 1:
