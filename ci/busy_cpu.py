@@ -2,9 +2,9 @@
 """lamina's default generation threads beside busy CPUs (issue 30), against every fixed count.
 
 Conditions: alone; a Python thread spinning in this process; another process spinning (one per
---busy CPU). In each, tg of --tokens greedy tokens with lamina's default threads (which adapt:
-cpp/tuner.h) and with each fixed count 1..n (n: the default's pool), runs interleaved, best and
-median of --reps. The default's ratio to the best fixed count is the figure of merit.
+--busy CPU). In each, tg of --tokens greedy tokens with lamina's default threads and with each
+fixed count 1..n (n: the default's pool), runs interleaved, best and median of --reps. The
+default's ratio to the best fixed count is the figure of merit.
 usage: python ci/busy_cpu.py [--model PATH] [--tokens 96] [--reps 3] [--busy 1]
 """
 from __future__ import annotations
@@ -26,13 +26,13 @@ def spin_process(stop: Any) -> None:
 
 
 def tg(model: lamina.Model, threads: int | None, tokens: int) -> tuple[float, str]:
-    """(tokens per second, the context's thread choice and why) of one fresh context."""
+    """(tokens per second, the context's generation threads) of one fresh context."""
     with model.context(n_ctx=512, **({"threads": threads} if threads else {})) as ctx:
         t0 = time.perf_counter()
         out = ctx.complete("The history of the city begins", max_tokens=tokens, ignore_eos=True)
         dt = time.perf_counter() - t0
         assert len(out.tokens) == tokens
-        return tokens / dt, f"{ctx.threads[0]} ({ctx.threads_why})"
+        return tokens / dt, str(ctx.threads[0])
 
 
 def main() -> None:

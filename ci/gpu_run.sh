@@ -109,7 +109,7 @@ for stage in "$@"; do
     XLA_PYTHON_CLIENT_PREALLOCATE=false CUDA_VISIBLE_DEVICES=0 $py ci/gpu_share.py /tmp/llama-1b.gguf --tokens 32 --reps 3 \
       2> "$OUT/share.err" | tee "$OUT/share.md"; tail -3 "$OUT/share.err" ;;
   busy)
-    # CPU only: lamina's default generation threads (they adapt: cpp/tuner.h) against fixed counts,
+    # CPU only: lamina's default generation threads against fixed counts,
     # alone and beside a spinning Python thread, on the 1B model
     CUDA_VISIBLE_DEVICES= $py ci/busy_cpu.py --model /tmp/llama-1b.gguf --counts 8,12,14,15,16 \
       --conditions alone,thread --reps 2 --tokens 64 2>/dev/null | tee "$OUT/busy.md" ;;

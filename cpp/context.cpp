@@ -154,13 +154,7 @@ bool abort_requested(void * data) {
     g_abort_gil_takes.fetch_add(1, std::memory_order_relaxed);
     gil_acquire gil;
     bool raised = PyErr_CheckSignals() != 0;
-    if (raised) {
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-        st->signal_type = nb::steal(t);
-        st->signal_value = nb::steal(v);
-        st->signal_tb = nb::steal(tb);
-    }
+    if (raised) st->signal.take();
     return raised;
 }
 
@@ -203,10 +197,7 @@ void decode_failed(context_state & st, int rc, bool seq0) {
     }
     st.last_outputs = 0;
     st.abort = false;
-    if (st.signal_type.is_valid()) {  // a signal handler raised (KeyboardInterrupt): re-raise it
-        PyErr_Restore(st.signal_type.release().ptr(), st.signal_value.release().ptr(), st.signal_tb.release().ptr());
-        throw nb::python_error();
-    }
+    if (st.signal) st.signal.raise();  // a signal handler raised (KeyboardInterrupt): re-raise it
     throw decode_error(rc, decode_message(rc, st));
 }
 
@@ -468,7 +459,6 @@ public:
         st->seq_samplers.resize(llama_n_seq_max(raw));
         st->eng = std::make_shared<engine>(int32_t(llama_n_seq_max(raw)));
         threadpools_attach(*st, gen, batch);
-        st->eng->tuner.reset(gen_pool.adapt ? gen.n_threads : 0);
         st_ = std::move(st);
     }
 
@@ -592,13 +582,6 @@ public:
         context_state & s = *l;
         threadpools_attach(s, gen, batch);
         llama_set_n_threads(s.ctx.get(), gen.n_threads, batch.n_threads);
-        s.eng->tuner.reset(gen_pool.adapt ? gen.n_threads : 0);
-    }
-
-    // (generation threads now, why): lamina's default count adapts to busy CPUs (tuner.h)
-    std::pair<int, std::string> threads_now() {
-        context_lease l = lease();
-        return {int(llama_n_threads(l->ctx.get())), l->eng->tuner.why()};
     }
 
     // Safe from any thread: the running decode stops at its next graph node with DecodeError.
@@ -632,7 +615,7 @@ void init_context(nb::module_ & m) {
         using Params = pool_params;
         nb::class_<pool_params>(m, "PoolParams", "One threadpool: threads, CPUs, strict placement, priority, polling.")
             .def(nb::init<>())
-            LAMINA_RW(n_threads) LAMINA_RW(cpus) LAMINA_RW(strict) LAMINA_RW(priority) LAMINA_RW(poll) LAMINA_RW(adapt);
+            LAMINA_RW(n_threads) LAMINA_RW(cpus) LAMINA_RW(strict) LAMINA_RW(priority) LAMINA_RW(poll);
     }
     static bool atfork_registered = false;
     if (!atfork_registered) {
@@ -668,7 +651,6 @@ Args:
         .def_prop_ro("n_past", [](const context_handle & c) { return c.lease()->tokens.size(); })
         .def("params", &context_handle::params, "Effective sizes and thread counts.")
         .def("set_threads", &context_handle::set_threads, nb::arg("gen"), nb::arg("batch"))
-        .def("threads_now", &context_handle::threads_now)
         .def("abort", &context_handle::abort, "Ask a running decode (in another thread) to stop.");
 }
 

@@ -22,7 +22,6 @@ void request::raise_error() const {
 }
 
 engine::~engine() {
-    if (batch_.token != nullptr) llama_batch_free(batch_);
     if (wake_rd_ >= 0) ::close(wake_rd_);
     if (wake_wr_ >= 0) ::close(wake_wr_);
 }
@@ -324,10 +323,7 @@ bool engine::publish(request & r, size_t k, llama_pos n_ctx_seq, const llama_voc
 }
 
 void raise_interrupted(context_state & st) {
-    if (st.signal_type.is_valid()) {  // a signal handler raised (KeyboardInterrupt): re-raise it
-        PyErr_Restore(st.signal_type.release().ptr(), st.signal_value.release().ptr(), st.signal_tb.release().ptr());
-        throw nb::python_error();
-    }
+    if (st.signal) st.signal.raise();  // a signal handler raised (KeyboardInterrupt): re-raise it
     throw decode_error(2, decode_message(2, st));
 }
 
@@ -335,8 +331,8 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
     llama_context * lc = st.ctx.get();
     const int32_t n_batch = int32_t(llama_n_batch(lc));
     const llama_pos n_ctx_seq = llama_pos(llama_n_ctx_seq(lc));
-    if (batch_.token == nullptr) batch_ = llama_batch_init(n_batch, 0, 1);
-    llama_batch & b = batch_;
+    if (!batch_) batch_ = std::make_unique<owned_batch>(n_batch);
+    llama_batch & b = *batch_;
     admitted_.clear();
     {
         std::lock_guard<std::mutex> lk(mu);
@@ -428,8 +424,6 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
         throw lamina_error("this step asks for " + std::to_string(n_out) + " logits rows, more than any decode before, "
                            "while numpy views of ctx.logits are alive; delete them (or copy with np.array(ctx.logits)) first");
     }
-    const bool tuned = tuner.on() && b.n_tokens == 1;  // a one-token decode runs on the generation pool
-    if (tuned && tuner.next() != llama_n_threads(lc)) llama_set_n_threads(lc, tuner.next(), llama_n_threads_batch(lc));
     const int64_t t0 = llama_time_us();
     t_decode_ = t0;
     int rc;
@@ -448,7 +442,6 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
         throw;
     }
     const int64_t t1 = llama_time_us();
-    if (tuned) tuner.took(t1 - t0);
     {
         std::lock_guard<std::mutex> lk(mu);
         bool any = false;
@@ -540,7 +533,7 @@ bool engine::failed(context_state & st, int rc, bool resume_aborted, const char 
     llama_memory_t mem = llama_get_memory(st.ctx.get());
     st.last_outputs = 0;
     st.abort = false;
-    const bool interrupted = why_not_decode == nullptr && ((rc == 2 && resume_aborted) || st.signal_type.is_valid());
+    const bool interrupted = why_not_decode == nullptr && ((rc == 2 && resume_aborted) || bool(st.signal));
     std::vector<request *> lost;  // requests whose sequence could not be cut back (no mutex: llama.cpp calls)
     for (request * r : in_batch_) {
         const llama_pos held = r->has_pending ? r->pos : llama_pos(r->n_fed);

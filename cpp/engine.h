@@ -12,7 +12,6 @@
 
 #include "lamina.h"
 #include "sampler.h"
-#include "tuner.h"
 
 #include <condition_variable>
 #include <deque>
@@ -98,8 +97,6 @@ public:
     std::condition_variable work, news;
     int wake_fd();  // a pipe's read end that gets a byte after each step with news (asyncio)
     void stats(nb::dict & d);
-    // The generation threads of one-token steps, when they are lamina's default (under the lease).
-    thread_tuner tuner;
 
 private:
     struct freed_seq {
@@ -127,7 +124,7 @@ private:
     std::vector<request_ptr> graveyard_;  // ended, freed with freed_ (after the mutex)
     std::vector<request *> in_batch_;
     std::vector<request_ptr> admitted_;
-    llama_batch batch_{};
+    std::unique_ptr<owned_batch> batch_;
     int64_t t_decode_ = 0, t_decoded_ = 0;  // when this step's decode started and returned
     uint64_t next_id_ = 1;
     int wake_rd_ = -1, wake_wr_ = -1;

@@ -13,6 +13,20 @@ namespace lamina {
 void check_signals();
 // Whether the calling thread (GIL held) is Python's main thread, where signal handlers run.
 bool on_main_thread();
+// A Python exception taken from the interpreter (GIL held) to raise later, from another frame.
+struct held_error {
+    nb::object type, value, tb;
+    void take() {
+        PyObject *t, *v, *b;
+        PyErr_Fetch(&t, &v, &b);
+        type = nb::steal(t), value = nb::steal(v), tb = nb::steal(b);
+    }
+    explicit operator bool() const { return type.is_valid(); }
+    [[noreturn]] void raise() {
+        PyErr_Restore(type.release().ptr(), value.release().ptr(), tb.release().ptr());
+        throw nb::python_error();
+    }
+};
 
 // ---- interpreter exit ---------------------------------------------------------------------
 // Set by prepare_exit (lamina's last atexit handler, in the main thread) before the interpreter

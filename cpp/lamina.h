@@ -119,7 +119,7 @@ struct context_state {
     // Python runs signal handlers in the main thread only: a decode started elsewhere never takes
     // the GIL from inside graph compute (set by each decode entry, with the GIL held)
     bool signals_here = false;
-    nb::object signal_type, signal_value, signal_tb;  // the exception a handler raised, if any
+    held_error signal;  // the exception a handler raised, if any
     ~context_state();
 };
 

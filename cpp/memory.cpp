@@ -59,6 +59,14 @@ void resync_seq0(context_state & st, bool suffix_removed_at, size_t cut) {
     st.last_outputs = 0;
 }
 
+// Sequence 0's mirror after a restored state: its saved tokens when trusted and as many as the
+// cache's positions, else placeholders (mirror_unknown), so the next prompt is evaluated in full.
+void mirror_restored(context_state & st, std::vector<llama_token> && tokens, bool trusted) {
+    const llama_pos pmax = llama_memory_seq_pos_max(mem_of(st), 0);
+    if (trusted && int64_t(tokens.size()) == int64_t(pmax) + 1) st.tokens = std::move(tokens);
+    else mirror_unknown(st, pmax);
+}
+
 // A saved state: an 8-byte magic ("LAMINAS3" whole context, "LAMINAQ3" one sequence), the header,
 // the token mirror (n_tokens int32 ids, -1 where unknown), then llama.cpp's own bytes
 // (llama_state_get_data / llama_state_seq_get_data), payload_size of them. Saved state is
@@ -209,16 +217,7 @@ void seq_state_set(nb::handle ctx, nb::bytes data, int32_t seq) {
                            " is now empty)" + (why.empty() ? "" : ": " + why));
     }
     check_restored_positions(*st, seq);
-    if (seq == 0) {
-        // the token mirror (prefix reuse) is known when the state came from sequence 0;
-        // otherwise placeholders that never match, so the next prompt is evaluated in full
-        llama_pos pmax = llama_memory_seq_pos_max(mem_of(*st), 0);
-        if (r.h.src_seq == 0 && int64_t(r.tokens.size()) == int64_t(pmax) + 1) {
-            st->tokens = std::move(r.tokens);
-        } else {
-            mirror_unknown(*st, pmax);
-        }
-    }
+    if (seq == 0) mirror_restored(*st, std::move(r.tokens), r.h.src_seq == 0);  // saved from sequence 0: known
     st->last_outputs = 0;
 }
 
@@ -360,12 +359,7 @@ void init_memory(nb::module_ & m) {
         }
         check_restored_positions(*st, -1);
         // the cache must hold exactly the mirrored tokens, or prefix reuse would skip real work
-        const llama_pos pmax = llama_memory_seq_pos_max(mem_of(*st), 0);
-        if (int64_t(r.tokens.size()) == int64_t(pmax) + 1) {
-            st->tokens = std::move(r.tokens);
-        } else {
-            mirror_unknown(*st, pmax);
-        }
+        mirror_restored(*st, std::move(r.tokens), true);
         st->last_outputs = 0;
         // llama.cpp's state holds the cache but no logits: evaluate the last token again for them
         // (the same computation, so the same values), when it is known and the cache allows it.

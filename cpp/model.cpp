@@ -23,6 +23,19 @@ model_state::~model_state() {
 
 namespace {
 
+// llama.cpp's tokenize/detokenize, without the GIL: a negative answer is the size needed, so the
+// buffer grows to it and the call runs once more
+template <typename Buf, typename F>
+int32_t sized_call(Buf & buf, F call) {
+    gil_release nogil;
+    int32_t n = call();
+    if (n < 0) {
+        buf.resize(size_t(-n));
+        n = call();
+    }
+    return n;
+}
+
 using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // Owned int32 array handed to numpy without a second copy.
@@ -35,7 +48,7 @@ nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> to_numpy(std::vector<int32_t> && v)
 struct load_progress {
     PyObject * callback = nullptr;  // borrowed; may be null
     bool python_error = false;      // a callback raised or a signal arrived: abort the load
-    nb::object error_type, error_value, error_tb;
+    held_error error;
 };
 
 bool on_progress(float progress, void * user) {
@@ -55,11 +68,7 @@ bool on_progress(float progress, void * user) {
         }
     }
     if (lp->python_error) {
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-        lp->error_type = nb::steal(t);
-        lp->error_value = nb::steal(v);
-        lp->error_tb = nb::steal(tb);
+        lp->error.take();
         return false;
     }
     return true;
@@ -116,9 +125,7 @@ public:
         }
         if (lp.python_error) {
             if (raw) llama_model_free(raw);
-            PyErr_Restore(lp.error_type.release().ptr(), lp.error_value.release().ptr(),
-                          lp.error_tb.release().ptr());
-            throw nb::python_error();
+            lp.error.raise();
         }
         std::vector<ggml_backend_dev_t> used;
         for (size_t i = 0; i + 1 < mp.devs.size(); ++i) used.push_back(mp.devs[i]);
@@ -168,15 +175,9 @@ public:
         size_t len = text.size();
         if (len > size_t(INT32_MAX) / 2) throw std::invalid_argument("text too long to tokenize");
         std::vector<int32_t> out(len + 8);
-        int32_t n;
-        {
-            gil_release nogil;
-            n = llama_tokenize(m.vocab, s, int32_t(len), out.data(), int32_t(out.size()), add_special, parse_special);
-            if (n < 0) {
-                out.resize(size_t(-n));
-                n = llama_tokenize(m.vocab, s, int32_t(len), out.data(), int32_t(out.size()), add_special, parse_special);
-            }
-        }
+        const int32_t n = sized_call(out, [&] {
+            return llama_tokenize(m.vocab, s, int32_t(len), out.data(), int32_t(out.size()), add_special, parse_special);
+        });
         if (n < 0) throw lamina_error("llama_tokenize failed");
         out.resize(size_t(n));
         return to_numpy(std::move(out));
@@ -190,15 +191,9 @@ public:
         require_vocab(m);
         check_tokens(m, t, n);
         std::string out(n * 8 + 16, '\0');
-        int32_t got;
-        {
-            gil_release nogil;
-            got = llama_detokenize(m.vocab, t, int32_t(n), out.data(), int32_t(out.size()), remove_special, unparse_special);
-            if (got < 0) {
-                out.resize(size_t(-got));
-                got = llama_detokenize(m.vocab, t, int32_t(n), out.data(), int32_t(out.size()), remove_special, unparse_special);
-            }
-        }
+        const int32_t got = sized_call(out, [&] {
+            return llama_detokenize(m.vocab, t, int32_t(n), out.data(), int32_t(out.size()), remove_special, unparse_special);
+        });
         if (got < 0) throw lamina_error("llama_detokenize failed");
         return nb::bytes(out.data(), size_t(got));
     }

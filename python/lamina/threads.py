@@ -137,7 +137,6 @@ class Threads:
             p = _native.PoolParams()
             p.n_threads, p.cpus, p.strict = threads, list(cpus or ()), self.strict and cpus is not None
             p.priority, p.poll = PRIORITIES[self.priority], self.poll
-            p.adapt = self.n is None and not out  # the generation pool of lamina's default count
             out.append(p)
         return out[0], out[1]
 
