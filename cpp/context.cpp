@@ -277,15 +277,16 @@ void decode_batch(context_state & st, const llama_batch & batch, int32_t n_outpu
 void decode_tokens(context_state & st, const llama_token * toks, size_t n, int logits, int32_t seq) {
     const size_t n_batch = llama_n_batch(st.ctx.get());
     llama_memory_t mem = llama_get_memory(st.ctx.get());
-    const llama_pos pos = llama_memory_seq_pos_max(mem, seq) + 1;  // the cache is the truth (-1: empty, or no cache)
     owned_batch b(int32_t(std::min(n, n_batch)));
     for (size_t done = 0; done < n;) {
         const size_t k = std::min(n_batch, n - done);
+        // positions follow the cache (-1: empty; without a cache, such as an encoder's, each chunk from 0)
+        const llama_pos pos = llama_memory_seq_pos_max(mem, seq) + 1;
         int32_t outs = 0;
         b.n_tokens = 0;
-        for (size_t i = done; i < done + k; ++i) {
-            const bool out = st.embeddings || logits == 2 || (logits == 1 && i + 1 == n);
-            batch_add(b, toks[i], pos + llama_pos(i), seq, out);
+        for (size_t j = 0; j < k; ++j) {
+            const bool out = st.embeddings || logits == 2 || (logits == 1 && done + j + 1 == n);
+            batch_add(b, toks[done + j], pos + llama_pos(j), seq, out);
             outs += out;
         }
         decode_batch(st, b, outs);

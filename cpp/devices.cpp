@@ -154,6 +154,15 @@ bool rpc_endpoint_lost(const std::string & endpoint) {
     return lost_endpoints().find(";" + endpoint + ";") != std::string::npos;
 }
 
+void refuse_lost_rpc(const std::vector<ggml_backend_dev_t> & devs, const std::string & when) {
+    for (const std::string & ep : rpc_endpoints_of(devs)) {
+        if (!rpc_endpoint_lost(ep)) continue;
+        PyErr_SetString(PyExc_ConnectionError, ("RPC server " + ep + " went away (it crashed, exited or sent a malformed "
+                         "answer) " + when + "; lamina does not connect to a lost server again").c_str());
+        throw nb::python_error();
+    }
+}
+
 bool rpc_lost(model_state & model) {
     if (model.lost.load()) return true;
     const std::string all = lost_endpoints();
@@ -211,7 +220,15 @@ void init_devices(nb::module_ & m) {
         if (rpc_endpoint_lost(endpoint)) lost("went away earlier in this process");
         if (std::find(added.begin(), added.end(), endpoint) != added.end()) {
             // known: one round trip (over the open connection, else a new one) tells a server that
-            // went away while nothing was connected; a second handshake could wait behind the open one
+            // went away while nothing was connected; a second handshake could wait behind the open
+            // one, but a plain connect answers within timeout_ms (ggml's own connect has no limit)
+            const int fd = without_gil([&] { return connect_timeout(endpoint, timeout_ms); });
+            if (fd < 0) {
+                PyErr_SetString(PyExc_ConnectionError, ("RPC server " + endpoint + ": nothing answers there (connection "
+                                 "refused, or no answer within " + std::to_string(timeout_ms) + " ms)").c_str());
+                throw nb::python_error();
+            }
+            close(fd);
             for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
                 ggml_backend_dev_t dev = ggml_backend_dev_get(i);
                 if (ggml_backend_dev_description(dev) != endpoint) continue;

@@ -129,6 +129,9 @@ bool rpc_lost(model_state & model);
 // The RPC endpoints among ggml devices (descriptions of devices whose backend is RPC).
 std::vector<std::string> rpc_endpoints_of(const std::vector<ggml_backend_dev_t> & devs);
 bool rpc_endpoint_lost(const std::string & endpoint);  // "host:port" lost in this process
+// ConnectionError (GIL held) naming the first of devs that is a lost RPC server's, with `when`: it
+// answers zeros, and llama.cpp must not plan or load with them (an alignment of 0 ends the process).
+void refuse_lost_rpc(const std::vector<ggml_backend_dev_t> & devs, const std::string & when);
 // Something changes what sequence `seq` (< 0: every sequence) holds: its epoch moves on, so the
 // generation or Batcher request that owns it ends at its next step with stale_error naming `what`
 // (a string literal). Returns the new epoch (of the last sequence changed). Under a lease.

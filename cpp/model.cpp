@@ -132,13 +132,11 @@ public:
         if (mp.devs.empty()) {  // llama.cpp's choice: every device
             for (size_t i = 0; i < ggml_backend_dev_count(); ++i) used.push_back(ggml_backend_dev_get(i));
         }
-        std::vector<std::string> remote = rpc_endpoints_of(used);
-        for (const std::string & ep : remote) {  // a lost server answered zeros: nothing it "loaded" is there
-            if (!rpc_endpoint_lost(ep)) continue;
+        try {  // a server lost during the load answered zeros: nothing it "loaded" is there
+            refuse_lost_rpc(used, "while '" + path + "' loaded");
+        } catch (...) {
             if (raw) llama_model_free(raw);
-            PyErr_SetString(PyExc_ConnectionError, ("RPC server " + ep + " went away (it crashed, exited or sent a "
-                "malformed answer) before or while '" + path + "' loaded; lamina does not connect to a lost server again").c_str());
-            throw nb::python_error();
+            throw;
         }
         if (raw == nullptr) raise_failed("failed to load model from '" + path + "'", failure::load);
         st_ = std::make_shared<model_state>();
@@ -148,7 +146,7 @@ public:
         st_->path = path;
         st_->file_id = file_identity(path);
         st_->vocab_only = vocab_only;
-        st_->rpc_endpoints = std::move(remote);
+        st_->rpc_endpoints = rpc_endpoints_of(used);
         layers_ = std::move(layers);
     }
 
@@ -317,6 +315,11 @@ void build_model_params(const placement & a, model_params & out) {
         out.devs.push_back(nullptr);
         p.devices = out.devs.data();
     }
+    std::vector<ggml_backend_dev_t> chosen(out.devs.begin(), out.devs.end() - (devices ? 1 : 0));
+    if (!devices) {
+        for (size_t i = 0; i < n_dev; ++i) chosen.push_back(ggml_backend_dev_get(i));
+    }
+    refuse_lost_rpc(chosen, "earlier in this process");
     // main_gpu: Python's plan_placement checks it against the chosen devices (llama.cpp refuses a bad one)
     out.split.assign(llama_max_devices(), 0.0f);
     if (tensor_split) {

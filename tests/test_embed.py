@@ -1,10 +1,15 @@
 """Model.embed: shapes, normalisation, determinism, pooling choices, errors."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import lamina
+from tiny_gguf import write_tiny_bert
 
 
 def test_embed_shapes_and_normalisation(tiny_model: lamina.Model) -> None:
@@ -38,3 +43,20 @@ def test_embed_bad_input(tiny_model: lamina.Model) -> None:
     ctx.decode([1, 300])
     with pytest.raises(lamina.LaminaError, match="embeddings=True"):
         ctx.native.embedding(0)
+
+
+def test_an_encoder_without_a_cache_numbers_each_chunk_from_zero(tmp_path: Path) -> None:
+    """A decode longer than n_batch on a model llama.cpp runs without a KV cache (BERT) goes in
+    chunks, each a decode of its own: positions start at 0 in each, as llama.cpp numbers them. Had
+    the second chunk continued the first's positions (64..127), the learned position table of 64
+    rows would be read past its end (a GGML_ASSERT abort)."""
+    path = write_tiny_bert(tmp_path / "bert.gguf", n_ctx_train=64)
+    script = f"""
+import numpy as np, lamina
+m = lamina.Model({str(path)!r}, gpu=False)
+with m.context(n_ctx=128, n_batch=64, n_ubatch=64, embeddings=True) as c:
+    c.decode(np.arange(3, 131, dtype=np.int32))
+print("survived")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])

@@ -351,18 +351,28 @@ proc, ep = start_server("--device", "CPU", "--threads", "1")
 print("memory before", dev.memory_total > 0)
 proc.kill(); proc.wait()
 print("memory after", [d.memory_total for d in lamina.devices() if d.description == ep])
-for attempt in (lambda: lamina.rpc_connect(ep), lambda: lamina.Model(path, rpc=[ep], n_gpu_layers="all"),
-                lambda: lamina.Model(path, devices=[dev], n_gpu_layers="all")):
+
+def attempt(f):
     try:
-        attempt()
+        f()
         print("NO ERROR")
     except ConnectionError as exc:
         print("ConnectionError", exc)
+for f in (lambda: lamina.rpc_connect(ep), lambda: lamina.Model(path, rpc=[ep], n_gpu_layers="all"),
+          lambda: lamina.Model(path, devices=[dev], n_gpu_layers="all"), lambda: lamina.Model(path, devices=[dev])):
+    attempt(f)
+# nothing asked the next two since they went away: a load ("auto" fits first) and rpc_connect
+(p2, ep2), (p3, ep3) = start_server("--device", "CPU", "--threads", "1"), start_server("--device", "CPU", "--threads", "1")
+(dev2,), _ = lamina.rpc_connect(ep2), lamina.rpc_connect(ep3)
+for p in (p2, p3):
+    p.kill(); p.wait()
+attempt(lambda: lamina.Model(path, devices=[dev2]))
+attempt(lambda: lamina.rpc_connect(ep3, timeout=0.5))
 print("cpu", lamina.Model(path, gpu=False).context(n_ctx=64).complete("a", max_tokens=2).text is not None)
 print("survived")
 """)
     assert "memory before True" in out and "memory after [None]" in out, out
-    assert "NO ERROR" not in out and out.count("went away") == 3, out
+    assert "NO ERROR" not in out and out.count("went away") == 5 and "nothing answers there" in out, out
 
 
 def test_a_server_that_fails_ggmls_own_connection_raises_naming_it() -> None:

@@ -276,3 +276,52 @@ if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf")
     write_tiny_llama(out, **(PRESETS[sys.argv[2]] if len(sys.argv) > 2 else {}))
     print(out)
+
+
+def write_tiny_bert(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_ff: int = 128,
+                    n_ctx_train: int = 64, seed: int = 0) -> Path:
+    """A BERT-style encoder (non-causal attention, learned positions, mean pooling): llama.cpp runs
+    it without a KV cache, so each decode's positions start at 0."""
+    import gguf
+
+    tokens, scores, types = vocab()
+    rng = np.random.default_rng(seed)
+    def w(*shape: int, scale: float = 0.08) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32) * scale
+    ones, zeros = (lambda n: np.ones(n, dtype=np.float32)), (lambda n: np.zeros(n, dtype=np.float32))
+    wr = gguf.GGUFWriter(str(path), "bert")
+    wr.add_name("tiny-bert")
+    wr.add_context_length(n_ctx_train)
+    wr.add_embedding_length(n_embd)
+    wr.add_block_count(n_layer)
+    wr.add_feed_forward_length(n_ff)
+    wr.add_head_count(n_head)
+    wr.add_layer_norm_eps(1e-12)
+    wr.add_causal_attention(False)
+    wr.add_pooling_type(gguf.PoolingType.MEAN)
+    wr.add_file_type(gguf.LlamaFileType.ALL_F32)
+    wr.add_tokenizer_model("llama")
+    wr.add_token_list(tokens)
+    wr.add_token_scores(scores)
+    wr.add_token_types(types)
+    wr.add_unk_token_id(0)
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(2)
+    wr.add_token_type_count(2)
+    tensors = {"token_embd.weight": w(len(tokens), n_embd, scale=0.5), "token_types.weight": w(2, n_embd),
+               "position_embd.weight": w(n_ctx_train, n_embd), "token_embd_norm.weight": ones(n_embd),
+               "token_embd_norm.bias": zeros(n_embd)}
+    for i in range(n_layer):
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            tensors[f"blk.{i}.{t}.weight"], tensors[f"blk.{i}.{t}.bias"] = w(n_embd, n_embd), zeros(n_embd)
+        for t in ("attn_output_norm", "layer_output_norm"):
+            tensors[f"blk.{i}.{t}.weight"], tensors[f"blk.{i}.{t}.bias"] = ones(n_embd), zeros(n_embd)
+        tensors[f"blk.{i}.ffn_up.weight"], tensors[f"blk.{i}.ffn_up.bias"] = w(n_ff, n_embd), zeros(n_ff)
+        tensors[f"blk.{i}.ffn_down.weight"], tensors[f"blk.{i}.ffn_down.bias"] = w(n_embd, n_ff), zeros(n_embd)
+    for name, t in tensors.items():
+        wr.add_tensor(name, t)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path
