@@ -3,6 +3,8 @@ output, advice for a tiny and the real model, and the trap warnings from constru
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import lamina
 from lamina.cli import doctor
 from lamina.cli import main
 from lamina.cli.doctor import Facts, traps
-from lamina.system import _mounts, cgroup_levels, filesystem_of, memory_bandwidth
+from lamina.system import _mounts, busy_cpus, cgroup_levels, filesystem_of, memory_bandwidth
 
 SCHEMA = Path(__file__).resolve().parent.parent / "docs" / "doctor.schema.json"
 
@@ -348,3 +350,25 @@ def test_a_bandwidth_thread_that_cannot_start_raises_and_the_process_lives() -> 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.startswith("raised RuntimeError could not start 1024 threads"), r.stdout  # 8 GiB of stacks
+
+
+def test_busy_cpus_and_other_gpu_processes_are_warnings() -> None:
+    assert codes(Facts(busy_cpus=((1, 0.97),), gpu_processes=("4242 python 812 MiB",))) == ["busy_cpus", "gpu_shared"]
+    (w,) = doctor.traps(Facts(busy_cpus=((0, 0.9), (1, 1.0))))
+    assert "CPU(s) 0-1 were busy" in w.message and "0: 90%, 1: 100%" in w.message and "threads=" in w.message
+
+
+def test_a_spinning_process_shows_as_a_busy_cpu() -> None:
+    """The sampler reads /proc/stat: a process spinning on a CPU of its own shows there as busy."""
+    import subprocess
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two allowed CPUs")
+    spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpus[-1]}}})\nwhile True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = busy_cpus(0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert set(busy) == set(cpus) and busy[cpus[-1]] > 0.8, busy

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +226,38 @@ def cgroup_cpu_limit() -> float | None:
     """CPUs granted by the cgroup v2 / v1 quota (the smallest along this process's cgroup path),
     or None when unlimited."""
     return min((lv.cpu_limit for lv in cgroup_levels() if lv.cpu_limit is not None), default=None)
+
+
+def busy_cpus(seconds: float = 0.25) -> dict[int, float]:
+    """The share of each allowed CPU's time that went to work over ``seconds`` (/proc/stat; this
+    process counts too, so call it while the process is idle). Empty where /proc/stat is unreadable."""
+    def sample() -> dict[int, tuple[int, int]]:
+        out = {}
+        for line in (_read("/proc/stat") or "").splitlines():
+            name, *fields = line.split()
+            if name[:3] == "cpu" and name[3:].isdigit():
+                v = [int(x) for x in fields[:8]]
+                out[int(name[3:])] = (v[3] + v[4], sum(v))  # (idle + iowait, all) jiffies
+        return out
+    before = sample()
+    time.sleep(seconds)
+    after = sample()
+    return {c: 1 - (after[c][0] - before[c][0]) / (after[c][1] - before[c][1])
+            for c in allowed_cpus() if c in before and c in after and after[c][1] > before[c][1]}
+
+
+def gpu_processes() -> list[str]:
+    """Other processes that hold a CUDA context on this machine's GPUs ("pid name MiB", from
+    nvidia-smi; empty without it)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = [[f.strip() for f in line.split(",")] for line in out.splitlines() if line.count(",") == 2]
+    return [f"{pid} {name} {mib} MiB" for pid, name, mib in rows if pid != str(os.getpid())]
 
 
 def cgroup_memory_limit() -> int | None:

@@ -40,8 +40,9 @@ from ..params import KV
 from ..threads import cpu_ranges
 from .plot import require
 from .progress import load_bar
-from ..system import (MEMORY_FILESYSTEMS, NETWORK_FILESYSTEMS, available_memory, cache_sizes, cgroup_levels,
-                     cgroup_memory_limit, filesystem_of, gpu_absent_reason, memory_bandwidth, swap_memory, system_info)
+from ..system import (MEMORY_FILESYSTEMS, NETWORK_FILESYSTEMS, available_memory, busy_cpus, cache_sizes, cgroup_levels,
+                     cgroup_memory_limit, filesystem_of, gpu_absent_reason, gpu_processes, memory_bandwidth,
+                     swap_memory, system_info)
 
 SCHEMA_VERSION = 1
 MiB, GiB = 1024 ** 2, 1024 ** 3
@@ -78,6 +79,8 @@ class Facts:
     model_host_bytes: int = 0  # weights + context + compute the model needs in host memory
     memory_available: int = 0
     swap_total: int = 0
+    busy_cpus: tuple[tuple[int, float], ...] = ()  # (allowed CPU, its busy share) of those >= 50 % busy
+    gpu_processes: tuple[str, ...] = ()  # other processes on the GPUs: "pid name MiB"
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,17 @@ def traps(f: Facts) -> list[Trap]:
                                             "the GPU, e.g. CUDA_VISIBLE_DEVICES or container flags)"))
     for a in f.addon_failures:
         out.append(Trap("addon_failed", f"GPU add-on {a}"))
+    if f.busy_cpus:
+        shares = ", ".join(f"{c}: {s:.0%}" for c, s in f.busy_cpus)
+        out.append(Trap("busy_cpus", f"CPU(s) {cpu_ranges(c for c, _ in f.busy_cpus)} were busy with other work while "
+                                     f"doctor sampled ({shares}): ggml's generation threads meet at a barrier for "
+                                     "every op, so a thread on a busy CPU stalls the others (README, 'Running beside "
+                                     "other work'); give threads= the free physical cores, or pin lamina to idle "
+                                     "CPUs with lamina.Threads(cpus=...)"))
+    if f.gpu_processes:
+        out.append(Trap("gpu_shared", f"other processes hold the GPU ({'; '.join(f.gpu_processes)}): lamina's kernels "
+                                      "share the card with theirs and generation slows with their load (1.5-6x "
+                                      "beside a busy torch loop on an H100: README, 'Running beside other work')"))
     inert = (f"gpu is off ({f.config_gpu_source}); remove it, or turn the GPU on" if not f.config_gpu else
              "this machine has no GPU device, so everything stays on the CPU" if not f.gpu_device else "")
     if inert and f.config_ngl_source != "default" and f.config_ngl not in (None, 0):
@@ -213,6 +227,7 @@ def _compiled_backends() -> list[str]:
 
 def machine_report(bandwidth_seconds: float = 1.0) -> dict[str, Any]:
     """The machine part of ``lamina doctor --json`` (bandwidth_seconds=0 skips the probe)."""
+    busy = busy_cpus()  # first: the bandwidth probe below keeps every CPU busy
     si = system_info()
     swap_total, swap_free = swap_memory()
     compiled_on = [k for k, v in si.cpu_features_compiled.items() if v == "1"]
@@ -235,13 +250,15 @@ def machine_report(bandwidth_seconds: float = 1.0) -> dict[str, Any]:
                                     if f not in compiled_on and f not in _NOT_REPORTED_BY_GGML],
                 "variant": si.cpu_variant, "logical_cpus": si.logical_cpus, "allowed_cpus": si.allowed_cpus,
                 "physical_cores": si.physical_cores, "caches": cache_sizes(),
-                "default_threads": si.default_threads, "default_threads_batch": si.default_threads_batch},
+                "default_threads": si.default_threads, "default_threads_batch": si.default_threads_batch,
+                "busy": {str(c): round(s, 3) for c, s in busy.items()}},
         "cgroup": {"levels": [asdict(lv) for lv in levels], "cpu_limit": si.cgroup_cpu_limit,
                    "memory_limit": mem_limit},
         "memory": {"total": si.memory_total, "available": si.memory_available, "swap_total": swap_total,
                    "swap_free": swap_free, "cgroup_limit": mem_limit},
         "bandwidth": bw,
         "devices": [asdict(d) for d in si.devices],
+        "gpu_processes": gpu_processes(),
         "backends": {"compiled": _compiled_backends(), "loaded": loaded,
                      "addons": [{"name": a.name, "distribution": a.distribution, "version": a.version,
                                  "loaded": bool(a.loaded), "error": a.error or None} for a in si.addons],
@@ -257,7 +274,8 @@ def machine_report(bandwidth_seconds: float = 1.0) -> dict[str, Any]:
             b["n_devices"] for b in loaded if b["name"] == n)),
         addon_failures=tuple(f"{a.distribution}: {a.error}" for a in si.addons if not a.loaded),
         gpu_device=bool(gpu_devices), memory_available=available_memory(si.memory_available),
-        swap_total=swap_total)
+        swap_total=swap_total, busy_cpus=tuple((c, s) for c, s in busy.items() if s >= 0.5),
+        gpu_processes=tuple(report["gpu_processes"]))
     return report
 
 
