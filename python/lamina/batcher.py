@@ -127,7 +127,7 @@ class Batcher(_core.Closing):
             raise
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: set[asyncio.Event] = set()
+        self._events: dict[asyncio.Event, asyncio.AbstractEventLoop] = {}  # each with its coroutine's loop
         # the thread holds the native loop, not this object: a Batcher nobody holds is collected
         self._thread = threading.Thread(target=_serve, args=(self._native,), name="lamina-batcher", daemon=True)
         self._thread.start()
@@ -190,23 +190,26 @@ class Batcher(_core.Closing):
             loop.add_reader(self._fd, self._wake)
             self._loop = loop
         ev = asyncio.Event()
-        self._events.add(ev)
+        self._events[ev] = loop
         try:
             yield ev
         except asyncio.CancelledError:
             req.cancel()
             raise
         finally:
-            self._events.discard(ev)
+            self._events.pop(ev, None)
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._fd, 4096)
-        for ev in list(self._events):
+        for ev, loop in list(self._events.items()):
+            if loop.is_closed():  # closed while a coroutine waited on it: that wait never ends
+                self._events.pop(ev, None)
+                continue
             try:
                 ev.set()
-            except RuntimeError:  # its event loop was closed while a coroutine waited on it
-                self._events.discard(ev)
+            except RuntimeError:  # closed between the check and set()
+                self._events.pop(ev, None)
 
     async def _wait_async(self, req: Request) -> Completion:
         with self._waiting(req) as ev:
