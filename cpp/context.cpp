@@ -460,6 +460,7 @@ public:
         st->seq_samplers.resize(llama_n_seq_max(raw));
         st->eng = std::make_shared<engine>(int32_t(llama_n_seq_max(raw)));
         threadpools_attach(*st, gen, batch);
+        st->eng->tuner.reset(gen_pool.adapt ? gen.n_threads : 0);
         st_ = std::move(st);
     }
 
@@ -583,6 +584,14 @@ public:
         context_state & s = *l;
         threadpools_attach(s, gen, batch);
         llama_set_n_threads(s.ctx.get(), gen.n_threads, batch.n_threads);
+        s.eng->tuner.reset(gen_pool.adapt ? gen.n_threads : 0);
+    }
+
+    // (generation threads now, why): lamina's default count adapts to busy CPUs (tuner.h)
+    std::pair<int, std::string> threads_now() {
+        context_lease l = lease();
+        const thread_tuner & t = l->eng->tuner;
+        return {t.on() ? t.next() : int(llama_n_threads(l->ctx.get())), t.why()};
     }
 
     // Safe from any thread: the running decode stops at its next graph node with DecodeError.
@@ -616,7 +625,7 @@ void init_context(nb::module_ & m) {
         using Params = pool_params;
         nb::class_<pool_params>(m, "PoolParams", "One threadpool: threads, CPUs, strict placement, priority, polling.")
             .def(nb::init<>())
-            LAMINA_RW(n_threads) LAMINA_RW(cpus) LAMINA_RW(strict) LAMINA_RW(priority) LAMINA_RW(poll);
+            LAMINA_RW(n_threads) LAMINA_RW(cpus) LAMINA_RW(strict) LAMINA_RW(priority) LAMINA_RW(poll) LAMINA_RW(adapt);
     }
     static bool atfork_registered = false;
     if (!atfork_registered) {
@@ -652,6 +661,7 @@ Args:
         .def_prop_ro("n_past", [](const context_handle & c) { return c.lease()->tokens.size(); })
         .def("params", &context_handle::params, "Effective sizes and thread counts.")
         .def("set_threads", &context_handle::set_threads, nb::arg("gen"), nb::arg("batch"))
+        .def("threads_now", &context_handle::threads_now)
         .def("abort", &context_handle::abort, "Ask a running decode (in another thread) to stop.");
 }
 

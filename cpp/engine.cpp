@@ -424,6 +424,8 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
         throw lamina_error("this step asks for " + std::to_string(n_out) + " logits rows, more than any decode before, "
                            "while numpy views of ctx.logits are alive; delete them (or copy with np.array(ctx.logits)) first");
     }
+    const bool tuned = tuner.on() && b.n_tokens == 1;  // a one-token decode runs on the generation pool
+    if (tuned && tuner.next() != llama_n_threads(lc)) llama_set_n_threads(lc, tuner.next(), llama_n_threads_batch(lc));
     const int64_t t0 = llama_time_us();
     t_decode_ = t0;
     int rc;
@@ -442,6 +444,7 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
         throw;
     }
     const int64_t t1 = llama_time_us();
+    if (tuned) tuner.took(t1 - t0);
     {
         std::lock_guard<std::mutex> lk(mu);
         bool any = false;

@@ -12,6 +12,7 @@
 
 #include "lamina.h"
 #include "sampler.h"
+#include "tuner.h"
 
 #include <condition_variable>
 #include <deque>
@@ -97,6 +98,8 @@ public:
     std::condition_variable work, news;
     int wake_fd();  // a pipe's read end that gets a byte after each step with news (asyncio)
     void stats(nb::dict & d);
+    // The generation threads of one-token steps, when they are lamina's default (under the lease).
+    thread_tuner tuner;
 
 private:
     struct freed_seq {

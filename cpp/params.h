@@ -90,6 +90,7 @@ struct pool_params {
     bool strict = false;
     int priority = 0;
     uint32_t poll = 50;
+    bool adapt = false;  // lamina's default count: the engine's thread_tuner may run fewer (tuner.h)
 };
 llama_context_params build_context_params(const context_params & a);
 // Collect llama.cpp's "layer N assigned to device X" lines logged by this thread (null: stop).

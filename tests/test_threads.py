@@ -4,7 +4,10 @@ priority back, and bad settings raise before anything is created."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -234,3 +237,45 @@ def test_cpu_specs_parse_alike() -> None:
         lamina.Threads(cpus=3)  # type: ignore[arg-type]
     # n defaults to the physical cores among the listed CPUs, batch to their count
     assert lamina.Threads(cpus=[0]).resolve() == (1, 1)
+
+
+def _tg(ctx: lamina.Context, n: int = 160) -> float:
+    t0 = time.perf_counter()
+    ctx.complete("the sky is", max_tokens=n, ignore_eos=True)
+    return n / (time.perf_counter() - t0)
+
+
+def test_the_default_thread_count_moves_down_beside_busy_cpus_and_a_given_one_stays(tiny_model: lamina.Model) -> None:
+    """ggml's workers meet at a barrier for every op: beside processes that keep all but one CPU
+    busy, a worker of the default count (the pool's size) is now and then descheduled and the
+    others wait out a time slice at the next barrier. The context sees those stalls and moves to
+    fewer threads (cpp/tuner.h); the next context starts there. The speeds (after the choice) are
+    printed as a benchmark, not asserted."""
+    if lamina.Threads().resolve()[0] < 2 or len(ALLOWED) < 2:
+        pytest.skip("needs a default of at least 2 generation threads")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(len(ALLOWED) - 1)]
+    try:
+        time.sleep(0.2)
+        with tiny_model.context(n_ctx=256) as ctx:
+            pool = ctx.threads_config.resolve()[0]
+            # the tuner judges blocks of at least 100 ms: generate until it chose (or 10 s passed)
+            until = time.monotonic() + 10
+            while ctx.threads[0] == pool and time.monotonic() < until:
+                _tg(ctx)
+            default = _tg(ctx)
+            chosen, why = ctx.threads[0], ctx.threads_why
+        with tiny_model.context(n_ctx=256) as ctx:
+            assert ctx.threads[0] == chosen and "found by another context" in ctx.threads_why, ctx.threads_why
+        speeds = {}
+        for n in (1, pool):
+            with tiny_model.context(n_ctx=256, threads=n) as ctx:
+                speeds[n] = _tg(ctx)
+                assert ctx.threads[0] == n and ctx.threads_why == f"given: {n} threads"
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    print(f"\nbeside {len(spinners)} spinning process(es): default {default:.0f} t/s ({chosen} threads: {why}); "
+          + ", ".join(f"{n} threads {s:.0f} t/s" for n, s in speeds.items())
+          + f"; default / best fixed {default / max(speeds.values()):.2f}")
+    assert chosen < pool and "a CPU is busy" in why, why

@@ -332,7 +332,7 @@ SETTINGS: dict[str, Spec] = {
     "cpus": Spec(_cpus, None, ("cpu_mask",)),
     "cpu_strict": Spec(_bool, False),
     "priority": Spec(_choice(*PRIORITIES), "normal", ("prio",)),
-    "poll": Spec(_ranged(_int, 0, 100, "a percentage"), 50),
+    "poll": Spec(_ranged(_int, 0, 100, "a percentage"), None),
     # generation (defaults: llama.cpp's CLI)
     "max_tokens": Spec(_max_tokens, None, ("n_predict",)),
     "stop": Spec(_stop, None),

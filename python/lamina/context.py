@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core, _native
-from .errors import OutOfMemoryError
+from .errors import BusyError, OutOfMemoryError
 from .lora import Lora, LoraSpec, lora_items
 from .params import (KV, LOGITS, POOLING, as_tokens, check_count, check_int, check_pos, check_seq, context_settings,
                      out_of_memory)
@@ -229,7 +229,7 @@ class Context(_core.NativeOwner[_native.Context]):
         n_ctx = model.n_ctx if n_ctx is None else n_ctx
         kv = kv or model.kv
         self.threads_config = _as_threads(o["threads"])
-        self.threads = self.threads_config.resolve()
+        self._threads = self.threads_config.resolve()
         self.model = model
         settings = context_settings(n_ctx, o["n_batch"], o["n_ubatch"], o["n_seq_max"], kv, o["flash_attn"],
                                     model.on_gpu, embeddings=embeddings, pooling=pooling,
@@ -330,8 +330,30 @@ class Context(_core.NativeOwner[_native.Context]):
             raise TypeError("batch goes with an int thread count; put it inside the Threads object otherwise")
         cfg = Threads(n=threads, batch=batch) if isinstance(threads, int) and batch is not None else _as_threads(threads)
         self.native.set_threads(*cfg.pools())
-        self.threads_config, self.threads = cfg, cfg.resolve()
+        self.threads_config, self._threads = cfg, cfg.resolve()
         self.params = self.native.params()
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        """(generation, batch) thread counts now. lamina's default generation count adapts: when
+        a CPU is busy with other work its threads stall at ggml's barriers, fewer can be faster,
+        and the context moves there (threads_why says why; README "Running beside other work").
+        An explicit count is obeyed as given, and repeats output bit for bit."""
+        return self._threads_now()[0], self._threads[1]
+
+    @property
+    def threads_why(self) -> str:
+        """Why the generation thread count is what it is."""
+        if self.threads_config.n is not None:
+            return f"given: {self._threads[0]} threads"
+        return self._threads_now()[1]
+
+    def _threads_now(self) -> tuple[int, str]:
+        try:
+            n, why = self.native.threads_now()
+            return int(n), str(why)
+        except BusyError:  # a decode runs in another thread: the count it started with
+            return self._threads[0], "a decode is running: the count chosen when the context was made"
 
     # -- generation ----------------------------------------------------------------------
     def _prompt_tokens(self, prompt: Prompt) -> npt.NDArray[np.int32]:

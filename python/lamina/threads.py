@@ -76,7 +76,9 @@ class Threads:
     of a decode) to a CPU set: a list, a range string "0-7,12" or a hex mask "0xff"; batch_cpus
     defaults to cpus. strict=True puts each thread on its own listed CPU. priority: "low",
     "normal" (inherit), "medium", "high", "realtime". poll: 0 (sleep at once) .. 100 (spin) while
-    waiting for work. Defaults: n = physical cores (of cpus, when given), batch = logical CPUs.
+    waiting for work; by default 0 when lamina chooses n (its generation count then adapts to busy
+    CPUs, see Context.threads), else 50 as in llama.cpp. Defaults: n = physical cores (of
+    cpus, when given), batch = logical CPUs.
     A pinned pool may not have more threads than CPUs (ggml's threads busy-wait at barriers).
     """
 
@@ -86,7 +88,7 @@ class Threads:
     batch_cpus: CpuSpec = None
     strict: bool = False
     priority: Priority = "normal"
-    poll: int = 50
+    poll: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n", "batch"):
@@ -99,7 +101,8 @@ class Threads:
             raise TypeError(f"Threads.strict must be a bool, got {self.strict!r}")
         if self.priority not in PRIORITIES:
             raise ValueError(f"Threads.priority must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
-        if not isinstance(self.poll, int) or isinstance(self.poll, bool) or not 0 <= self.poll <= 100:
+        if self.poll is not None and (not isinstance(self.poll, int) or isinstance(self.poll, bool)
+                                      or not 0 <= self.poll <= 100):
             raise ValueError(f"Threads.poll must be an int in [0, 100], got {self.poll!r}")
         if self.strict and self.cpus is None and self.batch_cpus is None:
             raise ValueError("Threads.strict=True pins one thread per CPU: give cpus")
@@ -132,11 +135,14 @@ class Threads:
     def pools(self) -> tuple[_native.PoolParams, _native.PoolParams]:
         """The native threadpool settings for generation and for batches."""
         n, batch = self.resolve()
-        out = []
+        out: list[_native.PoolParams] = []
         for threads, cpus in ((n, self._gen_cpus()), (batch, self._batch_cpus())):
             p = _native.PoolParams()
             p.n_threads, p.cpus, p.strict = threads, list(cpus or ()), self.strict and cpus is not None
-            p.priority, p.poll = PRIORITIES[self.priority], self.poll
+            p.priority, p.poll = PRIORITIES[self.priority], self.poll if self.poll is not None else 0 if self.n is None else 50
+            # the generation pool of lamina's default count adapts (cpp/tuner.h); at poll 0 its workers
+            # sleep at once between graphs, so those it leaves out do not spin on the CPUs it freed
+            p.adapt = self.n is None and not out
             out.append(p)
         return out[0], out[1]
 
@@ -145,5 +151,5 @@ class Threads:
         extra = [(self.cpus is not None, f"cpus {cpu_ranges(self._gen_cpus() or ())}"),
                  (self.batch_cpus is not None, f"batch cpus {cpu_ranges(self._batch_cpus() or ())}"),
                  (self.strict, "strict"), (self.priority != "normal", f"priority {self.priority}"),
-                 (self.poll != 50, f"poll {self.poll}")]
+                 (self.poll is not None, f"poll {self.poll}")]
         return ", ".join([f"{n} generation", f"{batch} batch"] + [text for given, text in extra if given])

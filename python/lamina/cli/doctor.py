@@ -133,8 +133,9 @@ def traps(f: Facts) -> list[Trap]:
         out.append(Trap("busy_cpus", f"CPU(s) {cpu_ranges(c for c, _ in f.busy_cpus)} were busy with other work while "
                                      f"doctor sampled ({shares}): ggml's generation threads meet at a barrier for "
                                      "every op, so a thread on a busy CPU stalls the others (README, 'Running beside "
-                                     "other work'); give threads= the free physical cores, or pin lamina to idle "
-                                     "CPUs with lamina.Threads(cpus=...)"))
+                                     "other work'); lamina's default count moves to fewer threads when it sees "
+                                     "that (ctx.threads_why); a given threads= is obeyed: give the free physical "
+                                     "cores, or pin lamina to idle CPUs with lamina.Threads(cpus=...)"))
     if f.gpu_processes:
         out.append(Trap("gpu_shared", f"other processes hold the GPU ({'; '.join(f.gpu_processes)}): lamina's kernels "
                                       "share the card with theirs and generation slows with their load (1.5-6x "
