@@ -1,28 +1,31 @@
 // Generation threads that adapt to busy CPUs. ggml's workers meet at a barrier for every op of a
-// graph. When another thread or process keeps a CPU busy, the kernel now and then deschedules one
-// of lamina's workers, and all the others wait at the next barrier for a time slice: most steps
-// keep their speed, a few take 4-8 times as long (measured: Gemma 3 270M on 2 CPUs beside one
-// spinning process, 24 ms steps and one of 100-200 ms every ten or so). Fewer threads then win on
-// average although they lose on the median.
+// graph. When another thread or process keeps a CPU busy, the kernel deschedules one of lamina's
+// workers now and then, and all the others wait out a time slice at the next barrier. Measured
+// beside one spinning process: Gemma 3 270M on 2 CPUs keeps 24 ms steps with one of 100-200 ms
+// every ten or so; a 1B model with 16 threads on 16 CPUs stalls at every step (268 ms against
+// 18 ms alone, 26 ms with 15 threads).
 //
-// So the tuner watches for those stalls instead of timing tries blindly. It judges blocks of steps
-// at the current count (at least 16 steps and 100 ms, so one hiccup of the OS is not a pattern):
-// when a block is stalled (more than a sixth of its time spent beyond twice its median), it runs a
-// block with one thread fewer and moves when that block's mean step is clearly lower. Now and
-// then, ever more rarely, it tries one thread more (the neighbour may have left); that try ends at
-// its first stall. A count alone on its CPUs does not stall, so it pays no tries. A busy CPU
-// outlives one context: a new context starts at the count another one chose in the last 30 s.
-// Only lamina's default count adapts; an explicit one is obeyed as given (a different count can
-// change the last bits of the logits, so bit-for-bit repeatable output needs an explicit count).
-// The pool sleeps at once between graphs (poll 0), so workers left out do not spin on the CPUs
-// they freed. Used under the context lease (engine steps).
+// So the tuner judges blocks of one-token steps at the current count (16 steps and 100 ms, or 4
+// steps and 500 ms) and runs a block with one thread fewer when one of these holds:
+//   - the block stalled: more than a sixth of its time went to steps beyond twice its median;
+//   - its mean step is 1.5 times the best block's at this count in this context;
+//   - the process knows nothing yet (no context judged a block in the last 30 s): one try.
+// It moves when the tried block's mean is 5 % lower; after a try that was not, 1, 3, 7 .. 64 slow
+// blocks pass before the next. Now and then, ever more rarely, it tries one thread more (the
+// neighbour may have left); that try ends at its first stall. The count chosen, and when to try
+// more, are the process's (a busy CPU outlives a context): a new context starts there. A count
+// alone on its CPUs does not stall and pays one try per process. Only lamina's default count
+// adapts; an explicit one is obeyed as given. A count changed mid-generation leaves the text as it
+// was: the CPU's ops give the same bits with any thread count (flash attention since patch 0004;
+// tests/test_threads.py). The pool sleeps at once between graphs (poll 0), so workers left out do
+// not spin on the CPUs they freed. Used under the context lease (engine steps).
 #pragma once
 
 #include <algorithm>
 #include <chrono>
-#include <mutex>
 #include <cstdint>
-#include <numeric>
+#include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -34,15 +37,16 @@ public:
     void reset(int max) {
         max_ = cur_ = max;
         why_ = max > 0 ? "the default: no step has stalled on a busy CPU" : "";
-        wait_up_ = wait_down_ = 0;
-        clear();
+        try_ = skip_ = skips_ = 0;
+        best_.clear();
+        at_cur_.clear();
+        at_try_.clear();
         std::lock_guard<std::mutex> lk(shared().mu);
-        const choice & c = shared().last;
-        const auto age = std::chrono::duration_cast<std::chrono::seconds>(clock::now() - c.when).count();
-        if (max > 1 && c.max == max && c.cur < max && age < 30) {
-            cur_ = c.cur;
-            wait_up_ = c.wait_up;
-            why_ = c.why + "; found by another context " + std::to_string(age) + " s ago";
+        const process & p = shared().p;
+        fresh_ = !(p.max == max && clock::now() - p.judged < std::chrono::seconds(30));
+        if (!fresh_ && p.cur < max) {
+            cur_ = p.cur;
+            why_ = p.why + "; found by a context of this process";
         }
     }
     bool on() const { return max_ > 1; }
@@ -53,57 +57,73 @@ public:
     // The time of a one-token step run with next() threads.
     void took(int64_t us) {
         if (!on()) return;
+        const auto now = clock::now();
         if (try_ == 0) {
             at_cur_.add(us);
-            if (!at_cur_.full(16, 100000)) return;
-            since_ += int(at_cur_.t.size());
-            if (cur_ > 1 && since_ >= wait_down_ && at_cur_.stalled()) try_ = cur_ - 1;
-            else if (cur_ < max_ && since_ >= wait_up_) try_ = cur_ + 1, stall_ = 3 * at_cur_.median();
-            else at_cur_.clear();  // judged: the next block
+            if (!at_cur_.full(16, 100000) && !at_cur_.full(4, 500000)) return;
+            double & best = best_.emplace(cur_, at_cur_.mean()).first->second;
+            const bool slow = at_cur_.stalled() || at_cur_.mean() > 1.5 * best;
+            best = std::min(best, at_cur_.mean());
+            std::lock_guard<std::mutex> lk(shared().mu);
+            process & p = shared().p;
+            if (p.max != max_) p = process(), p.max = p.cur = max_;
+            if (cur_ > 1 && (fresh_ || (slow && --skip_ < 0))) {
+                try_ = cur_ - 1;
+            } else if (cur_ < max_ && now >= p.next_up) {
+                try_ = cur_ + 1;
+                stall_ = 3 * at_cur_.median();
+            } else {
+                at_cur_.clear();  // judged: the next block
+            }
+            fresh_ = false;
+            if (p.cur == cur_) p.judged = now;
             return;
         }
         at_try_.add(us);
         const bool down = try_ < cur_;
-        // one thread more stalled at once: the CPU it took is still busy
-        const bool lost = !down && us > stall_;
-        if (!lost && !(down ? at_try_.full(8, 50000) : at_try_.full(16, 100000))) return;
+        const bool lost = !down && us > stall_;  // one thread more stalled at once: its CPU is still busy
+        if (!lost && !(down ? at_try_.full(8, 50000) || at_try_.full(3, 300000) : at_try_.full(16, 100000))) return;
         const double tried = at_try_.mean(), base = at_cur_.mean();
+        std::lock_guard<std::mutex> lk(shared().mu);
+        process & p = shared().p;
         if (!lost && tried < base * (down ? 0.95 : 0.9)) {
             why_ = std::to_string(try_) + " threads, not " + std::to_string(cur_) + ": steps took " +
                    std::to_string(int64_t(tried)) + " us on average with " + std::to_string(try_) + ", " +
                    std::to_string(int64_t(base)) + " us with " + std::to_string(cur_) +
                    (down ? " (a CPU is busy with other work: threads stalled at barriers)" : " (the CPUs are free again)");
             cur_ = try_;
-            wait_up_ = 64;
-            wait_down_ = 0;
-        } else {  // not faster: try that way again later, ever more rarely
-            int & wait = down ? wait_down_ : wait_up_;
-            wait = std::min(std::max(2 * wait, 32), 1024);
+            p.cur = cur_;
+            p.why = why_;
+            if (down) p.up_wait = std::min(2 * p.up_wait, clock::duration(std::chrono::seconds(64)));  // after a wrong move up too
+            p.next_up = now + p.up_wait;
+            skip_ = skips_ = 0;
+        } else if (down) {  // not faster: let that many more slow blocks pass next time
+            skip_ = skips_ = std::min(2 * skips_ + 1, 64);
+        } else {  // try up again later, ever more rarely
+            p.up_wait = std::min(2 * p.up_wait, clock::duration(std::chrono::seconds(64)));
+            p.next_up = now + p.up_wait;
         }
-        clear();
-        std::lock_guard<std::mutex> lk(shared().mu);
-        shared().last = choice{max_, cur_, wait_up_, clock::now(), why_};
+        p.judged = now;
+        try_ = 0;
+        at_cur_.clear();
+        at_try_.clear();
     }
 
 private:
     using clock = std::chrono::steady_clock;
-    struct choice {
-        int max = 0, cur = 0, wait_up = 0;
-        clock::time_point when;
+    struct process {  // what the process knows (the last context to judge wins)
+        int max = 0, cur = 0;
         std::string why;
+        clock::time_point judged, next_up;
+        clock::duration up_wait = std::chrono::milliseconds(500);
     };
-    struct last_choice {
-        std::mutex mu;  // a leaf: held for a copy, never across a call out
-        choice last;
+    struct shared_state {
+        std::mutex mu;  // a leaf: never held across a call out
+        process p;
     };
-    static last_choice & shared() {
-        static last_choice * s = new last_choice;  // never destroyed: contexts may outlive static destruction
+    static shared_state & shared() {
+        static shared_state * s = new shared_state;  // never destroyed: contexts may outlive static destruction
         return *s;
-    }
-    void clear() {
-        try_ = since_ = 0;
-        at_cur_.clear();
-        at_try_.clear();
     }
     struct block {  // one-token step times
         std::vector<int64_t> t;
@@ -128,8 +148,10 @@ private:
     };
 
     int max_ = 0, cur_ = 0, try_ = 0;  // try_: the count being tried (0: none)
-    int64_t stall_ = 0;  // a step of a try up that takes longer stalled
-    int wait_down_ = 0, wait_up_ = 0, since_ = 0;  // steps at cur_ before a try down / up, and so far
+    bool fresh_ = false;  // the process knew nothing when this context started: try one fewer once
+    int64_t stall_ = 0;   // a step of a try up that takes longer stalled
+    int skip_ = 0, skips_ = 0;  // slow blocks to let pass before the next try down, and after the last failed one
+    std::map<int, double> best_;  // the best block mean per count, in this context
     block at_cur_, at_try_;  // the block at cur_, and the try's
     std::string why_;
 };

@@ -338,7 +338,8 @@ class Context(_core.NativeOwner[_native.Context]):
         """(generation, batch) thread counts now. lamina's default generation count adapts: when
         a CPU is busy with other work its threads stall at ggml's barriers, fewer can be faster,
         and the context moves there (threads_why says why; README "Running beside other work").
-        An explicit count is obeyed as given, and repeats output bit for bit."""
+        An explicit count is obeyed as given. The count does not change the output: the CPU's ops
+        give the same bits with any number of threads."""
         return self._threads_now()[0], self._threads[1]
 
     @property
