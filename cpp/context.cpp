@@ -20,6 +20,7 @@ std::atomic<uint32_t> g_fork_generation{0};
 void on_fork_child() {
     g_fork_generation.fetch_add(1, std::memory_order_relaxed);
     exit_state_after_fork();
+    thread_tuner::after_fork();
 }
 }  // namespace
 
@@ -591,7 +592,7 @@ public:
     std::pair<int, std::string> threads_now() {
         context_lease l = lease();
         const thread_tuner & t = l->eng->tuner;
-        return {t.on() ? t.next() : int(llama_n_threads(l->ctx.get())), t.why()};
+        return {t.on() ? t.chosen() : int(llama_n_threads(l->ctx.get())), t.why()};
     }
 
     // Safe from any thread: the running decode stops at its next graph node with DecodeError.

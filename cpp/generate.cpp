@@ -54,8 +54,10 @@ public:
 
     // The next piece of text: whole characters, none that may start a stop string. The first call
     // queues the request (sequence 0 is then this generation's; one holding it ends); each call
-    // steps the engine (GIL released) until the request has text or ended.
-    nb::str next() {
+    // steps the engine (GIL released) until the request has text or ended. rest: until it ended,
+    // and all the text (complete(): the GIL is taken back once, not per token; beside a Python
+    // thread that keeps the GIL, each taking waits up to its switch interval, 5 ms).
+    nb::str next(bool rest = false) {
         if (closed_) throw nb::stop_iteration();
         context_lease lease(st_, st_->eng.get());  // BusyError for a second thread, or a re-entrant call
         context_state & st = *lease;
@@ -75,10 +77,10 @@ public:
             e.queue(r_);
             queued_ = true;
         }
-        if (!has_news(e)) {
+        if (!has_news(e, rest)) {
             // Signals are handled between pieces; a prompt, or a token slow enough for Ctrl-C to wait
             // on (> 20 ms, a big model on a CPU), also gets the watch inside its decode
-            signal_watch watch(on_main_thread() && (slow_ || r_->n_fed < r_->prompt.size()));  // destroyed with the GIL held
+            signal_watch watch(on_main_thread() && (rest || slow_ || r_->n_fed < r_->prompt.size()));  // destroyed with the GIL held
             st.signals_here = watch.active();
             engine::outcome out = engine::outcome::ran;
             {
@@ -87,7 +89,7 @@ public:
                     const int64_t t0 = llama_time_us();
                     out = e.step(st, true);
                     slow_ = llama_time_us() - t0 > 20000;
-                } while (out == engine::outcome::ran && !has_news(e));
+                } while (out == engine::outcome::ran && !has_news(e, rest));
             }
             st.signals_here = false;
             if (out == engine::outcome::interrupted) raise_interrupted(st);
@@ -165,9 +167,9 @@ public:
     }
 
 private:
-    bool has_news(engine & e) {
+    bool has_news(engine & e, bool rest) {
         std::lock_guard<std::mutex> lk(e.mu);
-        return r_->has_news();
+        return rest ? !r_->finish.empty() : r_->has_news();
     }
     bool ended() {
         std::lock_guard<std::mutex> lk(engine_of(*st_).mu);
@@ -229,7 +231,9 @@ decoding with the draft model's context draft_ctx (n_seq_max 1), or n-gram looku
 strings that end the text before them (finish reason 'stop'), matched in the text as yielded; the tokens
 from the stop on leave the token list and the KV cache.)")
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
-        .def("__next__", &generator::next)
+        .def("__next__", [](generator & g) { return g.next(); })
+        .def("rest", [](generator & g) { return g.next(true); },
+             "All the text still to come: steps to the end, taking the GIL back once (StopIteration when ended).")
         .def("close", &generator::close, "Stop: iteration ends, and the context gets its logits back.")
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
         .def_prop_ro("tokens", &generator::tokens, nb::rv_policy::automatic, "Generated token ids so far (a copy).");

@@ -49,10 +49,13 @@ public:
             why_ = p.why + "; found by a context of this process";
         }
     }
+    // In a child after fork(): the mutex may have been held by a thread that does not exist there.
+    static void after_fork() { shared_ptr() = new shared_state; }
     bool on() const { return max_ > 1; }
     const std::string & why() const { return why_; }
-    // The thread count for the next one-token step.
+    // The thread count for the next one-token step, and the one chosen (not a try's).
     int next() const { return try_ > 0 ? try_ : cur_; }
+    int chosen() const { return cur_; }
 
     // The time of a one-token step run with next() threads.
     void took(int64_t us) {
@@ -121,10 +124,11 @@ private:
         std::mutex mu;  // a leaf: never held across a call out
         process p;
     };
-    static shared_state & shared() {
+    static shared_state *& shared_ptr() {
         static shared_state * s = new shared_state;  // never destroyed: contexts may outlive static destruction
-        return *s;
+        return s;
     }
+    static shared_state & shared() { return *shared_ptr(); }
     struct block {  // one-token step times
         std::vector<int64_t> t;
         int64_t sum = 0;

@@ -3,6 +3,7 @@ CPUs (read from /proc/self/task/*/status during decodes), the caller gets its ow
 priority back, and bad settings raise before anything is created."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -239,46 +240,71 @@ def test_cpu_specs_parse_alike() -> None:
     assert lamina.Threads(cpus=[0]).resolve() == (1, 1)
 
 
-def _tg(ctx: lamina.Context, n: int = 160) -> float:
+_BESIDE_BUSY = r"""
+import json, subprocess, sys, threading, time
+import lamina
+
+kind, path, n_busy = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def tg(ctx, n=160):
     t0 = time.perf_counter()
     ctx.complete("the sky is", max_tokens=n, ignore_eos=True)
     return n / (time.perf_counter() - t0)
 
+stop = threading.Event()
+if kind == "process":
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n_busy)]
+else:
+    spinners = [threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True) for _ in range(n_busy)]
+    for t in spinners:
+        t.start()
+time.sleep(0.2)
+out = {}
+with lamina.Model(path, gpu=False) as model:
+    with model.context(n_ctx=256) as ctx:
+        out["pool"] = pool = ctx.threads_config.resolve()[0]
+        out["first"] = [ctx.threads[0], ctx.threads_why]
+        until = time.monotonic() + 10  # the tuner judges blocks of at least 100 ms
+        while ctx.threads[0] == pool and time.monotonic() < until:
+            tg(ctx)
+        out["default"] = tg(ctx)
+        out["chosen"] = [ctx.threads[0], ctx.threads_why]
+    with model.context(n_ctx=256) as ctx:
+        out["next"] = [ctx.threads[0], ctx.threads_why]
+    for n in (1, pool):
+        with model.context(n_ctx=256, threads=n) as ctx:
+            out[f"{n} threads"] = tg(ctx)
+            out[f"why {n}"] = ctx.threads_why
+stop.set()
+for p in spinners:
+    if kind == "process":
+        p.kill()
+print(json.dumps(out))
+"""
 
-def test_the_default_thread_count_moves_down_beside_busy_cpus_and_a_given_one_stays(tiny_model: lamina.Model) -> None:
-    """ggml's workers meet at a barrier for every op: beside processes that keep all but one CPU
-    busy, a worker of the default count (the pool's size) is now and then descheduled and the
-    others wait out a time slice at the next barrier. The context sees those stalls and moves to
-    fewer threads (cpp/tuner.h); the next context starts there. The speeds (after the choice) are
-    printed as a benchmark, not asserted."""
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_the_default_thread_count_moves_down_beside_busy_cpus_and_a_given_one_stays(tiny_path: Path, kind: str) -> None:
+    """ggml's workers meet at a barrier for every op: beside spinning processes or Python threads
+    that keep all but one CPU busy, a worker of the default count (the pool's size) is now and then
+    descheduled and the others wait out a time slice at the next barrier. The context sees those
+    stalls and moves to fewer threads (cpp/tuner.h); the next context of the process starts there;
+    given counts stay. Each case runs in a fresh process (the tuner's knowledge is the process's).
+    The speeds after the choice are printed as a benchmark, not asserted."""
     if lamina.Threads().resolve()[0] < 2 or len(ALLOWED) < 2:
         pytest.skip("needs a default of at least 2 generation threads")
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(len(ALLOWED) - 1)]
-    try:
-        time.sleep(0.2)
-        with tiny_model.context(n_ctx=256) as ctx:
-            pool = ctx.threads_config.resolve()[0]
-            # the tuner judges blocks of at least 100 ms: generate until it chose (or 10 s passed)
-            until = time.monotonic() + 10
-            while ctx.threads[0] == pool and time.monotonic() < until:
-                _tg(ctx)
-            default = _tg(ctx)
-            chosen, why = ctx.threads[0], ctx.threads_why
-        with tiny_model.context(n_ctx=256) as ctx:
-            assert ctx.threads[0] == chosen and "found by a context of this process" in ctx.threads_why, ctx.threads_why
-        speeds = {}
-        for n in (1, pool):
-            with tiny_model.context(n_ctx=256, threads=n) as ctx:
-                speeds[n] = _tg(ctx)
-                assert ctx.threads[0] == n and ctx.threads_why == f"given: {n} threads"
-    finally:
-        for p in spinners:
-            p.kill()
-            p.wait()
-    print(f"\nbeside {len(spinners)} spinning process(es): default {default:.0f} t/s ({chosen} threads: {why}); "
-          + ", ".join(f"{n} threads {s:.0f} t/s" for n, s in speeds.items())
-          + f"; default / best fixed {default / max(speeds.values()):.2f}")
+    run = subprocess.run([sys.executable, "-c", _BESIDE_BUSY, kind, str(tiny_path), str(len(ALLOWED) - 1)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    pool, (chosen, why) = out["pool"], out["chosen"]
+    print(f"\nbeside {len(ALLOWED) - 1} spinning {kind}(es): default {out['default']:.0f} t/s ({chosen} threads: {why}); "
+          f"1 thread {out['1 threads']:.0f} t/s, {pool} threads {out[f'{pool} threads']:.0f} t/s; default / best fixed "
+          f"{out['default'] / max(out['1 threads'], out[f'{pool} threads']):.2f}")
+    assert out["first"] == [pool, "the default: no step has stalled on a busy CPU"]
     assert chosen < pool and "a CPU is busy" in why, why
+    assert out["next"][0] == chosen and "found by a context of this process" in out["next"][1], out["next"]
+    assert out["why 1"] == "given: 1 threads" and out[f"why {pool}"] == f"given: {pool} threads"
 
 
 def test_any_thread_count_gives_the_same_tokens_with_flash_attention(tiny_model: lamina.Model) -> None:

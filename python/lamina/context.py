@@ -70,6 +70,17 @@ class Generation(_core.Closing):
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def rest(self) -> str:
+        """All the text still to come, in one native call: the GIL is taken back once, not per
+        token (beside a Python thread that keeps the GIL, each taking waits up to its switch
+        interval). What complete() uses."""
+        if self._pieces is not self._native:  # closed
+            return ""
+        try:
+            return str(self._native.rest())
+        except StopIteration:
+            return ""
+
     def close(self) -> None:
         """Stop early and hand the context back (with backend sampling, its logits again).
         Final: iterating afterwards yields nothing, not even text held back for a stop string."""
@@ -418,7 +429,7 @@ class Context(_core.NativeOwner[_native.Context]):
     def complete(self, prompt: Prompt, **kwargs: Any) -> Completion:
         """Generate to the end and return text, tokens, finish reason and speeds."""
         gen = self.generate(prompt, **kwargs)
-        text = "".join(gen)
+        text = gen.rest()
         s = gen.stats  # the other fields of a Completion, by their names
         return Completion(text=text, tokens=gen.tokens, **{k: s[k] for k in (
             "finish_reason", "n_prompt", "n_prompt_eval", "prompt_tokens_per_s", "tokens_per_s")})
