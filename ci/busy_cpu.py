@@ -25,9 +25,17 @@ def spin_process(stop: Any) -> None:
         pass
 
 
-def tg(model: lamina.Model, threads: int | None, tokens: int) -> tuple[float, str]:
+def threads_of(count: str | None) -> lamina.Threads | None:
+    """None (lamina's default), "N" (N threads) or "Np0" (N threads, poll 0)."""
+    if count is None:
+        return None
+    n, _, poll = count.partition("p")
+    return lamina.Threads(n=int(n), **({"poll": int(poll)} if poll else {}))
+
+
+def tg(model: lamina.Model, threads: str | None, tokens: int) -> tuple[float, str]:
     """(tokens per second, the context's generation threads) of one fresh context."""
-    with model.context(n_ctx=512, **({"threads": threads} if threads else {})) as ctx:
+    with model.context(n_ctx=512, threads=threads_of(threads)) as ctx:
         t0 = time.perf_counter()
         out = ctx.complete("The history of the city begins", max_tokens=tokens, ignore_eos=True)
         dt = time.perf_counter() - t0
@@ -41,15 +49,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--busy", type=int, default=1, help="spinning threads / processes")
-    ap.add_argument("--counts", default="", help="fixed counts to compare (default: 1..the default pool)")
+    ap.add_argument("--counts", default="", help="fixed counts to compare, N or Np0 (poll 0) (default: 1..the default pool)")
     ap.add_argument("--conditions", default="alone,thread,process")
     ap.add_argument("--gpu", action="store_true", help="load with the GPU on (default: gpu=False)")
     a = ap.parse_args()
     path = a.model or str(default_model_path())
     model = lamina.Model(path, gpu=a.gpu)
     n_default = lamina.Threads().resolve()[0]
-    fixed = [int(c) for c in a.counts.split(",")] if a.counts else list(range(1, n_default + 1))
-    counts: list[int | None] = [None, *fixed]
+    fixed = a.counts.split(",") if a.counts else [str(n) for n in range(1, n_default + 1)]
+    counts: list[str | None] = [None, *fixed]
     tg(model, None, 8)  # warm-up
 
     def alone() -> Callable[[], None]:
@@ -83,7 +91,7 @@ def main() -> None:
     for name, start in (conditions[c] for c in a.conditions.split(",")):
         end = start()
         time.sleep(0.3)
-        runs: dict[int | None, list[float]] = {c: [] for c in counts}
+        runs: dict[str | None, list[float]] = {c: [] for c in counts}
         choice = ""
         for _ in range(a.reps):
             for c in counts:

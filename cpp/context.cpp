@@ -461,7 +461,7 @@ public:
         st->seq_samplers.resize(llama_n_seq_max(raw));
         st->eng = std::make_shared<engine>(int32_t(llama_n_seq_max(raw)));
         threadpools_attach(*st, gen, batch);
-        st->eng->tuner.reset(gen_pool.adapt ? gen.n_threads : 0);
+        st->eng->tuner.reset(gen_pool.adapt ? gen.n_threads : 0, batch_pool.adapt ? batch.n_threads : -1);
         st_ = std::move(st);
     }
 
@@ -585,7 +585,7 @@ public:
         context_state & s = *l;
         threadpools_attach(s, gen, batch);
         llama_set_n_threads(s.ctx.get(), gen.n_threads, batch.n_threads);
-        s.eng->tuner.reset(gen_pool.adapt ? gen.n_threads : 0);
+        s.eng->tuner.reset(gen_pool.adapt ? gen.n_threads : 0, batch_pool.adapt ? batch.n_threads : -1);
     }
 
     // (generation threads now, why): lamina's default count adapts to busy CPUs (tuner.h)

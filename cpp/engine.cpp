@@ -425,7 +425,10 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
                            "while numpy views of ctx.logits are alive; delete them (or copy with np.array(ctx.logits)) first");
     }
     const bool tuned = tuner.on() && b.n_tokens == 1;  // a one-token decode runs on the generation pool
-    if (tuned && tuner.next() != llama_n_threads(lc)) llama_set_n_threads(lc, tuner.next(), llama_n_threads_batch(lc));
+    if (tuner.on()) {
+        const int gen = tuner.next(), batch = tuner.batch() > 0 ? tuner.batch() : llama_n_threads_batch(lc);
+        if (gen != llama_n_threads(lc) || batch != llama_n_threads_batch(lc)) llama_set_n_threads(lc, gen, batch);
+    }
     const int64_t t0 = llama_time_us();
     t_decode_ = t0;
     int rc;

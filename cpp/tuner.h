@@ -33,9 +33,11 @@ namespace lamina {
 
 class thread_tuner {
 public:
-    // max: the generation pool's threads (the default count); 0 switches the tuner off
-    void reset(int max) {
+    // max: the generation pool's threads (the default count); 0 switches the tuner off. batch: the
+    // batch pool's, when lamina chose it too (else -1): it leaves out as many threads as generation.
+    void reset(int max, int batch) {
         max_ = cur_ = max;
+        batch_ = batch;
         why_ = max > 0 ? "the default: no step has stalled on a busy CPU" : "";
         try_ = skip_ = skips_ = 0;
         best_.clear();
@@ -56,6 +58,8 @@ public:
     // The thread count for the next one-token step, and the one chosen (not a try's).
     int next() const { return try_ > 0 ? try_ : cur_; }
     int chosen() const { return cur_; }
+    // The thread count for multi-token steps (-1: as configured).
+    int batch() const { return batch_ < 0 ? -1 : std::max(1, batch_ - (max_ - cur_)); }
 
     // The time of a one-token step run with next() threads.
     void took(int64_t us) {
@@ -152,6 +156,7 @@ private:
     };
 
     int max_ = 0, cur_ = 0, try_ = 0;  // try_: the count being tried (0: none)
+    int batch_ = -1;
     bool fresh_ = false;  // the process knew nothing when this context started: try one fewer once
     int64_t stall_ = 0;   // a step of a try up that takes longer stalled
     int skip_ = 0, skips_ = 0;  // slow blocks to let pass before the next try down, and after the last failed one

@@ -142,7 +142,7 @@ class Threads:
             p.priority, p.poll = PRIORITIES[self.priority], self.poll if self.poll is not None else 0 if self.n is None else 50
             # the generation pool of lamina's default count adapts (cpp/tuner.h); at poll 0 its workers
             # sleep at once between graphs, so those it leaves out do not spin on the CPUs it freed
-            p.adapt = self.n is None and not out
+            p.adapt = self.n is None and (not out or self.batch is None)
             out.append(p)
         return out[0], out[1]
 
