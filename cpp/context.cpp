@@ -588,11 +588,12 @@ public:
         s.eng->tuner.reset(gen_pool.adapt ? gen.n_threads : 0, batch_pool.adapt ? batch.n_threads : -1);
     }
 
-    // (generation threads now, why): lamina's default count adapts to busy CPUs (tuner.h)
-    std::pair<int, std::string> threads_now() {
+    // (generation, batch threads now, why): lamina's default counts adapt to busy CPUs (tuner.h)
+    std::tuple<int, int, std::string> threads_now() {
         context_lease l = lease();
         const thread_tuner & t = l->eng->tuner;
-        return {t.on() ? t.chosen() : int(llama_n_threads(l->ctx.get())), t.why()};
+        llama_context * lc = l->ctx.get();
+        return {t.on() ? t.chosen() : int(llama_n_threads(lc)), t.batch(int(llama_n_threads_batch(lc))), t.why()};
     }
 
     // Safe from any thread: the running decode stops at its next graph node with DecodeError.

@@ -426,7 +426,7 @@ engine::outcome engine::step(context_state & st, bool resume_aborted) {
     }
     const bool tuned = tuner.on() && b.n_tokens == 1;  // a one-token decode runs on the generation pool
     if (tuner.on()) {
-        const int gen = tuner.next(), batch = tuner.batch() > 0 ? tuner.batch() : llama_n_threads_batch(lc);
+        const int gen = tuner.next(), batch = tuner.batch(llama_n_threads_batch(lc));
         if (gen != llama_n_threads(lc) || batch != llama_n_threads_batch(lc)) llama_set_n_threads(lc, gen, batch);
     }
     const int64_t t0 = llama_time_us();

@@ -58,8 +58,8 @@ public:
     // The thread count for the next one-token step, and the one chosen (not a try's).
     int next() const { return try_ > 0 ? try_ : cur_; }
     int chosen() const { return cur_; }
-    // The thread count for multi-token steps (-1: as configured).
-    int batch() const { return batch_ < 0 ? -1 : std::max(1, batch_ - (max_ - cur_)); }
+    // The thread count for multi-token steps (`configured` when lamina did not choose it).
+    int batch(int configured) const { return batch_ < 0 ? configured : std::max(1, batch_ - (max_ - cur_)); }
 
     // The time of a one-token step run with next() threads.
     void took(int64_t us) {
@@ -72,8 +72,7 @@ public:
             const bool slow = at_cur_.stalled() || at_cur_.mean() > 1.5 * best;
             best = std::min(best, at_cur_.mean());
             std::lock_guard<std::mutex> lk(shared().mu);
-            process & p = shared().p;
-            if (p.max != max_) p = process(), p.max = p.cur = max_;
+            process & p = mine();
             if (cur_ > 1 && (fresh_ || (slow && --skip_ < 0))) {
                 try_ = cur_ - 1;
             } else if (cur_ < max_ && now >= p.next_up) {
@@ -92,7 +91,7 @@ public:
         if (!lost && !(down ? at_try_.full(8, 50000) || at_try_.full(3, 300000) : at_try_.full(16, 100000))) return;
         const double tried = at_try_.mean(), base = at_cur_.mean();
         std::lock_guard<std::mutex> lk(shared().mu);
-        process & p = shared().p;
+        process & p = mine();
         if (!lost && tried < base * (down ? 0.95 : 0.9)) {
             why_ = std::to_string(try_) + " threads, not " + std::to_string(cur_) + ": steps took " +
                    std::to_string(int64_t(tried)) + " us on average with " + std::to_string(try_) + ", " +
@@ -133,6 +132,12 @@ private:
         return s;
     }
     static shared_state & shared() { return *shared_ptr(); }
+    // The process's record for this pool size (shared().mu held): another size's starts anew.
+    process & mine() const {
+        process & p = shared().p;
+        if (p.max != max_) p = process(), p.max = p.cur = max_;
+        return p;
+    }
     struct block {  // one-token step times
         std::vector<int64_t> t;
         int64_t sum = 0;

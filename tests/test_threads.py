@@ -269,6 +269,7 @@ with lamina.Model(path, gpu=False) as model:
             tg(ctx)
         out["default"] = tg(ctx)
         out["chosen"] = [ctx.threads[0], ctx.threads_why]
+        out["batch"] = [ctx.threads_config.resolve()[1], ctx.threads[1]]
     with model.context(n_ctx=256) as ctx:
         out["next"] = [ctx.threads[0], ctx.threads_why]
     for n in (1, pool):
@@ -304,6 +305,8 @@ def test_the_default_thread_count_moves_down_beside_busy_cpus_and_a_given_one_st
     assert out["first"] == [pool, "the default: no step has stalled on a busy CPU"]
     assert chosen < pool and "a CPU is busy" in why, why
     assert out["next"][0] == chosen and "found by a context of this process" in out["next"][1], out["next"]
+    configured, batch_now = out["batch"]  # the batch pool leaves out as many threads
+    assert batch_now == max(1, configured - (pool - chosen)), out["batch"]
     assert out["why 1"] == "given: 1 threads" and out[f"why {pool}"] == f"given: {pool} threads"
 
 

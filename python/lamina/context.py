@@ -348,24 +348,26 @@ class Context(_core.NativeOwner[_native.Context]):
     def threads(self) -> tuple[int, int]:
         """(generation, batch) thread counts now. lamina's default generation count adapts: when
         a CPU is busy with other work its threads stall at ggml's barriers, fewer can be faster,
-        and the context moves there (threads_why says why; README "Running beside other work").
+        and the context moves there (threads_why says why; README "Running beside other work");
+        a default batch count leaves out as many.
         An explicit count is obeyed as given. The count does not change the output: the CPU's ops
         give the same bits with any number of threads."""
-        return self._threads_now()[0], self._threads[1]
+        n, batch, _ = self._threads_now()
+        return n, batch
 
     @property
     def threads_why(self) -> str:
         """Why the generation thread count is what it is."""
         if self.threads_config.n is not None:
             return f"given: {self._threads[0]} threads"
-        return self._threads_now()[1]
+        return self._threads_now()[2]
 
-    def _threads_now(self) -> tuple[int, str]:
+    def _threads_now(self) -> tuple[int, int, str]:
         try:
-            n, why = self.native.threads_now()
-            return int(n), str(why)
-        except BusyError:  # a decode runs in another thread: the count it started with
-            return self._threads[0], "a decode is running: the count chosen when the context was made"
+            n, batch, why = self.native.threads_now()
+            return int(n), int(batch), str(why)
+        except BusyError:  # a decode runs in another thread: the counts it was made with
+            return *self._threads, "a decode is running: the count chosen when the context was made"
 
     # -- generation ----------------------------------------------------------------------
     def _prompt_tokens(self, prompt: Prompt) -> npt.NDArray[np.int32]:

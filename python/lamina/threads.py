@@ -140,8 +140,8 @@ class Threads:
             p = _native.PoolParams()
             p.n_threads, p.cpus, p.strict = threads, list(cpus or ()), self.strict and cpus is not None
             p.priority, p.poll = PRIORITIES[self.priority], self.poll if self.poll is not None else 0 if self.n is None else 50
-            # the generation pool of lamina's default count adapts (cpp/tuner.h); at poll 0 its workers
-            # sleep at once between graphs, so those it leaves out do not spin on the CPUs it freed
+            # lamina's default counts adapt (cpp/tuner.h; the batch pool follows generation's); at poll
+            # 0 the workers sleep at once between graphs, so those left out do not spin on freed CPUs
             p.adapt = self.n is None and (not out or self.batch is None)
             out.append(p)
         return out[0], out[1]
