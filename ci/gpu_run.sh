@@ -111,8 +111,8 @@ for stage in "$@"; do
   busy)
     # CPU only: lamina's default generation threads against fixed counts,
     # alone and beside a spinning Python thread, on the 1B model
-    CUDA_VISIBLE_DEVICES= $py ci/busy_cpu.py --model /tmp/llama-1b.gguf --counts 15,16,16p0 \
-      --conditions alone,thread --reps 2 --tokens 64 2>/dev/null | tee "$OUT/busy.md" ;;
+    CUDA_VISIBLE_DEVICES= $py ci/busy_cpu.py --model /tmp/llama-1b.gguf --counts 15,16 \
+      --conditions alone,thread --reps 3 --tokens 64 2>/dev/null | tee "$OUT/busy.md" ;;
   probe)
     pkg=$($py -c "import lamina, os; print(os.path.dirname(lamina._native.__file__))")
     g++ -O2 -std=c++17 -I$LAMINA_LLAMA_CPP_DIR/include -I$LAMINA_LLAMA_CPP_DIR/ggml/include ci/tg_probe.cpp \

@@ -9,7 +9,8 @@
 // steps and 500 ms) and runs a block with one thread fewer when one of these holds:
 //   - the block stalled: more than a sixth of its time went to steps beyond twice its median;
 //   - its mean step is 1.5 times the best block's at this count in this context;
-//   - the process knows nothing yet (no context judged a block in the last 30 s): one try.
+//   - the process knows nothing yet (no context judged a block at the full count in the last
+//     30 s): one try.
 // It moves when the tried block's mean is 5 % lower; after a try that was not, 1, 3, 7 .. 64 slow
 // blocks pass before the next. Now and then, ever more rarely, it tries one thread more (the
 // neighbour may have left); that try ends at its first stall. The count chosen, and when to try
@@ -45,11 +46,14 @@ public:
         at_try_.clear();
         std::lock_guard<std::mutex> lk(shared().mu);
         const process & p = shared().p;
-        fresh_ = !(p.max == max && clock::now() - p.judged < std::chrono::seconds(30));
-        if (!fresh_ && p.cur < max) {
+        // A count chosen long ago still holds (a busy CPU outlives a pause): the tries up find out
+        // whether the neighbour left, at one stalled step each; starting at the full count instead
+        // costs a block of stalled steps (4 at 320 ms each: the 1B model on 16 CPUs beside a spinner).
+        if (p.max == max && p.cur < max) {
             cur_ = p.cur;
             why_ = p.why + "; found by a context of this process";
         }
+        fresh_ = cur_ == max && !(p.max == max && clock::now() - p.judged < std::chrono::seconds(30));
     }
     // In a child after fork(): the mutex may have been held by a thread that does not exist there.
     static void after_fork() { shared_ptr() = new shared_state; }
