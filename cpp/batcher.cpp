@@ -37,7 +37,7 @@ public:
 
     // Queue a request (any thread).
     request_ptr submit(tokens_in prompt, const sampler_options & opts, int32_t max_tokens, bool ignore_eos,
-                       std::vector<std::string> stops) {
+                       std::vector<std::string> stops, int32_t top_logprobs) {
         check_fork(fork_gen_, "Batcher");
         if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
         for (const std::string & s : stops) {
@@ -49,7 +49,8 @@ public:
         r->said = stop_text(std::move(stops));
         r->o.max_tokens = max_tokens;
         r->o.ignore_eos = ignore_eos;
-        r->o.backend = backend_ && r->sampler->greedy();
+        r->o.top_logprobs = top_logprobs;
+        r->o.backend = backend_ && r->sampler->greedy() && top_logprobs < 0;  // logprobs read the logits
         r->o.chunk = chunk_;
         r->o.client = this;
         e_.check(*st_, *r);
@@ -184,14 +185,13 @@ public:
         check_fork(fork_gen_, "Batcher");
         // copied under the mutex with the GIL released (the loop never waits for the GIL holding it,
         // and neither does a reader), then made into Python objects
-        auto * heap = new std::vector<int32_t>();
-        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
+        request_copy c;
         std::string text, finish, error;
         int64_t t_admit, t_first, t_end;
         {
             gil_release nogil;
             std::lock_guard<std::mutex> lk(e_.mu);
-            heap->assign(r.generated.begin(), r.generated.end());
+            c.take(r);
             text = r.said.text();
             finish = r.finish;
             error = r.error;
@@ -200,12 +200,13 @@ public:
             t_end = r.t_end;
         }
         nb::dict d;
-        d["tokens"] = nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
+        d["n_generated"] = c.tokens.size();
+        d["logprobs"] = c.logprobs();
+        d["tokens"] = to_numpy(std::move(c.tokens));
         d["text"] = text_replaced(text.data(), text.size());
         d["finish_reason"] = finish.empty() ? nb::none() : nb::cast(finish);
         d["error"] = error.empty() ? nb::none() : nb::cast(error);
         d["n_prompt"] = r.prompt.size();  // fixed at submit
-        d["n_generated"] = heap->size();
         d["t_submit_us"] = r.t_submit;
         d["t_admit_us"] = t_admit;
         d["t_first_us"] = t_first;
@@ -329,16 +330,16 @@ void init_batcher(nb::module_ & m) {
         "chunk: prompt tokens per request and step (0: n_batch). backend_sampling: greedy requests take "
         "their token from llama.cpp's backend sampling (the argmax in the graph), not from a logits row.")
         .def("submit", [](nb::handle self, tokens_in prompt, const sampler_options & opts, int32_t max_tokens, bool ignore_eos,
-                          std::vector<std::string> stops) {
+                          std::vector<std::string> stops, int32_t top_logprobs) {
             batcher & e = nb::cast<batcher &>(self);
             // the handle shares the engine: Python's Batcher object may go while a request lives
             auto keep = std::shared_ptr<batcher>(&e, [ref = nb::borrow(self)](batcher *) mutable {
                 gil_acquire gil;
                 ref.reset();
             });
-            return request_handle{keep, e.submit(prompt, opts, max_tokens, ignore_eos, std::move(stops))};
+            return request_handle{keep, e.submit(prompt, opts, max_tokens, ignore_eos, std::move(stops), top_logprobs)};
         }, nb::arg("prompt"), nb::arg("sampler"), nb::arg("max_tokens"), nb::arg("ignore_eos") = false,
-           nb::arg("stop") = std::vector<std::string>{})
+           nb::arg("stop") = std::vector<std::string>{}, nb::arg("top_logprobs") = -1)
         .def("run", &batcher::run, nb::arg("until_idle"),
              "Serve requests in this thread: until none is queued or running (until_idle), or until close().")
         .def("close", &batcher::close, "Cancel every request, refuse new ones; a running loop ends.")

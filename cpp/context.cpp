@@ -543,9 +543,7 @@ public:
         }
         if (e == nullptr) throw lamina_error("llama.cpp returned no embedding for sequence " + std::to_string(seq));
         const size_t n = size_t(llama_model_n_embd_out(s.model->model.get()));
-        auto * heap = new std::vector<float>(e, e + n);
-        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
-        return nb::ndarray<nb::numpy, float, nb::ndim<1>>(heap->data(), {n}, owner);
+        return to_numpy(std::vector<float>(e, e + n));
     }
 
     void kv_clear() {
@@ -560,9 +558,7 @@ public:
     nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() const {
         context_lease l = lease();
         const context_state & s = *l;
-        auto * heap = new std::vector<int32_t>(s.tokens.begin(), s.tokens.end());
-        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
-        return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
+        return to_numpy(std::vector<int32_t>(s.tokens.begin(), s.tokens.end()));
     }
 
     nb::dict params() const {

@@ -39,6 +39,10 @@ void engine::check(context_state & st, request & rr) {
     if (r->o.max_tokens < 0) throw std::invalid_argument("max_tokens must be >= 0");
     if (r->o.chunk < 0) throw std::invalid_argument("chunk must be >= 0 (0: n_batch)");
     if (st.embeddings) throw std::invalid_argument("generation needs a context without embeddings");
+    if (r->o.top_logprobs > 20) throw std::invalid_argument("top_logprobs must be 0..20");
+    if (r->o.top_logprobs >= 0 && r->o.backend) {
+        throw std::invalid_argument("logprobs need the logits on the host: backend_sampling takes the token in the graph");
+    }
     if (r->o.backend && !r->sampler->greedy()) {
         throw std::invalid_argument("backend_sampling supports the greedy sampler only (no penalties, bias or grammar)");
     }
@@ -302,8 +306,19 @@ bool engine::publish(request & r, size_t k, llama_pos n_ctx_seq, const llama_voc
         return true;
     }
     r.generated.push_back(t);
+    if (r.o.top_logprobs >= 0) {
+        const row_logprobs & lp = r.rows[k];
+        r.logprob.push_back(lp.logprob);
+        r.top_ids.insert(r.top_ids.end(), lp.top_ids.begin(), lp.top_ids.end());
+        r.top_logprob.insert(r.top_logprob.end(), lp.top.begin(), lp.top.end());
+    }
     if (r.said.push(r.pieces[k])) {  // keep the tokens whose text lies wholly before the stop
         r.generated.resize(r.said.tokens_before_stop());
+        if (r.o.top_logprobs >= 0) {
+            r.logprob.resize(r.generated.size());
+            r.top_ids.resize(r.generated.size() * size_t(r.o.top_logprobs));
+            r.top_logprob.resize(r.top_ids.size());
+        }
         end(r, "stop");
         return true;
     }
@@ -320,6 +335,24 @@ bool engine::publish(request & r, size_t k, llama_pos n_ctx_seq, const llama_voc
         return true;
     }
     return false;
+}
+
+void request_copy::take(const request & r) {
+    tokens.assign(r.generated.begin(), r.generated.end());
+    k = r.o.top_logprobs;
+    logprob = r.logprob;
+    top_ids = r.top_ids;
+    top_logprob = r.top_logprob;
+}
+
+nb::object request_copy::logprobs() {
+    if (k < 0) return nb::none();
+    nb::dict d;
+    const size_t n = logprob.size();
+    d["logprob"] = to_numpy(std::move(logprob));
+    d["top_ids"] = to_numpy<int32_t, 2>(std::move(top_ids), {n, size_t(k)});
+    d["top_logprob"] = to_numpy<float, 2>(std::move(top_logprob), {n, size_t(k)});
+    return std::move(d);
 }
 
 void raise_interrupted(context_state & st) {
@@ -497,6 +530,12 @@ void engine::collect(context_state & st) {
                     t = r->sampler->sample(lc, row);
                 }
                 r->ids.push_back(t);
+                if (r->o.top_logprobs >= 0) {
+                    const float * logits = llama_get_logits_ith(lc, row);
+                    if (logits == nullptr) throw lamina_error("llama.cpp returned no logits row for logprobs");
+                    r->rows.resize(r->ids.size());
+                    r->rows.back().compute(logits, st.model->n_vocab, t, r->o.top_logprobs);
+                }
                 if (i >= r->draft.size() || t != r->draft[i]) break;
             }
             r->pieces.resize(r->ids.size());

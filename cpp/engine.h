@@ -11,6 +11,7 @@
 #pragma once
 
 #include "lamina.h"
+#include "logprobs.h"
 #include "sampler.h"
 #include "tuner.h"
 
@@ -30,6 +31,7 @@ struct request_options {
     int32_t shift_keep = -1;  // a full context: shift it keeping this many tokens; < 0: finish "length"
     bool backend = false;     // greedy in the graph (llama.cpp's backend sampling) where it can be
     int32_t chunk = 0;        // prompt tokens per step (0: n_batch)
+    int32_t top_logprobs = -1;  // >= 0: each generated token's logprob and the k most likely (logprobs.h)
     const void * client = nullptr;  // the Batcher that submitted it (close() cancels its requests)
     const char * who = "a Batcher request (generate_batch or lamina.Batcher)";  // its name in StaleGenerationError
 };
@@ -52,9 +54,12 @@ struct request {
     int32_t out = -1;          // its first logits row in the current batch
     std::vector<llama_token> draft, ids;  // this step's draft, and the tokens it took (kept drafts + its own)
     std::vector<std::string> pieces;      // their text
+    std::vector<row_logprobs> rows;       // their logprobs (top_logprobs >= 0)
     int64_t n_reused = 0, n_shifts = 0, n_discarded = 0, t_prompt_us = 0;
     // shared (mutex)
     std::vector<llama_token> generated;
+    std::vector<float> logprob, top_logprob;  // per generated token, and top_logprobs per token
+    std::vector<int32_t> top_ids;
     stop_text said{{}};        // the text as users see it, cut at a stop string
     size_t released = 0;       // bytes of it readers may take: whole UTF-8, no possible start of a stop string
     size_t taken = 0;          // bytes handed out
@@ -69,6 +74,16 @@ struct request {
     [[noreturn]] void raise_error() const;  // finish == "error": its exception
 };
 using request_ptr = std::shared_ptr<request>;
+
+// A request's tokens and logprobs, copied under the engine's mutex (take), then made into numpy
+// arrays (tokens; logprobs: None, or {logprob: (n,), top_ids, top_logprob: (n, top_logprobs)}).
+struct request_copy {
+    std::vector<int32_t> tokens, top_ids;
+    std::vector<float> logprob, top_logprob;
+    int32_t k = -1;
+    void take(const request & r);  // mutex held
+    nb::object logprobs();         // GIL held
+};
 
 class engine {
 public:

@@ -19,7 +19,7 @@ public:
     generator(nb::handle ctx, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
               const sampler_options & opts, int32_t max_tokens, bool ignore_eos, int32_t shift_keep,
               bool backend_sampling, const std::optional<draft_options> & draft, nb::handle draft_ctx,
-              std::vector<std::string> stops)
+              std::vector<std::string> stops, int32_t top_logprobs)
         : st_(context_shared(ctx)), r_(std::make_shared<request>()) {
         context_lease lease(st_, st_->eng.get());  // the checks below read the context
         require_vocab(*st_->model);  // generated tokens become text
@@ -31,6 +31,7 @@ public:
         r_->o.keep = true;
         r_->o.shift_keep = shift_keep;
         r_->o.backend = backend_sampling;
+        r_->o.top_logprobs = top_logprobs;
         r_->o.who = k_generation;
         engine_of(*st_).check(*st_, *r_);
         if (draft) {
@@ -155,15 +156,16 @@ public:
         return d;
     }
 
-    nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> tokens() {
+    // The generated tokens so far, and their logprobs (None unless asked for).
+    nb::tuple output() {
         check_fork(st_->fork_gen, "generation");
-        auto * heap = new std::vector<int32_t>();
-        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
+        request_copy c;
         {
             std::lock_guard<std::mutex> lk(engine_of(*st_).mu);
-            heap->assign(r_->generated.begin(), r_->generated.end());
+            c.take(*r_);
         }
-        return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
+        nb::object lp = c.logprobs();
+        return nb::make_tuple(to_numpy(std::move(c.tokens)), lp);
     }
 
 private:
@@ -215,12 +217,12 @@ void init_generate(nb::module_ & m) {
                             nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> prompt,
                             const sampler_options & sampler, int32_t max_tokens, bool ignore_eos, int32_t shift_keep,
                             bool backend_sampling, std::optional<draft_options> draft, nb::handle draft_ctx,
-                            std::vector<std::string> stop) {
+                            std::vector<std::string> stop, int32_t top_logprobs) {
             new (self) generator(ctx, prompt, sampler, max_tokens, ignore_eos, shift_keep, backend_sampling, draft,
-                                 draft_ctx, std::move(stop));
+                                 draft_ctx, std::move(stop), top_logprobs);
         }, nb::arg("ctx"), nb::arg("prompt"), nb::arg("sampler"), nb::arg("max_tokens"), nb::arg("ignore_eos") = false,
         nb::arg("shift_keep") = -1, nb::arg("backend_sampling") = false, nb::arg("draft").none() = nb::none(),
-        nb::arg("draft_ctx").none() = nb::none(), nb::arg("stop") = std::vector<std::string>{},
+        nb::arg("draft_ctx").none() = nb::none(), nb::arg("stop") = std::vector<std::string>{}, nb::arg("top_logprobs") = -1,
         R"(Prepare generation on sequence 0 of ctx; nothing runs until the first next().
 
 The first next() evaluates the prompt, reusing the longest prefix already in the KV cache.
@@ -229,14 +231,16 @@ shift_keep < 0 stops with finish reason 'length' when the context is full; other
 shift_keep tokens stay and half of the rest is dropped (context shift). draft (DraftParams): speculative
 decoding with the draft model's context draft_ctx (n_seq_max 1), or n-gram lookup without one. stop:
 strings that end the text before them (finish reason 'stop'), matched in the text as yielded; the tokens
-from the stop on leave the token list and the KV cache.)")
+from the stop on leave the token list and the KV cache. top_logprobs >= 0: each generated token's logprob
+and the top_logprobs most likely tokens' (log-softmax of its logits row, before the sampler chain).)")
         .def("__iter__", [](nb::handle self) { return nb::borrow(self); }, nb::sig("def __iter__(self) -> Generator"))
         .def("__next__", [](generator & g) { return g.next(); })
         .def("rest", [](generator & g) { return g.next(true); },
              "All the text still to come: steps to the end, taking the GIL back once (StopIteration when ended).")
         .def("close", &generator::close, "Stop: iteration ends, and the context gets its logits back.")
         .def("stats", &generator::stats, "finish_reason, prompt/generated counts, timings (us).")
-        .def_prop_ro("tokens", &generator::tokens, nb::rv_policy::automatic, "Generated token ids so far (a copy).");
+        .def_prop_ro("output", &generator::output, "(generated token ids so far, their logprobs: None or {logprob, "
+                     "top_ids, top_logprob}), copies.");
 }
 
 }  // namespace lamina

@@ -24,6 +24,7 @@
 #include "speculation.h"
 #include "text.h"
 
+#include <array>
 #include <atomic>
 #include <mutex>
 #include <shared_mutex>
@@ -36,6 +37,19 @@
 namespace nb = nanobind;
 
 namespace lamina {
+
+// An owned vector handed to numpy without a second copy, with this shape (1-D: its size).
+template <class T, size_t D>
+nb::ndarray<nb::numpy, T, nb::ndim<D>> to_numpy(std::vector<T> && v, const std::array<size_t, D> & shape) {
+    auto * heap = new std::vector<T>(std::move(v));
+    nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<T> *>(p); });
+    return nb::ndarray<nb::numpy, T, nb::ndim<D>>(heap->data(), D, shape.data(), owner);
+}
+template <class T>
+nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy(std::vector<T> && v) {
+    const size_t n = v.size();
+    return to_numpy<T, 1>(std::move(v), {n});
+}
 
 // ---- owned native state -------------------------------------------------------------------
 // Handles are shared so that a context keeps its model alive and a numpy view keeps its

@@ -38,13 +38,6 @@ int32_t sized_call(Buf & buf, F call) {
 
 using tokens_in = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
-// Owned int32 array handed to numpy without a second copy.
-nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> to_numpy(std::vector<int32_t> && v) {
-    auto * heap = new std::vector<int32_t>(std::move(v));
-    nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<int32_t> *>(p); });
-    return nb::ndarray<nb::numpy, int32_t, nb::ndim<1>>(heap->data(), {heap->size()}, owner);
-}
-
 struct load_progress {
     PyObject * callback = nullptr;  // borrowed; may be null
     bool python_error = false;      // a callback raised or a signal arrived: abort the load

@@ -17,6 +17,7 @@ from .errors import (BusyError, ClosedError, ConfigWarning, DecodeError, ForkErr
 from .memory import DeviceMemory, MemoryEstimate, Offload
 from .model import Model
 from .lora import Lora
+from .logprobs import Logprobs
 from .tokenizer import ModelInfo, Tokenizer
 from .models import default_model_path
 from .sampling import Sampler
@@ -36,6 +37,6 @@ __version__: str = _n.VERSION  # pyproject.toml's, compiled in
 
 __all__ = [
     "Config", "load_config", "Model", "Lora", "ModelInfo", "Tokenizer", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Batcher", "Request", "Threads", "KV", "Sampler", "Draft",
-    "Device", "SystemInfo", "AddOn", "addons", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
+    "Logprobs", "Device", "SystemInfo", "AddOn", "addons", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
     "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "StaleGenerationError", "ModelFormatError", "InertSettingWarning", "ConfigWarning", "logger", "__version__",
 ]

@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from . import _core, _native
 from .context import Completion, completion_from_row, stop_strings
+from .logprobs import top_logprobs_arg
 from .params import check_int
 from .sampling import Sampler
 
@@ -134,16 +135,19 @@ class Batcher(_core.Closing):
         _live.add(self)
 
     def submit(self, prompt: Any, *, max_tokens: int = 256, sampler: Sampler | None = None,
-               stop: str | Sequence[str] = (), ignore_eos: bool = False) -> Request:
-        """Queue ``prompt`` (text or token ids); greedy when no sampler is given."""
+               stop: str | Sequence[str] = (), ignore_eos: bool = False, logprobs: bool = False,
+               top_logprobs: int = 0) -> Request:
+        """Queue ``prompt`` (text or token ids); greedy when no sampler is given. logprobs and
+        top_logprobs as Context.generate's (the result's Completion.logprobs)."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
             raise TypeError(f"max_tokens must be an int, got {max_tokens!r}")
         check_int("max_tokens", max_tokens, 1)
         if sampler is not None and not isinstance(sampler, Sampler):
             raise TypeError(f"sampler must be a lamina.Sampler, got {type(sampler).__name__}")
+        top = top_logprobs_arg(logprobs, top_logprobs)
         tokens = self._context._prompt_tokens(prompt)
         params = (sampler or Sampler()).params(self._context.n_ctx)
-        return Request(self._native.submit(tokens, params, max_tokens, ignore_eos, stop_strings(stop)), self)
+        return Request(self._native.submit(tokens, params, max_tokens, ignore_eos, stop_strings(stop), top), self)
 
     def generate(self, prompts: Sequence[Any], **kwargs: Any) -> list[Completion]:
         """Submit every prompt and wait for all of them (in order)."""

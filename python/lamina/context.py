@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from . import _core, _native
 from .errors import BusyError, OutOfMemoryError
+from .logprobs import Logprobs, logprobs_of, top_logprobs_arg
 from .lora import Lora, LoraSpec, lora_items
 from .params import (KV, LOGITS, POOLING, as_tokens, check_count, check_int, check_pos, check_seq, context_settings,
                      out_of_memory)
@@ -35,6 +36,7 @@ class Completion:
     n_prompt_eval: int
     prompt_tokens_per_s: float
     tokens_per_s: float
+    logprobs: Logprobs | None = None  # with logprobs=True
 
 
 def stop_strings(stop: str | Sequence[str]) -> list[str]:
@@ -52,7 +54,8 @@ def completion_from_row(r: Mapping[str, Any]) -> Completion:
     return Completion(text=r["text"], tokens=r["tokens"], finish_reason=r["finish_reason"],
                       n_prompt=int(r["n_prompt"]), n_prompt_eval=int(r["n_prompt"]),
                       prompt_tokens_per_s=r["n_prompt"] / t_prompt if t_prompt > 0 else 0.0,
-                      tokens_per_s=r["n_generated"] / t_gen if t_gen > 0 else 0.0)
+                      tokens_per_s=r["n_generated"] / t_gen if t_gen > 0 else 0.0,
+                      logprobs=logprobs_of(r["tokens"], r["logprobs"]))
 
 
 class Generation(_core.Closing):
@@ -96,7 +99,14 @@ class Generation(_core.Closing):
 
     @property
     def tokens(self) -> npt.NDArray[np.int32]:
-        return self._native.tokens
+        tokens: npt.NDArray[np.int32] = self._native.output[0]
+        return tokens
+
+    @property
+    def logprobs(self) -> Logprobs | None:
+        """The generated tokens' log-probabilities so far (generate(logprobs=True)), else None."""
+        tokens, lp = self._native.output
+        return logprobs_of(tokens, lp)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -379,7 +389,8 @@ class Context(_core.NativeOwner[_native.Context]):
                  stop: str | Sequence[str] = (), ignore_eos: bool = False,
                  context_full: Literal["stop", "shift"] = "stop", n_keep: int = 0, backend_sampling: bool = False,
                  draft: "Draft | Literal['ngram'] | None" = None, json_schema: Mapping[str, Any] | str | None = None,
-                 response_format: Mapping[str, Any] | None = None) -> Generation:
+                 response_format: Mapping[str, Any] | None = None, logprobs: bool = False,
+                 top_logprobs: int = 0) -> Generation:
         """Stream text pieces for ``prompt`` (text, or token ids).
 
         Greedy when no sampler is given. The KV cache keeps the longest common prefix with the
@@ -395,6 +406,9 @@ class Context(_core.NativeOwner[_native.Context]):
         json_schema (a dict or JSON text) constrains the output to JSON valid against it, through
         llama.cpp's schema-to-grammar converter; response_format={"type": "json_object"} to any
         JSON object ({"type": "json_schema", "json_schema": {"schema": ...}} as OpenAI's API).
+        logprobs=True: each generated token's log-probability, and with top_logprobs=k (0..20) the
+        k most likely tokens' at each step (Generation.logprobs, Completion.logprobs; see
+        lamina.Logprobs). Not with backend_sampling, which keeps the logits on the device.
         """
         if context_full not in ("stop", "shift"):
             raise ValueError(f"context_full must be 'stop' or 'shift', got {context_full!r}")
@@ -402,6 +416,7 @@ class Context(_core.NativeOwner[_native.Context]):
             raise ValueError(f"n_keep must be an int >= 0, got {n_keep!r}")
         check_int("n_keep", n_keep, 0)
         check_count("max_tokens", max_tokens)
+        top = top_logprobs_arg(logprobs, top_logprobs)
         stops = stop_strings(stop)
         tokens = self._prompt_tokens(prompt)
         sampler = sampler or Sampler()
@@ -420,7 +435,7 @@ class Context(_core.NativeOwner[_native.Context]):
         return Generation(_native.Generator(
             self.native, tokens, sampler.params(self.n_ctx), max_tokens, ignore_eos,
             n_keep if context_full == "shift" else -1, backend_sampling, draft.params() if draft is not None else None,
-            draft_ctx.native if draft_ctx is not None else None, stops))
+            draft_ctx.native if draft_ctx is not None else None, stops, top))
 
     def chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None, **kwargs: Any) -> Generation:
         """Stream the assistant's reply to chat messages, rendered by llama.cpp's chat template
@@ -433,19 +448,19 @@ class Context(_core.NativeOwner[_native.Context]):
         gen = self.generate(prompt, **kwargs)
         text = gen.rest()
         s = gen.stats  # the other fields of a Completion, by their names
-        return Completion(text=text, tokens=gen.tokens, **{k: s[k] for k in (
+        return Completion(text=text, tokens=gen.tokens, logprobs=gen.logprobs, **{k: s[k] for k in (
             "finish_reason", "n_prompt", "n_prompt_eval", "prompt_tokens_per_s", "tokens_per_s")})
 
     def generate_batch(self, prompts: Sequence[Prompt], *, max_tokens: int = 256,
                        sampler: Sampler | Sequence[Sampler] | None = None, stop: str | Sequence[str] = (),
-                       ignore_eos: bool = False) -> list[Completion]:
+                       ignore_eos: bool = False, logprobs: bool = False, top_logprobs: int = 0) -> list[Completion]:
         """Generate for several prompts together, in this thread, over this context's
         n_seq_max sequences: the native loop of lamina.Batcher (one batch per step, a token of
         every running sequence plus prompt chunks of the next ones; more prompts than sequences
         wait for a free one). Each sequence holds n_ctx / n_seq_max tokens unless
         KV(unified=True). One sampler for all (prompt i seeded with seed + i) or one per prompt.
         The sequences used are empty afterwards. tokens_per_s of each result is the combined
-        generation speed of the batch."""
+        generation speed of the batch. logprobs, top_logprobs: as generate's."""
         if isinstance(prompts, (str, bytes)):
             raise TypeError("prompts must be a sequence of prompts; use generate() for one")
         toks = [self._prompt_tokens(p) for p in prompts]
@@ -460,12 +475,13 @@ class Context(_core.NativeOwner[_native.Context]):
             if len(samplers) != len(toks) or not all(isinstance(x, Sampler) for x in samplers):
                 raise ValueError("sampler must be one Sampler or one per prompt")
         stops = stop_strings(stop)
+        top = top_logprobs_arg(logprobs, top_logprobs)
         engine = _native.Batcher(self.native, 0, self.model.output_on_gpu)
         reqs = []
         try:
             for i, (t, s) in enumerate(zip(toks, samplers)):
                 try:
-                    reqs.append(engine.submit(t, s.params(self.n_ctx), max_tokens, ignore_eos, stops))
+                    reqs.append(engine.submit(t, s.params(self.n_ctx), max_tokens, ignore_eos, stops, top))
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}") from None
             engine.run(True)
