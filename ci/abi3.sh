@@ -7,8 +7,8 @@
 #   3. ci/smoke-wheel on Python 3.12 and 3.13: installed from binaries only (no compiler), generates
 #   4. the whole test suite against that wheel, installed into a fresh Python 3.13 venv, with the
 #      portable-build tests required (LAMINA_REQUIRE_PORTABLE=1)
-# CI's wheel also carries llama-completion, llama-batched-bench and llama-speculative-simple
-# (-DLAMINA_EXTRA_TOOLS) for the parity and bench tests; the release wheel does not.
+# CI's wheel also carries llama-completion, llama-batched-bench, llama-speculative-simple and llama-server
+# (-DLAMINA_EXTRA_TOOLS) for the parity, bench and chat-template tests; the release wheel does not.
 # Pythons come from PATH or pyenv (ci/find-python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ log=build/abi3-ci; mkdir -p "$log"
 py312=$(ci/find-python 3.12)
 py313=$(ci/find-python 3.13)
 t0=$(date +%s)
-tools="llama-completion;llama-batched-bench;llama-speculative-simple"
+tools="llama-completion;llama-batched-bench;llama-speculative-simple;llama-server"
 whl=$(ci/build-wheel cpu --python "$py312" --out "$log/dist" -- -Ccmake.define.LAMINA_EXTRA_TOOLS="$tools" \
       2> "$log/build.log") || { tail -40 "$log/build.log"; exit 1; }
 name=$(basename "$whl")

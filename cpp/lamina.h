@@ -215,6 +215,8 @@ void require_specials(const model_state & m);
 void append_piece(const model_state & m, llama_token tok, bool special, std::string & out);
 // The shared model state behind a lamina._native.Model (raises ClosedError).
 std::shared_ptr<model_state> model_shared(nb::handle model);
+// tokenizer.chat_template from a GGUF file's metadata (a file validate_gguf accepted), if present.
+std::optional<std::string> file_chat_template(const std::string & path);
 
 // The device behind a device or buffer-type name as ggml logs it: "CUDA0", "CPU_Mapped", and RPC's
 // "RPC0[127.0.0.1:50052]"; nullptr if none.

@@ -71,6 +71,8 @@ std::string meta_string(const llama_model * model, const char * key) {
     return copied_string([&](char * b, size_t n) { return llama_model_meta_val_str(model, key, b, n); }).value_or("");
 }
 
+}  // namespace
+
 // tokenizer.chat_template from the file's metadata (a file validate_gguf accepted), if present.
 std::optional<std::string> file_chat_template(const std::string & path) {
     gguf_init_params params{true, nullptr};
@@ -82,6 +84,8 @@ std::optional<std::string> file_chat_template(const std::string & path) {
     gguf_free(g);
     return out;
 }
+
+namespace {
 
 class model_handle {
 public:

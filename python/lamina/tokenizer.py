@@ -2,6 +2,7 @@
 the vocabulary methods Model shares with it."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,32 @@ class ModelInfo:
     is_recurrent: bool
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as JSON-ready dicts; TypeError / ValueError naming the message for a bad one."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a sequence of mappings, got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise TypeError(f"message {i} must be a mapping with a str 'role', got {m!r}")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"message {i}: unknown role {m['role']!r} (one of {', '.join(CHAT_ROLES)})")
+        content = m.get("content")
+        if m["role"] != "assistant" and not isinstance(content, (str, list)):
+            raise TypeError(f"message {i} ({m['role']}) must have a str 'content' (or a list of parts), got {content!r}")
+        if m["role"] == "assistant" and content is None and not m.get("tool_calls"):
+            raise TypeError(f"message {i} (assistant) must have 'content' or 'tool_calls'")
+        try:
+            json.dumps(dict(m))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"message {i} is not JSON: {e}") from None
+        out.append(dict(m))
+    return out
+
+
 class Vocabulary(_core.NativeOwner[_native.Model]):
     """Text <-> tokens and chat templates over ``self.native`` (a loaded _native.Model), and its
     lifetime: close() and ``with``."""
@@ -72,23 +99,50 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
     def is_eog(self, token: int) -> bool:
         return self.native.is_eog(int(token))
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None,
-                            add_assistant: bool = True) -> str:
-        """Render chat messages ({"role": ..., "content": ...}) with llama.cpp's template support.
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, template: str | None = None,
+                            add_assistant: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
+                            tool_choice: str | Mapping[str, Any] = "auto", parallel_tool_calls: bool | None = None,
+                            enable_thinking: bool | None = None,
+                            chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """Render chat messages in OpenAI's shape ({"role", "content"}; assistant "tool_calls",
+        "reasoning_content"; tool "tool_call_id") with llama.cpp's chat support, as llama-server
+        renders them: the model's own Jinja template (or ``template``: Jinja source, or a built-in
+        name from lamina.chat_templates()) run by llama.cpp's sandboxed Jinja engine.
 
-        template: a template string or a built-in name (lamina.chat_templates()); default: the
-        model's own (tokenizer.chat_template). Raises ValueError if there is none llama.cpp supports.
+        tools (OpenAI's function tools), tool_choice and parallel_tool_calls go into the prompt
+        where the template takes them. enable_thinking: None (on where the template supports it),
+        True or False. A trailing assistant message is continued, not closed. Raises ValueError
+        naming the part for bad messages, a template that does not parse or render, or tools with
+        a built-in template.
         """
-        tmpl = template if template is not None else self.info.chat_template
-        if tmpl is None:
-            raise ValueError(f"{self.info.name or self.path.name} has no chat template in its metadata; pass "
-                             f"template= a template string or a built-in name from lamina.chat_templates()")
-        msgs = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise TypeError(f"message {i} must be a mapping with str 'role' and 'content', got {m!r}")
-            msgs.append((m["role"], m["content"]))
-        return _native.chat_apply_template(tmpl, msgs, add_assistant).decode("utf-8", errors="replace")
+        request: dict[str, Any] = {"messages": chat_messages(messages), "add_generation_prompt": add_assistant,
+                                   "tools": list(tools or []), "tool_choice": tool_choice}
+        if parallel_tool_calls is not None:
+            request["parallel_tool_calls"] = bool(parallel_tool_calls)
+        if enable_thinking is not None:
+            request["enable_thinking"] = bool(enable_thinking)
+        if chat_template_kwargs:
+            request["chat_template_kwargs"] = dict(chat_template_kwargs)
+        try:
+            body = json.dumps(request)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"tools or chat_template_kwargs are not JSON: {e}") from None
+        out = self._chat_templates(template).render(body)
+        return bytes(out["prompt"]).decode("utf-8", errors="replace")
+
+    def _chat_templates(self, template: str | None) -> _native.ChatTemplates:
+        """The native templates for ``template`` (None: the model's own), parsed once per model."""
+        cache = self.__dict__.setdefault("_templates", {})
+        if template not in cache:
+            if template is None and self.info.chat_template is None:
+                raise ValueError(f"{self.info.name or self.path.name} has no chat template in its metadata; pass "
+                                 f"template= a Jinja template or a built-in name from lamina.chat_templates()")
+            if template is not None and not isinstance(template, str):
+                raise TypeError(f"template must be a str, got {type(template).__name__}")
+            builtin = template in _native.chat_builtin_templates()
+            cache[template] = _native.ChatTemplates(self.native, template or "", not builtin)
+        templates: _native.ChatTemplates = cache[template]
+        return templates
 
     @property
     def metadata(self) -> dict[str, str]:
