@@ -14,14 +14,25 @@ namespace {
 // One model's templates (its own, or one given), parsed once.
 class chat_templates {
 public:
-    chat_templates(nb::handle model, const std::string & tmpl, bool jinja) : m_(model_shared(model)), jinja_(jinja) {
+    // The model is read here only (its template, BOS and EOS): the templates keep no reference to it.
+    chat_templates(nb::handle model, const std::string & tmpl, bool jinja) : jinja_(jinja) {
+        const std::shared_ptr<model_state> m = model_shared(model);
         std::string src = tmpl;
-        if (src.empty() && m_->vocab_only) src = file_chat_template(m_->path).value_or("");  // not kept by that load
-        try {
-            t_ = common_chat_templates_init(m_->model.get(), src);
+        if (src.empty() && m->vocab_only) src = file_chat_template(m->path).value_or("");  // not kept by that load
+        const char * own = src.empty() ? llama_model_chat_template(m->model.get(), nullptr) : nullptr;
+        try {  // parsed once more here for the error: common_chat_templates_init rethrows it sliced
+            if (jinja_ && (!src.empty() || own != nullptr)) {
+                const common_chat_template probe(src.empty() ? std::string(own) : src, "", "");
+                (void)probe;
+            }
         } catch (const std::exception & e) {
             throw std::invalid_argument(std::string("the chat template does not parse: ") + e.what());
         }
+        named("the chat template does not parse", [&] { t_ = common_chat_templates_init(m->model.get(), src); });
+        // as llama-server at its start: thinking is on by default where the template supports it
+        named("the chat template did not render", [&] {
+            thinking_ = jinja_ && common_chat_templates_support_enable_thinking(t_.get());
+        });
     }
 
     // The prompt and what generation needs for a request in OpenAI's chat shape (messages, tools,
@@ -29,14 +40,16 @@ public:
     // reasoning_format), made the way llama-server's /apply-template and /v1/chat/completions
     // make it (server-common.cpp, oaicompat_chat_params_parse: a trailing assistant message is
     // continued; thinking is on where the template supports it, unless enable_thinking says no).
-    nb::dict render(const std::string & request) const {
+    nb::dict render(nb::handle model, const std::string & request) const {
+        model_shared(model);  // a closed model raises ClosedError, as its other methods do
         common_chat_templates_inputs in;
         common_chat_params out;
         {
             gil_release nogil;  // a long template, many messages: nothing here touches Python
             const common_json body = parse(request);
-            const common_json tools = body.value("tools", common_json());
-            const std::string choice = body.value("tool_choice", std::string("auto"));
+                const common_json tools = body.value("tools", common_json());
+            std::string choice;
+            named("tool_choice", [&] { choice = body.value("tool_choice", std::string("auto")); });
             if (!jinja_ && ((tools.is_array() && !tools.empty()) || choice != "auto")) {
                 throw std::invalid_argument("tools need a Jinja template (this is a built-in template name)");
             }
@@ -74,13 +87,15 @@ private:
         const common_json kwargs = body.value("chat_template_kwargs", common_json::object());
         for (const auto & [k, v] : kwargs.items()) in.chat_template_kwargs[k] = v.dump();
         common_chat_params out;
-        named("the chat template did not render", [&] {  // it raised, or no parser could be made for it
-            in.enable_thinking = jinja_ && common_chat_templates_support_enable_thinking(t_.get());
+        in.enable_thinking = thinking_;
+        named("enable_thinking", [&] {
             if (body.contains("enable_thinking")) in.enable_thinking = body.at("enable_thinking").get<bool>();
-            const auto it = in.chat_template_kwargs.find("enable_thinking");
-            if (it != in.chat_template_kwargs.end()) in.enable_thinking = it->second == "true";
-            out = common_chat_templates_apply(t_.get(), in);
+            const auto it = in.chat_template_kwargs.find("enable_thinking");  // as llama-server reads the kwarg
+            if (it == in.chat_template_kwargs.end() || it->second.empty()) return;
+            if (it->second == "true" || it->second == "false") in.enable_thinking = it->second == "true";
+            else if (it->second[0] == '"') throw std::invalid_argument("a boolean, not a string, in chat_template_kwargs");
         });
+        named("the chat template did not render", [&] { out = common_chat_templates_apply(t_.get(), in); });
         return out;
     }
 
@@ -121,9 +136,9 @@ private:
         }
     }
 
-    std::shared_ptr<model_state> m_;
     common_chat_templates_ptr t_;
     bool jinja_;
+    bool thinking_ = false;  // the template supports enable_thinking
 };
 
 }  // namespace
@@ -133,7 +148,7 @@ void init_chat(nb::module_ & m) {
         .def(nb::init<nb::handle, const std::string &, bool>(), nb::arg("model"), nb::arg("template") = "",
              nb::arg("jinja") = true,
              "template: Jinja source ('': the model's own), or with jinja=False a built-in name ('chatml', ...).")
-        .def("render", &chat_templates::render, nb::arg("request"),
+        .def("render", &chat_templates::render, nb::arg("model"), nb::arg("request"),
              "The prompt (bytes) and chat format, grammar, triggers, stops and parser for a request in OpenAI's chat "
              "shape (JSON text), as llama-server makes them.")
         .def_prop_ro("caps", &chat_templates::caps, "What the template supports (tools, system role, thinking, ...).")

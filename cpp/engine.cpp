@@ -98,7 +98,7 @@ void engine::end(request & r, const char * why) {
     if (!r.finish.empty()) return;
     // an incomplete character at the end is shown replaced, and may complete a stop string
     if (r.said.finish()) {
-        r.generated.resize(std::min(r.generated.size(), r.said.tokens_before_stop()));
+        r.keep_tokens(r.said.tokens_before_stop());
         if (std::string(why) == "length") why = "stop";
     }
     r.finish = why;
@@ -313,12 +313,7 @@ bool engine::publish(request & r, size_t k, llama_pos n_ctx_seq, const llama_voc
         r.top_logprob.insert(r.top_logprob.end(), lp.top.begin(), lp.top.end());
     }
     if (r.said.push(r.pieces[k])) {  // keep the tokens whose text lies wholly before the stop
-        r.generated.resize(r.said.tokens_before_stop());
-        if (r.o.top_logprobs >= 0) {
-            r.logprob.resize(r.generated.size());
-            r.top_ids.resize(r.generated.size() * size_t(r.o.top_logprobs));
-            r.top_logprob.resize(r.top_ids.size());
-        }
+        r.keep_tokens(r.said.tokens_before_stop());
         end(r, "stop");
         return true;
     }
@@ -335,6 +330,15 @@ bool engine::publish(request & r, size_t k, llama_pos n_ctx_seq, const llama_voc
         return true;
     }
     return false;
+}
+
+void request::keep_tokens(size_t n) {
+    if (n >= generated.size()) return;
+    generated.resize(n);
+    if (o.top_logprobs < 0) return;
+    logprob.resize(n);
+    top_ids.resize(n * size_t(o.top_logprobs));
+    top_logprob.resize(top_ids.size());
 }
 
 void request_copy::take(const request & r) {

@@ -71,6 +71,7 @@ struct request {
     int64_t t_submit = 0, t_admit = 0, t_first = 0, t_end = 0;
 
     bool has_news() const { return taken < released || !finish.empty(); }
+    void keep_tokens(size_t n);  // the first n generated tokens, and their logprobs (mutex held)
     [[noreturn]] void raise_error() const;  // finish == "error": its exception
 };
 using request_ptr = std::shared_ptr<request>;

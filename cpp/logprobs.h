@@ -55,7 +55,8 @@ inline void top_k(const float * x, int32_t n, int32_t k, std::vector<int32_t> & 
 #if defined(LAMINA_ARGMAX_AVX2)
         const float m = avx2 ? max64_avx2(x + i) : max64_sse2(x + i);
 #else
-        const float m = (void)avx2, max64_sse2(x + i);
+        (void)avx2;
+        const float m = max64_sse2(x + i);
 #endif
         if (m > vals[size_t(k - 1)]) {
             for (int32_t j = 0; j < 64; ++j) take(i + j);

@@ -134,8 +134,9 @@ def test_bad_chat_input_raises_value_errors_naming_the_part(tiny_model: lamina.M
         tiny_model.apply_chat_template(user + [{"role": "robot", "content": "x"}], template=tmpl)
     with pytest.raises(TypeError, match="message 0"):
         tiny_model.apply_chat_template([{"role": "user", "content": 3}], template=tmpl)
-    with pytest.raises(ValueError, match="does not parse"):
+    with pytest.raises(ValueError, match="does not parse: .+") as e:
         tiny_model.apply_chat_template(user, template="{% if %}")
+    assert "std::exception" not in str(e.value)  # llama.cpp's reason, not a sliced exception
     with pytest.raises(ValueError, match="did not render"):
         tiny_model.apply_chat_template(user, template="{{ raise_exception('no users here') }}")
     with pytest.raises(ValueError, match="not JSON"):
@@ -146,4 +147,18 @@ def test_bad_chat_input_raises_value_errors_naming_the_part(tiny_model: lamina.M
         tiny_model.apply_chat_template(user, template=tmpl, tools=[{"type": "function"}])  # no function
     with pytest.raises(ValueError, match="two assistant messages"):
         tiny_model.apply_chat_template(user + [{"role": "assistant", "content": "a"}] * 2, template=tmpl)
+    with pytest.raises(ValueError, match="tool_choice must be"):
+        tiny_model.apply_chat_template(user, template=tmpl, tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="enable_thinking"):
+        tiny_model.apply_chat_template(user, template=tmpl, chat_template_kwargs={"enable_thinking": "no"})
     assert "Hi" in tiny_model.apply_chat_template(user, template=tmpl)  # the model still renders
+
+
+def test_a_closed_model_renders_no_more(tiny_path: Path) -> None:
+    """The parsed templates keep no reference to the model: close() frees it, and rendering then
+    raises ClosedError as the model's other methods do."""
+    with lamina.Model(tiny_path, gpu=False) as model:
+        assert "<|im_start|>" in model.apply_chat_template([{"role": "user", "content": "Hi"}], template="chatml")
+    with pytest.raises(lamina.ClosedError):
+        model.apply_chat_template([{"role": "user", "content": "Hi"}], template="chatml")

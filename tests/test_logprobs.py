@@ -123,3 +123,24 @@ def test_bad_logprobs_arguments_raise(tiny_model: lamina.Model) -> None:
         with pytest.raises(ValueError, match="backend_sampling"):
             ctx.generate("a", logprobs=True, backend_sampling=True)
         assert ctx.complete("the sky is", max_tokens=2).text is not None  # the context still works
+
+
+def test_a_stop_found_when_generation_ends_cuts_the_logprobs_too(tiny_model: lamina.Model) -> None:
+    """A text ending in an incomplete character shows it as U+FFFD when the generation ends
+    (max_tokens here), which can complete a stop string then: the tokens from it on leave, and
+    their logprobs with them (the end-of-generation cut once shortened the tokens only)."""
+    cases = 0
+    for prompt in ["hello world", "the sky is", "once upon a time", "abc", "x y z"]:
+        with tiny_model.context(n_ctx=256) as ctx:
+            toks = list(ctx.complete(prompt, max_tokens=60, ignore_eos=True).tokens)
+            for n in range(1, 61):  # the first prefix ending inside a character, with none replaced before
+                text = b"".join(tiny_model.token_to_piece(t) for t in toks[:n])
+                if "\ufffd" in text[:-4].decode("utf-8", "replace"):
+                    break
+                if "\ufffd" in text.decode("utf-8", "replace") and text[-1] >= 0xC0:
+                    out = ctx.complete(prompt, max_tokens=n, ignore_eos=True, stop="\ufffd", logprobs=True)
+                    assert out.finish_reason == "stop" and len(out.tokens) == n - 1
+                    assert out.logprobs is not None and len(out.logprobs.logprob) == n - 1
+                    cases += 1
+                    break
+    assert cases >= 1

@@ -42,7 +42,7 @@ class ModelInfo:
     is_recurrent: bool
 
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")  # ipython: Llama 3.1's tool results
 
 
 def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -78,6 +78,7 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
 
     def close(self) -> None:
         """Release the model (contexts still open keep the weights alive until they close)."""
+        self.__dict__.pop("_templates", None)
         super().close()
 
     def tokenize(self, text: str | bytes, *, add_special: bool = True, special: bool = False) -> npt.NDArray[np.int32]:
@@ -101,7 +102,7 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, template: str | None = None,
                             add_assistant: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
-                            tool_choice: str | Mapping[str, Any] = "auto", parallel_tool_calls: bool | None = None,
+                            tool_choice: str = "auto", parallel_tool_calls: bool | None = None,
                             enable_thinking: bool | None = None,
                             chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
         """Render chat messages in OpenAI's shape ({"role", "content"}; assistant "tool_calls",
@@ -115,6 +116,8 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
         naming the part for bad messages, a template that does not parse or render, or tools with
         a built-in template.
         """
+        if not isinstance(tool_choice, str):  # OpenAI's {"type": "function", ...}: the pin's chat.h parses names only
+            raise ValueError(f"tool_choice must be 'auto', 'none' or 'required', got {tool_choice!r}")
         request: dict[str, Any] = {"messages": chat_messages(messages), "add_generation_prompt": add_assistant,
                                    "tools": list(tools or []), "tool_choice": tool_choice}
         if parallel_tool_calls is not None:
@@ -127,7 +130,7 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
             body = json.dumps(request)
         except (TypeError, ValueError) as e:
             raise ValueError(f"tools or chat_template_kwargs are not JSON: {e}") from None
-        out = self._chat_templates(template).render(body)
+        out = self._chat_templates(template).render(self.native, body)
         return bytes(out["prompt"]).decode("utf-8", errors="replace")
 
     def _chat_templates(self, template: str | None) -> _native.ChatTemplates:
