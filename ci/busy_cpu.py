@@ -33,6 +33,9 @@ def threads_of(count: str | None) -> lamina.Threads | None:
     return lamina.Threads(n=int(n), **({"poll": int(poll)} if poll else {}))
 
 
+PARTS: dict[str | None, list[tuple[float, float]]] = {}  # per count: (prompt ms, generation t/s) of each run
+
+
 def tg(model: lamina.Model, threads: str | None, tokens: int) -> tuple[float, str]:
     """(tokens per second, the context's generation threads) of one fresh context."""
     with model.context(n_ctx=512, threads=threads_of(threads)) as ctx:
@@ -40,6 +43,8 @@ def tg(model: lamina.Model, threads: str | None, tokens: int) -> tuple[float, st
         out = ctx.complete("The history of the city begins", max_tokens=tokens, ignore_eos=True)
         dt = time.perf_counter() - t0
         assert len(out.tokens) == tokens
+        prompt_ms = 1e3 * out.n_prompt_eval / out.prompt_tokens_per_s if out.prompt_tokens_per_s else 0.0
+        PARTS.setdefault(threads, []).append((prompt_ms, out.tokens_per_s))
         return tokens / dt, f"{ctx.threads[0]} ({ctx.threads_why})"
 
 
@@ -59,6 +64,7 @@ def main() -> None:
     fixed = a.counts.split(",") if a.counts else [str(n) for n in range(1, n_default + 1)]
     counts: list[str | None] = [None, *fixed]
     tg(model, None, 8)  # warm-up
+    PARTS.clear()
 
     def alone() -> Callable[[], None]:
         return lambda: None
@@ -100,6 +106,9 @@ def main() -> None:
                 if c is None:
                     choice = why
         end()
+        parts = "; ".join(f"{c or 'default'}: " + ", ".join(f"{p:.0f} ms + {g:.1f} t/s" for p, g in PARTS.pop(c, []))
+                          for c in counts)
+        print(f"<!-- {name}: prompt ms + generation t/s per run: {parts} -->", flush=True)
         best_fixed = max(max(runs[c]) for c in counts if c is not None)
         best_median = max(statistics.median(runs[c]) for c in counts if c is not None)
         cells = " | ".join(f"{max(runs[c]):.1f} / {statistics.median(runs[c]):.1f}" for c in counts)
