@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -76,8 +77,9 @@ def post(port: int, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any
 @pytest.fixture(scope="module")
 def server_for(tiny_path: Path) -> Iterator[Any]:
     """A function that starts llama-server with one template (one at a time) and gives its port."""
-    server = requires.tool("llama-server")
+    requires.tool("llama-server")
     procs: list[subprocess.Popen[bytes]] = []
+    log = tempfile.TemporaryFile()  # its stderr (a pipe nobody reads could fill and stop it)
 
     def start(template: Path) -> int:
         for p in procs:
@@ -85,12 +87,17 @@ def server_for(tiny_path: Path) -> Iterator[Any]:
             p.wait()
         procs.clear()
         port = free_port()
-        procs.append(subprocess.Popen([str(server), "-m", str(tiny_path), "--host", "127.0.0.1", "--port", str(port),
-                                       "-c", "256", "-t", "1", "--jinja", "--chat-template-file", str(template),
-                                       "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        log.seek(0)
+        log.truncate()
+        # with lamina's backends (a portable build loads them from the package folder)
+        procs.append(lamina.tools.popen("llama-server", [
+            "-m", tiny_path, "--host", "127.0.0.1", "--port", port, "-c", 256, "-t", 1, "--jinja",
+            "--chat-template-file", template, "--no-webui"], stdout=subprocess.DEVNULL, stderr=log))
         until = time.monotonic() + 60
         while time.monotonic() < until:
-            assert procs[0].poll() is None, "llama-server exited"
+            if procs[0].poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"llama-server exited: {log.read().decode(errors='replace')[-2000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     if r.status == 200:
@@ -103,6 +110,7 @@ def server_for(tiny_path: Path) -> Iterator[Any]:
     for p in procs:
         p.kill()
         p.wait()
+    log.close()
 
 
 @pytest.mark.slow
