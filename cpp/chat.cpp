@@ -17,16 +17,22 @@ public:
     // The model is read here only (its template, BOS and EOS): the templates keep no reference to it.
     chat_templates(nb::handle model, const std::string & tmpl, bool jinja) : jinja_(jinja) {
         const std::shared_ptr<model_state> m = model_shared(model);
+        gil_release nogil;  // parsing and the thinking probe run the template: other threads go on
         std::string src = tmpl;
         if (src.empty() && m->vocab_only) src = file_chat_template(m->path).value_or("");  // not kept by that load
-        const char * own = src.empty() ? llama_model_chat_template(m->model.get(), nullptr) : nullptr;
-        try {  // parsed once more here for the error: common_chat_templates_init rethrows it sliced
-            if (jinja_ && (!src.empty() || own != nullptr)) {
-                const common_chat_template probe(src.empty() ? std::string(own) : src, "", "");
-                (void)probe;
+        if (jinja_) {
+            const char * own = llama_model_chat_template(m->model.get(), nullptr);
+            const char * tool_use = llama_model_chat_template(m->model.get(), "tool_use");
+            for (const std::string & t : {src.empty() && own ? std::string(own) : src, tool_use && src.empty() ? std::string(tool_use) : std::string()}) {
+                if (t.empty()) continue;
+                check_nesting(t);
+                try {  // parsed once more here for the error: common_chat_templates_init rethrows it sliced
+                    const common_chat_template probe(t, "", "");
+                    (void)probe;
+                } catch (const std::exception & e) {
+                    throw std::invalid_argument(std::string("the chat template does not parse: ") + e.what());
+                }
             }
-        } catch (const std::exception & e) {
-            throw std::invalid_argument(std::string("the chat template does not parse: ") + e.what());
         }
         named("the chat template does not parse", [&] { t_ = common_chat_templates_init(m->model.get(), src); });
         // as llama-server at its start: thinking is on by default where the template supports it
@@ -116,6 +122,31 @@ private:
         d["thinking_end_tags"] = out.thinking_end_tags;
         d["parser"] = out.parser;
         return d;
+    }
+
+    // llama.cpp's Jinja parser recurses once per level of brackets and block tags: a template
+    // nested thousands deep (a hostile GGUF) overflowed the stack. Real templates nest a few levels.
+    static void check_nesting(const std::string & t) {
+        constexpr int limit = 256;
+        int brackets = 0, blocks = 0;
+        for (size_t i = 0; i < t.size(); ++i) {
+            const char c = t[i];
+            if (c == '(' || c == '[' || c == '{') ++brackets;
+            if (c == ')' || c == ']' || c == '}') brackets = std::max(0, brackets - 1);
+            if (c == '{' && i + 1 < t.size() && t[i + 1] == '%') {
+                size_t j = i + 2;
+                while (j < t.size() && (t[j] == '-' || t[j] == '+' || t[j] == ' ' || t[j] == '\t' || t[j] == '\n')) ++j;
+                if (t.compare(j, 3, "end") == 0) blocks = std::max(0, blocks - 1);
+                else if (t.compare(j, 2, "if") == 0 || t.compare(j, 3, "for") == 0 || t.compare(j, 5, "macro") == 0 ||
+                         t.compare(j, 4, "call") == 0 || t.compare(j, 6, "filter") == 0) {
+                    ++blocks;
+                }
+            }
+            if (brackets > limit || blocks > limit) {
+                throw std::invalid_argument("the chat template does not parse: it nests deeper than " + std::to_string(limit) +
+                                            " levels");
+            }
+        }
     }
 
     // f(), its exceptions as ValueError naming the part: "what: why".

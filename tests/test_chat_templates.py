@@ -170,3 +170,23 @@ def test_a_closed_model_renders_no_more(tiny_path: Path) -> None:
         assert "<|im_start|>" in model.apply_chat_template([{"role": "user", "content": "Hi"}], template="chatml")
     with pytest.raises(lamina.ClosedError):
         model.apply_chat_template([{"role": "user", "content": "Hi"}], template="chatml")
+
+
+def test_templates_nested_thousands_deep_are_refused_not_a_stack_overflow(tiny_model: lamina.Model) -> None:
+    """llama.cpp's Jinja parser recurses once per level: 50,000 brackets or 20,000 nested ifs (a
+    hostile GGUF's template) overflowed the stack. Every template of llama.cpp's models/templates
+    nests far less than the limit (256)."""
+    user = [{"role": "user", "content": "Hi"}]
+    for deep in ["{{ " + "(" * 50000 + "1" + ")" * 50000 + " }}", "{{ " + "[" * 50000 + "]" * 50000 + " }}",
+                 "{% if true %}" * 20000 + "x" + "{% endif %}" * 20000]:
+        with pytest.raises(ValueError, match="nests deeper than 256 levels"):
+            tiny_model.apply_chat_template(user, template=deep)
+    for path in sorted(templates_dir().glob("*.jinja")):
+        try:
+            tiny_model.apply_chat_template(user, template=path.read_text())
+        except ValueError as e:  # a template's own raise_exception is fine here; the limit is not
+            assert "nests deeper" not in str(e), path.name
+    with pytest.raises(ValueError, match="no chat template"):
+        tiny_model.apply_chat_template(user, template="")  # as None: the tiny model has none
+    with pytest.raises(TypeError, match="tools must be a list"):
+        tiny_model.apply_chat_template(user, template="chatml", tools="get_weather")  # type: ignore[arg-type]

@@ -62,7 +62,7 @@ def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
             raise TypeError(f"message {i} (assistant) must have 'content' or 'tool_calls'")
         try:
             json.dumps(dict(m))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise ValueError(f"message {i} is not JSON: {e}") from None
         out.append(dict(m))
     return out
@@ -116,6 +116,8 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
         naming the part for bad messages, a template that does not parse or render, or tools with
         a built-in template.
         """
+        if tools is not None and (isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence)):
+            raise TypeError(f"tools must be a list of OpenAI tool objects, got {type(tools).__name__}")
         if not isinstance(tool_choice, str):  # OpenAI's {"type": "function", ...}: the pin's chat.h parses names only
             raise ValueError(f"tool_choice must be 'auto', 'none' or 'required', got {tool_choice!r}")
         request: dict[str, Any] = {"messages": chat_messages(messages), "add_generation_prompt": add_assistant,
@@ -128,7 +130,7 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
             request["chat_template_kwargs"] = dict(chat_template_kwargs)
         try:
             body = json.dumps(request)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise ValueError(f"tools or chat_template_kwargs are not JSON: {e}") from None
         out = self._chat_templates(template).render(self.native, body)
         return bytes(out["prompt"]).decode("utf-8", errors="replace")
@@ -137,7 +139,7 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
         """The native templates for ``template`` (None: the model's own), parsed once per model."""
         cache = self.__dict__.setdefault("_templates", {})
         if template not in cache:
-            if template is None and self.info.chat_template is None:
+            if not template and self.info.chat_template is None:
                 raise ValueError(f"{self.info.name or self.path.name} has no chat template in its metadata; pass "
                                  f"template= a Jinja template or a built-in name from lamina.chat_templates()")
             if template is not None and not isinstance(template, str):
