@@ -448,7 +448,8 @@ class Context(_core.NativeOwner[_native.Context]):
         gen = self.generate(prompt, **kwargs)
         text = gen.rest()
         s = gen.stats  # the other fields of a Completion, by their names
-        return Completion(text=text, tokens=gen.tokens, logprobs=gen.logprobs, **{k: s[k] for k in (
+        tokens, lp = gen._native.output  # one copy of both
+        return Completion(text=text, tokens=tokens, logprobs=logprobs_of(tokens, lp), **{k: s[k] for k in (
             "finish_reason", "n_prompt", "n_prompt_eval", "prompt_tokens_per_s", "tokens_per_s")})
 
     def generate_batch(self, prompts: Sequence[Prompt], *, max_tokens: int = 256,
