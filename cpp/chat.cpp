@@ -7,9 +7,22 @@
 
 #include <nanobind/stl/map.h>
 
+#include <random>
+#include <set>
+
 namespace lamina {
 
 namespace {
+
+// f(), its exceptions as ValueError naming the part: "what: why".
+template <class F>
+void named(const char * what, F && f) {
+    try {
+        f();
+    } catch (const std::exception & e) {
+        throw std::invalid_argument(std::string(what) + ": " + e.what());
+    }
+}
 
 // One model's templates (its own, or one given), parsed once.
 class chat_templates {
@@ -53,7 +66,14 @@ public:
         {
             gil_release nogil;  // a long template, many messages: nothing here touches Python
             const common_json body = parse(request);
-                const common_json tools = body.value("tools", common_json());
+            const common_json tools = body.value("tools", common_json());
+            // llama.cpp turns tool parameters and a json_schema into a grammar by recursing once per
+            // level: bound them as json_schema_to_grammar is bounded (sampler.cpp)
+            for (const char * key : {"tools", "json_schema"}) {
+                if (body.contains(key) && too_deep(body.at(key), 64)) {
+                    throw std::invalid_argument(std::string(key) + ": nests more than 64 levels deep");
+                }
+            }
             std::string choice;
             named("tool_choice", [&] { choice = body.value("tool_choice", std::string("auto")); });
             if (!jinja_ && ((tools.is_array() && !tools.empty()) || choice != "auto")) {
@@ -61,7 +81,7 @@ public:
             }
             out = apply(body, tools, choice, in);
         }
-        return result(in, out);
+        return result(in, out, model_shared(model)->vocab);
     }
 
     std::map<std::string, bool> caps() const { return common_chat_templates_get_caps(t_.get()); }
@@ -101,26 +121,74 @@ private:
             if (it->second == "true" || it->second == "false") in.enable_thinking = it->second == "true";
             else if (it->second[0] == '"') throw std::invalid_argument("a boolean, not a string, in chat_template_kwargs");
         });
+        named("json_schema", [&] {
+            const common_json schema = body.value("json_schema", common_json());
+            if (!schema.is_null()) in.json_schema = schema.dump();
+        });
+        named("grammar", [&] { in.grammar = body.value("grammar", std::string()); });
+        if (!in.grammar.empty() && !in.json_schema.empty()) throw std::invalid_argument("give a grammar or a json_schema, not both");
+        if (!in.grammar.empty() && !in.tools.empty() && in.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE) {
+            throw std::invalid_argument("a grammar of your own cannot go with tools (the tools' grammar is the template's)");
+        }
         named("the chat template did not render", [&] { out = common_chat_templates_apply(t_.get(), in); });
         return out;
     }
 
-    static nb::dict result(const common_chat_templates_inputs & in, const common_chat_params & out) {
+    // As llama-server hands a render to its sampler (server-schema.cpp): a trigger word that is one
+    // token is a token trigger (and must be a preserved token), other words an escaped pattern, a
+    // full pattern anchored; preserved tokens are those that are one token.
+    static nb::dict result(const common_chat_templates_inputs & in, const common_chat_params & out, const llama_vocab * vocab) {
         nb::dict d;
         d["prompt"] = nb::bytes(out.prompt.data(), out.prompt.size());
         d["format"] = common_chat_format_name(out.format);
         d["grammar"] = out.grammar;
         d["grammar_lazy"] = out.grammar_lazy;
-        nb::list triggers;
-        for (const common_grammar_trigger & t : out.grammar_triggers) triggers.append(nb::make_tuple(int(t.type), t.value, t.token));
-        d["grammar_triggers"] = triggers;
+        std::vector<int32_t> preserved;
+        std::vector<std::string> patterns;
+        std::vector<int32_t> trigger_tokens;
+        for (const std::string & t : out.preserved_tokens) {
+            const std::vector<llama_token> ids = common_tokenize(vocab, t, false, true);
+            if (ids.size() == 1) preserved.push_back(ids[0]);
+        }
+        for (const common_grammar_trigger & t : out.grammar_triggers) {
+            switch (t.type) {
+                case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: {
+                    const std::vector<llama_token> ids = common_tokenize(vocab, t.value, false, true);
+                    if (ids.size() == 1) {
+                        if (std::find(preserved.begin(), preserved.end(), ids[0]) == preserved.end()) {
+                            throw std::invalid_argument("the template's grammar trigger word is not a preserved token: " + t.value);
+                        }
+                        trigger_tokens.push_back(ids[0]);
+                    } else {
+                        patterns.push_back(regex_escape(t.value));
+                    }
+                    break;
+                }
+                case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN: patterns.push_back(t.value); break;
+                case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: {
+                    const std::string & p = t.value;
+                    patterns.push_back(p.empty() ? "^$" : (p.front() != '^' ? "^" : "") + p + (p.back() != '$' ? "$" : ""));
+                    break;
+                }
+                case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN: trigger_tokens.push_back(t.token); break;
+            }
+        }
+        if (out.grammar_lazy && !out.grammar.empty() && patterns.empty() && trigger_tokens.empty()) {
+            throw std::invalid_argument("the template's lazy grammar has no trigger");
+        }
+        d["grammar_trigger_patterns"] = patterns;
+        d["grammar_trigger_tokens"] = trigger_tokens;
         d["preserved_tokens"] = out.preserved_tokens;
+        d["preserved_token_ids"] = preserved;
         d["additional_stops"] = out.additional_stops;
         d["generation_prompt"] = out.generation_prompt;
         d["thinking"] = in.enable_thinking;
         d["thinking_start_tag"] = out.thinking_start_tag;
         d["thinking_end_tags"] = out.thinking_end_tags;
         d["parser"] = out.parser;
+        d["reasoning_format"] = common_reasoning_format_name(in.reasoning_format);
+        d["continuation"] = in.continue_final_message != COMMON_CHAT_CONTINUATION_NONE;
+        d["tools"] = !in.tools.empty() && in.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE;
         return d;
     }
 
@@ -149,14 +217,13 @@ private:
         }
     }
 
-    // f(), its exceptions as ValueError naming the part: "what: why".
-    template <class F>
-    static void named(const char * what, F && f) {
-        try {
-            f();
-        } catch (const std::exception & e) {
-            throw std::invalid_argument(std::string(what) + ": " + e.what());
+    static bool too_deep(const common_json & j, int room) {
+        if (!j.is_object() && !j.is_array()) return false;
+        if (room == 0) return true;
+        for (const auto & v : j) {
+            if (too_deep(v, room - 1)) return true;
         }
+        return false;
     }
 
     static common_json parse(const std::string & text) {
@@ -172,6 +239,126 @@ private:
     bool thinking_ = false;  // the template supports enable_thinking
 };
 
+
+// A reply being parsed into content, reasoning and tool calls by the template's parser
+// (common_chat_parse), as llama-server's task_result_state: the text so far is parsed again at each
+// piece, and what changed comes out as deltas, each tool call's id and name once (with its first
+// argument fragment, or at the end), then argument fragments.
+class chat_parser {
+public:
+    chat_parser(const std::string & format, const std::string & parser, const std::string & generation_prompt,
+                const std::string & reasoning_format, bool continuation, bool tools) {
+        bool found = false;
+        for (int f = 0; f < COMMON_CHAT_FORMAT_COUNT; ++f) {
+            if (format == common_chat_format_name(common_chat_format(f))) {
+                p_.format = common_chat_format(f);
+                found = true;
+            }
+        }
+        if (!found) throw std::invalid_argument("unknown chat format: " + format);
+        named("reasoning_format", [&] { p_.reasoning_format = common_reasoning_format_from_name(reasoning_format); });
+        p_.generation_prompt = generation_prompt;
+        p_.is_continuation = continuation;
+        p_.parse_tool_calls = tools;
+        if (!parser.empty()) named("the chat parser does not load", [&] { p_.parser.load(parser); });
+        if (continuation) msg_ = parse("", true);  // no delta for the continued message's start
+    }
+
+    // Add generated text; the deltas it makes, each ("content" | "reasoning", text) or
+    // ("tool", index, id, name, arguments fragment). final: the whole reply is in (it must parse).
+    nb::list update(const std::string & added, bool final) {
+        std::vector<common_chat_msg_diff> diffs;
+        {
+            gil_release nogil;
+            text_ += added;
+            common_chat_msg m = parse(text_, !final);
+            if (!m.empty() || final) {
+                m.set_tool_call_ids(ids_, [] { return new_id(); });
+                std::vector<common_chat_msg_diff> all;
+                named("the reply's tool calls changed as it went on", [&] { all = common_chat_msg_diff::compute_diffs(msg_, m); });
+                msg_ = std::move(m);
+                for (common_chat_msg_diff & d : all) filter(d, final, diffs);
+                if (final) flush_names(std::string::npos, diffs);
+            }
+        }
+        nb::list out;
+        for (const common_chat_msg_diff & d : diffs) {
+            if (!d.reasoning_content_delta.empty()) out.append(nb::make_tuple("reasoning", d.reasoning_content_delta));
+            if (!d.content_delta.empty()) out.append(nb::make_tuple("content", d.content_delta));
+            if (d.tool_call_index != std::string::npos) {
+                out.append(nb::make_tuple("tool", d.tool_call_index, d.tool_call_delta.id, d.tool_call_delta.name,
+                                          d.tool_call_delta.arguments));
+            }
+        }
+        return out;
+    }
+
+    // The message so far: (content, reasoning_content, [(id, name, arguments), ...]).
+    nb::tuple message() const {
+        nb::list calls;
+        for (const common_chat_tool_call & c : msg_.tool_calls) calls.append(nb::make_tuple(c.id, c.name, c.arguments));
+        return nb::make_tuple(msg_.content, msg_.reasoning_content, calls);
+    }
+
+    const std::string & text() const { return text_; }
+
+private:
+    common_chat_msg parse(const std::string & text, bool partial) const {
+        try {
+            return common_chat_parse(text, partial, p_);
+        } catch (const std::exception & e) {
+            throw std::invalid_argument(std::string("the reply does not parse: ") + e.what());
+        }
+    }
+
+    static std::string new_id() {
+        static const char chars[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        thread_local std::mt19937 gen{std::random_device{}()};
+        std::string id = "call_";
+        for (int i = 0; i < 24; ++i) id += chars[gen() % (sizeof(chars) - 1)];
+        return id;
+    }
+
+    // A call's name can still grow while its text comes in: send it once, when its arguments begin
+    // or another kind of delta follows (server-task.cpp's filter_tool_calls).
+    void flush_names(size_t except, std::vector<common_chat_msg_diff> & diffs) {
+        for (size_t i = 0; i < msg_.tool_calls.size(); ++i) {
+            if (i == except || named_.count(i) || msg_.tool_calls[i].name.empty()) continue;
+            common_chat_msg_diff h;
+            h.tool_call_index = i;
+            h.tool_call_delta.id = msg_.tool_calls[i].id;
+            h.tool_call_delta.name = msg_.tool_calls[i].name;
+            diffs.push_back(std::move(h));
+            named_.insert(i);
+        }
+    }
+
+    void filter(common_chat_msg_diff & d, bool final, std::vector<common_chat_msg_diff> & diffs) {
+        const size_t i = d.tool_call_index;
+        flush_names(i != std::string::npos && d.tool_call_delta.arguments.empty() ? i : std::string::npos, diffs);
+        if (i == std::string::npos) {
+            diffs.push_back(std::move(d));
+        } else if (named_.count(i)) {
+            if (!d.tool_call_delta.arguments.empty()) {
+                d.tool_call_delta.name.clear();
+                d.tool_call_delta.id.clear();
+                diffs.push_back(std::move(d));
+            }
+        } else if (!d.tool_call_delta.arguments.empty() || final) {
+            d.tool_call_delta.name = msg_.tool_calls[i].name;
+            d.tool_call_delta.id = msg_.tool_calls[i].id;
+            diffs.push_back(std::move(d));
+            named_.insert(i);
+        }
+    }
+
+    common_chat_parser_params p_;
+    std::string text_;
+    common_chat_msg msg_;
+    std::vector<std::string> ids_;
+    std::set<size_t> named_;
+};
+
 }  // namespace
 
 void init_chat(nb::module_ & m) {
@@ -184,6 +371,16 @@ void init_chat(nb::module_ & m) {
              "shape (JSON text), as llama-server makes them.")
         .def_prop_ro("caps", &chat_templates::caps, "What the template supports (tools, system role, thinking, ...).")
         .def_prop_ro("source", &chat_templates::source, "The template's Jinja source.");
+
+    nb::class_<chat_parser>(m, "ChatParser", "A reply parsed into content, reasoning and tool calls (common_chat_parse).")
+        .def(nb::init<const std::string &, const std::string &, const std::string &, const std::string &, bool, bool>(),
+             nb::arg("format"), nb::arg("parser"), nb::arg("generation_prompt"), nb::arg("reasoning_format"),
+             nb::arg("continuation"), nb::arg("tools"), "From a ChatTemplates.render result's fields.")
+        .def("update", &chat_parser::update, nb::arg("added"), nb::arg("final"),
+             "Add generated text; the deltas: ('content'|'reasoning', text) or ('tool', index, id, name, arguments).")
+        .def_prop_ro("message", &chat_parser::message, "(content, reasoning_content, [(id, name, arguments)]) so far.")
+        .def_prop_ro("text", [](const chat_parser & p) { return nb::bytes(p.text().data(), p.text().size()); },
+                     "The generated text so far (bytes).");
 
     m.def("chat_builtin_templates", []() {
         int32_t n = llama_chat_builtin_templates(nullptr, 0);

@@ -545,7 +545,7 @@ void engine::collect(context_state & st) {
             r->pieces.resize(r->ids.size());
             for (size_t k = 0; k < r->ids.size(); ++k) {
                 r->pieces[k].clear();
-                append_piece(*st.model, r->ids[k], false, r->pieces[k]);
+                append_piece(*st.model, r->ids[k], r->sampler->shown(r->ids[k]), r->pieces[k]);
             }
         }
     }

@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstring>
 
+#include "common.h"
 #include "json-schema-to-grammar.h"
+#include "reasoning-budget.h"
 
 namespace lamina {
 
@@ -76,13 +78,83 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
 
     clear_last_log_error();
     bool shaped = false;  // anything that can change the argmax of the raw logits
+    auto tokens = [&](const std::string & text, const char * what) {
+        std::vector<llama_token> t;
+        try {
+            t = common_tokenize(vocab, text, false, true);
+        } catch (const std::exception & e) {
+            throw std::invalid_argument(std::string(what) + ": " + e.what());
+        }
+        return t;
+    };
+    for (int32_t t : o.grammar_trigger_tokens) require(t >= 0 && t < n_vocab, "grammar trigger token out of range");
+    for (int32_t t : o.preserved_tokens) require(t >= 0 && t < n_vocab, "preserved token out of range");
+    preserved_.assign(o.preserved_tokens.begin(), o.preserved_tokens.end());
+    std::sort(preserved_.begin(), preserved_.end());
+    lazy_ = o.grammar_lazy;
     if (o.grammar) {
-        grammar_.reset(llama_sampler_init_grammar(vocab, o.grammar->c_str(), o.grammar_root.c_str()));
+        if (lazy_) {
+            require(!o.grammar_trigger_patterns.empty() || !o.grammar_trigger_tokens.empty(),
+                    "a lazy grammar needs a trigger (a pattern or a token)");
+            std::vector<const char *> patterns;
+            for (const std::string & p : o.grammar_trigger_patterns) patterns.push_back(p.c_str());
+            grammar_.reset(llama_sampler_init_grammar_lazy_patterns(vocab, o.grammar->c_str(), o.grammar_root.c_str(),
+                                                                    patterns.data(), patterns.size(),
+                                                                    o.grammar_trigger_tokens.data(),
+                                                                    o.grammar_trigger_tokens.size()));
+        } else {
+            grammar_.reset(llama_sampler_init_grammar(vocab, o.grammar->c_str(), o.grammar_root.c_str()));
+        }
         if (!grammar_) {
             std::string why = last_log_error();
             throw std::invalid_argument(std::string("invalid grammar") + (why.empty() ? "" : ": " + why));
         }
         shaped = true;
+    } else {
+        require(!lazy_, "grammar_lazy without a grammar");
+    }
+    // As common_sampler_init: the reply's start the template wrote goes through a chat grammar
+    // (a lazy one waits for its trigger instead) and the reasoning budget (a prompt ending in <think>
+    // has begun thinking).
+    std::vector<llama_token> prefill;
+    if (!o.generation_prompt.empty()) {
+        const std::vector<llama_token> t = tokens(o.generation_prompt, "generation_prompt");
+        for (size_t i = 0; i < t.size(); ++i) {
+            const std::string piece = common_token_to_piece(vocab, t[i], true);
+            // some tokenizers put a space before the first special token
+            if (i == 0 && !piece.empty() && std::isspace((unsigned char)piece[0]) &&
+                !std::isspace((unsigned char)o.generation_prompt[0])) {
+                continue;
+            }
+            prefill.push_back(t[i]);
+        }
+    }
+    if (grammar_ && !lazy_) {
+        try {
+            for (llama_token t : prefill) llama_sampler_accept(grammar_.get(), t);
+        } catch (const std::exception & e) {
+            throw std::invalid_argument(std::string("the grammar does not accept the reply's start: ") + e.what());
+        }
+    }
+    require(o.reasoning_budget >= -1, "reasoning_budget must be >= 0 (-1: no limit)");
+    std::vector<std::vector<llama_token>> ends;
+    for (const std::string & e : o.reasoning_end) {
+        if (!e.empty()) ends.push_back(tokens(e, "reasoning_end"));
+    }
+    if (!o.reasoning_start.empty() && !ends.empty() && (lazy_ || o.reasoning_budget >= 0)) {
+        std::vector<llama_token> forced = ends.front();
+        if (!o.reasoning_message.empty()) {
+            const std::vector<llama_token> m = tokens(o.reasoning_message, "reasoning_message");
+            forced.insert(forced.begin(), m.begin(), m.end());
+        }
+        budget_.reset(common_reasoning_budget_init(vocab, {tokens(o.reasoning_start, "reasoning_start")}, ends, forced,
+                                                   o.reasoning_budget < 0 ? INT32_MAX : o.reasoning_budget));
+        if (!budget_) throw std::invalid_argument("invalid reasoning budget");
+        for (llama_token t : prefill) llama_sampler_accept(budget_.get(), t);
+        shaped = true;
+    } else {
+        require(o.reasoning_budget < 0 || !o.reasoning_start.empty(),
+                "reasoning_budget needs the template's thinking tags (this template has none)");
     }
     if (!o.logit_bias.empty()) {
         std::vector<llama_logit_bias> lb;
@@ -133,29 +205,53 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
     add(c, llama_sampler_init_dist(o.seed), "dist");
 }
 
+void sampler_handle::fill(const float * logits, llama_token_data_array & a) {
+    const int32_t n_vocab = model_->n_vocab;
+    cur_.resize(size_t(n_vocab));
+    for (int32_t i = 0; i < n_vocab; ++i) cur_[size_t(i)] = llama_token_data{i, logits[i], 0.0f};
+    a = llama_token_data_array{cur_.data(), cur_.size(), -1, false};
+    if (budget_) llama_sampler_apply(budget_.get(), &a);  // forcing the end tag: every other token -inf
+}
+
+bool sampler_handle::grammar_applies() const {
+    if (!grammar_) return false;
+    if (!budget_ || !lazy_) return true;
+    // a lazy (tool-call) grammar waits while the model thinks
+    const common_reasoning_budget_state s = common_reasoning_budget_get_state(budget_.get());
+    return s == REASONING_BUDGET_IDLE || s == REASONING_BUDGET_DONE;
+}
+
 llama_token sampler_handle::sample(llama_context * ctx, int32_t idx) {
-    if (!grammar_) return llama_sampler_sample(chain_.get(), ctx, idx);
+    if (!grammar_ && !budget_) return llama_sampler_sample(chain_.get(), ctx, idx);
     const float * logits = llama_get_logits_ith(ctx, idx);
     if (logits == nullptr) throw lamina_error("no logits for output " + std::to_string(idx));
-    const int32_t n_vocab = model_->n_vocab;
-    auto candidates = [&] {
-        cur_.resize(size_t(n_vocab));
-        for (int32_t i = 0; i < n_vocab; ++i) cur_[size_t(i)] = llama_token_data{i, logits[i], 0.0f};
-        return llama_token_data_array{cur_.data(), cur_.size(), -1, false};
-    };
-    llama_token_data_array all = candidates();
+    llama_token_data_array all;
+    fill(logits, all);
     llama_sampler_apply(chain_.get(), &all);
     llama_token id = all.data[all.selected >= 0 ? all.selected : 0].id;
-    llama_token_data one{id, 1.0f, 0.0f};
-    llama_token_data_array single{&one, 1, -1, false};
-    llama_sampler_apply(grammar_.get(), &single);
-    if (!(one.logit > -INFINITY)) {  // rejected: the grammar over every candidate, then the chain again
-        all = candidates();
-        llama_sampler_apply(grammar_.get(), &all);
-        llama_sampler_apply(chain_.get(), &all);
-        id = all.data[all.selected >= 0 ? all.selected : 0].id;
+    const bool use_grammar = grammar_applies();
+    if (use_grammar) {
+        llama_token_data one{id, 1.0f, 0.0f};
+        llama_token_data_array single{&one, 1, -1, false};
+        llama_sampler_apply(grammar_.get(), &single);
+        if (!(one.logit > -INFINITY)) {  // rejected: the grammar over every candidate, then the chain again
+            fill(logits, all);
+            llama_sampler_apply(grammar_.get(), &all);
+            llama_sampler_apply(chain_.get(), &all);
+            id = all.data[all.selected >= 0 ? all.selected : 0].id;
+        }
     }
-    llama_sampler_accept(grammar_.get(), id);
+    // accepted as common_sampler_accept: the budget first; a lazy grammar that waited for the end
+    // of thinking reads the end tag that ended it (it may be a trigger)
+    if (budget_) {
+        llama_sampler_accept(budget_.get(), id);
+        if (grammar_ && !use_grammar && common_reasoning_budget_get_state(budget_.get()) == REASONING_BUDGET_DONE) {
+            if (const std::vector<llama_token> * end = common_reasoning_budget_get_end_match(budget_.get())) {
+                for (llama_token t : *end) llama_sampler_accept(grammar_.get(), t);
+            }
+        }
+    }
+    if (use_grammar) llama_sampler_accept(grammar_.get(), id);
     llama_sampler_accept(chain_.get(), id);
     return id;
 }
@@ -181,7 +277,10 @@ void init_sampler(nb::module_ & m) {
             LAMINA_RW(dry_penalty_last_n) LAMINA_RW(dry_sequence_breakers) LAMINA_RW(xtc_probability)
             LAMINA_RW(xtc_threshold) LAMINA_RW(dynatemp_range) LAMINA_RW(dynatemp_exponent) LAMINA_RW(mirostat)
             LAMINA_RW(mirostat_tau) LAMINA_RW(mirostat_eta) LAMINA_RW(min_keep) LAMINA_RW(logit_bias) LAMINA_RW(grammar)
-            LAMINA_RW(grammar_root) LAMINA_RW(seed) LAMINA_RW(n_ctx);
+            LAMINA_RW(grammar_root) LAMINA_RW(grammar_lazy) LAMINA_RW(grammar_trigger_patterns)
+            LAMINA_RW(grammar_trigger_tokens) LAMINA_RW(generation_prompt) LAMINA_RW(preserved_tokens)
+            LAMINA_RW(reasoning_budget) LAMINA_RW(reasoning_start) LAMINA_RW(reasoning_message) LAMINA_RW(reasoning_end)
+            LAMINA_RW(seed) LAMINA_RW(n_ctx);
     }
     nb::class_<sampler_handle>(m, "Sampler", "A llama.cpp sampler chain (owns llama_sampler).")
         .def("__init__", [](sampler_handle * self, nb::handle model, const sampler_options & o) {
@@ -193,6 +292,7 @@ llama.cpp): grammar, logit bias, temperature, mirostat. temperature 0 ends with 
         .def_prop_ro("greedy", &sampler_handle::greedy, "True when the chain is a plain argmax of the logits.")
         .def("describe", [](const sampler_handle & s) {
             std::vector<std::string> names;
+            if (s.budget() != nullptr) names.emplace_back(llama_sampler_name(s.budget()));
             if (s.grammar() != nullptr) names.emplace_back(llama_sampler_name(s.grammar()));
             for (int32_t i = 0; i < llama_sampler_chain_n(s.chain()); ++i) {
                 names.emplace_back(llama_sampler_name(llama_sampler_chain_get(s.chain(), i)));

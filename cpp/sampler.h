@@ -5,6 +5,7 @@
 
 #include "lamina.h"
 
+#include <algorithm>
 #include <map>
 #include <optional>
 
@@ -29,6 +30,16 @@ struct sampler_options {
     std::map<int32_t, float> logit_bias;
     std::optional<std::string> grammar;
     std::string grammar_root = "root";
+    // What a chat template asks of generation (ctx.chat sets them from its render, as llama-server
+    // passes them to its sampler):
+    bool grammar_lazy = false;                          // the grammar applies from a trigger on
+    std::vector<std::string> grammar_trigger_patterns;  // regexes over the text generated so far
+    std::vector<int32_t> grammar_trigger_tokens;
+    std::string generation_prompt;                      // the reply's start the template wrote: a non-lazy grammar and the budget read it first
+    std::vector<int32_t> preserved_tokens;              // special tokens that appear as text (tool-call tags)
+    int32_t reasoning_budget = -1;                      // tokens of thinking before the end tag is forced (-1: no limit)
+    std::string reasoning_start, reasoning_message;     // thinking tags (no budget without them) and what goes before
+    std::vector<std::string> reasoning_end;             // the forced end (the first of reasoning_end)
     uint32_t seed = 0;
     int32_t n_ctx = 0;  // what last_n = -1 ("the whole context") means; 0: the model's training context
 };
@@ -42,6 +53,9 @@ public:
     void accept_prompt(const llama_token * toks, size_t n);
     llama_sampler * chain() const { return chain_.get(); }
     llama_sampler * grammar() const { return grammar_.get(); }
+    llama_sampler * budget() const { return budget_.get(); }
+    // Whether token's text is shown although it is special (a preserved token).
+    bool shown(llama_token token) const { return std::binary_search(preserved_.begin(), preserved_.end(), token); }
     // The next token from output idx of ctx, accepted by the chain (and the grammar). With a grammar,
     // llama.cpp's common_sampler order: the chain picks from the raw candidates, the grammar checks
     // only that token, and only a token it rejects makes it run over the whole vocabulary and the
@@ -52,6 +66,11 @@ private:
     std::shared_ptr<model_state> model_;  // DRY and grammar samplers point into its vocabulary
     llama_sampler_ptr chain_;
     llama_sampler_ptr grammar_;           // outside the chain: see sample()
+    llama_sampler_ptr budget_;            // reasoning budget (common/reasoning-budget.h), before everything
+    bool lazy_ = false;
+    std::vector<llama_token> preserved_;  // sorted
+    bool grammar_applies() const;         // common_sampler's grammar_should_apply
+    void fill(const float * logits, llama_token_data_array & a);
     std::vector<llama_token_data> cur_;   // candidates (reused)
     bool greedy_ = false;
 };

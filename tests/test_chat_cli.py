@@ -34,11 +34,10 @@ def test_chat_turns_reuse_the_cache(tiny_model: lamina.Model) -> None:
     ctx = tiny_model.context(n_ctx=512)
     msgs = [{"role": "user", "content": "the sky is"}]
     first = ctx.chat(msgs, template="chatml", max_tokens=8, ignore_eos=True)
-    reply = "".join(first)
-    msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "and the sea"}]
-    second = ctx.chat(msgs, template="chatml", max_tokens=8, ignore_eos=True)
-    list(second)
-    assert second.stats["n_reused"] > 0
+    msgs += [first.message.openai(), {"role": "user", "content": "and the sea"}]
+    second = ctx.chat(msgs, template="chatml", max_tokens=8, ignore_eos=True, stream=True)
+    assert "".join(d.content for d in second) == second.result().content
+    assert 0 < second.result().n_prompt_eval < second.result().n_prompt - 8
 
 
 def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

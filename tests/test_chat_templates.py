@@ -147,8 +147,11 @@ def test_bad_chat_input_raises_value_errors_naming_the_part(tiny_model: lamina.M
     assert "std::exception" not in str(e.value)  # llama.cpp's reason, not a sliced exception
     with pytest.raises(ValueError, match="did not render"):
         tiny_model.apply_chat_template(user, template="{{ raise_exception('no users here') }}")
-    with pytest.raises(ValueError, match="not JSON"):
+    with pytest.raises(ValueError, match="tool 0 must be"):
         tiny_model.apply_chat_template(user, template=tmpl, tools=[{"type": "function", "function": {"name": object()}}])
+    with pytest.raises(ValueError, match="not JSON"):
+        tiny_model.apply_chat_template(user, template=tmpl, tools=[{"type": "function", "function": {
+            "name": "f", "description": object()}}])
     with pytest.raises(ValueError, match="built-in template"):
         tiny_model.apply_chat_template(user, template="chatml", tools=TOOLS)
     with pytest.raises(ValueError):
@@ -156,8 +159,10 @@ def test_bad_chat_input_raises_value_errors_naming_the_part(tiny_model: lamina.M
     with pytest.raises(ValueError, match="two assistant messages"):
         tiny_model.apply_chat_template(user + [{"role": "assistant", "content": "a"}] * 2, template=tmpl)
     with pytest.raises(ValueError, match="tool_choice must be"):
+        tiny_model.apply_chat_template(user, template=tmpl, tools=TOOLS, tool_choice={"type": "tool"})
+    with pytest.raises(ValueError, match="not among the tools"):
         tiny_model.apply_chat_template(user, template=tmpl, tools=TOOLS,
-                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})  # type: ignore[arg-type]
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
     with pytest.raises(ValueError, match="enable_thinking"):
         tiny_model.apply_chat_template(user, template=tmpl, chat_template_kwargs={"enable_thinking": "no"})
     assert "Hi" in tiny_model.apply_chat_template(user, template=tmpl)  # the model still renders

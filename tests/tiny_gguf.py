@@ -76,7 +76,8 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
                      seed: int = 0, truncate_to: int | None = None, causal: bool = True,
                      arch: str = "llama", tokenizer: str = "llama", n_expert: int = 0,
                      n_expert_used: int = 2, long_piece: int = 0, chat_template: str | None = None,
-                     tied: bool = False) -> Path:
+                     tied: bool = False, special_tokens: tuple[tuple[str, int], ...] = (),
+                     eos: str | None = None) -> Path:
     """Write a GGUF with random weights (f32, or f16 for big shapes) of a llama architecture, or
     with arch="gemma3" of Gemma 3's (QK norms, post norms, sliding-window layers), or with
     arch="mamba" a Mamba (a recurrent state per sequence instead of a KV cache; n_head and n_ff unused).
@@ -86,7 +87,9 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     tokenizer="gpt2" writes a byte-level BPE vocabulary with merges instead of SentencePiece's.
     long_piece > 0 adds a last token whose text is that many bytes ("▁" and x's; no merge reaches it).
     chat_template writes tokenizer.chat_template. tied leaves output.weight out (llama.cpp then uses
-    token_embd.weight for the output too, as Gemma's files do).
+    token_embd.weight for the output too, as Gemma's files do). special_tokens adds (text, type)
+    tokens (type 3 control, 4 user-defined), as a chat model's tags (<|im_start|>, <tool_call>);
+    eos names the end-of-generation token among them (default </s>).
     n_expert > 0 makes a mixture of experts (Mixtral's layout: n_expert feed-forward experts per
     layer, n_expert_used of them per token).
     """
@@ -102,6 +105,10 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
         tokens.append("▁" + "x" * (long_piece - len("▁".encode())))
         scores.append(-1000.0)
         types.append(1)
+    for text, kind in special_tokens:
+        tokens.append(text)
+        scores.append(0.0)
+        types.append(kind)
     if n_vocab is not None and n_vocab > len(tokens):
         pad = n_vocab - len(tokens)
         tokens += [f"<unused{i}>" for i in range(pad)]
@@ -154,12 +161,12 @@ def write_tiny_llama(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: 
     if tokenizer == "gpt2":
         writer.add_tokenizer_pre("default")
         writer.add_token_merges(merges)
-        writer.add_bos_token_id(len(tokens) - 1)
-        writer.add_eos_token_id(len(tokens) - 1)
+        writer.add_bos_token_id(tokens.index("<|endoftext|>"))
+        writer.add_eos_token_id(tokens.index(eos or "<|endoftext|>"))
     else:
         writer.add_unk_token_id(0)
         writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
+        writer.add_eos_token_id(tokens.index(eos) if eos is not None else 2)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
 
@@ -325,3 +332,31 @@ def write_tiny_bert(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: i
     wr.write_tensors_to_file()
     wr.close()
     return path
+
+
+# Chat models: a template family's tags as tokens of a tiny model (byte-level BPE, as those models
+# use), its end-of-turn token as EOS, and the real template from the pinned llama.cpp's
+# models/templates as tokenizer.chat_template.
+CHAT_FAMILIES: dict[str, tuple[str, tuple[tuple[str, int], ...], str]] = {
+    "qwen3": ("Qwen-Qwen3-0.6B", (("<|im_start|>", 3), ("<|im_end|>", 3), ("<tool_call>", 4), ("</tool_call>", 4),
+                                  ("<think>", 4), ("</think>", 4), ("<tool_response>", 4), ("</tool_response>", 4)),
+              "<|im_end|>"),
+    "llama3": ("meta-llama-Llama-3.2-3B-Instruct", (("<|begin_of_text|>", 3), ("<|start_header_id|>", 3),
+                                                   ("<|end_header_id|>", 3), ("<|eot_id|>", 3), ("<|eom_id|>", 3),
+                                                   ("<|python_tag|>", 3)), "<|eot_id|>"),
+    "mistral": ("mistralai-Mistral-Nemo-Instruct-2407", (("[INST]", 3), ("[/INST]", 3), ("[TOOL_CALLS]", 3),
+                                                        ("[AVAILABLE_TOOLS]", 3), ("[/AVAILABLE_TOOLS]", 3),
+                                                        ("[TOOL_RESULTS]", 3), ("[/TOOL_RESULTS]", 3)), "<|endoftext|>"),
+    "gpt-oss": ("openai-gpt-oss-120b", (("<|start|>", 3), ("<|end|>", 3), ("<|message|>", 3), ("<|channel|>", 3),
+                                        ("<|constrain|>", 3), ("<|return|>", 3), ("<|call|>", 3)), "<|return|>"),
+    "r1": ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", (("<｜begin▁of▁sentence｜>", 3), ("<｜end▁of▁sentence｜>", 3),
+                                                       ("<｜User｜>", 4), ("<｜Assistant｜>", 4), ("<think>", 4),
+                                                       ("</think>", 4)), "<｜end▁of▁sentence｜>"),
+}
+
+
+def write_tiny_chat(path: Path, family: str, templates: Path) -> Path:
+    """A tiny model of a CHAT_FAMILIES family, its template read from ``templates``."""
+    name, special, eos = CHAT_FAMILIES[family]
+    return write_tiny_llama(path, chat_template=(templates / f"{name}.jinja").read_text(), special_tokens=special,
+                            eos=eos, tokenizer="gpt2", n_ctx=4096)

@@ -18,6 +18,7 @@ from .memory import DeviceMemory, MemoryEstimate, Offload
 from .model import Model
 from .lora import Lora
 from .logprobs import Logprobs
+from .chat import ChatDelta, ChatMessage, ChatParseError, ChatResult, ChatStream, ToolCall, ToolCallDelta
 from .tokenizer import ModelInfo, Tokenizer
 from .models import default_model_path
 from .sampling import Sampler
@@ -37,6 +38,6 @@ __version__: str = _n.VERSION  # pyproject.toml's, compiled in
 
 __all__ = [
     "Config", "load_config", "Model", "Lora", "ModelInfo", "Tokenizer", "Offload", "DeviceMemory", "MemoryEstimate", "Context", "Generation", "Completion", "Batcher", "Request", "Threads", "KV", "Sampler", "Draft",
-    "Logprobs", "Device", "SystemInfo", "AddOn", "addons", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
+    "Logprobs", "ChatMessage", "ToolCall", "ChatResult", "ChatStream", "ChatDelta", "ToolCallDelta", "ChatParseError", "Device", "SystemInfo", "AddOn", "addons", "devices", "rpc_connect", "system_info", "chat_templates", "default_threads", "default_model_path",
     "LaminaError", "LoadError", "OutOfMemoryError", "DecodeError", "ClosedError", "BusyError", "ForkError", "StaleGenerationError", "ModelFormatError", "InertSettingWarning", "ConfigWarning", "logger", "__version__",
 ]

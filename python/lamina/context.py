@@ -1,22 +1,24 @@
 """lamina.Context: decode, logits, and text generation over a native decode loop."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence, Union, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from . import _core, _native
+from .chat import ChatMessage, ChatResult, ChatStream, reply_parser
 from .errors import BusyError, OutOfMemoryError
 from .logprobs import Logprobs, logprobs_of, top_logprobs_arg
 from .lora import Lora, LoraSpec, lora_items
 from .params import (KV, LOGITS, POOLING, as_tokens, check_count, check_int, check_pos, check_seq, context_settings,
                      out_of_memory)
 from .system import host_memory
-from .sampling import Sampler, response_format_schema
+from .sampling import Sampler, response_format_schema, schema_grammar
 from .speculative import Draft
 from .threads import Threads
 
@@ -437,11 +439,71 @@ class Context(_core.NativeOwner[_native.Context]):
             n_keep if context_full == "shift" else -1, backend_sampling, draft.params() if draft is not None else None,
             draft_ctx.native if draft_ctx is not None else None, stops, top))
 
-    def chat(self, messages: Sequence[Mapping[str, str]], *, template: str | None = None, **kwargs: Any) -> Generation:
-        """Stream the assistant's reply to chat messages, rendered by llama.cpp's chat template
-        support (see Model.apply_chat_template); earlier turns are reused from the KV cache."""
-        prompt = self.model.apply_chat_template(messages, template=template, add_assistant=True)
-        return self.generate(prompt, **kwargs)
+    @overload
+    def chat(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, stream: Literal[False] = False,
+             **kwargs: Any) -> ChatResult: ...
+
+    @overload
+    def chat(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, stream: Literal[True],
+             **kwargs: Any) -> ChatStream: ...
+
+    def chat(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, stream: bool = False,
+             template: str | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+             tool_choice: str | Mapping[str, Any] = "auto", parallel_tool_calls: bool | None = None,
+             enable_thinking: bool | None = None, reasoning_format: str = "deepseek", reasoning_budget: int = -1,
+             reasoning_message: str = "", chat_template_kwargs: Mapping[str, Any] | None = None,
+             **kwargs: Any) -> ChatResult | ChatStream:
+        """The assistant's reply to chat messages (dicts in OpenAI's shape, or ChatMessage), as
+        llama-server's /v1/chat/completions makes it: rendered by the model's own template (or
+        ``template``, see Model.apply_chat_template), generated, and parsed by the template's parser
+        into content, ``reasoning_content`` and ``tool_calls``. A ChatResult, or with stream=True a
+        ChatStream of ChatDelta (content, reasoning and tool-call argument fragments).
+
+        tools (OpenAI's function tools), tool_choice ("auto", "none", "required" or one function)
+        and parallel_tool_calls: where the template wants it, a tool call is held to its grammar
+        from the template's trigger on (a lazy grammar); "required" holds the whole reply to it.
+        Put the reply (result.message) and each tool's answer ({"role": "tool", "tool_call_id",
+        "content"}) back into ``messages`` for the next turn. enable_thinking: None (on where the
+        template supports it), True, False. reasoning_format: "deepseek" (thinking goes to
+        reasoning_content), "none" (left in content). reasoning_budget: at most this many tokens
+        of thinking, then reasoning_message and the end tag are forced (-1: no limit).
+        Other keywords are generate()'s (max_tokens, sampler, stop, json_schema, response_format,
+        logprobs, ...); a json_schema or a sampler's grammar goes through the template as
+        llama-server's does. Earlier turns are reused from the KV cache.
+        """
+        sampler: Sampler = kwargs.pop("sampler", None) or Sampler()
+        schema = kwargs.pop("json_schema", None)
+        response_format = kwargs.pop("response_format", None)
+        if response_format is not None:
+            if schema is not None:
+                raise ValueError("give json_schema or response_format, not both")
+            schema = response_format_schema(response_format)
+        if sampler.json_schema is not None:
+            if schema is not None:
+                raise ValueError("the sampler has a json_schema already: give it there or here, not both")
+            schema = sampler.json_schema
+        if schema is not None:
+            schema_grammar(schema)  # an invalid or too deeply nested schema fails here, naming its part
+            schema = json.loads(schema) if isinstance(schema, str) else dict(schema)
+        if sampler.grammar is not None and sampler.grammar_root != "root":
+            raise ValueError("chat takes a grammar whose root rule is 'root'")
+        r = self.model.render_chat(
+            messages, template=template, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+            enable_thinking=enable_thinking, chat_template_kwargs=chat_template_kwargs,
+            reasoning_format=reasoning_format, json_schema=schema, grammar=sampler.grammar)
+        thinking = bool(r["thinking_end_tags"])
+        if reasoning_budget != -1 and not thinking:
+            raise ValueError("reasoning_budget needs a template with thinking tags (this one has none)")
+        sampler = replace(
+            sampler, grammar=r["grammar"] or None, json_schema=None, grammar_lazy=r["grammar_lazy"],
+            grammar_trigger_patterns=tuple(r["grammar_trigger_patterns"]),
+            grammar_trigger_tokens=tuple(r["grammar_trigger_tokens"]), generation_prompt=r["generation_prompt"],
+            preserved_tokens=tuple(r["preserved_token_ids"]), reasoning_budget=reasoning_budget,
+            reasoning_start=r["thinking_start_tag"] if thinking else "",
+            reasoning_end=tuple(r["thinking_end_tags"]), reasoning_message=reasoning_message)
+        stop = stop_strings(kwargs.pop("stop", ())) + list(r["additional_stops"])
+        replies = ChatStream(self.generate(bytes(r["prompt"]), sampler=sampler, stop=stop, **kwargs), reply_parser(r))
+        return replies if stream else replies.result()
 
     def complete(self, prompt: Prompt, **kwargs: Any) -> Completion:
         """Generate to the end and return text, tokens, finish reason and speeds."""

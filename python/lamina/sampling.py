@@ -29,6 +29,14 @@ class Sampler:
     llama.cpp chain is built for every generation, so a seeded sampler gives the same text for the same prompt and settings.
     Greedy without penalties, bias or grammar takes an exact argmax fast path instead of
     the chain's vocab-sized candidate array.
+
+    Chat templates (set by ctx.chat): grammar_lazy applies the grammar from the first match of
+    a trigger (grammar_trigger_patterns: regexes over the text so far; grammar_trigger_tokens);
+    generation_prompt, the reply's start the template wrote, is read first by a non-lazy grammar
+    and by the reasoning budget; preserved_tokens are special tokens whose text is shown (tool-call
+    tags). reasoning_budget: tokens of thinking between reasoning_start and an end in
+    reasoning_end before reasoning_message and the first end are forced (-1: no limit), as
+    llama-server's reasoning budget.
     """
 
     temperature: float = _f(_D.temperature)
@@ -59,15 +67,28 @@ class Sampler:
     grammar_root: str = _D.grammar_root
     json_schema: Mapping[str, Any] | str | None = None
     seed: int = _D.seed
+    # What a chat template asks of generation; ctx.chat sets these from the template (as
+    # llama-server passes them to its sampler), and they are here for a Batcher request to do the same.
+    grammar_lazy: bool = _D.grammar_lazy
+    grammar_trigger_patterns: Sequence[str] = tuple(_D.grammar_trigger_patterns)
+    grammar_trigger_tokens: Sequence[int] = tuple(_D.grammar_trigger_tokens)
+    generation_prompt: str = _D.generation_prompt
+    preserved_tokens: Sequence[int] = tuple(_D.preserved_tokens)
+    reasoning_budget: int = _D.reasoning_budget
+    reasoning_start: str = _D.reasoning_start
+    reasoning_end: Sequence[str] = tuple(_D.reasoning_end)
+    reasoning_message: str = _D.reasoning_message
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
-        for name in ("top_k", "penalty_last_n", "dry_allowed_length", "dry_penalty_last_n", "mirostat", "min_keep"):
+        for name in ("top_k", "penalty_last_n", "dry_allowed_length", "dry_penalty_last_n", "mirostat", "min_keep",
+                     "reasoning_budget"):
             if not isinstance(getattr(self, name), int):
                 raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
-        if isinstance(self.dry_sequence_breakers, str):
-            raise TypeError("dry_sequence_breakers must be a sequence of strings, not one string")
+        for name in ("dry_sequence_breakers", "grammar_trigger_patterns", "reasoning_end"):
+            if isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a sequence of strings, not one string")
         if self.json_schema is not None:
             if self.grammar is not None:
                 raise ValueError("give grammar or json_schema, not both")
@@ -85,7 +106,8 @@ class Sampler:
             if f.name == "json_schema":
                 continue
             value = getattr(self, f.name)
-            if f.name == "dry_sequence_breakers":
+            if f.name in ("dry_sequence_breakers", "grammar_trigger_patterns", "grammar_trigger_tokens",
+                          "preserved_tokens", "reasoning_end"):
                 value = list(value)
             elif f.name == "logit_bias":
                 value = {int(k): float(v) for k, v in value.items()}

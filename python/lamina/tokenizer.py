@@ -12,8 +12,10 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _core, _native
+from .chat import ChatMessage
 from .models import default_model_path
 from .params import as_tokens
+from .sampling import schema_grammar
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,14 @@ class ModelInfo:
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")  # ipython: Llama 3.1's tool results
 
 
-def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def chat_messages(messages: Sequence[Mapping[str, Any] | ChatMessage]) -> list[dict[str, Any]]:
     """Messages as JSON-ready dicts; TypeError / ValueError naming the message for a bad one."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a sequence of mappings, got {type(messages).__name__}")
     out = []
     for i, m in enumerate(messages):
+        if isinstance(m, ChatMessage):
+            m = m.openai()
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise TypeError(f"message {i} must be a mapping with a str 'role', got {m!r}")
         if m["role"] not in CHAT_ROLES:
@@ -65,6 +69,27 @@ def chat_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
         except (TypeError, ValueError, RecursionError) as e:
             raise ValueError(f"message {i} is not JSON: {e}") from None
         out.append(dict(m))
+    return out
+
+
+def chat_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI function tools checked: ValueError naming the tool and its part for a bad one."""
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, Mapping) else None
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if not isinstance(t, Mapping) or t.get("type") != "function" or not isinstance(name, str) or not name:
+            raise ValueError(f'tool {i} must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}, '
+                             f"got {t!r:.200}")
+        assert isinstance(fn, Mapping)
+        params = fn.get("parameters", {})
+        if not isinstance(params, Mapping):
+            raise ValueError(f"tool {i} ({name}): parameters must be a JSON schema object, got {params!r:.100}")
+        try:
+            schema_grammar(params)  # llama.cpp's converter names the part it cannot use
+        except ValueError as e:
+            raise ValueError(f"tool {i} ({name}): parameters: {e}") from None
+        out.append(dict(t))
     return out
 
 
@@ -100,9 +125,9 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
     def is_eog(self, token: int) -> bool:
         return self.native.is_eog(int(token))
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *, template: str | None = None,
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, template: str | None = None,
                             add_assistant: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
-                            tool_choice: str = "auto", parallel_tool_calls: bool | None = None,
+                            tool_choice: str | Mapping[str, Any] = "auto", parallel_tool_calls: bool | None = None,
                             enable_thinking: bool | None = None,
                             chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
         """Render chat messages in OpenAI's shape ({"role", "content"}; assistant "tool_calls",
@@ -116,24 +141,56 @@ class Vocabulary(_core.NativeOwner[_native.Model]):
         naming the part for bad messages, a template that does not parse or render, or tools with
         a built-in template.
         """
+        out = self.render_chat(messages, template=template, add_assistant=add_assistant, tools=tools,
+                               tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                               enable_thinking=enable_thinking, chat_template_kwargs=chat_template_kwargs)
+        return bytes(out["prompt"]).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, template: str | None = None,
+                    add_assistant: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
+                    tool_choice: str | Mapping[str, Any] = "auto", parallel_tool_calls: bool | None = None,
+                    enable_thinking: bool | None = None, chat_template_kwargs: Mapping[str, Any] | None = None,
+                    reasoning_format: str = "deepseek", json_schema: Mapping[str, Any] | None = None,
+                    grammar: str | None = None) -> dict[str, Any]:
+        """What apply_chat_template renders, with everything generation and the reply's parser
+        need, as llama-server makes them: prompt (bytes), format, grammar (tools' or json_schema's
+        or grammar's), grammar_lazy and its triggers, preserved tokens, additional stops,
+        generation_prompt, thinking tags, parser. tool_choice may also be OpenAI's
+        {"type": "function", "function": {"name": ...}}: that tool, required."""
         if tools is not None and (isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence)):
             raise TypeError(f"tools must be a list of OpenAI tool objects, got {type(tools).__name__}")
-        if not isinstance(tool_choice, str):  # OpenAI's {"type": "function", ...}: the pin's chat.h parses names only
+        tools = chat_tools(tools or [])
+        if isinstance(tool_choice, Mapping):  # one named function, required (the pin's chat.h parses names only)
+            fn = tool_choice.get("function")
+            name = fn.get("name") if isinstance(fn, Mapping) else None
+            if tool_choice.get("type") != "function" or not isinstance(name, str):
+                raise ValueError(f'tool_choice must be "auto", "none", "required" or {{"type": "function", '
+                                 f'"function": {{"name": ...}}}}, got {tool_choice!r}')
+            tools = [t for t in tools if isinstance(t, Mapping) and isinstance(t.get("function"), Mapping)
+                     and t["function"].get("name") == name]
+            if not tools:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+            tool_choice = "required"
+        if not isinstance(tool_choice, str):
             raise ValueError(f"tool_choice must be 'auto', 'none' or 'required', got {tool_choice!r}")
         request: dict[str, Any] = {"messages": chat_messages(messages), "add_generation_prompt": add_assistant,
-                                   "tools": list(tools or []), "tool_choice": tool_choice}
+                                   "tools": tools, "tool_choice": tool_choice, "reasoning_format": reasoning_format}
         if parallel_tool_calls is not None:
             request["parallel_tool_calls"] = bool(parallel_tool_calls)
         if enable_thinking is not None:
             request["enable_thinking"] = bool(enable_thinking)
         if chat_template_kwargs:
             request["chat_template_kwargs"] = dict(chat_template_kwargs)
+        if json_schema is not None:
+            request["json_schema"] = json_schema
+        if grammar is not None:
+            request["grammar"] = grammar
         try:
             body = json.dumps(request)
         except (TypeError, ValueError, RecursionError) as e:
-            raise ValueError(f"tools or chat_template_kwargs are not JSON: {e}") from None
-        out = self._chat_templates(template).render(self.native, body)
-        return bytes(out["prompt"]).decode("utf-8", errors="replace")
+            raise ValueError(f"tools, json_schema or chat_template_kwargs are not JSON: {e}") from None
+        out: dict[str, Any] = self._chat_templates(template).render(self.native, body)
+        return out
 
     def _chat_templates(self, template: str | None) -> _native.ChatTemplates:
         """The native templates for ``template`` (None: the model's own), parsed once per model."""

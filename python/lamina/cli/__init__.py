@@ -45,7 +45,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     kw = _generate_kwargs(model, 512)
     assert model.config is not None
     template = args.template if args.template is not None else model.config["chat_template"]
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
     model.apply_chat_template(messages + [{"role": "user", "content": "hi"}], template=template)  # fail early
@@ -59,12 +59,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = []
-        for piece in ctx.chat(messages, template=template, **kw):
-            reply.append(piece)
-            print(piece, end="", flush=True)
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        with ctx.chat(messages, template=template, stream=True, **kw) as replies:
+            for delta in replies:  # thinking, where the template separates it, goes to stderr
+                if delta.reasoning_content:
+                    print(delta.reasoning_content, end="", flush=True, file=sys.stderr)
+                print(delta.content, end="", flush=True)
+            sys.stdout.write("\n")
+            messages.append(replies.result().message.openai())
     return 0
 
 
