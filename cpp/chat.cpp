@@ -4,8 +4,10 @@
 #include "lamina.h"
 
 #include "chat.h"
+#include "jinja/value.h"
 
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 
 #include <random>
 #include <set>
@@ -24,13 +26,56 @@ void named(const char * what, F && f) {
     }
 }
 
+// The bounds of lamina's patch 0005 on llama.cpp's Jinja runtime (depth, steps, sizes): one budget
+// for everything one call renders, and Ctrl-C in the main thread stops a render (made and
+// destroyed with the GIL held; the render itself runs without it). Nothing on a tree built without
+// the patch.
+class render_budget {
+public:
+    render_budget() : watch_(on_main_thread()) {
+#ifdef JINJA_BUDGET
+        if (watch_.active()) jinja::budget::interrupted() = &signal_arrived;
+#endif
+    }
+    ~render_budget() {
+#ifdef JINJA_BUDGET
+        jinja::budget::interrupted() = nullptr;
+#endif
+    }
+    render_budget(const render_budget &) = delete;
+    render_budget & operator=(const render_budget &) = delete;
+
+    // f() without the GIL; a render a signal stopped runs Python's handlers (KeyboardInterrupt).
+    template <class F>
+    void run(F && f) {
+        try {
+            gil_release nogil;
+            f();
+        } catch (const std::invalid_argument &) {
+            if (PyErr_CheckSignals() != 0) throw nb::python_error();
+            throw;
+        }
+    }
+
+private:
+    signal_watch watch_;
+#ifdef JINJA_BUDGET
+    jinja::budget_session session_;
+#endif
+};
+
 // One model's templates (its own, or one given), parsed once.
 class chat_templates {
 public:
     // The model is read here only (its template, BOS and EOS): the templates keep no reference to it.
     chat_templates(nb::handle model, const std::string & tmpl, bool jinja) : jinja_(jinja) {
         const std::shared_ptr<model_state> m = model_shared(model);
-        gil_release nogil;  // parsing and the thinking probe run the template: other threads go on
+        render_budget budget;  // all the renders of the template's analysis share one
+        budget.run([&] { init(m, tmpl); });  // parsing and the probes run the template: other threads go on
+    }
+
+private:
+    void init(const std::shared_ptr<model_state> & m, const std::string & tmpl) {
         std::string src = tmpl;
         if (src.empty() && m->vocab_only) src = file_chat_template(m->path).value_or("");  // not kept by that load
         if (jinja_) {
@@ -54,6 +99,7 @@ public:
         });
     }
 
+public:
     // The prompt and what generation needs for a request in OpenAI's chat shape (messages, tools,
     // tool_choice, parallel_tool_calls, add_generation_prompt, chat_template_kwargs,
     // reasoning_format), made the way llama-server's /apply-template and /v1/chat/completions
@@ -63,8 +109,8 @@ public:
         model_shared(model);  // a closed model raises ClosedError, as its other methods do
         common_chat_templates_inputs in;
         common_chat_params out;
-        {
-            gil_release nogil;  // a long template, many messages: nothing here touches Python
+        render_budget budget;
+        budget.run([&] {  // a long template, many messages: nothing here touches Python
             const common_json body = parse(request);
             const common_json tools = body.value("tools", common_json());
             // llama.cpp turns tool parameters and a json_schema into a grammar by recursing once per
@@ -80,7 +126,7 @@ public:
                 throw std::invalid_argument("tools need a Jinja template (this is a built-in template name)");
             }
             out = apply(body, tools, choice, in);
-        }
+        });
         return result(in, out, model_shared(model)->vocab);
     }
 
@@ -381,6 +427,19 @@ void init_chat(nb::module_ & m) {
         .def_prop_ro("message", &chat_parser::message, "(content, reasoning_content, [(id, name, arguments)]) so far.")
         .def_prop_ro("text", [](const chat_parser & p) { return nb::bytes(p.text().data(), p.text().size()); },
                      "The generated text so far (bytes).");
+
+    m.def("template_max_steps", [](std::optional<int64_t> n) -> int64_t {
+#ifdef JINJA_BUDGET
+        if (n) {
+            if (*n < 1000) throw std::invalid_argument("max_steps must be >= 1000");
+            jinja::budget::max_steps().store(*n);
+        }
+        return jinja::budget::max_steps().load();
+#else
+        (void)n;
+        return -1;
+#endif
+    }, nb::arg("n") = nb::none(), "Steps one chat template render may take (set with n); -1: unbounded (unpatched llama.cpp).");
 
     m.def("chat_builtin_templates", []() {
         int32_t n = llama_chat_builtin_templates(nullptr, 0);

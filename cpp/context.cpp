@@ -380,8 +380,8 @@ llama_context_params build_context_params(const context_params & a) {
                                     ", n_ctx=" + std::to_string(p.n_ctx));
     }
     if (flash_attn < -1 || flash_attn > 1) throw std::invalid_argument("flash_attn must be -1 (auto), 0 or 1");
-    if (pooling_type < -1 || pooling_type > 3) {
-        throw std::invalid_argument("pooling_type must be -1 (model), 0 none, 1 mean, 2 cls or 3 last");
+    if (pooling_type < -1 || pooling_type > 4) {
+        throw std::invalid_argument("pooling_type must be -1 (model), 0 none, 1 mean, 2 cls, 3 last or 4 rank");
     }
     for (int t : {type_k, type_v}) {
         if (t < 0 || t >= GGML_TYPE_COUNT || ggml_type_size(ggml_type(t)) == 0) {
@@ -526,8 +526,8 @@ public:
             data, {size_t(s.last_outputs), size_t(s.model->n_vocab)}, owner);
     }
 
-    // The pooled embedding of a sequence (a copy: n_embd floats). Without pooling (a generative
-    // model's default), the last token's hidden state.
+    // The pooled embedding of a sequence (a copy: n_embd floats; with rank pooling the rank head's
+    // n_cls_out scores). Without pooling (a generative model's default), the last token's hidden state.
     nb::ndarray<nb::numpy, float, nb::ndim<1>> embedding(int32_t seq) {
         context_lease l = lease();
         context_state & s = *l;
@@ -542,7 +542,10 @@ public:
             e = llama_get_embeddings_ith(s.ctx.get(), -1);
         }
         if (e == nullptr) throw lamina_error("llama.cpp returned no embedding for sequence " + std::to_string(seq));
-        const size_t n = size_t(llama_model_n_embd_out(s.model->model.get()));
+        // rank pooling (a reranker) gives its classifier's outputs: n_cls_out floats, not n_embd
+        const size_t n = llama_pooling_type(s.ctx.get()) == LLAMA_POOLING_TYPE_RANK
+                             ? size_t(llama_model_n_cls_out(s.model->model.get()))
+                             : size_t(llama_model_n_embd_out(s.model->model.get()));
         return to_numpy(std::vector<float>(e, e + n));
     }
 

@@ -178,6 +178,49 @@ public:
         return to_numpy(std::move(out));
     }
 
+    // The tokens llama-server's /v1/rerank scores for a query and a document (server-common.cpp,
+    // format_prompt_rerank): the model's "rerank" template with {query}, then {document}, put in;
+    // without one, BOS, query, EOS, SEP, document, EOS as the vocabulary adds them.
+    nb::ndarray<nb::numpy, int32_t, nb::ndim<1>> rerank_tokens(const std::string & query, const std::string & doc) {
+        const std::shared_ptr<model_state> keep = shared();
+        model_state & m = *keep;
+        require_vocab(m);
+        const llama_vocab * v = m.vocab;
+        auto tokens = [&](const std::string & text, bool special) {
+            if (text.size() > size_t(INT32_MAX) / 2) throw std::invalid_argument("text too long to tokenize");
+            std::vector<int32_t> t(text.size() + 8);
+            const int32_t n = sized_call(t, [&] {
+                return llama_tokenize(v, text.data(), int32_t(text.size()), t.data(), int32_t(t.size()), false, special);
+            });
+            if (n < 0) throw lamina_error("llama_tokenize failed");
+            t.resize(size_t(n));
+            return t;
+        };
+        std::vector<int32_t> out;
+        if (const char * tmpl = llama_model_chat_template(m.model.get(), "rerank")) {
+            std::string prompt = tmpl;
+            auto replace_all = [&prompt](const std::string & key, const std::string & value) {
+                for (size_t at = prompt.find(key); at != std::string::npos; at = prompt.find(key, at + value.size())) {
+                    prompt.replace(at, key.size(), value);
+                }
+            };
+            replace_all("{query}", query);
+            replace_all("{document}", doc);
+            out = tokens(prompt, true);
+        } else {
+            llama_token eos = llama_vocab_eos(v);
+            if (eos == LLAMA_TOKEN_NULL) eos = llama_vocab_sep(v);
+            if (llama_vocab_get_add_bos(v)) out.push_back(llama_vocab_bos(v));
+            const std::vector<int32_t> q = tokens(query, false), d = tokens(doc, false);
+            out.insert(out.end(), q.begin(), q.end());
+            if (llama_vocab_get_add_eos(v)) out.push_back(eos);
+            if (llama_vocab_get_add_sep(v)) out.push_back(llama_vocab_sep(v));
+            out.insert(out.end(), d.begin(), d.end());
+            if (llama_vocab_get_add_eos(v)) out.push_back(eos);
+        }
+        return to_numpy(std::move(out));
+    }
+
     nb::bytes detokenize(tokens_in tokens, bool remove_special, bool unparse_special) {
         const std::shared_ptr<model_state> keep = shared();
         model_state & m = *keep;
@@ -427,6 +470,8 @@ Raises:
         .def_prop_ro("closed", &model_handle::closed)
         .def("tokenize", &model_handle::tokenize, nb::arg("text"), nb::arg("add_special") = true,
              nb::arg("parse_special") = false, "UTF-8 bytes -> int32 token ids (numpy).")
+        .def("rerank_tokens", &model_handle::rerank_tokens, nb::arg("query"), nb::arg("document"),
+             "The tokens llama-server's /v1/rerank scores for a query and a document (int32 numpy).")
         .def("detokenize", &model_handle::detokenize, nb::arg("tokens"), nb::arg("remove_special") = false,
              nb::arg("unparse_special") = false, "Token ids -> UTF-8 bytes (may end mid-character).")
         .def("token_to_piece", &model_handle::token_to_piece, nb::arg("token"), nb::arg("special") = false,

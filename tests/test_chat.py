@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
 import pytest
 
 import lamina
-import requires
 from lamina.chat import reply_parser
-from test_chat_templates import free_port, templates_dir
+from test_chat_templates import llama_server, templates_dir
 from tiny_gguf import CHAT_FAMILIES, write_tiny_chat
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}
@@ -263,23 +259,9 @@ def test_parsing_equals_llama_server(chat_models: dict[str, lamina.Model], famil
     """Each reply is a trailing assistant message: both continue it, the first token forced to be
     the end of the turn, and parse the template's generation prompt (which holds the reply) as the
     whole reply. Messages equal llama-server's /v1/chat/completions, errors included."""
-    requires.tool("llama-server")
     model = chat_models[family]
     eos = token(model, CHAT_FAMILIES[family][2])
-    port = free_port()
-    with open(model.path.with_suffix(".log"), "w") as log:
-        server = lamina.tools.popen("llama-server", ["-m", model.path, "--host", "127.0.0.1", "--port", port, "-c", 2048,
-                                                     "-t", 1, "--jinja", "--no-webui"], stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        until = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, model.path.with_suffix(".log").read_text()[-2000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < until, "llama-server did not start"
-                time.sleep(0.2)
+    with llama_server(model.path, "-c", 2048, "--jinja") as port:
         ctx = model.context(n_ctx=2048)
         for reply in REPLIES[family]:
             messages = ASK + [{"role": "assistant", "content": reply}]
@@ -290,6 +272,3 @@ def test_parsing_equals_llama_server(chat_models: dict[str, lamina.Model], famil
             except ValueError as e:
                 ours = "error" if "does not match the expected" in str(e) else str(e)
             assert ours == (comparable(theirs) if isinstance(theirs, dict) else "error"), (reply, theirs)
-    finally:
-        server.kill()
-        server.wait()

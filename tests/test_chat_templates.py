@@ -5,7 +5,9 @@ The templates are real models' ones, from the pinned llama.cpp source (models/te
 server is llama-server built from the same source (-DLAMINA_EXTRA_TOOLS=llama-server, as CI)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -72,6 +74,31 @@ def post(port: int, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+@contextlib.contextmanager
+def llama_server(model: Path, *extra: object) -> Iterator[int]:
+    """llama-server (built from the pin) serving ``model`` on 127.0.0.1 while the block runs: its port.
+    Its log goes beside the model, and is shown when it exits early."""
+    requires.tool("llama-server")
+    port, log_path = free_port(), model.with_suffix(".server.log")
+    with open(log_path, "w") as log:
+        server = lamina.tools.popen("llama-server", ["-m", model, "--host", "127.0.0.1", "--port", port, "-t", 1,
+                                                     "--no-webui", *extra], stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        until = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, f"llama-server exited: {log_path.read_text()[-2000:]}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < until, "llama-server did not start in 60 s"
+                time.sleep(0.2)
+        yield port
+    finally:
+        server.kill()
+        server.wait()
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +222,67 @@ def test_templates_nested_thousands_deep_are_refused_not_a_stack_overflow(tiny_m
         tiny_model.apply_chat_template(user, template="")  # as None: the tiny model has none
     with pytest.raises(TypeError, match="tools must be a list"):
         tiny_model.apply_chat_template(user, template="chatml", tools="get_weather")  # type: ignore[arg-type]
+
+
+HOSTILE = [  # (template, what the ValueError says): each killed or hung the process before patch 0005
+    ("{{ 1 is divisibleby(0) }}", "division by zero"),                        # SIGFPE
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "nests deeper"),       # stack overflow
+    ("{% macro f() %}{% call f() %}{% endcall %}{% endmacro %}{{ f() }}", "nests deeper"),
+    ("{% set a = [] %}{% set _ = a.append(a) %}{{ a }}", "nests deeper"),     # a list holding itself, printed
+    ("{% set a = [] %}{% set _ = a.append(a) %}{{ a | tojson }}", "nests deeper"),
+    ("{% set n = namespace(a=[1]) %}{% for i in range(60) %}{% set n.a = [n.a, n.a] %}{% endfor %}{{ n.a }}",
+     "steps"),                                                                   # 2**60 items printed
+    ("{% set n = namespace(s='ab') %}{% for i in range(64) %}{% set n.s = n.s ~ n.s %}{% endfor %}", "more text"),
+    ("{{ 'x' * 1000000000000 }}", "more text"),                                # memory until the kernel kills
+    ("{% for i in range(1000000000000) %}{% endfor %}", "list longer"),
+    ("{% for i in range(4000) %}{% for j in range(4000) %}{% endfor %}{% endfor %}", "steps"),
+]
+
+
+def test_hostile_templates_raise_and_end(tiny_path: Path) -> None:
+    """Templates that run wild inside llama.cpp's Jinja runtime (a GGUF's own template can be any
+    of these) end with a ValueError, in bounded time; the process lives on. Run in a child so a
+    regression fails this test rather than killing the run."""
+    script = f"""
+import json, sys, time, lamina
+model = lamina.Model({str(tiny_path)!r}, gpu=False)
+assert lamina.chat_template_steps() == 20_000_000
+lamina.chat_template_steps(300_000)  # the default's seconds, for each case, are more than a test needs
+for template, _ in {HOSTILE!r}:
+    t = time.monotonic()
+    try:
+        model.apply_chat_template([{{"role": "user", "content": "Hi"}}], template=template)
+        print(json.dumps(["rendered", 0]), flush=True)
+    except ValueError as e:
+        print(json.dumps([str(e), time.monotonic() - t]), flush=True)
+print(json.dumps(["alive", model.apply_chat_template([{{"role": "user", "content": "Hi"}}], template="chatml")]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    for (template, why), (said, seconds) in zip(HOSTILE, rows):
+        assert re.search(why, said), (template, said)
+        assert seconds < 20, (template, seconds)
+    assert rows[-1][0] == "alive" and len(rows) == len(HOSTILE) + 1
+
+
+def test_ctrl_c_stops_a_render(tiny_path: Path) -> None:
+    """A render in the main thread (the GIL released) stops at Ctrl-C with KeyboardInterrupt, in
+    well under the step bound's time, and the process renders on."""
+    script = f"""
+import os, signal, threading, time, lamina
+model = lamina.Model({str(tiny_path)!r}, gpu=False)
+slow = "{{% for i in range(4000) %}}{{% for j in range(4000) %}}{{% endfor %}}{{% endfor %}}"
+threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+t = time.monotonic()
+try:
+    model.apply_chat_template([{{"role": "user", "content": "Hi"}}], template=slow)
+    print("rendered")
+except KeyboardInterrupt:
+    print("interrupted", time.monotonic() - t)
+print(model.apply_chat_template([{{"role": "user", "content": "Hi"}}], template="chatml").count("Hi"))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said, seconds, hi = out.stdout.split()
+    assert said == "interrupted" and float(seconds) < 5 and hi == "1", out.stdout

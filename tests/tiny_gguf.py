@@ -286,9 +286,12 @@ if __name__ == "__main__":
 
 
 def write_tiny_bert(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_ff: int = 128,
-                    n_ctx_train: int = 64, seed: int = 0) -> Path:
+                    n_ctx_train: int = 64, seed: int = 0, rank: bool = False,
+                    rerank_template: str | None = None) -> Path:
     """A BERT-style encoder (non-causal attention, learned positions, mean pooling): llama.cpp runs
-    it without a KV cache, so each decode's positions start at 0."""
+    it without a KV cache, so each decode's positions start at 0. rank=True makes it a reranker
+    (a cross-encoder: rank pooling of the first token through a classification head, one score);
+    rerank_template is its tokenizer.chat_template.rerank ({query}, {document}), as Qwen3-reranker's."""
     import gguf
 
     tokens, scores, types = vocab()
@@ -305,7 +308,7 @@ def write_tiny_bert(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: i
     wr.add_head_count(n_head)
     wr.add_layer_norm_eps(1e-12)
     wr.add_causal_attention(False)
-    wr.add_pooling_type(gguf.PoolingType.MEAN)
+    wr.add_pooling_type(gguf.PoolingType.RANK if rank else gguf.PoolingType.MEAN)
     wr.add_file_type(gguf.LlamaFileType.ALL_F32)
     wr.add_tokenizer_model("llama")
     wr.add_token_list(tokens)
@@ -315,6 +318,8 @@ def write_tiny_bert(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: i
     wr.add_bos_token_id(1)
     wr.add_eos_token_id(2)
     wr.add_token_type_count(2)
+    if rerank_template is not None:
+        wr.add_string("tokenizer.chat_template.rerank", rerank_template)
     tensors = {"token_embd.weight": w(len(tokens), n_embd, scale=0.5), "token_types.weight": w(2, n_embd),
                "position_embd.weight": w(n_ctx_train, n_embd), "token_embd_norm.weight": ones(n_embd),
                "token_embd_norm.bias": zeros(n_embd)}
@@ -325,6 +330,9 @@ def write_tiny_bert(path: Path, *, n_layer: int = 2, n_embd: int = 64, n_head: i
             tensors[f"blk.{i}.{t}.weight"], tensors[f"blk.{i}.{t}.bias"] = ones(n_embd), zeros(n_embd)
         tensors[f"blk.{i}.ffn_up.weight"], tensors[f"blk.{i}.ffn_up.bias"] = w(n_ff, n_embd), zeros(n_ff)
         tensors[f"blk.{i}.ffn_down.weight"], tensors[f"blk.{i}.ffn_down.bias"] = w(n_embd, n_ff), zeros(n_embd)
+    if rank:
+        tensors |= {"cls.weight": w(n_embd, n_embd, scale=0.3), "cls.bias": w(n_embd),
+                    "cls.output.weight": w(1, n_embd, scale=1.0), "cls.output.bias": w(1)}
     for name, t in tensors.items():
         wr.add_tensor(name, t)
     wr.write_header_to_file()

@@ -236,14 +236,14 @@ class Context(_core.NativeOwner[_native.Context]):
     def __init__(self, model: "Model", *, n_ctx: int | None = None, n_batch: int | None = None,
                  n_ubatch: int | None = None, n_seq_max: int | None = None, threads: int | Threads | None = None,
                  kv: KV | None = None, flash_attn: bool | Literal["auto"] | None = None, embeddings: bool = False,
-                 pooling: Literal["none", "mean", "cls", "last"] | None = None,
+                 pooling: Literal["none", "mean", "cls", "last", "rank"] | None = None,
                  rope_scaling: Literal["none", "linear", "yarn", "longrope"] | None = None,
                  rope_freq_base: float | None = None, rope_freq_scale: float | None = None,
                  lora: LoraSpec = None) -> None:
         self._native: _native.Context | None = None
         self._lora: dict[Lora, float] = {}
         if pooling not in POOLING:
-            raise ValueError(f"pooling must be None (the model's), 'none', 'mean', 'cls' or 'last', got {pooling!r}")
+            raise ValueError(f"pooling must be None (the model's), 'none', 'mean', 'cls', 'last' or 'rank', got {pooling!r}")
         given: dict[str, Any] = {"n_batch": n_batch, "n_ubatch": n_ubatch, "n_seq_max": n_seq_max, "threads": threads,
                  "flash_attn": flash_attn, "rope_scaling": rope_scaling, "rope_freq_base": rope_freq_base,
                  "rope_freq_scale": rope_freq_scale}

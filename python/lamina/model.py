@@ -17,7 +17,7 @@ from .errors import InertSettingWarning
 from .lora import Lora
 from .memory import MiB, DeviceMemory, MemoryEstimate, Offload, estimate_from_native
 from .models import default_model_path
-from .params import KV, NGL, check_count, check_int, context_settings, kv_tensor_error, parse_ngl
+from .params import KV, NGL, POOLING, check_count, check_int, context_settings, kv_tensor_error, parse_ngl
 from .system import Device, gpu_absent_reason, rpc_connect
 from .system import devices as list_devices
 from .threads import Threads
@@ -27,6 +27,14 @@ if TYPE_CHECKING:
     from .config import Config
 
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A document of Model.rerank: its index in ``documents`` and its relevance score."""
+
+    index: int
+    score: float
 
 
 class Model(Vocabulary):
@@ -241,23 +249,51 @@ class Model(Vocabulary):
         items = [texts] if isinstance(texts, str) else list(texts)
         if not items or not all(isinstance(t, str) for t in items):
             raise TypeError("texts must be a string or a non-empty sequence of strings")
-        toks = [self.tokenize(t) for t in items]
+        out = self._pooled([self.tokenize(t) for t in items], pooling, threads)
+        if normalize:
+            norms = np.linalg.norm(out, axis=1, keepdims=True).astype(np.float32)
+            out = (out / np.where(norms == 0, np.float32(1), norms)).astype(np.float32, copy=False)
+        return out[0] if single else out
+
+    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None,
+               threads: int | Threads | None = None) -> list[Ranked]:
+        """Documents ranked by relevance to ``query`` with a reranker (a model whose pooling is
+        rank: a BERT-style cross-encoder or a Qwen3-reranker-style model), most relevant first:
+        Ranked(index, score), the first ``top_n`` of them (None: all). Each pair is scored as
+        llama-server's /v1/rerank scores it: the model's "rerank" template where it has one, else
+        BOS query EOS SEP document EOS, and the score is the rank head's output."""
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {type(query).__name__}")
+        if isinstance(documents, str) or not all(isinstance(d, str) for d in documents):
+            raise TypeError("documents must be a sequence of strings")
+        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 0):
+            raise ValueError(f"top_n must be an int >= 0 or None, got {top_n!r}")
+        pooling = self.metadata.get(f"{self.info.arch}.pooling_type")
+        if pooling != str(POOLING["rank"]):
+            raise ValueError(f"{self.info.name or self.path.name} is not a reranker (its pooling is "
+                             f"{pooling or 'none'}, not rank): use embed() for an embedding model")
+        if not documents:
+            return []
+        scores = self._pooled([self.native.rerank_tokens(query, d) for d in documents], "rank", threads)
+        ranked = sorted((Ranked(i, float(s[0])) for i, s in enumerate(scores)), key=lambda r: -r.score)
+        return ranked if top_n is None else ranked[:top_n]
+
+    def _pooled(self, toks: list[npt.NDArray[np.int32]], pooling: str | None,
+                threads: int | Threads | None) -> npt.NDArray[np.float32]:
+        """One pooled output row per token list, each decoded alone (a non-causal model sees one
+        whole text per ubatch)."""
         longest = max(1, max(len(t) for t in toks))
         if longest > self.info.n_ctx_train:
             raise ValueError(f"a text has {longest} tokens, more than the model's context ({self.info.n_ctx_train})")
-        size = max(longest, 512)  # one ubatch holds a whole text (non-causal models need that)
+        size = max(longest, 512)
         with Context(self, n_ctx=size, n_batch=size, n_ubatch=size, threads=threads, embeddings=True,
-                     pooling=pooling) as ctx:
+                     pooling=pooling) as ctx:  # type: ignore[arg-type]
             rows = []
             for t in toks:
                 ctx.kv_clear()
                 ctx.native.decode(t, 1)
                 rows.append(ctx.native.embedding(0))
-        out = np.stack(rows).astype(np.float32, copy=False)
-        if normalize:
-            norms = np.linalg.norm(out, axis=1, keepdims=True).astype(np.float32)
-            out = (out / np.where(norms == 0, np.float32(1), norms)).astype(np.float32, copy=False)
-        return out[0] if single else out
+        return np.stack(rows).astype(np.float32, copy=False)
 
     # -- LoRA adapters -------------------------------------------------------------------
     def load_lora(self, path: str | os.PathLike[str]) -> Lora:

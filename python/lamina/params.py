@@ -74,7 +74,7 @@ def check_seq(name: str, value: Any, allow_all: bool = False) -> int:
 
 
 LOGITS = {"none": 0, "last": 1, "all": 2}
-POOLING = {None: -1, "none": 0, "mean": 1, "cls": 2, "last": 3}
+POOLING = {None: -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
 FLASH = {"auto": -1, False: 0, True: 1}
 
 
