@@ -113,9 +113,9 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
     } else {
         require(!lazy_, "grammar_lazy without a grammar");
     }
-    // As common_sampler_init: the reply's start the template wrote goes through a chat grammar
-    // (a lazy one waits for its trigger instead) and the reasoning budget (a prompt ending in <think>
-    // has begun thinking).
+    // As common_sampler_init: the reply's start the template wrote goes through the template's
+    // grammar (a lazy one waits for its trigger instead; a user's grammar reads the reply only) and
+    // the reasoning budget (a prompt ending in <think> has begun thinking).
     std::vector<llama_token> prefill;
     if (!o.generation_prompt.empty()) {
         const std::vector<llama_token> t = tokens(o.generation_prompt, "generation_prompt");
@@ -129,7 +129,7 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
             prefill.push_back(t[i]);
         }
     }
-    if (grammar_ && !lazy_) {
+    if (grammar_ && !lazy_ && o.grammar_prefill) {
         try {
             for (llama_token t : prefill) llama_sampler_accept(grammar_.get(), t);
         } catch (const std::exception & e) {
@@ -278,7 +278,7 @@ void init_sampler(nb::module_ & m) {
             LAMINA_RW(xtc_threshold) LAMINA_RW(dynatemp_range) LAMINA_RW(dynatemp_exponent) LAMINA_RW(mirostat)
             LAMINA_RW(mirostat_tau) LAMINA_RW(mirostat_eta) LAMINA_RW(min_keep) LAMINA_RW(logit_bias) LAMINA_RW(grammar)
             LAMINA_RW(grammar_root) LAMINA_RW(grammar_lazy) LAMINA_RW(grammar_trigger_patterns)
-            LAMINA_RW(grammar_trigger_tokens) LAMINA_RW(generation_prompt) LAMINA_RW(preserved_tokens)
+            LAMINA_RW(grammar_trigger_tokens) LAMINA_RW(generation_prompt) LAMINA_RW(grammar_prefill) LAMINA_RW(preserved_tokens)
             LAMINA_RW(reasoning_budget) LAMINA_RW(reasoning_start) LAMINA_RW(reasoning_message) LAMINA_RW(reasoning_end)
             LAMINA_RW(seed) LAMINA_RW(n_ctx);
     }

@@ -35,7 +35,8 @@ struct sampler_options {
     bool grammar_lazy = false;                          // the grammar applies from a trigger on
     std::vector<std::string> grammar_trigger_patterns;  // regexes over the text generated so far
     std::vector<int32_t> grammar_trigger_tokens;
-    std::string generation_prompt;                      // the reply's start the template wrote: a non-lazy grammar and the budget read it first
+    std::string generation_prompt;                      // the reply's start the template wrote: the budget reads it first,
+    bool grammar_prefill = false;                       // and a (non-lazy) grammar too: the template's own grammar
     std::vector<int32_t> preserved_tokens;              // special tokens that appear as text (tool-call tags)
     int32_t reasoning_budget = -1;                      // tokens of thinking before the end tag is forced (-1: no limit)
     std::string reasoning_start, reasoning_message;     // thinking tags (no budget without them) and what goes before

@@ -235,6 +235,17 @@ REPLIES = {  # written replies, continued as the last assistant message by both 
 }
 
 
+FORCED = {  # replies a grammar forces (no tools): generated, then parsed, by both
+    "r1": ["Let me see.\n</think>\n\nSunny.", "Still thinking"],
+    "qwen3": ["<think>\nhm\n</think>\n\nHi.", "Hi."],
+}
+
+
+def literal(text: str) -> str:
+    """A GBNF grammar that allows exactly ``text``."""
+    return "root ::= " + json.dumps(text)
+
+
 def server_message(port: int, body: dict[str, Any]) -> dict[str, Any] | str:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -251,6 +262,28 @@ def comparable(message: dict[str, Any]) -> tuple[Any, ...]:
     calls = [(c["function"]["name"], c["function"]["arguments"], c["id"] if c["id"] == "abc123def" else "")
              for c in message.get("tool_calls", [])]
     return message.get("content") or None, message.get("reasoning_content") or None, calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FORCED))
+def test_generated_and_parsed_as_llama_server(chat_models: dict[str, lamina.Model], family: str) -> None:
+    """A reply forced by a grammar of the caller's (which reads the reply only, not the template's
+    start) comes out the same and parses into the same content and reasoning_content as
+    llama-server's. llama-server shows the end-of-turn token's text where the template preserves it
+    (DeepSeek's <｜end▁of▁sentence｜>); lamina ends the reply there without it."""
+    model = chat_models[family]
+    eos = CHAT_FAMILIES[family][2]
+    with llama_server(model.path, "-c", 2048, "--jinja") as port:
+        ctx = model.context(n_ctx=2048)
+        for reply in FORCED[family]:
+            theirs = server_message(port, {"messages": ASK, "grammar": literal(reply), "max_tokens": 64})
+            assert isinstance(theirs, dict), theirs
+            if isinstance(theirs.get("content"), str):
+                theirs["content"] = theirs["content"].removesuffix(eos)
+            ours = ctx.chat(ASK, sampler=lamina.Sampler(grammar=literal(reply)), max_tokens=64)
+            assert ours.text == reply and ours.finish_reason == "stop"
+            assert comparable(ours.message.openai()) == comparable(theirs), (reply, theirs)
+            assert ours.reasoning_content or "</think>" not in reply  # thinking came apart from the answer
 
 
 @pytest.mark.slow

@@ -494,8 +494,11 @@ class Context(_core.NativeOwner[_native.Context]):
         thinking = bool(r["thinking_end_tags"])
         if reasoning_budget != -1 and not thinking:
             raise ValueError("reasoning_budget needs a template with thinking tags (this one has none)")
+        # the template's grammar (tools, a json_schema) reads the reply's start it wrote; a grammar
+        # of the caller's own the template leaves alone, and it reads the reply only (llama-server's)
         sampler = replace(
-            sampler, grammar=r["grammar"] or None, json_schema=None, grammar_lazy=r["grammar_lazy"],
+            sampler, grammar=r["grammar"] or sampler.grammar, grammar_prefill=bool(r["grammar"]), json_schema=None,
+            grammar_lazy=r["grammar_lazy"],
             grammar_trigger_patterns=tuple(r["grammar_trigger_patterns"]),
             grammar_trigger_tokens=tuple(r["grammar_trigger_tokens"]), generation_prompt=r["generation_prompt"],
             preserved_tokens=tuple(r["preserved_token_ids"]), reasoning_budget=reasoning_budget,

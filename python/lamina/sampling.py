@@ -32,8 +32,8 @@ class Sampler:
 
     Chat templates (set by ctx.chat): grammar_lazy applies the grammar from the first match of
     a trigger (grammar_trigger_patterns: regexes over the text so far; grammar_trigger_tokens);
-    generation_prompt, the reply's start the template wrote, is read first by a non-lazy grammar
-    and by the reasoning budget; preserved_tokens are special tokens whose text is shown (tool-call
+    generation_prompt, the reply's start the template wrote, is read first by the reasoning
+    budget, and by the grammar with grammar_prefill (a template's own, non-lazy); preserved_tokens are special tokens whose text is shown (tool-call
     tags). reasoning_budget: tokens of thinking between reasoning_start and an end in
     reasoning_end before reasoning_message and the first end are forced (-1: no limit), as
     llama-server's reasoning budget.
@@ -73,6 +73,7 @@ class Sampler:
     grammar_trigger_patterns: Sequence[str] = tuple(_D.grammar_trigger_patterns)
     grammar_trigger_tokens: Sequence[int] = tuple(_D.grammar_trigger_tokens)
     generation_prompt: str = _D.generation_prompt
+    grammar_prefill: bool = _D.grammar_prefill
     preserved_tokens: Sequence[int] = tuple(_D.preserved_tokens)
     reasoning_budget: int = _D.reasoning_budget
     reasoning_start: str = _D.reasoning_start
