@@ -9,6 +9,7 @@
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 
+#include <mutex>
 #include <random>
 #include <set>
 
@@ -62,6 +63,12 @@ private:
 #ifdef JINJA_BUDGET
     jinja::budget_session session_;
 #endif
+};
+
+// How a reply to one render is parsed: the template's format and its parser, loaded once. Made by
+// render only (the parser's text never passes through Python: a hand-made one could recurse forever).
+struct reply_format {
+    common_chat_parser_params params;
 };
 
 // One model's templates (its own, or one given), parsed once.
@@ -120,6 +127,7 @@ public:
                     throw std::invalid_argument(std::string(key) + ": nests more than 64 levels deep");
                 }
             }
+            check_messages(body);
             std::string choice;
             named("tool_choice", [&] { choice = body.value("tool_choice", std::string("auto")); });
             if (!jinja_ && ((tools.is_array() && !tools.empty()) || choice != "auto")) {
@@ -232,9 +240,14 @@ private:
         d["thinking_start_tag"] = out.thinking_start_tag;
         d["thinking_end_tags"] = out.thinking_end_tags;
         d["parser"] = out.parser;
-        d["reasoning_format"] = common_reasoning_format_name(in.reasoning_format);
-        d["continuation"] = in.continue_final_message != COMMON_CHAT_CONTINUATION_NONE;
-        d["tools"] = !in.tools.empty() && in.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE;
+        reply_format f;
+        f.params.format = out.format;
+        f.params.reasoning_format = in.reasoning_format;
+        f.params.generation_prompt = out.generation_prompt;
+        f.params.is_continuation = in.continue_final_message != COMMON_CHAT_CONTINUATION_NONE;
+        f.params.parse_tool_calls = !in.tools.empty() && in.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE;
+        if (!out.parser.empty()) named("the chat parser does not load", [&] { f.params.parser.load(out.parser); });
+        d["reply"] = nb::cast(std::move(f));
         return d;
     }
 
@@ -259,6 +272,27 @@ private:
             if (brackets > limit || blocks > limit) {
                 throw std::invalid_argument("the chat template does not parse: it nests deeper than " + std::to_string(limit) +
                                             " levels");
+            }
+        }
+    }
+
+    // Messages the template will walk, and tool-call arguments llama.cpp parses into objects: both
+    // recursed once per level (arguments 100,000 levels deep overflowed the stack).
+    static void check_messages(const common_json & body) {
+        if (!body.contains("messages")) return;
+        const common_json & messages = body.at("messages");
+        if (too_deep(messages, 128)) throw std::invalid_argument("messages: nest more than 128 levels deep");
+        if (!messages.is_array()) return;
+        for (size_t i = 0; i < messages.size(); ++i) {
+            const common_json & m = messages.at(i);
+            if (!m.is_object() || !m.contains("tool_calls") || !m.at("tool_calls").is_array()) continue;
+            for (const auto & call : m.at("tool_calls")) {
+                if (!call.is_object() || !call.contains("function") || !call.at("function").is_object()) continue;
+                const common_json & fn = call.at("function");
+                if (fn.contains("arguments") && fn.at("arguments").is_string() &&
+                    bracket_depth().feed(fn.at("arguments").get<std::string>()) > 128) {
+                    throw std::invalid_argument("message " + std::to_string(i) + ": tool call arguments nest more than 128 levels deep");
+                }
             }
         }
     }
@@ -292,22 +326,8 @@ private:
 // argument fragment, or at the end), then argument fragments.
 class chat_parser {
 public:
-    chat_parser(const std::string & format, const std::string & parser, const std::string & generation_prompt,
-                const std::string & reasoning_format, bool continuation, bool tools) {
-        bool found = false;
-        for (int f = 0; f < COMMON_CHAT_FORMAT_COUNT; ++f) {
-            if (format == common_chat_format_name(common_chat_format(f))) {
-                p_.format = common_chat_format(f);
-                found = true;
-            }
-        }
-        if (!found) throw std::invalid_argument("unknown chat format: " + format);
-        named("reasoning_format", [&] { p_.reasoning_format = common_reasoning_format_from_name(reasoning_format); });
-        p_.generation_prompt = generation_prompt;
-        p_.is_continuation = continuation;
-        p_.parse_tool_calls = tools;
-        if (!parser.empty()) named("the chat parser does not load", [&] { p_.parser.load(parser); });
-        if (continuation) msg_ = parse("", true);  // no delta for the continued message's start
+    explicit chat_parser(const reply_format & f) : p_(f.params) {
+        if (p_.is_continuation) msg_ = parse("", true);  // no delta for the continued message's start
     }
 
     // Add generated text; the deltas it makes, each ("content" | "reasoning", text) or
@@ -315,8 +335,10 @@ public:
     nb::list update(const std::string & added, bool final) {
         std::vector<common_chat_msg_diff> diffs;
         {
+            const std::unique_lock<std::mutex> lk = hold();
             gil_release nogil;
             text_ += added;
+            nesting(added);
             common_chat_msg m = parse(text_, !final);
             if (!m.empty() || final) {
                 m.set_tool_call_ids(ids_, [] { return new_id(); });
@@ -341,14 +363,34 @@ public:
 
     // The message so far: (content, reasoning_content, [(id, name, arguments), ...]).
     nb::tuple message() const {
+        const std::unique_lock<std::mutex> lk = hold();
         nb::list calls;
         for (const common_chat_tool_call & c : msg_.tool_calls) calls.append(nb::make_tuple(c.id, c.name, c.arguments));
         return nb::make_tuple(msg_.content, msg_.reasoning_content, calls);
     }
 
-    const std::string & text() const { return text_; }
+    nb::bytes text() const {
+        const std::unique_lock<std::mutex> lk = hold();
+        return nb::bytes(text_.data(), text_.size());
+    }
 
 private:
+    // One thread at a time (update parses without the GIL): another one gets BusyError, never a wait.
+    std::unique_lock<std::mutex> hold() const {
+        std::unique_lock<std::mutex> lk(mu_, std::try_to_lock);
+        if (!lk.owns_lock()) throw busy_error("the chat parser is in use by another thread");
+        return lk;
+    }
+
+    // llama.cpp's parser recurses once per level of brackets: a reply nested thousands deep (a
+    // model's arguments can nest anything) overflowed the stack. Counted outside JSON strings.
+    void nesting(const std::string & added) {
+        constexpr int limit = 256;
+        if (depth_.feed(added) > limit) {
+            throw std::invalid_argument("the reply nests deeper than " + std::to_string(limit) + " levels of brackets: not parsed");
+        }
+    }
+
     common_chat_msg parse(const std::string & text, bool partial) const {
         try {
             return common_chat_parse(text, partial, p_);
@@ -398,8 +440,10 @@ private:
         }
     }
 
+    mutable std::mutex mu_;
     common_chat_parser_params p_;
     std::string text_;
+    bracket_depth depth_;
     common_chat_msg msg_;
     std::vector<std::string> ids_;
     std::set<size_t> named_;
@@ -418,15 +462,14 @@ void init_chat(nb::module_ & m) {
         .def_prop_ro("caps", &chat_templates::caps, "What the template supports (tools, system role, thinking, ...).")
         .def_prop_ro("source", &chat_templates::source, "The template's Jinja source.");
 
+    nb::class_<reply_format>(m, "ReplyFormat", "How a reply to one ChatTemplates.render is parsed (its 'reply').")
+        .def("parser", [](const reply_format & f) { return new chat_parser(f); }, "A fresh ChatParser for one reply.");
+
     nb::class_<chat_parser>(m, "ChatParser", "A reply parsed into content, reasoning and tool calls (common_chat_parse).")
-        .def(nb::init<const std::string &, const std::string &, const std::string &, const std::string &, bool, bool>(),
-             nb::arg("format"), nb::arg("parser"), nb::arg("generation_prompt"), nb::arg("reasoning_format"),
-             nb::arg("continuation"), nb::arg("tools"), "From a ChatTemplates.render result's fields.")
         .def("update", &chat_parser::update, nb::arg("added"), nb::arg("final"),
              "Add generated text; the deltas: ('content'|'reasoning', text) or ('tool', index, id, name, arguments).")
         .def_prop_ro("message", &chat_parser::message, "(content, reasoning_content, [(id, name, arguments)]) so far.")
-        .def_prop_ro("text", [](const chat_parser & p) { return nb::bytes(p.text().data(), p.text().size()); },
-                     "The generated text so far (bytes).");
+        .def_prop_ro("text", &chat_parser::text, "The generated text so far (bytes).");
 
     m.def("template_max_steps", [](std::optional<int64_t> n) -> int64_t {
 #ifdef JINJA_BUDGET

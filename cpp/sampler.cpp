@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <regex>
 
 #include "common.h"
 #include "json-schema-to-grammar.h"
@@ -96,6 +97,13 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
         if (lazy_) {
             require(!o.grammar_trigger_patterns.empty() || !o.grammar_trigger_tokens.empty(),
                     "a lazy grammar needs a trigger (a pattern or a token)");
+            for (const std::string & p : o.grammar_trigger_patterns) {  // llama.cpp's throw would leak its sampler
+                try {
+                    std::regex check(p);
+                } catch (const std::regex_error & e) {
+                    throw std::invalid_argument("grammar trigger pattern " + p + " is not a regex: " + e.what());
+                }
+            }
             std::vector<const char *> patterns;
             for (const std::string & p : o.grammar_trigger_patterns) patterns.push_back(p.c_str());
             grammar_.reset(llama_sampler_init_grammar_lazy_patterns(vocab, o.grammar->c_str(), o.grammar_root.c_str(),
@@ -130,10 +138,15 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
         }
     }
     if (grammar_ && !lazy_ && o.grammar_prefill) {
-        try {
-            for (llama_token t : prefill) llama_sampler_accept(grammar_.get(), t);
-        } catch (const std::exception & e) {
-            throw std::invalid_argument(std::string("the grammar does not accept the reply's start: ") + e.what());
+        for (llama_token t : prefill) {
+            // llama.cpp aborts on an end-of-generation token a grammar does not expect
+            require(!llama_vocab_is_eog(vocab, t), "the reply's start the template wrote ends the generation: "
+                                                   "the grammar cannot read it");
+            try {
+                llama_sampler_accept(grammar_.get(), t);
+            } catch (const std::exception & e) {
+                throw std::invalid_argument(std::string("the grammar does not accept the reply's start: ") + e.what());
+            }
         }
     }
     require(o.reasoning_budget >= -1, "reasoning_budget must be >= 0 (-1: no limit)");
@@ -153,12 +166,17 @@ sampler_handle::sampler_handle(std::shared_ptr<model_state> model, const sampler
         for (llama_token t : prefill) llama_sampler_accept(budget_.get(), t);
         shaped = true;
     } else {
-        require(o.reasoning_budget < 0 || !o.reasoning_start.empty(),
-                "reasoning_budget needs the template's thinking tags (this template has none)");
+        require(o.reasoning_budget < 0 || (!o.reasoning_start.empty() && !ends.empty()),
+                "reasoning_budget needs thinking tags: reasoning_start and reasoning_end (this template has none)");
     }
-    if (!o.logit_bias.empty()) {
+    // the user's biases, and the model's suppressed tokens (tokenizer.ggml.suppress_tokens) at -inf, as
+    // common_sampler_init merges them
+    int32_t n_suppress = 0;
+    const llama_token * suppress = llama_vocab_get_suppress_tokens(vocab, &n_suppress);
+    if (!o.logit_bias.empty() || n_suppress > 0) {
         std::vector<llama_logit_bias> lb;
         for (const auto & [tok, bias] : o.logit_bias) lb.push_back({tok, bias});
+        for (int32_t i = 0; i < n_suppress; ++i) lb.push_back({suppress[i], -INFINITY});
         add(c, llama_sampler_init_logit_bias(n_vocab, int32_t(lb.size()), lb.data()), "logit_bias");
         shaped = true;
     }
@@ -247,7 +265,9 @@ llama_token sampler_handle::sample(llama_context * ctx, int32_t idx) {
         llama_sampler_accept(budget_.get(), id);
         if (grammar_ && !use_grammar && common_reasoning_budget_get_state(budget_.get()) == REASONING_BUDGET_DONE) {
             if (const std::vector<llama_token> * end = common_reasoning_budget_get_end_match(budget_.get())) {
-                for (llama_token t : *end) llama_sampler_accept(grammar_.get(), t);
+                for (llama_token t : *end) {
+                    if (!llama_vocab_is_eog(model_->vocab, t)) llama_sampler_accept(grammar_.get(), t);
+                }
             }
         }
     }
@@ -310,24 +330,8 @@ llama.cpp): grammar, logit bias, temperature, mirostat. temperature 0 ends with 
     m.def("json_schema_to_grammar", [](const std::string & schema) {
         // llama.cpp's converter recurses once per nesting level: bound it before it can overflow the stack
         constexpr int max_depth = 64;
-        int depth = 0, deepest = 0;
-        bool in_string = false, escaped = false;
-        for (char ch : schema) {
-            if (in_string) {
-                if (escaped) escaped = false;
-                else if (ch == '\\') escaped = true;
-                else if (ch == '"') in_string = false;
-            } else if (ch == '"') {
-                in_string = true;
-            } else if (ch == '{' || ch == '[') {
-                deepest = std::max(deepest, ++depth);
-                if (deepest > max_depth) {
-                    throw std::invalid_argument("the schema nests more than " + std::to_string(max_depth) +
-                                                " levels deep");
-                }
-            } else if (ch == '}' || ch == ']') {
-                --depth;
-            }
+        if (bracket_depth().feed(schema) > max_depth) {
+            throw std::invalid_argument("the schema nests more than " + std::to_string(max_depth) + " levels deep");
         }
         common_json json;
         try {

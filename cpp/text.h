@@ -4,6 +4,7 @@
 
 #include <nanobind/nanobind.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -27,6 +28,30 @@ std::string utf8_replace(const std::string & s);
 // The length of the longest prefix of s that does not end inside a UTF-8 sequence (what a stream
 // may hand out now; the tail waits for the next token's bytes).
 size_t utf8_complete(const std::string & s);
+// How deep JSON-like text nests ({ and [, outside "strings"), fed piece by piece. llama.cpp's JSON
+// schema converter, its chat parser and its message parsing recurse once per level: callers bound
+// this before handing text to them.
+struct bracket_depth {
+    int depth = 0, deepest = 0;
+    bool in_string = false, escaped = false;
+    int feed(const std::string & s) {
+        for (char c : s) {
+            if (in_string) {
+                if (escaped) escaped = false;
+                else if (c == '\\') escaped = true;
+                else if (c == '"') in_string = false;
+            } else if (c == '"') {
+                in_string = true;
+            } else if (c == '{' || c == '[') {
+                deepest = std::max(deepest, ++depth);
+            } else if ((c == '}' || c == ']') && depth > 0) {
+                --depth;
+            }
+        }
+        return deepest;
+    }
+};
+
 // A string llama.cpp copies into a caller's buffer (metadata): get(buf, size) returns its length,
 // < 0 when there is none (nullopt).
 template <typename Get>

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from typing import Any, Iterator
@@ -305,3 +307,55 @@ def test_parsing_equals_llama_server(chat_models: dict[str, lamina.Model], famil
             except ValueError as e:
                 ours = "error" if "does not match the expected" in str(e) else str(e)
             assert ours == (comparable(theirs) if isinstance(theirs, dict) else "error"), (reply, theirs)
+
+
+def test_misuse_is_an_error_not_a_crash(chat_models: dict[str, lamina.Model]) -> None:
+    """What a misuse hunt killed the process with, each now a ValueError (or BusyError); run in a
+    child so a regression fails this test rather than the run."""
+    script = f"""
+import threading, lamina
+from lamina.chat import reply_parser
+m = lamina.Model({str(chat_models["qwen3"].path)!r})
+ctx = m.context(n_ctx=512)
+def attempt(name, f):
+    try:
+        f()
+        print(name, "ok", flush=True)
+    except (ValueError, lamina.BusyError) as e:
+        print(name, type(e).__name__, flush=True)
+user = [{{"role": "user", "content": "hi"}}]
+# an end-of-generation token in the reply's start, read by a grammar (llama.cpp aborted)
+attempt("eog prefill", lambda: lamina.Sampler(grammar='root ::= "a"', generation_prompt="<|im_end|>",
+                                            grammar_prefill=True).native(m))
+attempt("eog prefill chat", lambda: ctx.chat(user + [{{"role": "assistant", "content": "<|im_end|>"}}],
+                                            enable_thinking=False, json_schema={{"type": "object"}}, max_tokens=2))
+# a reply nested deeper than llama.cpp's parser can recurse
+p = reply_parser(m.render_chat(user, tools={TOOLS!r}))
+attempt("deep reply", lambda: p.update('<tool_call>\\n{{"name": "f", "arguments": {{"a": ' + '[' * 4000, False))
+# tool-call arguments nested 100,000 deep in the messages
+deep = '{{"a": ' + '[' * 100000 + ']' * 100000 + '}}'
+attempt("deep arguments", lambda: m.apply_chat_template(user + [{{"role": "assistant", "tool_calls": [{{"id": "c1",
+    "type": "function", "function": {{"name": "f", "arguments": deep}}}}]}}], tools={TOOLS!r}))
+attempt("bad trigger regex", lambda: lamina.Sampler(grammar='root ::= "a"', grammar_lazy=True,
+                                                   grammar_trigger_patterns=["("]).native(m))
+attempt("budget without an end", lambda: lamina.Sampler(reasoning_budget=4, reasoning_start="<think>").native(m))
+# one parser, three threads (update releases the GIL)
+q = reply_parser(m.render_chat(user, tools={TOOLS!r}))
+busy = []
+def hammer():
+    for i in range(300):
+        try:
+            q.update("x" * 50, False); q.message; q.text
+        except lamina.BusyError:
+            busy.append(1)
+threads = [threading.Thread(target=hammer) for _ in range(3)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("threads ok", flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = dict(line.rsplit(" ", 1) for line in out.stdout.splitlines())
+    assert said == {"eog prefill": "ValueError", "eog prefill chat": "ValueError", "deep reply": "ValueError",
+                    "deep arguments": "ValueError", "bad trigger regex": "ValueError",
+                    "budget without an end": "ValueError", "threads": "ok"}, out.stdout

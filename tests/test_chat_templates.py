@@ -236,6 +236,18 @@ HOSTILE = [  # (template, what the ValueError says): each killed or hung the pro
     ("{{ 'x' * 1000000000000 }}", "more text"),                                # memory until the kernel kills
     ("{% for i in range(1000000000000) %}{% endfor %}", "list longer"),
     ("{% for i in range(4000) %}{% for j in range(4000) %}{% endfor %}{% endfor %}", "steps"),
+    ("{% set n = namespace(s='ab') %}{% for i in range(64) %}{% set n.s = '{}{}'|format(n.s, n.s) %}{% endfor %}",
+     "more text"),
+    ("{{ ('a,' * 30000000)|split(',')|length }}", "list longer|steps"),  # split was quadratic, unbounded
+    # the parser recursed once per level of these (a stack overflow at 100,000)
+    ("{% if false %}" + "{% elif false %}" * 100000 + "{% endif %}", "nests deeper than 1000"),
+    ("{{ " + "not " * 100000 + "1 }}", "nests deeper than 1000"),
+    ("{{ " + "- " * 100000 + "1 }}", "nests deeper than 1000"),
+    ("{{ " + "1 if false else " * 100000 + "1 }}", "nests deeper than 1000"),
+    ("{% set a %}" * 20000 + "{% endset %}" * 20000, "nests deeper than 1000"),
+    # freeing a tree this deep overflowed the stack
+    ("{{ " + "1 + " * 1000000 + "1 }}", "nests deeper than 1000"),
+    ("{{ messages" + ".x" * 1000000 + " }}", "nests deeper than 1000"),
 ]
 
 
@@ -245,10 +257,12 @@ def test_hostile_templates_raise_and_end(tiny_path: Path) -> None:
     regression fails this test rather than killing the run."""
     script = f"""
 import json, sys, time, lamina
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_chat_templates import HOSTILE
 model = lamina.Model({str(tiny_path)!r}, gpu=False)
 assert lamina.chat_template_steps() == 20_000_000
 lamina.chat_template_steps(300_000)  # the default's seconds, for each case, are more than a test needs
-for template, _ in {HOSTILE!r}:
+for template, _ in HOSTILE:
     t = time.monotonic()
     try:
         model.apply_chat_template([{{"role": "user", "content": "Hi"}}], template=template)

@@ -121,9 +121,9 @@ class ChatParseError(ValueError):
 
 
 def reply_parser(render: Mapping[str, Any]) -> _native.ChatParser:
-    """The parser for a reply to a ChatTemplates.render result."""
-    return _native.ChatParser(render["format"], render["parser"], render["generation_prompt"],
-                              render["reasoning_format"], render["continuation"], render["tools"])
+    """A fresh parser for a reply to a ChatTemplates.render result."""
+    parser: _native.ChatParser = render["reply"].parser()
+    return parser
 
 
 def _message(parser: _native.ChatParser) -> ChatMessage:

@@ -485,6 +485,7 @@ class Context(_core.NativeOwner[_native.Context]):
         if schema is not None:
             schema_grammar(schema)  # an invalid or too deeply nested schema fails here, naming its part
             schema = json.loads(schema) if isinstance(schema, str) else dict(schema)
+            schema = schema or {"type": "object"}  # as llama-server: an empty schema means any object
         if sampler.grammar is not None and sampler.grammar_root != "root":
             raise ValueError("chat takes a grammar whose root rule is 'root'")
         r = self.model.render_chat(
