@@ -105,6 +105,32 @@ def test_a_streamed_tool_call_reassembles_to_the_whole_one(chat_models: dict[str
     assert result.text == whole.text and (result.tokens == whole.tokens).all()
 
 
+def test_results_and_deltas_are_openai_objects(chat_models: dict[str, lamina.Model]) -> None:
+    """ChatResult.openai() and ChatDelta.openai() validate as the official openai client's types,
+    and the client's own streaming accumulation of the deltas gives the whole reply's calls."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    model = chat_models["mistral"]
+    ctx = model.context(n_ctx=1024)
+    kw: dict[str, Any] = dict(tools=TOOLS, max_tokens=200, logprobs=True, top_logprobs=2,
+                              sampler=lamina.Sampler(logit_bias={token(model, "[TOOL_CALLS]"): 100.0}))
+    whole = ChatCompletion.model_validate(ctx.chat(ASK, **kw).openai(model, "tiny"))
+    assert whole.choices[0].message.tool_calls and whole.model == "tiny" and whole.usage is not None
+    assert whole.choices[0].logprobs is not None and len(whole.choices[0].logprobs.content or []) == whole.usage.completion_tokens
+    calls: dict[int, dict[str, str]] = {}
+    for d in ctx.chat(ASK, stream=True, **kw):
+        chunk = ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk", "created": 0,
+                                                    "model": "tiny", "choices": [{"index": 0, "delta": d.openai(),
+                                                                                  "finish_reason": d.finish_reason}]})
+        for c in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(c.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += c.id or ""
+            assert c.function is not None
+            entry["name"] += c.function.name or ""
+            entry["arguments"] += c.function.arguments or ""
+    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == \
+        [(c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls]
+
+
 def test_reasoning_is_apart_from_content(chat_models: dict[str, lamina.Model]) -> None:
     model = chat_models["r1"]
     r = model.render_chat(ASK)

@@ -3,8 +3,10 @@ template (llama.cpp's common/chat.h), whole (ChatResult) or streamed (ChatStream
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +16,10 @@ from .logprobs import Logprobs, logprobs_of
 
 if TYPE_CHECKING:
     from .context import Generation
+
+
+class _Pieces(Protocol):
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,21 @@ class ChatResult:
     def tool_calls(self) -> tuple[ToolCall, ...]:
         return self.message.tool_calls
 
+    def openai(self, model: _Pieces, name: str = "lamina", id: str | None = None) -> dict[str, Any]:
+        """The reply as OpenAI's chat.completion object (``model`` gives the logprobs' token text;
+        ``name`` is its "model" field)."""
+        message = self.message.openai()
+        if "tool_calls" in message and not message["content"]:
+            message["content"] = None
+        return {
+            "id": id or f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
+            "model": name,
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason,
+                         "logprobs": {"content": self.logprobs.openai(model)} if self.logprobs is not None else None}],
+            "usage": {"prompt_tokens": self.n_prompt, "completion_tokens": len(self.tokens),
+                      "total_tokens": self.n_prompt + len(self.tokens)},
+        }
+
 
 @dataclass(frozen=True)
 class ToolCallDelta:
@@ -109,6 +130,19 @@ class ChatDelta:
     reasoning_content: str = ""
     tool_calls: tuple[ToolCallDelta, ...] = field(default=())
     finish_reason: str | None = None
+
+    def openai(self) -> dict[str, Any]:
+        """OpenAI's ``choices[0].delta`` of a chat.completion.chunk (the fields this step has)."""
+        d: dict[str, Any] = {}
+        if self.content:
+            d["content"] = self.content
+        if self.reasoning_content:
+            d["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            d["tool_calls"] = [{"index": c.index, **({"id": c.id, "type": "function"} if c.id else {}),
+                                "function": {**({"name": c.name} if c.name else {}), "arguments": c.arguments}}
+                               for c in self.tool_calls]
+        return d
 
 
 class ChatParseError(ValueError):
