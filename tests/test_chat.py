@@ -181,6 +181,16 @@ def test_tool_results_go_back_in(chat_models: dict[str, lamina.Model]) -> None:
     assert res.n_prompt == len(model.tokenize(prompt, special=True))
 
 
+def test_a_reply_that_is_all_thinking_goes_back_in(chat_models: dict[str, lamina.Model]) -> None:
+    """max_tokens ran out while the model thought: the reply has no content, and the next turn
+    takes it back (content None, as llama-server accepts); `lamina chat` does this."""
+    ctx = chat_models["r1"].context(n_ctx=1024)
+    first = ctx.chat(ASK, max_tokens=6)
+    assert first.content is None and first.reasoning_content and first.finish_reason == "length"
+    again = ctx.chat(ASK + [first.message, {"role": "user", "content": "And tomorrow?"}], max_tokens=4)
+    assert again.finish_reason == "length" and again.n_prompt > first.n_prompt
+
+
 def test_tool_choice_names_one_function(chat_models: dict[str, lamina.Model]) -> None:
     model = chat_models["qwen3"]
     other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}

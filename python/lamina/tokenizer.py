@@ -62,7 +62,7 @@ def chat_messages(messages: Sequence[Mapping[str, Any] | ChatMessage]) -> list[d
         content = m.get("content")
         if m["role"] != "assistant" and not isinstance(content, (str, list)):
             raise TypeError(f"message {i} ({m['role']}) must have a str 'content' (or a list of parts), got {content!r}")
-        if m["role"] == "assistant" and content is None and not m.get("tool_calls"):
+        if m["role"] == "assistant" and "content" not in m and not m.get("tool_calls"):  # None: llama-server's too
             raise TypeError(f"message {i} (assistant) must have 'content' or 'tool_calls'")
         try:
             json.dumps(dict(m))
