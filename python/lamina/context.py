@@ -468,8 +468,9 @@ class Context(_core.NativeOwner[_native.Context]):
         reasoning_content), "none" (left in content). reasoning_budget: at most this many tokens
         of thinking, then reasoning_message and the end tag are forced (-1: no limit).
         Other keywords are generate()'s (max_tokens, sampler, stop, json_schema, response_format,
-        logprobs, ...); a json_schema or a sampler's grammar goes through the template as
-        llama-server's does. Earlier turns are reused from the KV cache.
+        logprobs, ...). A json_schema goes through the template as llama-server's does (its grammar
+        lets the model think first); a sampler's own grammar holds the reply from its first token.
+        Earlier turns are reused from the KV cache.
         """
         sampler: Sampler = kwargs.pop("sampler", None) or Sampler()
         schema = kwargs.pop("json_schema", None)
@@ -499,7 +500,7 @@ class Context(_core.NativeOwner[_native.Context]):
         # of the caller's own the template leaves alone, and it reads the reply only (llama-server's)
         sampler = replace(
             sampler, grammar=r["grammar"] or sampler.grammar, grammar_prefill=bool(r["grammar"]), json_schema=None,
-            grammar_lazy=r["grammar_lazy"],
+            grammar_lazy=r["grammar_lazy"] and bool(r["grammar"]),
             grammar_trigger_patterns=tuple(r["grammar_trigger_patterns"]),
             grammar_trigger_tokens=tuple(r["grammar_trigger_tokens"]), generation_prompt=r["generation_prompt"],
             preserved_tokens=tuple(r["preserved_token_ids"]), reasoning_budget=reasoning_budget,
