@@ -256,7 +256,11 @@ llama_token sampler_handle::sample(llama_context * ctx, int32_t idx) {
             fill(logits, all);
             llama_sampler_apply(grammar_.get(), &all);
             llama_sampler_apply(chain_.get(), &all);
-            id = all.data[all.selected >= 0 ? all.selected : 0].id;
+            const llama_token_data & pick = all.data[all.selected >= 0 ? all.selected : 0];
+            // every token refused (a grammar that needs text this vocabulary cannot write): llama.cpp
+            // would abort accepting an end-of-generation token here
+            if (!(pick.logit > -INFINITY)) throw lamina_error("the grammar allows no token of this model here");
+            id = pick.id;
         }
     }
     // accepted as common_sampler_accept: the budget first; a lazy grammar that waited for the end
