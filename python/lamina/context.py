@@ -439,13 +439,15 @@ class Context(_core.NativeOwner[_native.Context]):
             n_keep if context_full == "shift" else -1, backend_sampling, draft.params() if draft is not None else None,
             draft_ctx.native if draft_ctx is not None else None, stops, top))
 
-    @overload
-    def chat(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, stream: Literal[False] = False,
-             **kwargs: Any) -> ChatResult: ...
+    if TYPE_CHECKING:  # for type checkers only: typing's overload registry would keep this module alive past
+        # nanobind's teardown at exit (Python 3.13 then reports its native objects as leaked)
+        @overload
+        def chat(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, stream: Literal[False] = False,
+                 **kwargs: Any) -> ChatResult: ...
 
-    @overload
-    def chat(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, stream: Literal[True],
-             **kwargs: Any) -> ChatStream: ...
+        @overload
+        def chat(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, stream: Literal[True],
+                 **kwargs: Any) -> ChatStream: ...
 
     def chat(self, messages: Sequence[Mapping[str, Any] | ChatMessage], *, stream: bool = False,
              template: str | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
