@@ -166,16 +166,19 @@ public:
         model_state & m = *keep;
         require_vocab(m);
         if (add_special) require_specials(m);
-        const char * s = text.c_str();
-        size_t len = text.size();
+        return to_numpy(tokens_of(m.vocab, text.c_str(), text.size(), add_special, parse_special));
+    }
+
+    static std::vector<int32_t> tokens_of(const llama_vocab * v, const char * s, size_t len, bool add_special,
+                                          bool parse_special) {
         if (len > size_t(INT32_MAX) / 2) throw std::invalid_argument("text too long to tokenize");
         std::vector<int32_t> out(len + 8);
         const int32_t n = sized_call(out, [&] {
-            return llama_tokenize(m.vocab, s, int32_t(len), out.data(), int32_t(out.size()), add_special, parse_special);
+            return llama_tokenize(v, s, int32_t(len), out.data(), int32_t(out.size()), add_special, parse_special);
         });
         if (n < 0) throw lamina_error("llama_tokenize failed");
         out.resize(size_t(n));
-        return to_numpy(std::move(out));
+        return out;
     }
 
     // The tokens llama-server's /v1/rerank scores for a query and a document (server-common.cpp,
@@ -186,16 +189,7 @@ public:
         model_state & m = *keep;
         require_vocab(m);
         const llama_vocab * v = m.vocab;
-        auto tokens = [&](const std::string & text, bool special) {
-            if (text.size() > size_t(INT32_MAX) / 2) throw std::invalid_argument("text too long to tokenize");
-            std::vector<int32_t> t(text.size() + 8);
-            const int32_t n = sized_call(t, [&] {
-                return llama_tokenize(v, text.data(), int32_t(text.size()), t.data(), int32_t(t.size()), false, special);
-            });
-            if (n < 0) throw lamina_error("llama_tokenize failed");
-            t.resize(size_t(n));
-            return t;
-        };
+        auto tokens = [v](const std::string & text, bool special) { return tokens_of(v, text.data(), text.size(), false, special); };
         std::vector<int32_t> out;
         if (const char * tmpl = llama_model_chat_template(m.model.get(), "rerank")) {
             std::string prompt = tmpl;

@@ -173,7 +173,7 @@ def _delta(items: list[tuple[Any, ...]], finish_reason: str | None = None) -> Ch
     return ChatDelta(content, reasoning, calls, finish_reason)
 
 
-def _finish(gen_reason: str | None, message: ChatMessage) -> str:
+def _finish_reason(gen_reason: str | None, message: ChatMessage) -> str:
     return "tool_calls" if message.tool_calls and gen_reason == "stop" else gen_reason or "stop"
 
 
@@ -210,7 +210,7 @@ class ChatStream(_core.Closing):
         s = self._gen.stats
         tokens, lp = self._gen._native.output
         self._result = ChatResult(
-            message=message, finish_reason=_finish(s["finish_reason"], message), text=self.text, tokens=tokens,
+            message=message, finish_reason=_finish_reason(s["finish_reason"], message), text=self.text, tokens=tokens,
             n_prompt=s["n_prompt"], n_prompt_eval=s["n_prompt_eval"], prompt_tokens_per_s=s["prompt_tokens_per_s"],
             tokens_per_s=s["tokens_per_s"], logprobs=logprobs_of(tokens, lp))
         return items
